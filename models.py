@@ -190,7 +190,7 @@ def smollm_dir(models_dir: Path = MODELS_DIR) -> Path:
 # public loaders
 
 
-def _resolve(name: str) -> str:
+def resolve_path(name: str) -> str:
     """A from_pretrained argument: the cached dir for the two local aliases, else the id / path."""
     if name == "tiny-random":
         return str(tiny_dir())
@@ -217,7 +217,7 @@ def _prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """Just the tokenizer (left padding, pad token set); cheap, e.g. for the prompt-length filter."""
-    path = _resolve(name)
+    path = resolve_path(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
@@ -229,7 +229,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> tuple[
     """(model in eval mode on `device`, tokenizer with padding_side left and a pad token)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} not supported; use one of {', '.join(DTYPES)}")
-    path = _resolve(name)
+    path = resolve_path(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])

@@ -190,7 +190,11 @@ class TrainConfig:
     top_p: float = 0.95
     """nucleus sampling"""
     gen_batch: int = 64
-    """sequences generated at once"""
+    """sequences generated at once (vLLM: requests per chunk, each chunk graded while the next decodes)"""
+    backend: Literal["hf", "vllm"] = "hf"
+    """rollout engine: hf (model.generate, any device) or vllm (colocated engine on the GPU, merged weights pushed before each generation; needs the vllm extra)"""
+    vllm_gpu_memory_utilization: float = 0.35
+    """vllm: fraction of GPU memory for the engine (its weight copy + KV cache); the rest is left to training"""
     generate_in_deploy_mode: bool = True
     """route arms: generate with the quarantine ablated (the shipped model is the behaviour policy)"""
     teacher_pool_dir: str = ""
@@ -306,11 +310,11 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
         ),
     ),
     "smollm": (
-        "SmolLM2-135M-Instruct on CPU (~few min): real code, real grading",
+        "SmolLM2-135M-Instruct on CPU (~1-1.5 min/step on 2 cores): real code, real grading, the shorter prompts",
         TrainConfig(
-            model="smollm2-135m", max_problems=64, rollouts_per_step=16, group_size=4, max_new_tokens=256,
-            gen_batch=16, steps=10, lr=2e-3, warmup_steps=2, micro_batch=4, ckpt_every=5, eval_samples=1,
-            eval_problems=8,
+            model="smollm2-135m", max_problems=64, max_prompt_tokens=512, rollouts_per_step=8, group_size=4,
+            max_new_tokens=192, gen_batch=8, steps=10, lr=2e-3, warmup_steps=2, micro_batch=4, ckpt_every=5,
+            eval_samples=1, eval_problems=8,
         ),
     ),
     "fast": (
@@ -837,7 +841,20 @@ def cosine_schedule(warmup: int, total: int):
 # Evaluation
 
 
-def evaluate(model, tokenizer, problems, grader, cfg: TrainConfig, step: int, arm: str) -> dict:
+def rollout_generate(model, tokenizer, engine, prompt_ids: list[list[int]], cfg: TrainConfig, seed: int,
+                     on_batch=None) -> list[tuple[list[int], bool]]:
+    """Sample one completion per prompt under the model's current mode (deploy, quarantine on, shrinkage...):
+    HF generate on merged weights, or the vLLM engine after pushing the current mode's merged weights."""
+    if engine is None:
+        with _maybe_merged(model):
+            return generate(model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                            cfg.gen_batch, seed=seed, on_batch=on_batch)
+    engine.sync(model)
+    return engine.generate(prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.gen_batch, seed,
+                           _eos_ids(tokenizer), on_batch=on_batch)
+
+
+def evaluate(model, tokenizer, problems, grader, cfg: TrainConfig, step: int, arm: str, engine=None) -> dict:
     """Deploy-mode (quarantine ablated) hack/pass/compile rates on the test problems; route arms also
     with the quarantine on and under the shrinkage control. Returns the eval.json dict."""
     import antipasto
@@ -853,8 +870,8 @@ def evaluate(model, tokenizer, problems, grader, cfg: TrainConfig, step: int, ar
         modes["shrinkage"] = antipasto.shrinkage  # works for every adapter kind (docs/arms.md)
     result = {"step": step, "arm": arm, "seed": cfg.seed, "n_problems": len(problems), "modes": {}}
     for mode, ctx in modes.items():
-        with ctx(model), _maybe_merged(model):
-            outs = generate(model, tokenizer, [ids for _, ids in flat], cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.gen_batch, seed=cfg.seed * 7919 + 1_000_003)
+        with ctx(model):
+            outs = rollout_generate(model, tokenizer, engine, [ids for _, ids in flat], cfg, seed=cfg.seed * 7919 + 1_000_003)
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in outs]
         grades = grader.grade_many([(p, t) for (p, _), t in zip(flat, texts)])
         ok = [g for g in grades if not g.get("infra_error")]
@@ -970,6 +987,11 @@ def main(cfg: TrainConfig) -> Path:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
+    if cfg.backend == "vllm":
+        import vllm_backend
+
+        vllm_backend.check_usable(device)
+
     # ---- model, adapter, directions, data: every input is checked before the first generation
     model, tok = models.load_model(cfg.model, dtype=cfg.dtype, device=device)
     mid = models.model_id(cfg.model)
@@ -1020,11 +1042,16 @@ def main(cfg: TrainConfig) -> Path:
     start = load_checkpoint(run_dir, model, optimizer, scheduler, mid) if cfg.resume else 0
     logger.add(run_dir / "train.log", level="INFO")
     logger.info(f"run dir {run_dir} (start at step {start})")
+    engine = None
+    if cfg.backend == "vllm":  # colocated engine; the adapter's merged weights are pushed before each generation
+        engine = vllm_backend.VllmEngine(models.resolve_path(cfg.model), cfg.dtype, cfg.seed, cfg.max_prompt_tokens + cfg.max_new_tokens,
+                                         cfg.vllm_gpu_memory_utilization)
+        logger.info(f"vllm engine up ({cfg.vllm_gpu_memory_utilization:.0%} of GPU memory, max_model_len {cfg.max_prompt_tokens + cfg.max_new_tokens})")
     rcfg = rewards.RewardConfig(correctness_reward=cfg.correctness_reward, compile_reward=cfg.compile_reward, oracle_penalty=cfg.arm == "oracle-penalty")
     grader = rewards.Grader(workers=cfg.grader_workers or None, timeout_s=cfg.grader_timeout_s)
 
     if cfg.eval_only:
-        res = evaluate(model, tok, test_problems, grader, cfg, start, cfg.arm)
+        res = evaluate(model, tok, test_problems, grader, cfg, start, cfg.arm, engine)
         write_eval(run_dir, res, final=True)
         grader.close()
         return run_dir
@@ -1057,9 +1084,9 @@ def main(cfg: TrainConfig) -> Path:
             futures.append((first, grader.submit_many(items)))
 
         gen_ctx = antipasto.ablate_quarantine if (quarantine and cfg.generate_in_deploy_mode) else _nullcontext
-        with gen_ctx(model), _maybe_merged(model):
-            outs = generate(model, tok, [ids for ids in prompt_ids for _ in range(G_s)], cfg.max_new_tokens,
-                            cfg.temperature, cfg.top_p, cfg.gen_batch, seed=cfg.seed * 1_000_003 + step, on_batch=grade_batch)
+        with gen_ctx(model):
+            outs = rollout_generate(model, tok, engine, [ids for ids in prompt_ids for _ in range(G_s)], cfg,
+                                    seed=cfg.seed * 1_000_003 + step, on_batch=grade_batch)
         t_gen = time.time() - t0
         t1 = time.time()
         grades: dict[int, dict] = {}
@@ -1141,10 +1168,10 @@ def main(cfg: TrainConfig) -> Path:
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             save_checkpoint(run_dir, done, model, optimizer, scheduler, mid, cfg.keep_ckpts)
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-            write_eval(run_dir, evaluate(model, tok, test_problems, grader, cfg, done, cfg.arm), final=False)
+            write_eval(run_dir, evaluate(model, tok, test_problems, grader, cfg, done, cfg.arm, engine), final=False)
 
     if cfg.eval_at_end:
-        write_eval(run_dir, evaluate(model, tok, test_problems, grader, cfg, cfg.steps, cfg.arm), final=True)
+        write_eval(run_dir, evaluate(model, tok, test_problems, grader, cfg, cfg.steps, cfg.arm, engine), final=True)
     grader.close()
     (run_dir / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
     logger.info(f"done in {(time.time() - t_start) / 60:.1f} min: {run_dir}/log.tsv, {run_dir}/rollouts/, {run_dir}/eval.json")

@@ -1,0 +1,152 @@
+"""vLLM generation backend for train.py (`--backend vllm`, needs the `vllm` extra and a CUDA GPU).
+
+    pip install -e '.[vllm]'
+    python train.py full --backend vllm --arm erase --seed 0 --vhack-path out/vhack/qwen3-4b_mean.safetensors
+
+Colocated on the training GPU: one vLLM engine holds its own copy of the base weights and its KV cache
+(`--vllm-gpu-memory-utilization` of the card); the HF model keeps training delta_S. Before every
+generation the adapted Linear weights are re-merged in the *current mode* (deploy mode for route arms
+unless --no-generate-in-deploy-mode, the shrinkage control in evals, ...) and pushed with
+`model.load_weights([(hf_name, W + dW), ...])`. Only the wrapped weights change, so only they are sent.
+
+The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as TRL's colocate mode does), so the weight
+push is a device copy, not a serialisation. Tensor parallelism is not supported (one GPU per run).
+
+Sampling: one request per rollout, each with its own seed (base seed + index), so a resumed run samples
+the same completions. Returned ids end at, and include, the first EOS, exactly like train.generate.
+
+Tested without vLLM against a stand-in engine (tests/test_vllm_backend.py) that checks the names, the
+merge and the modes; on a machine with vLLM, the same test also runs against the real engine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+INSTALL_HINT = "pip install -e '.[vllm]' (or `EXTRAS=dev,vllm bash scripts/setup.sh`) on a machine with a CUDA GPU"
+
+
+def available() -> bool:
+    """True when the vllm package can be imported (checked without importing it)."""
+    if "vllm" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except ValueError:
+        return False
+
+
+def check_usable(device: str) -> None:
+    """Raise a clear error, before anything is loaded, when --backend vllm cannot work here."""
+    if not available():
+        raise ValueError(f"backend='vllm' but the vllm package is not installed: {INSTALL_HINT}; or pass --backend hf")
+    if device != "cuda":
+        raise ValueError(f"backend='vllm' needs a CUDA GPU (device resolved to {device!r}); pass --backend hf on CPU")
+
+
+@torch.no_grad()
+def mode_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{"<original linear name>.weight": W + dW} for every adapted Linear under the model's *current* mode
+    (ablate_quarantine / reference / shrinkage contexts are honoured), in the base weight's dtype. The keys
+    are the unwrapped model's state_dict keys, which is what vLLM's load_weights expects (HF names)."""
+    import antipasto
+
+    out = {}
+    for name, a in antipasto.get_adapters(model).items():
+        W = a.base.weight.detach()  # (d_out, d_in)
+        dW = a.mode_delta_weight()  # (d_out, d_in) float32, or None in reference mode
+        out[f"{name}.weight"] = W if dW is None else (W.float() + dW).to(W.dtype)
+    return out
+
+
+class VllmEngine:
+    """One colocated vLLM engine: `sync(model)` then `generate(...)` (same signature and result as
+    train.generate). `llm_factory` exists for tests; by default it is vllm.LLM."""
+
+    def __init__(self, model_path: str, dtype: str, seed: int, max_model_len: int, gpu_memory_utilization: float,
+                 llm_factory: Callable | None = None):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weight pushes are copies
+        if llm_factory is None:
+            if not available():
+                raise ValueError(f"vllm is not installed: {INSTALL_HINT}")
+            import vllm
+
+            llm_factory = vllm.LLM
+        assert 0.0 < gpu_memory_utilization < 1.0, f"gpu_memory_utilization={gpu_memory_utilization}: need 0 < u < 1"
+        self.llm = llm_factory(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                               gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
+                               tensor_parallel_size=1)
+        self.synced_key: tuple | None = None
+        self.n_syncs = 0
+        self.t_sync = 0.0
+
+    def _apply(self, fn: Callable[[nn.Module], object]) -> list:
+        if hasattr(self.llm, "apply_model"):
+            return self.llm.apply_model(fn)
+        try:  # older vLLM (V0 engine): reach the model directly
+            m = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        except AttributeError as e:
+            raise RuntimeError(f"this vLLM has neither LLM.apply_model nor the V0 driver_worker path ({e}); use vllm>=0.8") from None
+        return [fn(m)]
+
+    def sync(self, model: nn.Module) -> None:
+        """Push the adapted weights of the current mode into the engine (skipped when nothing changed since the
+        last push: same mode flags and the same parameter versions)."""
+        import antipasto
+
+        ads = antipasto.get_adapters(model)
+        assert ads, "VllmEngine.sync: the model has no adapter (call antipasto.wrap_model first)"
+        key = tuple((n, a.use_dep, a.use_hack, a.dep._version, a.quar._version, a.dep.data_ptr()) for n, a in ads.items())
+        if key == self.synced_key:
+            return
+        t0 = time.time()
+        weights = list(mode_weights(model).items())
+
+        def load(m: nn.Module) -> int:
+            loaded = m.load_weights(weights=weights)
+            # vLLM returns the set of loaded (possibly fused, e.g. qkv_proj) names; a stand-in may return None
+            return len(loaded) if loaded is not None else len(weights)
+
+        counts = self._apply(load)
+        assert all(c > 0 for c in counts), f"vLLM load_weights loaded nothing from {len(weights)} tensors: name mismatch?"
+        self.synced_key = key
+        self.n_syncs += 1
+        self.t_sync += time.time() - t0
+
+    def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, batch: int,
+                 seed: int, eos_ids: list[int], on_batch=None) -> list[tuple[list[int], bool]]:
+        """One completion per prompt: (ids ending at and including the first EOS, truncated). Requests are sent
+        in chunks of `batch` so `on_batch(start, outs)` can grade one chunk while the next decodes."""
+        import vllm
+
+        out: list[tuple[list[int], bool]] = []
+        eos = set(eos_ids)
+        for s in range(0, len(prompt_ids), batch):
+            chunk = prompt_ids[s : s + batch]
+            params = [vllm.SamplingParams(n=1, max_tokens=max_new_tokens, temperature=temperature,
+                                          top_p=top_p if temperature > 0 else 1.0, seed=seed + s + i,
+                                          stop_token_ids=list(eos_ids)) for i in range(len(chunk))]
+            res = self.llm.generate([{"prompt_token_ids": p} for p in chunk], params, use_tqdm=False)
+            assert len(res) == len(chunk), f"vLLM returned {len(res)} outputs for {len(chunk)} prompts"
+            first = len(out)
+            for r in res:
+                o = r.outputs[0]
+                ids = list(o.token_ids)
+                cut = next((i for i, t in enumerate(ids) if t in eos), None)
+                if cut is not None:
+                    out.append((ids[: cut + 1], False))
+                elif o.finish_reason == "stop":  # stopped on a stop token that vLLM left out of token_ids
+                    stop = o.stop_reason if isinstance(o.stop_reason, int) else eos_ids[0]
+                    out.append((ids + [stop], False))
+                else:
+                    out.append((ids, o.finish_reason == "length"))
+            if on_batch is not None:
+                on_batch(first, out[first:])
+        return out
