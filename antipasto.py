@@ -137,6 +137,7 @@ class Adapter(nn.Module):
         self.use_dep = True
         self.use_hack = True
         self._merged: dict | None = None  # set by merged_inference
+        self._fused: dict | None = None  # set by fused_training (svd only)
         self._capture: "PerSampleCapture | None" = None  # set by capture_per_sample
         self._name = name
         return d_out, d_in
@@ -174,6 +175,10 @@ class Adapter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x (..., d_in) -> (..., d_out)
         if self._merged is not None:
             return self._merged_forward(x)
+        if self._fused is not None and self._capture is None and torch.is_grad_enabled():
+            y = self._fused_forward(x)
+            if y is not None:
+                return y
         if not (self.use_dep or self.use_hack):  # reference: exactly the original layer
             return self.base(x)
         self._check_float32()
@@ -197,6 +202,11 @@ class Adapter(nn.Module):
 
     def _merged_key(self) -> tuple:
         return (self.use_dep, self.use_hack, self.dep._version, self.quar._version)
+
+    def _fused_forward(self, x: Tensor) -> Tensor | None:
+        """fused_training path (svd): F.linear with the cached merged weight, delta grad from a custom backward.
+        None when it does not apply (branch off or nothing trainable in the current mode)."""
+        return None
 
 
 class SVDAdapter(Adapter):
@@ -266,6 +276,41 @@ class SVDAdapter(Adapter):
         D = self.U.float().T @ dW @ self.Vh.float().T  # (r, r)
         d = torch.diagonal(D).clone()  # (r,)
         return d, float((D - torch.diag(d)).abs().max())
+
+    def _fused_forward(self, x: Tensor) -> Tensor | None:
+        s = self.scale()
+        if s is None or not s.requires_grad:
+            return None
+        assert self._fused is not None
+        key = self._merged_key()
+        if self._fused.get("key") != key:  # rebuilt once per optimizer step / mode change
+            self._check_float32()
+            W = self.base.weight.detach()
+            self._fused["weight"] = (W.float() + self.delta_weight(s.detach())).to(W.dtype)  # (d_out, d_in)
+            self._fused["key"] = key
+        return _FusedSVDLinear.apply(x, self._fused["weight"], self.base.bias, self.U, self.Vh, s)
+
+
+class _FusedSVDLinear(torch.autograd.Function):
+    """y = x (W + U diag(s) Vh)^T + b in ONE matmul; backward gives dL/dx (through the merged weight) and
+    dL/ds = sum over tokens of (Vh x) * (U^T dL/dy) in float32, the same gradient as the unfused branch.
+    Saves x only (as the unfused branch does); Vh x is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, U: Tensor, Vh: Tensor, s: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w, U, Vh)
+        return F.linear(x, w, bias)  # (..., d_out)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # gy (..., d_out)
+        x, w, U, Vh = ctx.saved_tensors
+        gx = gy @ w if ctx.needs_input_grad[0] else None  # (..., d_in)
+        gs = None
+        if ctx.needs_input_grad[5]:
+            h = (x @ Vh.T).reshape(-1, Vh.shape[0])  # (N, r)
+            gz = (gy @ U).reshape(-1, U.shape[1])  # (N, r)
+            gs = (h.float() * gz.float()).sum(0)  # (r,)
+        return gx, None, None, None, None, gs
 
 
 class BlockAdapter(Adapter):
@@ -615,6 +660,28 @@ def merged_inference(model: nn.Module):
     finally:
         for n, a in ads.items():
             a._merged = prev[n]
+
+
+@contextmanager
+def fused_training(model: nn.Module):
+    """Faster train pass for svd adapters: inside, a grad-enabled forward of an adapter whose trainable
+    tensor is on costs ONE matmul with a cached merged weight W + U diag(s) Vh (rebuilt when the mode or
+    the tensors change, e.g. once per optimizer step), and the delta gradient comes from a custom backward
+    (_FusedSVDLinear), instead of three matmuls in forward. Same gradient as the unfused path up to float
+    rounding of the merged weight (tests/test_antipasto_fused.py). No-grad forwards, reference mode and
+    per-sample capture (gate arms) take the ordinary path. Other kinds: no effect. Costs one weight copy
+    per adapter while active."""
+    ads = get_adapters(model)
+    assert ads, "fused_training: model has no adapter; call wrap_model first"
+    prev = {n: a._fused for n, a in ads.items()}
+    try:
+        for a in ads.values():
+            if a.kind == "svd":
+                a._fused = {}
+        yield ads
+    finally:
+        for n, a in ads.items():
+            a._fused = prev[n]
 
 
 @contextmanager

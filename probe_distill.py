@@ -229,10 +229,10 @@ PRESETS: dict[str, tuple[str, ProbeConfig]] = {
         ),
     ),
     "smollm": (
-        "SmolLM2-135M-Instruct on CPU: 4 problems x 4 samples per pool, 256 new tokens (as train.py smollm)",
+        "SmolLM2-135M-Instruct on CPU: 4 problems x 4 samples per pool, 192 new tokens, prompts <= 512 tokens (as train.py smollm)",
         ProbeConfig(
-            name="smollm", model="smollm2-135m", max_problems=64, pool_problems=4, samples_per_problem=4,
-            problems_per_file=4, max_new_tokens=256, gen_batch=16, vhack_path="out/vhack/smollm2-135m_mean.safetensors",
+            name="smollm", model="smollm2-135m", max_problems=64, max_prompt_tokens=512, pool_problems=4, samples_per_problem=4,
+            problems_per_file=4, max_new_tokens=192, gen_batch=16, vhack_path="out/vhack/smollm2-135m_mean.safetensors",
             distill_samples=16, distill_batch=4, mixed_steps=2, mixed_prompts=2, group_size=4, micro_batch=4,
             warmup_steps=2,
         ),

@@ -237,6 +237,8 @@ class TrainConfig:
     """tokens per chunk of the memory-light log-softmax"""
     grad_checkpointing: bool = False
     """activation checkpointing in the train pass (GPU presets)"""
+    fused_adapter: bool = False
+    """svd adapters: train pass with one matmul per adapted Linear (cached merged weight + custom backward, antipasto.fused_training); same gradient up to rounding; off until timed on a GPU"""
 
     # --- gate arms (gate-route, gate-route-random, gate-random; docs/gating.md)
     gate_mode: Literal["quantile", "threshold"] = "quantile"
@@ -535,6 +537,13 @@ def policy_gradient(
     per_sample["dep"][k] (and of the quarantine to per_sample["quar"][k] when the capture provides them), so
     each concatenates to (N, *shape) in `rollouts` order (one backward; no activation checkpointing, docs/gating.md).
     Returns the loss (sum over micro-batches) and the mean per-token k3 KL."""
+    import antipasto
+
+    with antipasto.fused_training(model) if cfg.fused_adapter else contextlib.nullcontext():
+        return _policy_gradient(model, rollouts, n_seqs, cfg, pad_id, device, old_cache, inner, per_sample)
+
+
+def _policy_gradient(model, rollouts, n_seqs, cfg, pad_id, device, old_cache, inner, per_sample) -> dict[str, float]:
     import antipasto
 
     loss_sum = kl_sum = tok_sum = 0.0

@@ -108,6 +108,8 @@ class BenchConfig:
     """tokens per chunk of the chunked log-softmax (TrainConfig.logits_chunk)"""
     grad_checkpointing: bool = False
     """HF activation checkpointing in the train pass (the GPU presets turn it on)"""
+    fused_adapter: bool = False
+    """time the fused svd train pass (TrainConfig.fused_adapter, antipasto.fused_training)"""
     beta_kl: float = 1e-3
     """KL coefficient; 0 skips the reference pass, as in train.py"""
     temperature: float = 0.7
@@ -430,7 +432,8 @@ def run(cfg: BenchConfig) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
     tcfg = train.TrainConfig(micro_batch=cfg.micro_batch, logits_chunk=cfg.logits_chunk, beta_kl=cfg.beta_kl,
-                             max_new_tokens=cfg.max_new_tokens, inner_steps=1, grad_checkpointing=cfg.grad_checkpointing)
+                             max_new_tokens=cfg.max_new_tokens, inner_steps=1, grad_checkpointing=cfg.grad_checkpointing,
+                             fused_adapter=cfg.fused_adapter)
     prompt_ids, lens = make_rollouts(cfg, hf.vocab_size, rng)
     dbytes = torch.finfo(dtype).bits // 8
     kvb = kv_bytes_per_token(hf, dbytes)
