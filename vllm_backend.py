@@ -7,7 +7,11 @@ Colocated on the training GPU: one vLLM engine holds its own copy of the base we
 (`--vllm-gpu-memory-utilization` of the card); the HF model keeps training delta_S. Before every
 generation the adapted Linear weights are re-merged in the *current mode* (deploy mode for route arms
 unless --no-generate-in-deploy-mode, the shrinkage control in evals, ...) and pushed with
-`model.load_weights([(hf_name, W + dW), ...])`. Only the wrapped weights change, so only they are sent.
+`model.load_weights(weights=<iterator of (hf_name, W + dW)>)`, one merged tensor at a time (no full second
+copy of the adapted weights). Only the wrapped weights change, so only they are sent. After each push the
+engine's prefix cache is reset: vLLM does not invalidate cached KV blocks on load_weights, so without the
+reset a prompt prefix seen before (the chat template, the same eval prompts in the next mode) would reuse
+KV computed with the old weights.
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as TRL's colocate mode does), so the weight
 push is a device copy, not a serialisation. Tensor parallelism is not supported (one GPU per run).
@@ -52,18 +56,22 @@ def check_usable(device: str) -> None:
 
 
 @torch.no_grad()
-def mode_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{"<original linear name>.weight": W + dW} for every adapted Linear under the model's *current* mode
-    (ablate_quarantine / reference / shrinkage contexts are honoured), in the base weight's dtype. The keys
-    are the unwrapped model's state_dict keys, which is what vLLM's load_weights expects (HF names)."""
+def iter_mode_weights(model: nn.Module):
+    """Yield ("<original linear name>.weight", W + dW) for every adapted Linear under the model's *current*
+    mode (ablate_quarantine / reference / shrinkage contexts are honoured), in the base weight's dtype, one
+    merged tensor at a time. The names are the unwrapped model's state_dict keys, which is what vLLM's
+    load_weights expects (HF names; it maps q/k/v_proj and gate/up_proj into its fused qkv_proj / gate_up_proj)."""
     import antipasto
 
-    out = {}
     for name, a in antipasto.get_adapters(model).items():
         W = a.base.weight.detach()  # (d_out, d_in)
         dW = a.mode_delta_weight()  # (d_out, d_in) float32, or None in reference mode
-        out[f"{name}.weight"] = W if dW is None else (W.float() + dW).to(W.dtype)
-    return out
+        yield f"{name}.weight", (W if dW is None else (W.float() + dW).to(W.dtype))
+
+
+def mode_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{"<original linear name>.weight": W + dW}: iter_mode_weights collected into a dict."""
+    return dict(iter_mode_weights(model))
 
 
 class VllmEngine:
@@ -72,7 +80,10 @@ class VllmEngine:
 
     def __init__(self, model_path: str, dtype: str, seed: int, max_model_len: int, gpu_memory_utilization: float,
                  llm_factory: Callable | None = None):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weight pushes are copies
+        # in-process engine (set before vllm is imported): weight pushes are device copies and apply_model needs
+        # no pickling (with multiprocessing, vllm 0.8 has no llm_engine.model_executor and later versions need
+        # VLLM_ALLOW_INSECURE_SERIALIZATION=1 and would serialise every pushed tensor): a shell value of 1 is overridden
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if llm_factory is None:
             if not available():
                 raise ValueError(f"vllm is not installed: {INSTALL_HINT}")
@@ -107,15 +118,27 @@ class VllmEngine:
         if key == self.synced_key:
             return
         t0 = time.time()
-        weights = list(mode_weights(model).items())
+        n_sent = 0
+
+        def weights():  # merged lazily, one (d_out, d_in) tensor alive at a time; runs inside load (in-process)
+            nonlocal n_sent
+            for item in iter_mode_weights(model):
+                n_sent += 1
+                yield item
 
         def load(m: nn.Module) -> int:
-            loaded = m.load_weights(weights=weights)
-            # vLLM returns the set of loaded (possibly fused, e.g. qkv_proj) names; a stand-in may return None
-            return len(loaded) if loaded is not None else len(weights)
+            loaded = m.load_weights(weights=weights())
+            # vLLM returns the set of loaded param names (q/k/v_proj count once, as qkv_proj); a stand-in may return None
+            return len(loaded) if loaded is not None else n_sent
 
         counts = self._apply(load)
-        assert all(c > 0 for c in counts), f"vLLM load_weights loaded nothing from {len(weights)} tensors: name mismatch?"
+        assert n_sent == len(ads) * len(counts), \
+            f"VllmEngine.sync: sent {n_sent} tensors for {len(ads)} adapters and {len(counts)} workers"
+        assert all(c > 0 for c in counts), f"vLLM load_weights loaded nothing from {len(ads)} tensors: name mismatch?"
+        # cached KV blocks were computed with the old weights and vLLM keeps them across load_weights: drop them.
+        # Returns False while requests hold blocks (none do: generate() has returned); older V1 engines return None.
+        if self.llm.reset_prefix_cache() is False:
+            raise RuntimeError("VllmEngine.sync: vLLM refused to reset its prefix cache (requests still running?)")
         self.synced_key = key
         self.n_syncs += 1
         self.t_sync += time.time() - t0
@@ -142,9 +165,10 @@ class VllmEngine:
                 cut = next((i for i, t in enumerate(ids) if t in eos), None)
                 if cut is not None:
                     out.append((ids[: cut + 1], False))
-                elif o.finish_reason == "stop":  # stopped on a stop token that vLLM left out of token_ids
+                elif o.finish_reason == "stop":  # a stop token outside eos_ids (e.g. from generation_config), or left out
+                    # vLLM (V1 check_stop) keeps the stop token in token_ids, so only append it when it is missing
                     stop = o.stop_reason if isinstance(o.stop_reason, int) else eos_ids[0]
-                    out.append((ids + [stop], False))
+                    out.append((ids if ids and ids[-1] == stop else ids + [stop], False))
                 else:
                     out.append((ids, o.finish_reason == "length"))
             if on_batch is not None:
