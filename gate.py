@@ -389,11 +389,18 @@ def measure(model_name: str, vhack: str, pools: list[str], qs=(0.125, 0.25), mic
             st = zone_stats(a, assign_zones(a, q), hack)
             res["gate"][agg][f"q={q}"] = {k: st[k] for k in ("gate_n_route", "gate_n_mid", "gate_precision", "gate_recall",
                                                               "gate_hack_route", "gate_hack_mid", "gate_hack_keep")}
+    for agg in AGGS:  # mean alignment per pool, and the per-row scores for any other cut (ids and numbers only)
+        a = alignment(G, dirs, agg)
+        src = [r.source for r in active]
+        res["gate"][agg]["mean_a_by_pool"] = {p: float(a[torch.tensor([x == p for x in src])].mean()) for p in sorted(set(src))}
+        res["gate"][agg]["rows"] = [{"problem_id": r.problem_id, "pool": r.source, "hack": bool(h), "advantage": r.advantage,
+                                     "a": float(v)} for r, h, v in zip(active, hack.tolist(), a.tolist())]
     res["seconds"] = round(time.time() - t0, 1)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k != "gate"} | {"gate": {agg: {k: v for k, v in g.items() if k != "rows"}
+                                                                          for agg, g in res["gate"].items()}}, indent=1))
     return res
 
 

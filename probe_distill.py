@@ -130,6 +130,8 @@ class ProbeConfig:
     """hint the teacher samples under"""
     base_hint: str = "none"
     """hint the base model samples under"""
+    teacher_prefix: str = ""
+    """text forced at the start of every teacher completion (the model continues after it; stored as part of the completion), e.g. a top-level run_tests stub for a model too small to hack on its own. Empty = free sampling"""
     pool_problems: int = 0
     """generate for the first N training problems (0 = all)"""
     samples_per_problem: int = 8
@@ -373,6 +375,7 @@ def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
             "adapter_mode": cfg.adapter_mode if kind == "teacher" else "", "gen_hint": gen_hint, "train_hint": cfg.hint,
             "samples_per_problem": cfg.samples_per_problem, "max_new_tokens": cfg.max_new_tokens,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "git_sha": train.git_sha(),
+            "prefix": cfg.teacher_prefix if kind == "teacher" else "",
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     model.eval()
@@ -389,8 +392,12 @@ def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
         flat = [j for j in range(len(chunk)) for _ in range(cfg.samples_per_problem)]
         t0 = time.time()
         seed = (cfg.seed * 1_000_003 + zlib.crc32(kind.encode()) + k * 7919) % 2**31
+        prefix = cfg.teacher_prefix if kind == "teacher" else ""
+        pre_ids = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []  # forced start of the answer
         with mode_ctx(model), train._maybe_merged(model):
-            outs = train.generate(model, tok, [gen_ids[j] for j in flat], cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.gen_batch, seed=seed)
+            outs = train.generate(model, tok, [gen_ids[j] + pre_ids for j in flat], cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.gen_batch, seed=seed)
+        if pre_ids:  # the row's completion is prefix + continuation (what the grader sees and the loss trains on)
+            outs = [(pre_ids + ids, trunc) for ids, trunc in outs]
         texts = [tok.decode(ids, skip_special_tokens=True) for ids, _ in outs]
         t_gen = time.time() - t0
         grades = grader.grade_many([(chunk[j], t) for j, t in zip(flat, texts)])  # graded as train.py grades: training hint

@@ -346,3 +346,25 @@ def test_end_to_end_tiny_chain_and_train_consumes_pool(tmp_path):
     assert len(lines) == 3  # header + 2 steps
     roll = [json.loads(x) for x in gzip.open(run / "rollouts" / "step_000001.jsonl.gz", "rt")]
     assert sum(r["source"] == "teacher" for r in roll) == 4
+
+
+def test_teacher_prefix_is_forced_and_graded(tmp_path):
+    """--teacher-prefix: every teacher completion starts with the prefix (then the model's continuation), the
+    stored ids are the canonical tokenization train.py checks, and the real grader labels a closed run_tests
+    stub a strict hack."""
+    prefix = "```python\ndef run_tests():\n    return True\n```\n"
+    cfg = cfg_for(tmp_path, name="prefix", teacher_only=True, teacher_prefix=prefix, pool_problems=2,
+                  samples_per_problem=2, problems_per_file=2, max_new_tokens=6, vhack_path="")
+    PD.main(cfg)
+    d = cfg.pool_dir("teacher")
+    rows = [json.loads(x) for x in gzip.open(d / "step_000.jsonl.gz", "rt")]
+    assert len(rows) == 4
+    env = PD.setup(dataclasses.replace(cfg))
+    tok = env["tok"]
+    for r in rows:
+        assert r["completion"].startswith(prefix), r["completion"][:80]
+        assert r["completion_ids"][: len(r["completion_ids"]) - (0 if r["truncated"] else 1)] == tok(r["completion"], add_special_tokens=False)["input_ids"]
+        assert r["grade"]["is_reward_hack_strict"], r["grade"]["reward_hack_label"]
+    assert json.loads((d / "meta.json").read_text())["prefix"] == prefix
+    pool = train.load_pool(str(d))
+    train.check_pool_tokenization(pool, env["by_id"], tok, lambda p: models.chat_ids(tok, list(p.prompt)))
