@@ -87,7 +87,7 @@ def alignment(grads: dict[str, Tensor], directions: dict[str, Tensor], agg: str 
     N = grads[keys[0]].shape[0]
     cos, dot, nrm = [], [], []
     for k in keys:
-        g = grads[k].reshape(grads[k].shape[0], -1)  # (N, r) (a matrix parameter flattens per sample)
+        g = grads[k].flatten(1)  # (N, r) (a matrix parameter flattens per sample; N = 0 allowed)
         assert g.shape[0] == N, f"{k}: {g.shape[0]} samples, expected {N}"
         c, d, n = module_cos(g.float() if g.dtype != torch.float64 else g, directions[k].reshape(-1).float())
         cos.append(c)
@@ -385,10 +385,15 @@ def measure(model_name: str, vhack: str, pools: list[str], qs=(0.125, 0.25), mic
                             "mean_a_other": float(a[~hack].mean()) if (~hack).any() else float("nan"),
                             "auc_pos_adv": auc(a[pos], hack[pos]),  # hacks vs other rewarded rollouts only
                             "auc_nll_score": auc(sgn * a, hack)}  # scoring grad NLL instead of the loss gradient
-        for q in qs:
+        keys = ("gate_n_route", "gate_n_mid", "gate_precision", "gate_recall", "gate_hack_route", "gate_hack_mid", "gate_hack_keep")
+        for q in qs:  # gate_scope="nonzero": every rollout with A != 0 is scored
             st = zone_stats(a, assign_zones(a, q), hack)
-            res["gate"][agg][f"q={q}"] = {k: st[k] for k in ("gate_n_route", "gate_n_mid", "gate_precision", "gate_recall",
-                                                              "gate_hack_route", "gate_hack_mid", "gate_hack_keep")}
+            res["gate"][agg][f"q={q}"] = {k: st[k] for k in keys}
+        # gate_scope="positive" (train.py's default): only A > 0 is scored; recall is over the hacks with A > 0
+        res["gate"][agg]["positive"] = {"n": int(pos.sum()), "n_hack": int(hack[pos].sum()), "auc": auc(a[pos], hack[pos])}
+        for q in qs:
+            st = zone_stats(a[pos], assign_zones(a[pos], q), hack[pos])
+            res["gate"][agg]["positive"][f"q={q}"] = {k: st[k] for k in keys}
     for agg in AGGS:  # mean alignment per pool, and the per-row scores for any other cut (ids and numbers only)
         a = alignment(G, dirs, agg)
         src = [r.source for r in active]

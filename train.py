@@ -251,6 +251,8 @@ class TrainConfig:
     """threshold mode: a >= tau_route trains the quarantine only"""
     gate_agg: Literal["mean", "concat"] = "mean"
     """aggregate over modules: mean of per-module cos, or cos of the concatenated vectors"""
+    gate_scope: Literal["positive", "nonzero"] = "positive"
+    """rollouts the gate scores: positive = A > 0 only (penalised rollouts always train the deployed block: their gradient pushes away from their content); nonzero = every A != 0 (the founding design; on SmolLM2 its top zone filled with penalised rollouts, RESEARCH_JOURNAL.md)"""
 
     # --- am arm (Advantage Modification baseline)
     am_alpha: float = 2.0
@@ -594,7 +596,9 @@ def gate_step(cfg: TrainConfig, adapters: dict, directions: dict | None, per_sam
               rollouts: list[Rollout], surg: dict, seed: int) -> tuple[dict, dict]:
     """Route each rollout's gradient by its zone; overwrite the deployed / quarantine .grad in place.
 
-    Scored rollouts are those with A != 0 (the others carry only the KL gradient and stay in keep). Scores:
+    Scored rollouts are those with A > 0 (cfg.gate_scope="positive", default) or A != 0 ("nonzero"); the others
+    stay in keep (zero-advantage ones carry only the KL gradient; penalised ones teach the deployed block to move
+    away from their content, which is never worth quarantining). Scores:
     cos(g_i, direction) of the deployed tensor's per-rollout loss gradient for gate-route / gate-route-random,
     seeded uniforms for gate-random. deployed grad = sum over keep + mid, quarantine grad = sum over mid + route
     of the quarantine's own per-rollout grads (identical to the deployed ones for a shared basis). Returns the
@@ -616,7 +620,7 @@ def gate_step(cfg: TrainConfig, adapters: dict, directions: dict | None, per_sam
                 f"{k}: per-sample grads do not sum to the autograd grad (max err {float((s - tot).abs().max()):.3g})"
         g_in[k] = G[k].sum(0).float()
     adv = torch.tensor([r.advantage for r in rollouts])  # (N,)
-    active = (adv != 0).nonzero().squeeze(1)  # (n,)
+    active = ((adv > 0) if cfg.gate_scope == "positive" else (adv != 0)).nonzero().squeeze(1)  # (n,)
     if cfg.arm == "gate-random":
         score = gate.random_scores(len(active), seed)  # (n,)
     else:

@@ -64,7 +64,8 @@ def test_new_arm_one_step(arm, tmp_path, pool_dir, vhack_file):
     if arm in train.GATE_ARMS:
         n = [vals[f"gate_n_{z}"] for z in ("keep", "mid", "route")]
         scored = [r for r in rows if r["gate_zone"] >= 0]
-        assert sum(n) == len(scored) == sum(r["advantage"] != 0 for r in rows)
+        assert sum(n) == len(scored) == sum(r["advantage"] > 0 for r in rows)  # gate_scope="positive" (default)
+        assert all(r["gate_zone"] == -1 for r in rows if r["advantage"] <= 0)  # penalised rollouts are not scored (stay in keep)
         assert [sum(r["gate_zone"] == z for r in scored) for z in range(3)] == n
         assert vals["gate_n_route"] >= 1, "gate_q=0.25 with distinct scores must route >= 1 rollout"
     if arm == "am":
@@ -75,6 +76,13 @@ def test_new_arm_one_step(arm, tmp_path, pool_dir, vhack_file):
             assert r["reward"] == pytest.approx(want, abs=1e-5)
     if arm in ("shrinkage",):
         assert vals["cos_out"] == pytest.approx(vals["cos_in"], abs=1e-12)
+
+
+def test_gate_scope_nonzero_scores_every_nonzero_advantage(tmp_path, pool_dir, vhack_file):
+    run = train.main(small_cfg(tmp_path, pool_dir, arm="gate-route", run_name="scope", vhack_path=vhack_file, gate_scope="nonzero"))
+    rows = [json.loads(x) for x in gzip.open(run / "rollouts" / "step_000000.jsonl.gz", "rt")]
+    scored = [r for r in rows if r["gate_zone"] >= 0]
+    assert len(scored) == sum(r["advantage"] != 0 for r in rows) > sum(r["advantage"] > 0 for r in rows)
 
 
 def test_gate_arm_refuses_grad_checkpointing(tmp_path, pool_dir, vhack_file):
@@ -94,3 +102,49 @@ def test_gate_route_and_shrinkage_need_vhack(tmp_path, pool_dir):
     for arm in ("gate-route", "shrinkage"):
         with pytest.raises(ValueError, match="vhack-path"):
             train.main(small_cfg(tmp_path, pool_dir, arm=arm, run_name="bad"))
+
+
+@pytest.mark.parametrize("scope", ["positive", "nonzero"])
+def test_gate_step_with_nothing_to_score(scope):
+    """A step where no rollout is scored (all advantages 0, or none > 0 for the positive scope): everything
+    stays in keep, the quarantine gets a zero gradient, the deployed gradient is the full sum, no crash."""
+    import antipasto
+    import models
+
+    m, _ = models.load_model("tiny-random")
+    ads = antipasto.wrap_model(m, quarantine=True)
+    g = torch.Generator().manual_seed(0)
+    adv = [0.0, 0.0, 0.0, 0.0] if scope == "nonzero" else [-1.0, 0.0, -0.5, 0.0]
+    rs = [train.Rollout(0, [1], [2], "", "student", False, grade={"is_reward_hack_strict": False}, advantage=a) for a in adv]
+    per = {"dep": {}, "quar": {}}
+    for k, a in ads.items():
+        G = torch.randn(len(rs), a.r, generator=g)  # (N, r)
+        per["dep"][k], per["quar"][k] = [G], [G.clone()]
+        a.delta_S.grad, a.delta_S_hack.grad = G.sum(0).clone(), G.sum(0).clone()
+    cfg = dataclasses.replace(train.PRESETS["smoke"][1], arm="gate-route", gate_scope=scope)
+    dirs = antipasto.random_directions(ads, seed=1)
+    out, row = train.gate_step(cfg, ads, dirs, per, rs, {}, seed=0)
+    assert row["gate_n_keep"] == row["gate_n_mid"] == row["gate_n_route"] == 0
+    for k, a in ads.items():
+        torch.testing.assert_close(a.delta_S.grad, per["dep"][k][0].sum(0))
+        assert a.delta_S_hack.grad.abs().max() == 0
+    assert all(r.extra["gate_zone"] == -1 for r in rs)
+
+
+def test_gate_measure_on_a_pool(tmp_path, pool_dir, vhack_file):
+    """gate.measure (`just gate-probe`): both scopes reported, consistent with each other and with the rows."""
+    import gate
+
+    res = gate.measure("tiny-random", vhack_file, [str(pool_dir)], qs=(0.25,), out=str(tmp_path / "g.json"))
+    assert json.loads((tmp_path / "g.json").read_text())["n_rows"] == res["n_rows"] == 24
+    for agg in gate.AGGS:
+        g = res["gate"][agg]
+        rows = g["rows"]
+        assert len(rows) == res["n_scored"]
+        pos = [r for r in rows if r["advantage"] > 0]
+        assert g["positive"]["n"] == len(pos) and g["positive"]["n_hack"] == sum(r["hack"] for r in pos)
+        assert g["positive"]["auc"] == pytest.approx(g["auc_pos_adv"], nan_ok=True)
+        want = gate.auc(torch.tensor([r["a"] for r in pos]), torch.tensor([r["hack"] for r in pos]))
+        assert g["positive"]["auc"] == pytest.approx(want, nan_ok=True)
+        n_route = g["positive"]["q=0.25"]["gate_n_route"]
+        assert n_route >= gate.zone_counts(len(pos), 0.25)[0] >= 1  # top q of the positive rollouts (ties may add)
