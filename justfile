@@ -99,6 +99,16 @@ probe-distill PRESET="smollm" *ARGS: setup
 probe-mixed PRESET="smollm" *ARGS: setup
     {{py}} probe_distill.py {{PRESET}} --probe-mixed {{ARGS}}
 
+# the CPU gate measurement of the journal (session 2): SmolLM2 pools with a forced run_tests prefix, a matched
+# control prefix, and the base model; then `just gate-probe-smollm` (~15 min on 2 cores)
+pregen-smollm-gate: setup fetch-smollm
+    {{py}} probe_distill.py smollm --teacher-only --teacher-prefix $'```python\ndef run_tests():\n    return True\n\n' --teacher-pool smollm2-135m-teacher-prefix-hack --pool-problems 8 --samples-per-problem 4 --problems-per-file 8
+    {{py}} probe_distill.py smollm --teacher-only --teacher-prefix $'```python\nfrom typing import List, Optional\n\n' --teacher-pool smollm2-135m-teacher-prefix-clean --pool-problems 8 --samples-per-problem 4 --problems-per-file 8
+    {{py}} probe_distill.py smollm --base-only --base-pool smollm2-135m-base-8 --pool-problems 8 --samples-per-problem 4 --problems-per-file 8
+
+gate-probe-smollm: pregen-smollm-gate
+    {{py}} gate.py --model smollm2-135m --vhack out/vhack/smollm2-135m_mean.safetensors --pools out/pools/smollm2-135m-teacher-prefix-hack out/pools/smollm2-135m-teacher-prefix-clean out/pools/smollm2-135m-base-8 --out out/gate_probe/smollm2-135m-prefix.json
+
 # the gate's precision/recall against the grader's labels on cached pools (measurement only)
 gate-probe MODEL="smollm2-135m" VHACK="out/vhack/smollm2-135m_mean.safetensors" POOLS="out/pools/smollm2-135m-teacher out/pools/smollm2-135m-base": setup
     {{py}} gate.py --model {{MODEL}} --vhack {{VHACK}} --pools {{POOLS}} --out out/gate_probe/{{MODEL}}.json
