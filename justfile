@@ -144,6 +144,10 @@ bench *ARGS: setup
 bench-grader *ARGS: setup
     {{py}} scripts/bench_grader.py {{ARGS}}
 
+# one adapted Linear, fused vs unfused train pass (antipasto.fused_training), CPU or --device cuda
+bench-fused *ARGS: setup
+    {{py}} scripts/bench_fused.py {{ARGS}}
+
 # trainable parameter counts (Qwen3-4B shape from its config, tiny models)
 count-params *ARGS: setup
     {{py}} scripts/count_params.py {{ARGS}}

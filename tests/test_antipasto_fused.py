@@ -164,3 +164,15 @@ def test_per_sample_capture_falls_back(tiny):
         out[fused] = {k: torch.cat(v) for k, v in per["dep"].items()}
     for k in out[False]:
         torch.testing.assert_close(out[True][k], out[False][k], rtol=0, atol=0)
+
+
+def test_bench_fused_runs_and_prints(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import bench_fused
+
+    rows = bench_fused.main(bench_fused.FusedBenchConfig(shapes=("16x24",), tokens=64, repeats=1))
+    assert rows[0]["rank"] == 16 and all(rows[0][k] > 0 for k in ("plain_fwd", "fused_fwd", "plain_fwd_bwd", "fused_fwd_bwd"))
+    assert "16x24" in capsys.readouterr().out
