@@ -91,9 +91,22 @@ class VllmEngine:
 
             llm_factory = vllm.LLM
         assert 0.0 < gpu_memory_utilization < 1.0, f"gpu_memory_utilization={gpu_memory_utilization}: need 0 < u < 1"
+        # vLLM seeds the global random / numpy / torch generators with `seed` while starting up; restore them so a
+        # run's own random state (data order, teacher-row sampling) is the same as with --backend hf
+        import random
+
+        import numpy as np
+
+        rng = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(),
+               torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         self.llm = llm_factory(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
                                tensor_parallel_size=1)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.random.set_rng_state(rng[2])
+        if rng[3] is not None:
+            torch.cuda.set_rng_state_all(rng[3])
         self.synced_key: tuple | None = None
         self.n_syncs = 0
         self.t_sync = 0.0

@@ -7,6 +7,7 @@ differ from train.generate on the adapted model. A last test runs the real engin
 from __future__ import annotations
 
 import copy
+import random
 import sys
 import types
 from dataclasses import dataclass, field, replace
@@ -72,6 +73,8 @@ class FakeLLM:
 
     def __init__(self, model: str, dtype: str, seed: int, max_model_len: int, gpu_memory_utilization: float, **kw):
         self.kw = dict(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len, **kw)
+        torch.manual_seed(seed)  # as vLLM does at start-up (set_random_seed)
+        random.seed(seed)
         hf = AutoModelForCausalLM.from_pretrained(model, dtype=models.DTYPES[dtype]).eval()
         self.model = _Model(hf)
         self.prefix_cache_resets = 0
@@ -188,6 +191,16 @@ def test_sync_pushes_only_on_change(adapted, fake_vllm):
     eng.sync(m)
     assert fake.calls == 3
     assert llm.prefix_cache_resets == fake.calls  # every push (and only a push) drops the stale prefix cache
+
+
+def test_engine_start_leaves_the_global_rng_alone(fake_vllm):
+    torch.manual_seed(123)
+    random.seed(123)
+    want_t, want_r = torch.rand(3), random.random()
+    torch.manual_seed(123)
+    random.seed(123)
+    vllm_backend.VllmEngine(models.resolve_path("tiny-random"), "float32", 0, 256, 0.3)  # the stand-in reseeds with 0
+    assert torch.equal(torch.rand(3), want_t) and random.random() == want_r
 
 
 def test_eos_handling(adapted, fake_vllm):
