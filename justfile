@@ -107,10 +107,11 @@ pregen-smollm-gate: setup fetch-smollm
     {{py}} probe_distill.py smollm --base-only --base-pool smollm2-135m-base-8 --pool-problems 8 --samples-per-problem 4 --problems-per-file 8
 
 gate-probe-smollm: pregen-smollm-gate
-    {{py}} gate.py --model smollm2-135m --vhack out/vhack/smollm2-135m_mean.safetensors --pools out/pools/smollm2-135m-teacher-prefix-hack out/pools/smollm2-135m-teacher-prefix-clean out/pools/smollm2-135m-base-8 --out out/gate_probe/smollm2-135m-prefix.json
+    {{just_executable()}} gate-probe
 
 # the gate's precision/recall against the grader's labels on cached pools (measurement only)
-gate-probe MODEL="smollm2-135m" VHACK="out/vhack/smollm2-135m_mean.safetensors" POOLS="out/pools/smollm2-135m-teacher out/pools/smollm2-135m-base": setup
+# (defaults: the pools `just pregen-smollm-gate` writes; pass POOLS=... for a GPU model's teacher + base pools)
+gate-probe MODEL="smollm2-135m" VHACK="out/vhack/smollm2-135m_mean.safetensors" POOLS="out/pools/smollm2-135m-teacher-prefix-hack out/pools/smollm2-135m-teacher-prefix-clean out/pools/smollm2-135m-base-8": setup
     {{py}} gate.py --model {{MODEL}} --vhack {{VHACK}} --pools {{POOLS}} --out out/gate_probe/{{MODEL}}.json
 
 # ---- sweeps and results --------------------------------------------------------------------
