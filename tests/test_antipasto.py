@@ -19,34 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import antipasto as ap
+from tiny_qwen import VOCAB, ids, logits, tiny_model
 
 torch.set_num_threads(2)
 
 SMOLLM_DIR = Path(__file__).resolve().parent.parent / "out" / "models" / "smollm2-135m"
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-VOCAB = 512
-
-
-def tiny_model(seed: int = 0, dtype=torch.float32, layers: int = 2) -> transformers.PreTrainedModel:
-    """2-layer Qwen3 with random weights (deterministic per seed)."""
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen3Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    m = transformers.Qwen3ForCausalLM(cfg).eval()
-    return m.to(dtype)
-
-
-def ids(B=2, T=10, seed=1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (B, T), generator=g)  # (B, T)
-
-
-def logits(model, x) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x).logits  # (B, T, V)
 
 
 def randomise_deltas(ads, seed=0, scale=0.3, hack=True):

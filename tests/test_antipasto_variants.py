@@ -21,10 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import antipasto as ap
+from tiny_qwen import VOCAB, ids, logits, tiny_model
 
 torch.set_num_threads(1)
 
-VOCAB = 512
 # (kind, wrap kwargs) for every non-default variant; svd is covered by tests/test_antipasto.py and used here
 # as the reference point where a comparison needs it
 VARIANTS = {
@@ -34,27 +34,6 @@ VARIANTS = {
 }
 VARIANT_IDS = list(VARIANTS)
 ALL_KINDS = {"svd": dict(kind="svd", rank=8), **VARIANTS}
-
-
-def tiny_model(seed: int = 0, dtype=torch.float32) -> transformers.PreTrainedModel:
-    """2-layer Qwen3 with random weights (deterministic per seed); same as tests/test_antipasto.py."""
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen3Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    return transformers.Qwen3ForCausalLM(cfg).eval().to(dtype)
-
-
-def ids(B=2, T=10, seed=1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (B, T), generator=g)  # (B, T)
-
-
-def logits(model, x) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x).logits  # (B, T, V)
 
 
 def wrapped(variant: str, dtype=torch.float32, quarantine=False, **kw):
