@@ -5,14 +5,16 @@ control, and the Advantage-Modification (AM) baseline. Pure functions; train.py 
     python -m pytest tests/test_gate.py tests/test_gate_arms.py -q     # tests
     python gate.py --model tiny-random --vhack out/vhack/smoke.safetensors --pools out/pools/synthetic-tiny-random
     python gate.py --model smollm2-135m --vhack out/vhack/smollm2-135m_mean.safetensors \
-        --pools out/pools/smollm2-135m-teacher out/pools/smollm2-135m-base     # journal: gate vs oracle labels
+        --pools out/pools/smollm2-135m-teacher-prefix-hack out/pools/smollm2-135m-teacher-prefix-clean \
+        out/pools/smollm2-135m-base-8     # journal (session 2): gate vs oracle labels; `just gate-probe-smollm`
 
 The CLI (`measure`) scores cached pool rows with the gate exactly as train.py's gate-route would at the
 current adapter (delta = 0): each problem's rows (all pools together) form one Dr.GRPO group, cached
 rewards -> advantages -> train.policy_gradient with per-sample capture -> a_i -> zones for each q, and
 reports precision / recall / AUC against the grader's strict-hack labels (measurement only).
 
-Gate (docs/gating.md): per step, each rollout i that carries policy-gradient signal (A_i != 0) gets
+Gate (docs/gating.md): per step, each scored rollout i (train.py gate_scope: A_i > 0 by default, A_i != 0 with
+"nonzero") gets
 
     a_i = cos(g_i, v)          g_i = d(loss_i)/d delta_S, the rollout's own share of the Dr.GRPO loss gradient
 

@@ -107,6 +107,7 @@ pregen-smollm-gate: setup fetch-smollm
     {{py}} probe_distill.py smollm --base-only --base-pool smollm2-135m-base-8 --pool-problems 8 --samples-per-problem 4 --problems-per-file 8
 
 gate-probe-smollm: pregen-smollm-gate
+    test -f out/vhack/smollm2-135m_mean.safetensors || {{just_executable()}} extract-vhack smollm
     {{just_executable()}} gate-probe
 
 # the gate's precision/recall against the grader's labels on cached pools (measurement only)

@@ -16,7 +16,8 @@ KV computed with the old weights.
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as TRL's colocate mode does), so the weight
 push is a device copy, not a serialisation. Tensor parallelism is not supported (one GPU per run).
 
-Sampling: one request per rollout, each with its own seed (base seed + index), so a resumed run samples
+Sampling: one request per rollout, each with its own seed (request_seed(base seed, index), never reused by
+another step's call), so a resumed run samples
 the same completions. Returned ids end at, and include, the first EOS, exactly like train.generate.
 
 Tested without vLLM against a stand-in engine (tests/test_vllm_backend.py) that checks the names, the
@@ -72,6 +73,12 @@ def iter_mode_weights(model: nn.Module):
 def mode_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """{"<original linear name>.weight": W + dW}: iter_mode_weights collected into a dict."""
     return dict(iter_mode_weights(model))
+
+
+def request_seed(seed: int, i: int) -> int:
+    """Seed of request i of a generate call with base `seed`. Not seed + i: train.py's base seeds of consecutive
+    steps differ by 1, so request i of step t+1 would replay the sampling noise of request i+1 of step t."""
+    return (seed * 1_000_003 + i) % 2**63
 
 
 class VllmEngine:
@@ -167,7 +174,7 @@ class VllmEngine:
         for s in range(0, len(prompt_ids), batch):
             chunk = prompt_ids[s : s + batch]
             params = [vllm.SamplingParams(n=1, max_tokens=max_new_tokens, temperature=temperature,
-                                          top_p=top_p if temperature > 0 else 1.0, seed=seed + s + i,
+                                          top_p=top_p if temperature > 0 else 1.0, seed=request_seed(seed, s + i),
                                           stop_token_ids=list(eos_ids)) for i in range(len(chunk))]
             res = self.llm.generate([{"prompt_token_ids": p} for p in chunk], params, use_tqdm=False)
             assert len(res) == len(chunk), f"vLLM returned {len(res)} outputs for {len(chunk)} prompts"

@@ -271,3 +271,22 @@ def test_real_vllm_engine_follows_the_adapter():
     same = sum(g[0][:4] == w[0][:4] for g, w in zip(got, want))
     assert same >= 2, (got, want)  # bf16 kernels differ, so allow one greedy divergence
     assert want != base
+
+
+def test_request_seeds_are_not_shared_between_consecutive_steps(adapted, fake_vllm):
+    """train.py's base seed is cfg.seed * 1_000_003 + step: consecutive steps' requests must not reuse each
+    other's seeds (seed + index would give request i of step t+1 the sampling noise of request i+1 of step t)."""
+    m, tok = adapted
+    eng = vllm_backend.VllmEngine(models.resolve_path("tiny-random"), "float32", 0, 256, 0.3)
+    seen = []
+
+    def fake_generate(prompts, params, use_tqdm=True):
+        seen.append([p.seed for p in params])
+        return [_Req(_Out([5], "length", None)) for _ in prompts]
+
+    eng.llm.generate = fake_generate
+    for step in (7, 8):
+        eng.generate([[1]] * 6, 1, 1.0, 1.0, 4, 3 * 1_000_003 + step, train._eos_ids(tok))
+    a, b = sum(seen[:2], []), sum(seen[2:], [])
+    assert len(set(a)) == len(a) == 6 and len(set(b)) == 6  # distinct within a call, across its chunks
+    assert not set(a) & set(b)
