@@ -114,7 +114,7 @@ class VllmEngine:
         torch.random.set_rng_state(rng[2])
         if rng[3] is not None:
             torch.cuda.set_rng_state_all(rng[3])
-        self.synced_key: tuple | None = None
+        self.synced_key: tuple | None = None  # (mode flags, copies of every (dep, quar)) at the last push
         self.n_syncs = 0
         self.t_sync = 0.0
 
@@ -128,14 +128,18 @@ class VllmEngine:
         return [fn(m)]
 
     def sync(self, model: nn.Module) -> None:
-        """Push the adapted weights of the current mode into the engine (skipped when nothing changed since the
-        last push: same mode flags and the same parameter versions)."""
+        """Push the adapted weights of the current mode into the engine, skipped only when the mode flags and the
+        VALUES of every trainable tensor equal those of the last push. Values, not `_version` counters: a fused
+        AdamW step or a `.data` write changes a tensor without bumping its version, and a stale engine would
+        sample from an old policy without any error. The comparison copies are tiny (delta_S is (r,))."""
         import antipasto
 
         ads = antipasto.get_adapters(model)
         assert ads, "VllmEngine.sync: the model has no adapter (call antipasto.wrap_model first)"
-        key = tuple((n, a.use_dep, a.use_hack, a.dep._version, a.quar._version, a.dep.data_ptr()) for n, a in ads.items())
-        if key == self.synced_key:
+        flags = tuple((n, a.use_dep, a.use_hack) for n, a in ads.items())
+        if self.synced_key is not None and flags == self.synced_key[0] and all(
+                torch.equal(a.dep.detach(), d) and torch.equal(a.quar.detach(), q)
+                for a, (d, q) in zip(ads.values(), self.synced_key[1])):
             return
         t0 = time.time()
         n_sent = 0
@@ -159,7 +163,7 @@ class VllmEngine:
         # Returns False while requests hold blocks (none do: generate() has returned); older V1 engines return None.
         if self.llm.reset_prefix_cache() is False:
             raise RuntimeError("VllmEngine.sync: vLLM refused to reset its prefix cache (requests still running?)")
-        self.synced_key = key
+        self.synced_key = (flags, [(a.dep.detach().clone(), a.quar.detach().clone()) for a in ads.values()])
         self.n_syncs += 1
         self.t_sync += time.time() - t0
 

@@ -187,9 +187,17 @@ def test_sync_pushes_only_on_change(adapted, fake_vllm):
     assert fake.calls == 2
     ad = next(iter(antipasto.get_adapters(m).values()))
     with torch.no_grad():
-        ad.delta_S.add_(0.0)  # an in-place update (what optimizer.step does) bumps the version
+        ad.delta_S.add_(0.0)  # a version bump with the same values: nothing to push
     eng.sync(m)
-    assert fake.calls == 3
+    assert fake.calls == 2
+    with torch.no_grad():
+        ad.delta_S.data.add_(0.01)  # a value change WITHOUT a version bump (a fused AdamW step, a .data write)
+    try:
+        eng.sync(m)
+        assert fake.calls == 3, "changed values must be pushed even when _version did not move"
+    finally:
+        with torch.no_grad():
+            ad.delta_S.data.sub_(0.01)  # the module-scoped model is shared with other tests
     assert llm.prefix_cache_resets == fake.calls  # every push (and only a push) drops the stale prefix cache
 
 
