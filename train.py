@@ -1057,9 +1057,11 @@ def main(cfg: TrainConfig) -> Path:
     logger.info(f"run dir {run_dir} (start at step {start})")
     engine = None
     if cfg.backend == "vllm":  # colocated engine; the adapter's merged weights are pushed before each generation
-        engine = vllm_backend.VllmEngine(models.resolve_path(cfg.model), cfg.dtype, cfg.seed, cfg.max_prompt_tokens + cfg.max_new_tokens,
+        # the eval prompts are not filtered by max_prompt_tokens, so size the context by the longest actual prompt
+        longest = max(len(models.chat_ids(tok, list(p.prompt))) for p in [*train_problems, *test_problems])
+        engine = vllm_backend.VllmEngine(models.resolve_path(cfg.model), cfg.dtype, cfg.seed, longest + cfg.max_new_tokens,
                                          cfg.vllm_gpu_memory_utilization)
-        logger.info(f"vllm engine up ({cfg.vllm_gpu_memory_utilization:.0%} of GPU memory, max_model_len {cfg.max_prompt_tokens + cfg.max_new_tokens})")
+        logger.info(f"vllm engine up ({cfg.vllm_gpu_memory_utilization:.0%} of GPU memory, max_model_len {longest + cfg.max_new_tokens})")
     rcfg = rewards.RewardConfig(correctness_reward=cfg.correctness_reward, compile_reward=cfg.compile_reward, oracle_penalty=cfg.arm == "oracle-penalty")
     grader = rewards.Grader(workers=cfg.grader_workers or None, timeout_s=cfg.grader_timeout_s)
 

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import antipasto
 import models
+import problems as P
 import train
 import vllm_backend
 
@@ -236,7 +237,10 @@ def test_train_main_runs_with_vllm_backend(tmp_path, fake_vllm, monkeypatch, poo
     rows = (run / "log.tsv").read_text().strip().splitlines()
     assert len(rows) == 3
     fake = FakeLLM.instances[-1]
-    assert fake.kw["max_model_len"] == cfg.max_prompt_tokens + cfg.max_new_tokens
+    tok = models.load_tokenizer("tiny-random")  # context = the longest train or eval prompt + the completion budget
+    longest = max(len(models.chat_ids(tok, list(p.prompt))) for p in
+                  [*train.load_train_problems(cfg, tok), *[P.apply_hint(q, cfg.eval_hint) for q in P.load_benchmark_test()[: cfg.eval_problems]]])
+    assert fake.kw["max_model_len"] == longest + cfg.max_new_tokens
     # 2 train generations (deploy; delta_S changes between them) + evals in 3 modes = 5 pushes at least
     assert fake.model.calls >= 5, fake.model.calls
     assert (run / "eval.json").exists()
