@@ -172,6 +172,13 @@ class Adapter(nn.Module):
             return None
         return self.delta_weight_parts(self.use_dep, self.use_hack)
 
+    def mode_weight(self) -> Tensor:
+        """W + dW of the current mode (float32 sum, W's dtype; W itself when the branch is off), detached:
+        what merged_inference, fused_training and vllm_backend fold into one weight."""
+        W = self.base.weight.detach()
+        dW = self.mode_delta_weight()
+        return W if dW is None else (W.float() + dW).to(W.dtype)  # (d_out, d_in)
+
     def forward(self, x: Tensor) -> Tensor:  # x (..., d_in) -> (..., d_out)
         if self._merged is not None:
             return self._merged_forward(x)
@@ -285,8 +292,7 @@ class SVDAdapter(Adapter):
         key = self._merged_key()
         if self._fused.get("key") != key:  # rebuilt once per optimizer step / mode change
             self._check_float32()
-            W = self.base.weight.detach()
-            self._fused["weight"] = (W.float() + self.delta_weight(s.detach())).to(W.dtype)  # (d_out, d_in)
+            self._fused["weight"] = self.mode_weight()  # (d_out, d_in)
             self._fused["key"] = key
         return _FusedSVDLinear.apply(x, self._fused["weight"], self.base.bias, self.U, self.Vh, s)
 
@@ -652,10 +658,7 @@ def merged_inference(model: nn.Module):
     prev = {n: a._merged for n, a in ads.items()}
     try:
         for a in ads.values():
-            dW = a.mode_delta_weight()
-            W = a.base.weight.detach()
-            w = W if dW is None else (W.float() + dW).to(W.dtype)  # (d_out, d_in)
-            a._merged = {"weight": w, "key": a._merged_key()}
+            a._merged = {"weight": a.mode_weight(), "key": a._merged_key()}  # (d_out, d_in)
         yield ads
     finally:
         for n, a in ads.items():

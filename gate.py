@@ -379,29 +379,26 @@ def measure(model_name: str, vhack: str, pools: list[str], qs=(0.125, 0.25), mic
            "by_pool": {p: {"n": sum(r.source == p for r in active), "hack": sum(r.source == p and bool(r.grade.get("is_reward_hack_strict")) for r in active)}
                        for p in sorted({r.source for r in active})},
            "gate": {}}
+    keys = ("gate_n_route", "gate_n_mid", "gate_precision", "gate_recall", "gate_hack_route", "gate_hack_mid", "gate_hack_keep")
+    pos = adv > 0  # (n,)
+    sgn = torch.sign(adv).double()  # (n,) cos(grad NLL_i, v) = sign(A_i) * cos(g_i, v) for both aggregations
+    src = [r.source for r in active]
     for agg in AGGS:
         a = alignment(G, dirs, agg)  # (n,)
-        pos = adv > 0  # (n,)
-        sgn = torch.sign(adv).double()  # (n,) cos(grad NLL_i, v) = sign(A_i) * cos(g_i, v) for both aggregations
-        res["gate"][agg] = {"auc": auc(a, hack), "mean_a_hack": float(a[hack].mean()) if hack.any() else float("nan"),
-                            "mean_a_other": float(a[~hack].mean()) if (~hack).any() else float("nan"),
-                            "auc_pos_adv": auc(a[pos], hack[pos]),  # hacks vs other rewarded rollouts only
-                            "auc_nll_score": auc(sgn * a, hack)}  # scoring grad NLL instead of the loss gradient
-        keys = ("gate_n_route", "gate_n_mid", "gate_precision", "gate_recall", "gate_hack_route", "gate_hack_mid", "gate_hack_keep")
-        for q in qs:  # gate_scope="nonzero": every rollout with A != 0 is scored
-            st = zone_stats(a, assign_zones(a, q), hack)
-            res["gate"][agg][f"q={q}"] = {k: st[k] for k in keys}
+        g = res["gate"][agg] = {"auc": auc(a, hack), "mean_a_hack": float(a[hack].mean()) if hack.any() else float("nan"),
+                                "mean_a_other": float(a[~hack].mean()) if (~hack).any() else float("nan"),
+                                "auc_pos_adv": auc(a[pos], hack[pos]),  # hacks vs other rewarded rollouts only
+                                "auc_nll_score": auc(sgn * a, hack)}  # scoring grad NLL instead of the loss gradient
         # gate_scope="positive" (train.py's default): only A > 0 is scored; recall is over the hacks with A > 0
-        res["gate"][agg]["positive"] = {"n": int(pos.sum()), "n_hack": int(hack[pos].sum()), "auc": auc(a[pos], hack[pos])}
-        for q in qs:
-            st = zone_stats(a[pos], assign_zones(a[pos], q), hack[pos])
-            res["gate"][agg]["positive"][f"q={q}"] = {k: st[k] for k in keys}
-    for agg in AGGS:  # mean alignment per pool, and the per-row scores for any other cut (ids and numbers only)
-        a = alignment(G, dirs, agg)
-        src = [r.source for r in active]
-        res["gate"][agg]["mean_a_by_pool"] = {p: float(a[torch.tensor([x == p for x in src])].mean()) for p in sorted(set(src))}
-        res["gate"][agg]["rows"] = [{"problem_id": r.problem_id, "pool": r.source, "hack": bool(h), "advantage": r.advantage,
-                                     "a": float(v)} for r, h, v in zip(active, hack.tolist(), a.tolist())]
+        g["positive"] = {"n": int(pos.sum()), "n_hack": int(hack[pos].sum()), "auc": g["auc_pos_adv"]}
+        for q in qs:  # top level: gate_scope="nonzero" (every rollout with A != 0 scored); "positive": A > 0 only
+            for dst, m in ((g, torch.ones_like(pos)), (g["positive"], pos)):
+                st = zone_stats(a[m], assign_zones(a[m], q), hack[m])
+                dst[f"q={q}"] = {k: st[k] for k in keys}
+        # mean alignment per pool, and the per-row scores for any other cut (ids and numbers only)
+        g["mean_a_by_pool"] = {p: float(a[torch.tensor([x == p for x in src])].mean()) for p in sorted(set(src))}
+        g["rows"] = [{"problem_id": r.problem_id, "pool": r.source, "hack": bool(h), "advantage": r.advantage, "a": float(v)}
+                     for r, h, v in zip(active, hack.tolist(), a.tolist())]
     res["seconds"] = round(time.time() - t0, 1)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -65,9 +65,7 @@ def iter_mode_weights(model: nn.Module):
     import antipasto
 
     for name, a in antipasto.get_adapters(model).items():
-        W = a.base.weight.detach()  # (d_out, d_in)
-        dW = a.mode_delta_weight()  # (d_out, d_in) float32, or None in reference mode
-        yield f"{name}.weight", (W if dW is None else (W.float() + dW).to(W.dtype))
+        yield f"{name}.weight", a.mode_weight()  # (d_out, d_in)
 
 
 def mode_weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -22,8 +22,10 @@ import torch.nn as nn
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import antipasto  # noqa: E402
+from bench_step import sync  # noqa: E402
 
 
 @dataclass
@@ -42,18 +44,13 @@ class FusedBenchConfig:
     """best of this many timings"""
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def best(fn, device: str, n: int) -> float:
     ts = []
     for _ in range(n):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         ts.append(time.perf_counter() - t)
     return min(ts)
 
