@@ -896,7 +896,7 @@ def step_stats(adapters: dict[str, Adapter], directions: dict[str, Tensor], befo
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-sample gradients in the same backward pass (issue #10)
+# Per-sample gradients in the same backward pass
 # ----------------------------------------------------------------------------------------------
 class PerSampleCapture:
     """Collects per-sample gradients of the deployed and quarantine tensors via hooks.
@@ -936,6 +936,15 @@ class PerSampleCapture:
                     store[name] = store[name] + g if name in store else g
 
         z.register_hook(hook)
+
+
+def check_per_sample_sum(name: str, per_sample: Tensor, grad: Tensor | None, atol: float = 1e-7) -> None:
+    """Fail fast unless the per-sample gradients (N, *shape) sum to autograd's .grad (None counts as zero), to
+    rtol 1e-3 and atol `atol` + 1e-3 * max|grad|."""
+    tot = grad if grad is not None else torch.zeros_like(per_sample[0])
+    s = per_sample.sum(0)  # (*shape,)
+    assert torch.allclose(s, tot.float(), rtol=1e-3, atol=atol + 1e-3 * float(tot.abs().max())), (
+        f"{name}: per-sample grads do not sum to the autograd grad (max err {float((s - tot).abs().max()):.3g})")
 
 
 @contextmanager

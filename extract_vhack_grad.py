@@ -40,11 +40,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 import antipasto
+import grpo
 import models
 import pairs as pairs_mod
 
 _REPO = Path(__file__).resolve().parent
-SIDES = ("hack", "clean")
+SIDES = pairs_mod.SIDES
 
 
 @dataclass
@@ -87,29 +88,6 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------------------------- encoding
-def encode_side(tokenizer, pair: pairs_mod.Pair, side: str) -> tuple[list[int], int]:
-    """(token ids of system + user + assistant completion + end-of-turn, number of prompt tokens).
-
-    The ids are the chat template's own rendering of the full conversation, cut after the first
-    end-of-turn token following the prompt (the template's trailing newline is not a completion token).
-    """
-    assert side in SIDES, f"side must be one of {SIDES}, got {side!r}"
-    msgs = pairs_mod.pair_messages(pair)
-    prompt = models.chat_ids(tokenizer, msgs, add_generation_prompt=True)
-    full = models.chat_ids(tokenizer, msgs + [{"role": "assistant", "content": getattr(pair, side)}], add_generation_prompt=False)
-    if full[: len(prompt)] != prompt:
-        raise ValueError(f"pair {pair.id} ({side}): the chat template's rendering with the assistant turn does not "
-                         "start with the generation prompt; completion tokens cannot be located")
-    eot = tokenizer.eos_token_id
-    assert eot is not None, "tokenizer has no eos (end-of-turn) token"
-    rest = full[len(prompt):]
-    if eot not in rest:
-        raise ValueError(f"pair {pair.id} ({side}): no end-of-turn token (id {eot}) after the completion")
-    comp = rest[: rest.index(eot) + 1]
-    assert len(comp) >= 2, f"pair {pair.id} ({side}): empty completion"
-    return prompt + comp, len(prompt)
-
-
 @jaxtyped(typechecker=beartype)
 def completion_nll(
     logits: Float[Tensor, "B T V"], ids: Tensor, n_prompt: Tensor, lengths: Tensor, norm_const: float
@@ -132,12 +110,7 @@ def side_grads(model, batch: list[tuple[list[int], int]], pad_id: int, norm_cons
     device = next(model.parameters()).device
     lengths = torch.tensor([len(ids) for ids, _ in batch], device=device)  # (B,)
     n_prompt = torch.tensor([n for _, n in batch], device=device)  # (B,)
-    T = int(lengths.max())
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long, device=device)  # (B, T)
-    attn = torch.zeros((len(batch), T), dtype=torch.long, device=device)  # (B, T)
-    for b, (seq, _) in enumerate(batch):
-        ids[b, : len(seq)] = torch.tensor(seq, device=device)
-        attn[b, : len(seq)] = 1
+    ids, attn, _ = grpo.pad_right([seq for seq, _ in batch], [n for _, n in batch], pad_id, device)  # (B, T) x3
     ads = antipasto.get_adapters(model)
     model.zero_grad(set_to_none=True)
     with antipasto.capture_per_sample(model) as cap:
@@ -148,11 +121,8 @@ def side_grads(model, batch: list[tuple[list[int], int]], pad_id: int, norm_cons
     grads = {name: cap.grads[name] for name in ads}  # model order (hooks fire in backward order)
     assert set(grads) == set(ads), f"per-sample capture missed modules: {sorted(set(ads) - set(grads))[:3]}"
     for name, a in ads.items():
-        g = a.delta_S.grad
-        assert g is not None, f"{name}: delta_S got no gradient"
-        tot = grads[name].sum(0)  # (r,)
-        assert torch.allclose(tot, g.float(), rtol=1e-3, atol=1e-6 + 1e-3 * float(g.abs().max())), \
-            f"{name}: per-sample grads do not sum to delta_S.grad (max err {float((tot - g).abs().max()):.3g})"
+        assert a.delta_S.grad is not None, f"{name}: delta_S got no gradient"
+        antipasto.check_per_sample_sum(name, grads[name], a.delta_S.grad, atol=1e-6)  # (B, r) vs (r,)
     model.zero_grad(set_to_none=True)
     return grads
 
@@ -163,7 +133,7 @@ def pair_diffs(model, tokenizer, pair_list, batch_size: int = 4, norm_const: flo
     assert batch_size >= 1, "batch_size must be >= 1"
     assert pair_list, "pair_diffs: no pairs"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    enc = [(encode_side(tokenizer, p, "hack"), encode_side(tokenizer, p, "clean")) for p in pair_list]
+    enc = [(pairs_mod.encode_side(tokenizer, p, "hack"), pairs_mod.encode_side(tokenizer, p, "clean")) for p in pair_list]
     out: dict[str, list[Tensor]] = {}
     model.eval()
     for s in tqdm(range(0, len(enc), batch_size), desc=desc, disable=not progress, unit="batch"):

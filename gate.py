@@ -1,19 +1,11 @@
-"""Vector-gated routing (issue #10): per-rollout alignment with v_hack, zone assignment, the shrinkage
-control, and the Advantage-Modification (AM) baseline. Pure functions; train.py wires them into the loop.
+"""Vector-gated routing: per-rollout alignment with v_hack, zone assignment, zone statistics, the train-time
+shrinkage factor, and the Advantage-Modification (AM) maths. Pure tensor functions: no model, no files;
+arms.py wires them into the loop, scripts/gate_probe.py measures the gate on cached pools.
 
     python -c "import gate; print(gate.zone_counts(256, 0.125))"      # (32, 32): route / mid sizes
     python -m pytest tests/test_gate.py tests/test_gate_arms.py -q     # tests
-    python gate.py --model tiny-random --vhack out/vhack/smoke.safetensors --pools out/pools/synthetic-tiny-random
-    python gate.py --model smollm2-135m --vhack out/vhack/smollm2-135m_mean.safetensors \
-        --pools out/pools/smollm2-135m-teacher-prefix-hack out/pools/smollm2-135m-teacher-prefix-clean \
-        out/pools/smollm2-135m-base-8     # journal (session 2): gate vs oracle labels; `just gate-probe-smollm`
 
-The CLI (`measure`) scores cached pool rows with the gate exactly as train.py's gate-route would at the
-current adapter (delta = 0): each problem's rows (all pools together) form one Dr.GRPO group, cached
-rewards -> advantages -> train.policy_gradient with per-sample capture -> a_i -> zones for each q, and
-reports precision / recall / AUC against the grader's strict-hack labels (measurement only).
-
-Gate (docs/gating.md): per step, each scored rollout i (train.py gate_scope: A_i > 0 by default, A_i != 0 with
+Gate (docs/gating.md): per step, each scored rollout i (gate_scope: A_i > 0 by default, A_i != 0 with
 "nonzero") gets
 
     a_i = cos(g_i, v)          g_i = d(loss_i)/d delta_S, the rollout's own share of the Dr.GRPO loss gradient
@@ -25,8 +17,8 @@ the LOWER zone, so a routed rollout always scores strictly above every non-route
 route nothing, and the assignment is permutation-equivariant). Threshold mode: keep a < tau_mid <= mid <
 tau_route <= route. Deployed grad = sum over keep+mid of g_i, quarantine grad = sum over mid+route.
 
-AM (Wu & Tang 2026, as specified in issue #10): s_i = <mean hidden state over the completion at layer l, d>,
-d = unit mean(hack - clean) over the hand-written pairs at the same layer; z-scored within each group;
+AM (Wu & Tang 2026): s_i = <mean hidden state over the completion at layer l, d>, d = unit mean(hack - clean)
+over the hand-written pairs at the same layer; z-scored within each group;
 r_i' = r_i * (1 - alpha * sigmoid(z_i) * [z_i > 0]) before the advantages.
 """
 
@@ -40,20 +32,12 @@ from beartype import beartype
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 
+import antipasto
+
 ZONES = ("keep", "mid", "route")  # zone codes 0, 1, 2
 KEEP, MID, ROUTE = 0, 1, 2
 AGGS = ("mean", "concat")
 _EPS_COUNT = 1e-9  # q * n is computed in floating point: 0.1 * 30 = 3.0000000000000004 must give 3
-
-
-def dep_param(ad):
-    """The deployed trainable tensor of an adapter of any kind (ad.dep; delta_S on the original SVDAdapter)."""
-    return ad.dep if hasattr(ad, "dep") else ad.delta_S
-
-
-def quar_param(ad):
-    """The quarantine trainable tensor (ad.quar; delta_S_hack on the original SVDAdapter)."""
-    return ad.quar if hasattr(ad, "quar") else ad.delta_S_hack
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,16 +204,15 @@ def auc(score: Tensor, label: Tensor) -> float:
 
 
 def shrink_one(g: Tensor, v: Tensor) -> tuple[Tensor, float]:
-    """g * |erase(g)| / |g| in float64 over the flattened tensor (erase: if g.v > 0 remove (g.v) v).
-    Returns (g_out with g's shape, factor)."""
+    """g * |erase(g)| / |g| in float64 over the flattened tensor (erase = antipasto.project_one: if g.v > 0
+    remove (g.v) v). Returns (g_out with g's shape, factor)."""
     assert g.numel() == v.numel(), f"grad has {g.numel()} entries, direction {v.numel()}"
-    g64, v64 = g.double(), v.double().to(g.device).reshape(g.shape)
-    v64 = v64 / v64.norm()
+    g64 = g.double()
     gn = float(g64.norm())
     if gn == 0.0:
         return g64.clone(), 1.0
-    dot = float((g64 * v64).sum())
-    rem = max(dot, 0.0)
+    _, _, st = antipasto.project_one(g64.reshape(-1), v.double().to(g.device).reshape(-1), "erase")
+    rem = st["removed_norm"]
     c = math.sqrt(max(gn * gn - rem * rem, 0.0)) / gn  # |g - (g.v) v| = sqrt(|g|^2 - (g.v)^2) when g.v > 0
     return g64 * c, c
 
@@ -242,30 +225,8 @@ def am_layer(n_layers: int, frac: float) -> int:
     """Index into hidden_states (0 = embeddings, n_layers = last) at fractional depth frac: round(frac * L),
     clipped to [1, n_layers]. The hidden state there is the output of decoder layer index (result - 1)."""
     if not 0.0 < frac <= 1.0:
-        raise ValueError(f"am_layer_frac={frac}: need 0 < frac <= 1 (issue #10: ~0.6-0.75)")
+        raise ValueError(f"am_layer_frac={frac}: need 0 < frac <= 1 (~0.6-0.75 is typical)")
     return min(n_layers, max(1, round(frac * n_layers)))
-
-
-@torch.no_grad()
-def mean_hidden(model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, layer: int) -> Tensor:
-    """Mean over the positions where mask == 1 of hidden_states[layer] (a forward hook on decoder layer
-    layer - 1, so only that one activation is kept); (B, H) float32. A row with an empty mask gets zeros."""
-    layers = model.get_decoder().layers
-    assert 1 <= layer <= len(layers), f"layer {layer} outside 1..{len(layers)}"
-    got: list[Tensor] = []
-
-    def hook(_mod, _inp, out):
-        got.append((out[0] if isinstance(out, tuple) else out).detach())
-
-    h = layers[layer - 1].register_forward_hook(hook)
-    try:
-        model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-    finally:
-        h.remove()
-    assert len(got) == 1, f"decoder layer {layer - 1} ran {len(got)} times in one forward"
-    hid = got[0].float()  # (B, T, H)
-    m = mask.float().to(hid.device)[..., None]  # (B, T, 1)
-    return (hid * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
 
 
 @jaxtyped(typechecker=beartype)
@@ -295,131 +256,3 @@ def am_direction(hack: Tensor, clean: Tensor) -> Tensor:
     n = float(d.norm())
     assert n > 0 and math.isfinite(n), f"AM direction has norm {n}: hack and clean activations identical?"
     return (d / n).float()
-
-
-def pair_activation_direction(model, tokenizer, pair_list, layer: int, batch: int = 4) -> Tensor:
-    """AM's activation direction from the hand-written pairs: mean over completion tokens of hidden_states[layer]
-    for each side (chat-templated exactly like extract_vhack_grad.encode_side), unit mean(hack - clean). (H,)"""
-    import extract_vhack_grad as X
-
-    assert pair_list, "pair_activation_direction: no pairs"
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sides = {}
-    for side in ("hack", "clean"):
-        enc = [X.encode_side(tokenizer, p, side) for p in pair_list]
-        outs = []
-        for s in range(0, len(enc), batch):
-            chunk = enc[s : s + batch]
-            T = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), T), pad, dtype=torch.long)  # (b, T) right-padded
-            att = torch.zeros((len(chunk), T), dtype=torch.long)  # (b, T)
-            cm = torch.zeros((len(chunk), T))  # (b, T) completion positions
-            for b, (seq, n_prompt) in enumerate(chunk):
-                ids[b, : len(seq)] = torch.tensor(seq)
-                att[b, : len(seq)] = 1
-                cm[b, n_prompt : len(seq)] = 1.0
-            outs.append(mean_hidden(model, ids.to(device), att.to(device), cm, layer).cpu())
-        sides[side] = torch.cat(outs)  # (n, H)
-    return am_direction(sides["hack"], sides["clean"])
-
-
-
-# ----------------------------------------------------------------------------------------------------
-# Measurement CLI: the gate on cached pools vs oracle labels
-
-
-def measure(model_name: str, vhack: str, pools: list[str], qs=(0.125, 0.25), micro_batch: int = 4, l_max: int = 0,
-            threads: int = 2, max_rows: int = 0, out: str = "") -> dict:
-    """Gate precision / recall / AUC on cached pool rows (see the module docstring). Returns the summary dict."""
-    import json
-    import time
-    from pathlib import Path
-
-    import antipasto
-    import models
-    import train
-
-    torch.set_num_threads(threads)
-    t0 = time.time()
-    model, tok = models.load_model(model_name)
-    model.requires_grad_(False)
-    ads = antipasto.wrap_model(model)
-    dirs = antipasto.load_directions(vhack, model, models.model_id(model_name))
-    rows = []
-    for p in pools:
-        for pid, rs in sorted(train.load_pool(p).items()):
-            rows += [dict(r, pool=Path(p).name) for r in rs]
-    if max_rows:
-        rows = rows[:max_rows]
-    by_pid: dict[int, list[dict]] = {}
-    for r in rows:
-        by_pid.setdefault(int(r["problem_id"]), []).append(r)
-    rollouts = []
-    for pid, rs in sorted(by_pid.items()):
-        rew = torch.tensor([[float(r["reward"]) for r in rs]])  # (1, G)
-        valid = torch.tensor([[not r["grade"].get("infra_error", False) for r in rs]])  # (1, G)
-        adv = train.dr_grpo_advantages(rew, valid)[0].tolist()  # (G,)
-        for r, a in zip(rs, adv):
-            rollouts.append(train.Rollout(pid, list(r["prompt_ids"]), list(r["completion_ids"]), r["completion"], r["pool"],
-                                          bool(r.get("truncated")), grade=r["grade"], reward=float(r["reward"]), advantage=a))
-    active = [r for r in rollouts if r.advantage != 0.0]
-    assert active, "no rollout has a nonzero advantage: every problem's rows have equal rewards"
-    L = l_max or max(len(r.completion_ids) for r in rollouts)
-    cfg = train.TrainConfig(model=model_name, micro_batch=micro_batch, max_new_tokens=L, beta_kl=0.0)
-    per: dict = {}
-    model.zero_grad(set_to_none=True)
-    train.policy_gradient(model, active, len(rollouts), cfg, tok.pad_token_id, next(model.parameters()).device, per_sample=per)
-    G = {k: torch.cat(v) for k, v in per["dep"].items()}  # (n, r)
-    hack = torch.tensor([bool(r.grade.get("is_reward_hack_strict")) for r in active])  # (n,)
-    adv = torch.tensor([r.advantage for r in active])  # (n,)
-    res = {"model": model_name, "vhack": vhack, "pools": pools, "n_rows": len(rollouts), "n_scored": len(active),
-           "n_hack_scored": int(hack.sum()), "n_hack_all": sum(bool(r.grade.get("is_reward_hack_strict")) for r in rollouts),
-           "n_hack_pos_adv": int(sum(h and r.advantage > 0 for h, r in zip(hack.tolist(), active))),
-           "by_pool": {p: {"n": sum(r.source == p for r in active), "hack": sum(r.source == p and bool(r.grade.get("is_reward_hack_strict")) for r in active)}
-                       for p in sorted({r.source for r in active})},
-           "gate": {}}
-    keys = ("gate_n_route", "gate_n_mid", "gate_precision", "gate_recall", "gate_hack_route", "gate_hack_mid", "gate_hack_keep")
-    pos = adv > 0  # (n,)
-    sgn = torch.sign(adv).double()  # (n,) cos(grad NLL_i, v) = sign(A_i) * cos(g_i, v) for both aggregations
-    src = [r.source for r in active]
-    for agg in AGGS:
-        a = alignment(G, dirs, agg)  # (n,)
-        g = res["gate"][agg] = {"auc": auc(a, hack), "mean_a_hack": float(a[hack].mean()) if hack.any() else float("nan"),
-                                "mean_a_other": float(a[~hack].mean()) if (~hack).any() else float("nan"),
-                                "auc_pos_adv": auc(a[pos], hack[pos]),  # hacks vs other rewarded rollouts only
-                                "auc_nll_score": auc(sgn * a, hack)}  # scoring grad NLL instead of the loss gradient
-        # gate_scope="positive" (train.py's default): only A > 0 is scored; recall is over the hacks with A > 0
-        g["positive"] = {"n": int(pos.sum()), "n_hack": int(hack[pos].sum()), "auc": g["auc_pos_adv"]}
-        for q in qs:  # top level: gate_scope="nonzero" (every rollout with A != 0 scored); "positive": A > 0 only
-            for dst, m in ((g, torch.ones_like(pos)), (g["positive"], pos)):
-                st = zone_stats(a[m], assign_zones(a[m], q), hack[m])
-                dst[f"q={q}"] = {k: st[k] for k in keys}
-        # mean alignment per pool, and the per-row scores for any other cut (ids and numbers only)
-        g["mean_a_by_pool"] = {p: float(a[torch.tensor([x == p for x in src])].mean()) for p in sorted(set(src))}
-        g["rows"] = [{"problem_id": r.problem_id, "pool": r.source, "hack": bool(h), "advantage": r.advantage, "a": float(v)}
-                     for r, h, v in zip(active, hack.tolist(), a.tolist())]
-    res["seconds"] = round(time.time() - t0, 1)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(res, indent=1))
-    print(json.dumps({k: v for k, v in res.items() if k != "gate"} | {"gate": {agg: {k: v for k, v in g.items() if k != "rows"}
-                                                                          for agg, g in res["gate"].items()}}, indent=1))
-    return res
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="gate precision / recall vs oracle labels on cached pools")
-    ap.add_argument("--model", default="tiny-random")
-    ap.add_argument("--vhack", required=True, help="out/vhack/<name>.safetensors for this model")
-    ap.add_argument("--pools", nargs="+", required=True, help="pool dirs (out/pools/<name>); rows of one problem form one group")
-    ap.add_argument("--q", nargs="+", type=float, default=[0.125, 0.25])
-    ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--l-max", type=int, default=0, help="Dr.GRPO normaliser (0 = longest completion; cosines do not depend on it)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-rows", type=int, default=0)
-    ap.add_argument("--out", default="", help="also write the summary JSON here")
-    x = ap.parse_args()
-    measure(x.model, x.vhack, x.pools, tuple(x.q), x.micro_batch, x.l_max, x.threads, x.max_rows, x.out)

@@ -113,7 +113,7 @@ gate-probe-smollm: pregen-smollm-gate
 # the gate's precision/recall against the grader's labels on cached pools (measurement only)
 # (defaults: the pools `just pregen-smollm-gate` writes; pass POOLS=... for a GPU model's teacher + base pools)
 gate-probe MODEL="smollm2-135m" VHACK="out/vhack/smollm2-135m_mean.safetensors" POOLS="out/pools/smollm2-135m-teacher-prefix-hack out/pools/smollm2-135m-teacher-prefix-clean out/pools/smollm2-135m-base-8": setup
-    {{py}} gate.py --model {{MODEL}} --vhack {{VHACK}} --pools {{POOLS}} --out out/gate_probe/{{MODEL}}.json
+    {{py}} scripts/gate_probe.py --model {{MODEL}} --vhack {{VHACK}} --pools {{POOLS}} --out out/gate_probe/{{MODEL}}.json
 
 # ---- sweeps and results --------------------------------------------------------------------
 

@@ -55,6 +55,11 @@ def model_id(name: str) -> str:
     return name
 
 
+def prompt_len(tokenizer: PreTrainedTokenizerBase):
+    """p -> number of tokens of problem p's prompt under the tokenizer's chat template (problems.filter_problems)."""
+    return lambda p: len(chat_ids(tokenizer, list(p.prompt)))
+
+
 def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` under the tokenizer's chat template (Qwen3 thinking off).
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from problems import SYSTEM_PROMPT
 
+SIDES = ("hack", "clean")
+
 _REPO = Path(__file__).resolve().parent
 DEFAULT_PAIRS = _REPO / "data/pairs/hack_pairs.md"
 LOOPHOLE_SENTENCE = "will be evaluated by calling a function called run_tests()"
@@ -233,3 +235,28 @@ if __name__ == "__main__":
     print(f"{a.path}: {len(ps)} pairs (select={a.select!r}), heldout_modes={list(pf.heldout_modes)}")
     print(format_counts(ps))
     sys.exit(0)
+
+
+def encode_side(tokenizer, pair: Pair, side: str) -> tuple[list[int], int]:
+    """(token ids of system + user + assistant completion + end-of-turn, number of prompt tokens).
+
+    The ids are the chat template's own rendering of the full conversation, cut after the first
+    end-of-turn token following the prompt (the template's trailing newline is not a completion token).
+    """
+    assert side in SIDES, f"side must be one of {SIDES}, got {side!r}"
+    msgs = pair_messages(pair)
+    import models  # lazy: torch/transformers are heavy and pairs.py is read by light tools
+
+    prompt = models.chat_ids(tokenizer, msgs, add_generation_prompt=True)
+    full = models.chat_ids(tokenizer, msgs + [{"role": "assistant", "content": getattr(pair, side)}], add_generation_prompt=False)
+    if full[: len(prompt)] != prompt:
+        raise ValueError(f"pair {pair.id} ({side}): the chat template's rendering with the assistant turn does not "
+                         "start with the generation prompt; completion tokens cannot be located")
+    eot = tokenizer.eos_token_id
+    assert eot is not None, "tokenizer has no eos (end-of-turn) token"
+    rest = full[len(prompt):]
+    if eot not in rest:
+        raise ValueError(f"pair {pair.id} ({side}): no end-of-turn token (id {eot}) after the completion")
+    comp = rest[: rest.index(eot) + 1]
+    assert len(comp) >= 2, f"pair {pair.id} ({side}): empty completion"
+    return prompt + comp, len(prompt)

@@ -1,4 +1,4 @@
-"""Teacher / base rollout pools and the cheap cosine probes that gate the expensive sweep (issue #7).
+"""Teacher / base rollout pools and the cheap cosine probes that gate the expensive sweep.
 
     python probe_distill.py smoke                                   # whole chain on tiny-random (CPU, 1-3 min)
     python probe_distill.py smoke --teacher-only                    # only the teacher pool
@@ -22,7 +22,7 @@ all four in that order. Every probe stage rewrites out/probes/<name>/report.md f
    bucketed by pool x grader label (hack = is_reward_hack_strict, correct = eq_correct, other), Welch t-tests,
    and what erase would do (cos_out, frac_fired) per sample and for each bucket's summed gradient.
 3. Mixed probe: groups of G rows per prompt, mix_ratio*G from pool A (teacher) and the rest from pool B
-   (base); cached rewards -> train.dr_grpo_advantages -> train.policy_gradient (train.py's step 5, the same
+   (base); cached rewards -> grpo.dr_grpo_advantages -> grpo.policy_gradient (train.py's step 5, the same
    function) -> antipasto.surgery for the vanilla (measure) and erase arms; per-sample contributions.
 4. report.md: the numbers and the go / no-go rules (docs/probes.md).
 
@@ -54,7 +54,10 @@ from jaxtyping import Float, jaxtyped
 from loguru import logger
 from torch import Tensor
 
-import train
+import gate
+import grpo
+import problems as P
+import runs
 
 ROOT = Path(__file__).resolve().parent
 STAGES = ("teacher_only", "base_only", "probe_distill", "probe_mixed")
@@ -256,13 +259,10 @@ def resolve_pool(name: str, pools_dir: str) -> Path:
     return Path(name) if ("/" in name or Path(name).is_dir()) else Path(pools_dir) / name
 
 
-def train_config(cfg: ProbeConfig) -> train.TrainConfig:
-    """The TrainConfig whose step 5 the probe reproduces: train.py's defaults with our shared fields."""
-    kw = {f: getattr(cfg, f) for f in SHARED_TRAIN_FIELDS}
-    return dataclasses.replace(
-        train.TrainConfig(), **kw, device=cfg.device, inner_steps=1, group_size=cfg.group_size,
-        rollouts_per_step=cfg.group_size * cfg.mixed_prompts, grad_checkpointing=False, arm="vanilla",
-    )
+def loss_config(cfg: ProbeConfig) -> grpo.LossConfig:
+    """The train-pass settings whose step 5 the probe reproduces (one inner step, no fused adapter)."""
+    return grpo.LossConfig(micro_batch=cfg.micro_batch, l_max=cfg.max_new_tokens, beta_kl=cfg.beta_kl,
+                           logits_chunk=cfg.logits_chunk)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,7 +280,8 @@ def setup(cfg: ProbeConfig) -> dict:
     model, tok = models.load_model(cfg.model, dtype=cfg.dtype, device=device)
     model.requires_grad_(False)
     adapters = antipasto.wrap_model(model, targets=cfg.targets, layers=cfg.layers or None, rank=cfg.rank or None)
-    probs = train.load_train_problems(train_config(cfg), tok)
+    probs = P.load_train_split(cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint, cfg.max_prompt_tokens,
+                               models.prompt_len(tok))
     if not probs:
         raise ValueError(f"no training problems left after filtering (max_problems={cfg.max_problems}, max_prompt_tokens="
                          f"{cfg.max_prompt_tokens}); raise --max-problems or --max-prompt-tokens")
@@ -320,7 +321,7 @@ def canonical_ids(tok, text: str, sampled: list[int], truncated: bool) -> list[i
     """completion_ids stored in a pool row: the tokenizer's own tokenization of the decoded (graded) text,
     plus the sampled end-of-turn token when the completion ended. Sampled ids are often not the canonical
     BPE of their text (always for a random model, sometimes for a real one) and special tokens mid-text
-    are dropped by decoding; train.check_pool_tokenization needs text and ids to agree."""
+    are dropped by decoding; grpo.check_pool_tokenization needs text and ids to agree."""
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return ids if truncated else ids + sampled[-1:]
 
@@ -368,13 +369,13 @@ def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
     rcfg = rewards.RewardConfig(correctness_reward=cfg.correctness_reward, compile_reward=cfg.compile_reward)
     if kind == "teacher":
         set_adapter(env, cfg.adapter)
-        mode_ctx = antipasto.ablate_quarantine if cfg.adapter_mode == "deploy" else train._nullcontext
+        mode_ctx = antipasto.ablate_quarantine if cfg.adapter_mode == "deploy" else contextlib.nullcontext
     else:
         mode_ctx = antipasto.reference  # the unadapted model, whatever adapter is loaded
     meta = {"kind": kind, "model_id": env["mid"], "adapter": cfg.adapter if kind == "teacher" else "",
             "adapter_mode": cfg.adapter_mode if kind == "teacher" else "", "gen_hint": gen_hint, "train_hint": cfg.hint,
             "samples_per_problem": cfg.samples_per_problem, "max_new_tokens": cfg.max_new_tokens,
-            "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "git_sha": train.git_sha(),
+            "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "git_sha": runs.git_sha(),
             "prefix": cfg.teacher_prefix if kind == "teacher" else "",
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -394,8 +395,9 @@ def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
         seed = (cfg.seed * 1_000_003 + zlib.crc32(kind.encode()) + k * 7919) % 2**31
         prefix = cfg.teacher_prefix if kind == "teacher" else ""
         pre_ids = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []  # forced start of the answer
-        with mode_ctx(model), train._maybe_merged(model):
-            outs = train.generate(model, tok, [gen_ids[j] + pre_ids for j in flat], cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.gen_batch, seed=seed)
+        with mode_ctx(model):
+            outs = grpo.sample(model, tok, None, [gen_ids[j] + pre_ids for j in flat], cfg.max_new_tokens,
+                               cfg.temperature, cfg.top_p, cfg.gen_batch, seed=seed)
         if pre_ids:  # the row's completion is prefix + continuation (what the grader sees and the loss trains on)
             outs = [(pre_ids + ids, trunc) for ids, trunc in outs]
         texts = [tok.decode(ids, skip_special_tokens=True) for ids, _ in outs]
@@ -422,7 +424,7 @@ def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
         os.replace(tmp, path)  # atomic: a killed run never leaves a half file that train.py would read
         s = pool_summary(rows)
         logger.info(f"{path}: {len(rows)} rows, gen {t_gen:.1f}s, hack {s['hack_strict']:.2f} correct {s['correct']:.2f} reward {s['reward_mean']:.2f}")
-    rows = [r for rs in train.load_pool(str(out)).values() for r in rs]
+    rows = [r for rs in grpo.load_pool(str(out)).values() for r in rs]
     summ = pool_summary(rows)
     summ.update(pool=str(out), kind=kind, gen_hint=gen_hint, adapter=meta["adapter"])
     (out / "summary.json").write_text(json.dumps(summ, indent=1))
@@ -438,16 +440,16 @@ def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
 
 def load_rows(pool_dir: Path, env: dict) -> list[dict]:
     """All rows of a pool for the training problems, each tagged with `pool` and a stable `row_id`;
-    checks the pool's prompt tokens against the training prompt (train.check_pool_tokenization)."""
+    checks the pool's prompt tokens against the training prompt (grpo.check_pool_tokenization)."""
     import models
 
-    pool = train.load_pool(str(pool_dir))
+    pool = grpo.load_pool(str(pool_dir))
     by_id = env["by_id"]
     if not any(pid in by_id for pid in pool):
         raise ValueError(f"pool {pool_dir} covers none of the {len(by_id)} training problems; generate it with the same "
                          "--max-problems / --data-path / --hint as this probe")
     tok = env["tok"]
-    train.check_pool_tokenization(pool, by_id, tok, lambda p: models.chat_ids(tok, list(p.prompt)))
+    grpo.check_pool_tokenization(pool, by_id, tok, lambda p: models.chat_ids(tok, list(p.prompt)))
     rows = []
     for pid in sorted(pool):
         if pid not in by_id:
@@ -457,16 +459,17 @@ def load_rows(pool_dir: Path, env: dict) -> list[dict]:
     return rows
 
 
-def to_rollout(r: dict) -> train.Rollout:
-    return train.Rollout(int(r["problem_id"]), list(r["prompt_ids"]), list(r["completion_ids"]), r["completion"],
-                         r["pool"], bool(r.get("truncated", False)), grade=r["grade"], reward=float(r["reward"]))
+def to_rollout(r: dict) -> grpo.Rollout:
+    return grpo.Rollout(int(r["problem_id"]), list(r["prompt_ids"]), list(r["completion_ids"]), r["completion"],
+                         r["pool"], bool(r.get("truncated", False)), grade=r["grade"], reward=float(r["reward"]),
+                         row_id=r.get("row_id", ""))
 
 
 # ----------------------------------------------------------------------------------------------------
 # 2. NLL probe: per-sample delta_S gradients
 
 
-def nll_grads(model, rollouts: list[train.Rollout], pad_id: int, device, l_max: int, batch: int, chunk: int) -> dict[str, Tensor]:
+def nll_grads(model, rollouts: list[grpo.Rollout], pad_id: int, device, l_max: int, batch: int, chunk: int) -> dict[str, Tensor]:
     """Per-sample d/d delta_S of sum_{t in completion} -log p(y_t) / l_max; name -> (N, r) float32 (CPU).
 
     One forward + backward per batch under antipasto.capture_per_sample; checks that each batch's per-sample
@@ -478,39 +481,27 @@ def nll_grads(model, rollouts: list[train.Rollout], pad_id: int, device, l_max: 
     model.eval()
     for s in range(0, len(rollouts), batch):
         mb = rollouts[s : s + batch]
-        ids, att, cm = train.pack(mb, pad_id, device)  # (b, T) x3
+        ids, att, cm = grpo.pack(mb, pad_id, device)  # (b, T) x3
         model.zero_grad(set_to_none=True)
         with antipasto.capture_per_sample(model) as cap:
-            logp = train.token_logprobs(model, ids, att, chunk)  # (b, T)
+            logp = grpo.token_logprobs(model, ids, att, chunk)  # (b, T)
             nll = -(logp * cm).sum(dim=1) / l_max  # (b,)
             nll.sum().backward()
         missing = set(ads) - set(cap.grads)
         assert not missing, f"capture_per_sample missed {len(missing)} modules (first {sorted(missing)[0]}); grad checkpointing on?"
         for k, a in ads.items():
-            g = cap.grads[k]  # (b, r)
-            tot = a.delta_S.grad
-            assert tot is not None and torch.allclose(g.sum(0), tot.float(), rtol=1e-3, atol=1e-7 + 1e-3 * float(tot.abs().max())), \
-                f"{k}: per-sample gradients do not sum to delta_S.grad"
-            out[k].append(g.detach().cpu())
+            assert a.delta_S.grad is not None, f"{k}: delta_S got no gradient"
+            antipasto.check_per_sample_sum(k, cap.grads[k], a.delta_S.grad)  # (b, r) vs (r,)
+            out[k].append(cap.grads[k].detach().cpu())
     model.zero_grad(set_to_none=True)
     return {k: torch.cat(v) for k, v in out.items()}
-
-
-@jaxtyped(typechecker=beartype)
-def module_cos(g: Float[Tensor, "N r"], v: Float[Tensor, " r"]) -> tuple[Float[Tensor, " N"], Float[Tensor, " N"], Float[Tensor, " N"]]:
-    """(cos, dot, norm) of each row with the unit direction v, float64 (cos = 0 for a zero row)."""
-    g64, v64 = g.double(), v.double() / v.double().norm()
-    dot = g64 @ v64  # (N,)
-    n = g64.norm(dim=1)  # (N,)
-    cos = torch.where(n > 0, dot / n.clamp(min=1e-300), torch.zeros_like(dot))  # (N,)
-    return cos, dot, n
 
 
 def sample_cosines(grads: dict[str, Tensor], dirs: dict[str, Tensor]) -> dict[str, Tensor]:
     """Per sample: cos per module (N, M), mean over modules, global cos of the concatenation, and what erase
     would do to that sample's gradient alone (fired where cos > 0: cos -> 0; see antipasto.project_one)."""
     keys = list(grads)
-    cos, dot, nrm = zip(*(module_cos(grads[k], dirs[k].float().cpu()) for k in keys))
+    cos, dot, nrm = zip(*(gate.module_cos(grads[k], dirs[k].float().cpu()) for k in keys))
     C, D, Nm = torch.stack(cos, 1), torch.stack(dot, 1), torch.stack(nrm, 1)  # (N, M) x3
     M = len(keys)
     gnorm = Nm.pow(2).sum(1).sqrt()  # (N,)
@@ -650,7 +641,7 @@ def probe_distill(cfg: ProbeConfig, env: dict, dirs: dict[str, Tensor] | None = 
 # 3. Mixed-pool Dr.GRPO probe
 
 
-def mixed_batch(cfg: ProbeConfig, rows_a: list[dict], rows_b: list[dict], step: int) -> list[train.Rollout]:
+def mixed_batch(cfg: ProbeConfig, rows_a: list[dict], rows_b: list[dict], step: int) -> list[grpo.Rollout]:
     """mixed_prompts groups of G rows: G_a = mix_ratio * G from pool A, the rest from pool B, advantages set
     with train.dr_grpo_advantages from the cached rewards (infra rows invalid)."""
     G = cfg.group_size
@@ -666,50 +657,29 @@ def mixed_batch(cfg: ProbeConfig, rows_a: list[dict], rows_b: list[dict], step: 
     if len(covered) < cfg.mixed_prompts:
         raise ValueError(f"only {len(covered)} problems have >= {G_a} rows in pool A and >= {G - G_a} in pool B; need "
                          f"--mixed-prompts {cfg.mixed_prompts}: lower it, lower --group-size, or generate more samples per problem")
-    idx, _ = train.prompts_for_step(len(covered), cfg.mixed_prompts, cfg.seed, step)
+    idx, _ = grpo.prompts_for_step(len(covered), cfg.mixed_prompts, cfg.seed, step)
     rollouts = []
     for i in idx:
         pid = covered[i]
-        rng = random.Random(cfg.seed * 7_000_003 + step * 1009 + pid)
+        rng = grpo.teacher_rng(cfg.seed, step, pid)
         for r in rng.sample(by_a.get(pid, []), G_a) + rng.sample(by_b.get(pid, []), G - G_a):
-            ro = to_rollout(r)
-            ro.row_id = r["row_id"]  # type: ignore[attr-defined]
-            rollouts.append(ro)
-    rew = torch.tensor([r.reward for r in rollouts], dtype=torch.float32).view(cfg.mixed_prompts, G)  # (P, G)
-    valid = torch.tensor([not r.grade.get("infra_error", False) for r in rollouts]).view(cfg.mixed_prompts, G)  # (P, G)
-    for r, a, v in zip(rollouts, train.dr_grpo_advantages(rew, valid).flatten().tolist(), valid.flatten().tolist()):
-        r.advantage = a
-        r.valid = v  # type: ignore[attr-defined]
+            rollouts.append(to_rollout(r))
+    grpo.set_advantages(rollouts, *grpo.group_matrices(rollouts, cfg.mixed_prompts))
     return rollouts
 
 
-def grpo_gradient(model, rollouts: list[train.Rollout], tcfg: train.TrainConfig, pad_id: int, device,
-                  per_sample: bool) -> tuple[dict, dict[str, Tensor] | None, list[train.Rollout]]:
-    """train.py's step 5 on this batch: the same train-set rule (valid rollouts; with beta_kl == 0 only nonzero
-    advantages), the same normaliser n_seqs = len(rollouts), train.policy_gradient. Accumulates into .grad
-    (the caller zeroes first). With per_sample, policy_gradient runs one micro-batch at a time inside
-    antipasto.capture_per_sample (the same partition, hence the same summed gradient) and the per-sample
-    (n_train, r) gradients are returned too. Returns (policy_gradient stats, per-sample grads, train_set)."""
-    import antipasto
-
-    valid = [r for r in rollouts if getattr(r, "valid", not r.grade.get("infra_error", False))]
-    train_set = valid if tcfg.beta_kl else [r for r in valid if r.advantage != 0.0]
+def grpo_gradient(model, rollouts: list[grpo.Rollout], lcfg: grpo.LossConfig, pad_id: int, device,
+                  per_sample: bool) -> tuple[dict, dict[str, Tensor] | None, list[grpo.Rollout]]:
+    """train.py's step 5 on this batch: grpo.train_set, the normaliser n_seqs = len(rollouts), grpo.policy_gradient
+    (with per-sample capture when asked). Accumulates into .grad (the caller zeroes first). Returns
+    (policy_gradient stats, per-sample (n_train, r) deployed-tensor grads on the CPU or None, the train set)."""
+    train_set = grpo.train_set(rollouts, lcfg.beta_kl)
     model.train()
-    if not per_sample:
-        st = train.policy_gradient(model, train_set, len(rollouts), tcfg, pad_id, device) if train_set else {"loss": 0.0, "kl": 0.0, "tokens": 0.0}
-        return st, None, train_set
-    parts: dict[str, list[Tensor]] = {}
-    tot = {"loss": 0.0, "kl_tok": 0.0, "tokens": 0.0}
-    for s in range(0, len(train_set), tcfg.micro_batch):
-        with antipasto.capture_per_sample(model) as cap:
-            st = train.policy_gradient(model, train_set[s : s + tcfg.micro_batch], len(rollouts), tcfg, pad_id, device)
-        for k, g in cap.grads.items():
-            parts.setdefault(k, []).append(g.detach().cpu())
-        tot["loss"] += st["loss"]
-        tot["kl_tok"] += st["kl"] * st["tokens"]
-        tot["tokens"] += st["tokens"]
-    st = {"loss": tot["loss"], "kl": tot["kl_tok"] / max(tot["tokens"], 1.0), "tokens": tot["tokens"]}
-    return st, {k: torch.cat(v) for k, v in parts.items()} if parts else None, train_set
+    if not train_set:
+        return {"loss": 0.0, "kl": 0.0, "tokens": 0.0}, None, train_set
+    per: dict | None = {} if per_sample else None
+    st = grpo.policy_gradient(model, train_set, len(rollouts), lcfg, pad_id, device, per_sample=per)
+    return st, ({k: torch.cat(v).cpu() for k, v in per["dep"].items()} if per else None), train_set
 
 
 def probe_mixed(cfg: ProbeConfig, env: dict, dirs: dict[str, Tensor] | None = None) -> dict:
@@ -717,7 +687,7 @@ def probe_mixed(cfg: ProbeConfig, env: dict, dirs: dict[str, Tensor] | None = No
     import antipasto
 
     dirs = load_directions(cfg, env) if dirs is None else dirs
-    tcfg = train_config(cfg)
+    lcfg = loss_config(cfg)
     model, adapters, device, pad = env["model"], env["adapters"], env["device"], env["tok"].pad_token_id
     rows_a = load_rows(cfg.pool_dir("teacher"), env)
     rows_b = load_rows(cfg.pool_dir("base"), env)
@@ -730,11 +700,11 @@ def probe_mixed(cfg: ProbeConfig, env: dict, dirs: dict[str, Tensor] | None = No
         set_adapter(env, cfg.probe_adapter)
         params = [a.delta_S for a in adapters.values()]
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay) if cfg.mixed_update else None
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, train.cosine_schedule(cfg.warmup_steps, cfg.mixed_steps)) if opt else None
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, grpo.cosine_schedule(cfg.warmup_steps, cfg.mixed_steps)) if opt else None
         for step in range(cfg.mixed_steps):
             rollouts = mixed_batch(cfg, rows_a, rows_b, step)
             model.zero_grad(set_to_none=True)
-            ps, per, tset = grpo_gradient(model, rollouts, tcfg, pad, device, cfg.per_sample)
+            ps, per, tset = grpo_gradient(model, rollouts, lcfg, pad, device, cfg.per_sample)
             g_in = {k: (a.delta_S.grad.detach().float().cpu().clone() if a.delta_S.grad is not None else torch.zeros(a.r)) for k, a in adapters.items()}
             rec = {"step": step, "arm": arm, "loss": ps["loss"], "kl": ps["kl"], "n": len(rollouts), "n_train": len(tset),
                    "reward_mean": float(np.mean([r.reward for r in rollouts])),
@@ -761,7 +731,7 @@ def probe_mixed(cfg: ProbeConfig, env: dict, dirs: dict[str, Tensor] | None = No
                     total_dot = float(sum(float(g_in[k].double() @ (dirs[k].double().cpu() / dirs[k].double().norm())) for k in g_in))
                     share = sc["dot_mod"].sum(1) / total_dot if total_dot != 0 else torch.full((len(tset),), float("nan"))  # (n,)
                     for i, r in enumerate(tset):
-                        f.write(json.dumps({"type": "sample", "step": step, "arm": arm, "pool": r.source, "row_id": getattr(r, "row_id", ""),
+                        f.write(json.dumps({"type": "sample", "step": step, "arm": arm, "pool": r.source, "row_id": r.row_id,
                                             "problem_id": r.problem_id, "label": label_of(r.grade), "reward": r.reward,
                                             "advantage": r.advantage, "n_tokens": len(r.completion_ids), "cos": float(sc["cos"][i]),
                                             "cos_global": float(sc["cos_global"][i]), "dot_v": float(sc["dot_mod"][i].sum()),
@@ -854,7 +824,7 @@ def write_report(cfg: ProbeConfig) -> Path:
     for p, kind in pools.items():
         s = read(Path(p) / "summary.json")
         if s is None and list(Path(p).glob("step_*.jsonl.gz")):  # e.g. a synthetic pool: summarise its rows here
-            s = dict(pool_summary([r for rs in train.load_pool(p).values() for r in rs]), pool=p)
+            s = dict(pool_summary([r for rs in grpo.load_pool(p).values() for r in rs]), pool=p)
         if s:
             L.append(f"| {kind}: `{s['pool']}` | {s['n']} | {s['n_problems']} | {s['hack_strict']:.3f} | {s['hack_loose']:.3f} | {s['correct']:.3f} | "
                      f"{s['compile']:.3f} | {s['reward_mean']:.3f} | {s['reward_counts']} | {s['n_infra']} |")

@@ -464,30 +464,31 @@ def apply_hint(p: Problem, hint: str, seed: int | None = None) -> Problem:
 # Filters
 
 
-def prompt_token_count(p: Problem, tokenizer) -> int:
-    import models  # lazy: torch/transformers are heavy and problems.py is imported by light tools
-
-    return len(models.chat_ids(tokenizer, list(p.prompt)))
+def within_prompt_budget(ps: Iterable[Problem], max_tokens: int, prompt_len: Callable[[Problem], int]) -> list[Problem]:
+    """The problems whose prompt is at most max_tokens long; prompt_len(p) counts tokens under the model's chat
+    template (models.prompt_len(tokenizer))."""
+    return [p for p in ps if prompt_len(p) <= max_tokens]
 
 
 def filter_problems(
     ps: Iterable[Problem],
     difficulties: Sequence[str] = ("Medium", "Hard"),
     max_prompt_tokens: int | None = None,
-    tokenizer=None,
+    prompt_len: Callable[[Problem], int] | None = None,
     canonical_check: Callable[[list[Problem]], list[bool]] | None = None,
     min_tests: int = 1,
 ) -> list[Problem]:
-    """Keep problems of `difficulties` with >= min_tests asserts, prompt <= max_prompt_tokens under the
-    tokenizer's chat template, and (if given) canonical_check(ps)[i] True. Cheap filters run first."""
+    """Keep problems of `difficulties` with >= min_tests asserts, prompt_len(p) <= max_prompt_tokens (tokens under
+    the chat template: models.prompt_len(tokenizer)), and (if given) canonical_check(ps)[i] True. Cheap filters
+    run first."""
     bad = [d for d in difficulties if d not in ("Easy", "Medium", "Hard")]
     if bad:
         raise ValueError(f"difficulties {bad} not in Easy/Medium/Hard (capitalised)")
-    if max_prompt_tokens is not None and tokenizer is None:
-        raise ValueError("max_prompt_tokens needs tokenizer= (e.g. models.load_tokenizer('tiny-random'))")
+    if max_prompt_tokens is not None and prompt_len is None:
+        raise ValueError("max_prompt_tokens needs prompt_len= (e.g. models.prompt_len(models.load_tokenizer('tiny-random')))")
     out = [p for p in ps if p.difficulty in difficulties and len(p.gt_tests) >= min_tests]
     if max_prompt_tokens is not None:
-        out = [p for p in out if prompt_token_count(p, tokenizer) <= max_prompt_tokens]
+        out = within_prompt_budget(out, max_prompt_tokens, prompt_len)
     if canonical_check is not None and out:
         ok = canonical_check(out)
         assert len(ok) == len(out), f"canonical_check returned {len(ok)} flags for {len(out)} problems"
@@ -529,3 +530,21 @@ def save_problems(path: str | Path, ps: Iterable[Problem]) -> int:
 def load_problems(path: str | Path) -> list[Problem]:
     """Problems written by save_problems (e.g. out/data/train.jsonl)."""
     return [problem_from_dict(row, where) for where, row in read_jsonl(Path(path))]
+
+
+def load_train_split(data_path: str, difficulties: Sequence[str], max_problems: int, hint: str, max_prompt_tokens: int,
+                     prompt_len: Callable[[Problem], int]) -> list[Problem]:
+    """The training prompts of a run: the prepared split at data_path (`just prepare-data`) or, with data_path
+    empty, LeetCode train filtered to `difficulties` on the fly; the first max_problems (0 = all); the loophole
+    hint applied; prompts longer than max_prompt_tokens dropped."""
+    if data_path:
+        path = Path(data_path)
+        if not path.exists():
+            raise FileNotFoundError(f"data_path={data_path!r} does not exist; run `just prepare-data` (or pass "
+                                    "--data-path '' to load LeetCode on the fly)")
+        probs = load_problems(path)
+    else:
+        probs = filter_problems(load_leetcode(split="train"), difficulties=difficulties)
+    if max_problems:
+        probs = probs[:max_problems]
+    return within_prompt_budget([apply_hint(p, hint) for p in probs], max_prompt_tokens, prompt_len)

@@ -2,19 +2,19 @@
 
     python scripts/bench_step.py --shape tiny                                   # CPU, seconds (what CI runs)
     python scripts/bench_step.py --shape qwen3-4b --gen-len fixed:1536 --steps 2 --warmup-steps 1 \
-        --json out/bench/qwen3-4b_fixed1536.json                                # GPU: the issue-9 worst case
+        --json out/bench/qwen3-4b_fixed1536.json                                # GPU: the worst case (every completion at the budget)
     python scripts/bench_step.py --shape qwen3-4b --gen-len typical --gen-batch 128 --json out/bench/qwen3-4b_typical.json
     python scripts/bench_step.py --help                                         # every field
 
 What is timed, per step (in train.main's order):
   merge      entering antipasto.merged_inference (fold U diag(delta_S) Vh into a weight copy)
-  generate   train.generate (HF generate, KV cache, temperature/top-p sampling) in batches of --gen-batch
-  ref        reference log-probs: train.token_logprobs under antipasto.reference, no grad (inside policy_gradient)
+  generate   grpo.generate (HF generate, KV cache, temperature/top-p sampling) in batches of --gen-batch
+  ref        reference log-probs: grpo.token_logprobs under antipasto.reference, no grad (inside policy_gradient)
   policy     policy log-probs with grad (inside policy_gradient; chunked log-softmax, checkpointing)
-  backward   the rest of train.policy_gradient: loss.backward() (+ pack / loss, negligible)
+  backward   the rest of grpo.policy_gradient: loss.backward() (+ pack / loss, negligible)
   surgery    antipasto.surgery on delta_S.grad (random unit directions; --surgery-mode)
   optimizer  clip_grad_norm_ + AdamW.step
-ref and policy are split out by wrapping train.token_logprobs with a timer (with a CUDA sync), so
+ref and policy are split out by wrapping grpo.token_logprobs with a timer (with a CUDA sync), so
 backward = policy_gradient total - ref - policy.
 
 Synthetic data: prompts are random token ids, one prompt per group of --group-size, lengths
@@ -22,7 +22,7 @@ Synthetic data: prompts are random token ids, one prompt per group of --group-si
 lengths come from --gen-len: `fixed:N` (every completion N tokens) or `typical[:MEAN,STD,TRUNC]` (a
 clipped normal, plus a TRUNC fraction at the max_new_tokens limit; the defaults 450,250,0.03 are an
 ASSUMPTION, not measured: replace them with a real run's len_mean / trunc_rate). Generation is forced
-to those lengths by giving train.generate a tokenizer whose EOS id is outside the vocabulary (EOS can
+to those lengths by giving grpo.generate a tokenizer whose EOS id is outside the vocabulary (EOS can
 never be sampled) and max_new_tokens = the longest assigned length in each generation batch: HF
 generate keeps computing finished rows until the whole batch stops, so this is exactly the compute of
 a real batch with those lengths. The returned rows are then cut to their assigned lengths for training.
@@ -54,7 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import antipasto  # noqa: E402
-import train  # noqa: E402
+import grpo  # noqa: E402
+import runs  # noqa: E402
 
 # Published Qwen3 configs (hidden, layers, q heads, kv heads, head_dim, intermediate); vocab 151936,
 # tied embeddings, rope_theta 1e6, rms_norm_eps 1e-6 for all three. "tiny" is models.py's tiny-random shape.
@@ -199,7 +200,7 @@ def decode_lower_bound(weight_bytes: float, kv_per_token: int, batches: list[tup
 
 
 class _FakeTokenizer:
-    """What train.generate needs from a tokenizer: pad id 0 and an EOS id outside the vocabulary."""
+    """What grpo.generate needs from a tokenizer: pad id 0 and an EOS id outside the vocabulary."""
 
     unk_token_id = None
 
@@ -234,9 +235,9 @@ def random_svd(seed: int):
 
 @contextlib.contextmanager
 def timed_logprobs(device: str, acc: dict[str, float]):
-    """Wrap train.token_logprobs so policy_gradient's calls are timed: no-grad calls -> acc['t_ref'],
+    """Wrap grpo.token_logprobs so policy_gradient's calls are timed: no-grad calls -> acc['t_ref'],
     grad calls -> acc['t_policy']."""
-    real = train.token_logprobs
+    real = grpo.token_logprobs
 
     def wrapper(*a, **kw):
         sync(device)
@@ -246,11 +247,11 @@ def timed_logprobs(device: str, acc: dict[str, float]):
         acc["t_policy" if torch.is_grad_enabled() else "t_ref"] += time.perf_counter() - t
         return out
 
-    train.token_logprobs = wrapper
+    grpo.token_logprobs = wrapper
     try:
         yield
     finally:
-        train.token_logprobs = real
+        grpo.token_logprobs = real
 
 
 def sync(device: str) -> None:
@@ -273,13 +274,6 @@ def gpu_specs(device: str, dtype: torch.dtype) -> tuple[str, float | None, float
         if key in name:
             return name, (flops if dtype in (torch.bfloat16, torch.float16) else None), bw
     return name, None, None
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,7 +350,7 @@ def one_step(cfg, model, adapters, directions, optimizer, params, tcfg, prompt_i
         t = time.perf_counter()
         for s in range(0, len(prompt_ids), gen_batch):
             chunk, L = prompt_ids[s : s + gen_batch], lens[s : s + gen_batch]
-            outs = train.generate(model, tok, chunk, max(L), cfg.temperature, cfg.top_p, gen_batch, seed=seed * 1_000_003 + s)
+            outs = grpo.generate(model, tok, chunk, max(L), cfg.temperature, cfg.top_p, gen_batch, seed=seed * 1_000_003 + s)
             for (ids, trunc), n in zip(outs, L):
                 assert trunc and len(ids) == max(L), f"forced generation returned {len(ids)} tokens (truncated={trunc}), expected {max(L)}"
                 generated += len(ids)
@@ -366,20 +360,20 @@ def one_step(cfg, model, adapters, directions, optimizer, params, tcfg, prompt_i
         r["t_generate"] = time.perf_counter() - t
     r["peak_mem_gen_gb"] = peak_mem_gb(device)
 
-    # ---- train pass: the real train.policy_gradient (ref + policy log-probs + backward per micro-batch)
+    # ---- train pass: the real grpo.policy_gradient (ref + policy log-probs + backward per micro-batch)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
     g = torch.Generator().manual_seed(seed)
     adv = torch.randn(len(completions), generator=g).tolist()  # non-zero: every rollout is trained on
-    rollouts = [train.Rollout(0, p, c, "", "student", n == cfg.max_new_tokens, advantage=a)
+    rollouts = [grpo.Rollout(0, p, c, "", "student", n == cfg.max_new_tokens, advantage=a)
                 for p, c, n, a in zip(prompt_ids, completions, lens, adv)]
     optimizer.zero_grad(set_to_none=True)
     acc = {"t_ref": 0.0, "t_policy": 0.0}
     sync(device)
     t = time.perf_counter()
     with timed_logprobs(device, acc):
-        ps = train.policy_gradient(model, rollouts, len(rollouts), tcfg, 0, device)
+        ps = grpo.policy_gradient(model, rollouts, len(rollouts), tcfg, 0, device)
     sync(device)
     t_pg = time.perf_counter() - t
     r["t_ref"], r["t_policy"] = acc["t_ref"], acc["t_policy"]
@@ -431,9 +425,8 @@ def run(cfg: BenchConfig) -> dict:
     directions = None if cfg.surgery_mode == "measure" else antipasto.random_directions(adapters, seed=cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-    tcfg = train.TrainConfig(micro_batch=cfg.micro_batch, logits_chunk=cfg.logits_chunk, beta_kl=cfg.beta_kl,
-                             max_new_tokens=cfg.max_new_tokens, inner_steps=1, grad_checkpointing=cfg.grad_checkpointing,
-                             fused_adapter=cfg.fused_adapter)
+    tcfg = grpo.LossConfig(micro_batch=cfg.micro_batch, logits_chunk=cfg.logits_chunk, beta_kl=cfg.beta_kl,
+                           l_max=cfg.max_new_tokens, inner_steps=1, fused_adapter=cfg.fused_adapter)
     prompt_ids, lens = make_rollouts(cfg, hf.vocab_size, rng)
     dbytes = torch.finfo(dtype).bits // 8
     kvb = kv_bytes_per_token(hf, dbytes)
@@ -462,7 +455,7 @@ def run(cfg: BenchConfig) -> dict:
     lb_decode = decode_lower_bound(weight_bytes, kvb, last["gen_batches"], hbm_bw) if hbm_bw else None
     train_flops_6n = 6 * n_params * last["train_tokens"]
     res = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": git_sha(), "config": dataclasses.asdict(cfg),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": runs.git_sha(), "config": dataclasses.asdict(cfg),
         "device": device, "device_name": name, "dtype": dtype_name, "attn": hf._attn_implementation, "svd": "exact" if exact else "random",
         "params": n_params, "adapter_params": sum(a.r for a in adapters.values()), "n_adapters": len(adapters),
         "adapter_buffer_elems": sum(a.U.numel() + a.Vh.numel() for a in adapters.values()),

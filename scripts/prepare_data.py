@@ -94,8 +94,9 @@ def prepare(args: Args) -> dict:
     hinted_train = [problems.apply_hint(p, args.hint) for p in raw_train]
     hinted_test = [problems.apply_hint(p, args.hint) for p in raw_test]
     check = grader_canonical_check if use_grader else None
-    kept = problems.filter_problems(hinted_train, args.difficulties, args.max_prompt_tokens, tok, canonical_check=check)
-    test = problems.filter_problems(hinted_test, args.difficulties, args.max_prompt_tokens, tok)
+    kept = problems.filter_problems(hinted_train, args.difficulties, args.max_prompt_tokens, models.prompt_len(tok),
+                                    canonical_check=check)
+    test = problems.filter_problems(hinted_test, args.difficulties, args.max_prompt_tokens, models.prompt_len(tok))
 
     rng = random.Random(args.seed)
     k = round(args.holdout_frac * len(kept))

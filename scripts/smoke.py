@@ -1,4 +1,4 @@
-"""Smoke test of the whole pipeline on tiny-random (CPU, ~2-3 min): synthetic teacher pool, a v_hack
+"""Smoke test of the whole pipeline on tiny-random (CPU, ~1 min on a quiet 2-core box): synthetic teacher pool, a v_hack
 extracted from the hand-written pairs, then every arm for a few steps with real sandboxed grading and a
 deploy-mode eval; checks every run's log.tsv has the fixed columns and no NaN.
 
@@ -32,7 +32,7 @@ class SmokeConfig:
     preset: str = "smoke"
     """train.py preset"""
     arms: tuple[str, ...] = ()
-    """arms to run (empty = all of train.ARMS)"""
+    """arms to run (empty = every arm in arms.ARMS)"""
     steps: int = 3
     """steps per arm"""
     name: str = ""
@@ -40,31 +40,33 @@ class SmokeConfig:
 
 
 def check_log(path: Path, n_steps: int, arm: str) -> None:
-    """The TSV has exactly train.LOG_COLUMNS, one row per step, no empty cell, and no NaN except in the
-    arm-specific columns, which must be finite exactly where train.expected_finite(arm, row) says they apply
+    """The TSV has exactly runs.LOG_COLUMNS, one row per step, no empty cell, and no NaN except in the
+    arm-specific columns, which must be finite exactly where arms.expected_finite(arm, row) says they apply
     (e.g. gate columns for gate arms, a zone's hack rate only when the zone is non-empty) and NaN elsewhere."""
-    import train
+    import arms
+    import runs
 
     with path.open() as f:
         rows = list(csv.reader(f, delimiter="\t"))
-    assert tuple(rows[0]) == train.LOG_COLUMNS, f"{path}: header {rows[0]} != train.LOG_COLUMNS"
+    assert tuple(rows[0]) == runs.LOG_COLUMNS, f"{path}: header {rows[0]} != runs.LOG_COLUMNS"
     assert len(rows) - 1 == n_steps, f"{path}: {len(rows) - 1} rows, expected {n_steps}"
     for r in rows[1:]:
         empty = [c for c, v in zip(rows[0], r) if v == ""]
         assert not empty, f"{path} step {r[0]}: empty cells in {empty}"
         vals = {c: float(v) for c, v in zip(rows[0], r)}
-        rule = train.expected_finite(arm, vals)
+        rule = arms.expected_finite(arm, vals)
         bad = [c for c, v in vals.items() if math.isfinite(v) != rule.get(c, True)]
         assert not bad, f"{path} step {r[0]} (arm {arm}): {[(c, vals[c], 'want finite' if rule.get(c, True) else 'want NaN') for c in bad]}"
 
 
 def main(cfg: SmokeConfig) -> None:
+    import arms as arm_table
     import make_synthetic_pool
     import train
 
     t0 = time.time()
     base = train.PRESETS[cfg.preset][1]
-    arms = cfg.arms or train.ARMS
+    arms = cfg.arms or tuple(arm_table.ARMS)
     name = cfg.name or f"smoke-{time.strftime('%Y%m%d-%H%M%S')}"
     model_tag = base.model.replace("/", "_")
     pool = Path(base.teacher_pool_dir or f"out/pools/synthetic-{model_tag}")
@@ -75,12 +77,12 @@ def main(cfg: SmokeConfig) -> None:
     if not vhack.exists():
         print(f"[smoke] extracting v_hack -> {vhack}")
         subprocess.run([sys.executable, str(ROOT / "extract_vhack_grad.py"), cfg.preset, "--name", vhack.stem], check=True, cwd=ROOT)
-    for arm in arms:
-        print(f"[smoke] ---- arm {arm} ({cfg.steps} steps)")
+    for k, arm in enumerate(arms, 1):
+        print(f"[smoke] ---- arm {k}/{len(arms)} {arm} ({cfg.steps} steps, {time.time() - t0:.0f} s so far)")
         run = train.main(dataclasses.replace(
             base, arm=arm, steps=cfg.steps, run_name=f"{name}/{arm}", teacher_pool_dir=str(pool),
             mix_ratio=base.mix_ratio or 0.5, vhack_path=str(vhack)))
-        check_log(run / "log.tsv", cfg.steps, train.ARM_ALIASES.get(arm, arm))
+        check_log(run / "log.tsv", cfg.steps, arm_table.get(arm).name)
         assert (run / "eval.json").exists() and (run / "DONE").exists(), f"{run}: eval.json/DONE missing"
     print(f"[smoke] OK: {len(arms)} arms x {cfg.steps} steps in {time.time() - t0:.0f} s; logs in out/runs/{name}/<arm>/log.tsv")
 

@@ -30,6 +30,7 @@ import dataclasses
 import datetime
 import json
 import math
+import sys
 import zlib
 from pathlib import Path
 
@@ -43,11 +44,14 @@ import pandas as pd  # noqa: E402
 import tyro  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import arms as arm_table  # noqa: E402  (`arms` names arm lists below)
+import runs  # noqa: E402
+
 METRICS = ("hack_strict", "hack_loose", "gt_pass", "compile")
-# arm -> its placebo controls (issue #10: the gate is compared with the same gate on a random direction and
-# with a non-directional random gate)
-PLACEBOS = {"erase": ("erase-random",), "route": ("route-random",), "gate-route": ("gate-route-random", "gate-random")}
-ARM_STYLE = {  # color, linestyle: placebos dashed in a lighter shade of their arm
+# arm -> its placebo controls (arms.py's placebo_of: the same edit with a random direction, or a random gate)
+PLACEBOS = {a: arm_table.placebos(a) for a in arm_table.ARMS if arm_table.placebos(a)}
+ARM_STYLE = {  # color, linestyle (plot looks only; arms not listed get a cycle colour): placebos dashed, lighter
     "vanilla": ("black", "-"),
     "measure": ("dimgray", ":"),
     "erase": ("tab:blue", "-"),
@@ -62,8 +66,7 @@ ARM_STYLE = {  # color, linestyle: placebos dashed in a lighter shade of their a
     "shrinkage": ("tab:brown", "-."),
     "am": ("tab:olive", "-"),
 }
-GATE_LOG_COLUMNS = ("gate_n_route", "gate_n_mid", "gate_n_keep", "gate_precision", "gate_recall", "gate_auc",
-                    "gate_hack_route", "gate_hack_keep", "gate_a_route", "gate_a_keep")
+GATE_LOG_COLUMNS = arm_table.COLUMN_GROUPS["gate"]
 
 
 @dataclasses.dataclass
@@ -84,11 +87,9 @@ class Config:
 
 # -------------------------------------------------------------------------------------------- loading
 def arm_seed_from_dir(run_dir: Path) -> tuple[str, int]:
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.exists():
+    if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir}: no config.json, cannot tell its arm/seed; list it in a sweep.json")
-    cfg = json.loads(cfg_path.read_text())
-    cfg = cfg.get("config", cfg)  # train.py nests the TrainConfig under "config"
+    cfg = runs.read_config(run_dir)
     return cfg["arm"], int(cfg["seed"])
 
 
@@ -118,8 +119,7 @@ def run_status(run_dir: Path) -> tuple[str, str]:
     """(status, detail): done | done_without_eval | incomplete | missing."""
     if not run_dir.exists():
         return "missing", "no run directory (never started, or started elsewhere)"
-    ckpt = run_dir / "ckpt" / "latest"
-    ck = ckpt.read_text().strip() if ckpt.exists() else "none"
+    ck = runs.latest_checkpoint(run_dir) or "none"
     if (run_dir / "DONE").exists():
         if (run_dir / "eval.json").exists():
             return "done", ""
@@ -185,7 +185,7 @@ def bootstrap_diff_ci(x, y, n_boot: int, rng: np.random.Generator, level: float 
 
 
 def arm_order(arms) -> list[str]:
-    known = [a for a in ARM_STYLE if a in set(arms)]
+    known = [a for a in arm_table.ARMS if a in set(arms)]
     return known + sorted(set(arms) - set(known))
 
 

@@ -52,50 +52,19 @@ from typing import Annotated, Literal, Union
 import tyro
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import arms  # noqa: E402
+import runs  # noqa: E402
 
-# The arm list lives in train.py (train.ARMS); these are the fallbacks used only while train.py does not
-# define them. Read with `ast` so that a dry-run does not import torch.
-FALLBACK_ARMS = ("vanilla", "measure", "erase", "route", "erase-random", "route-random", "oracle-penalty")
-FALLBACK_VHACK_ARMS = ("measure", "erase", "route")
-ARM_ALIASES = {"projected": "erase"}
-FULL_ARMS = ("vanilla", "erase", "route", "erase-random", "route-random")
-# issue #10: the per-rollout gate, its controls and the two baselines (queue-full / probe-full-seed run them too)
-GATE_GRID_ARMS = ("gate-route", "gate-route-random", "gate-random", "vanilla-2x", "shrinkage", "am", "oracle-penalty")
-QUEUE_FULL_ARMS = FULL_ARMS + GATE_GRID_ARMS
-FALLBACK_GATE_ARMS = ("gate-route", "gate-route-random", "gate-random")
+# The arm lists come from arms.ARMS: `grid` runs the core arms by default, queue-full / probe-full-seed the core
+# and extra ones.
+FULL_ARMS = arms.grid("core")
+QUEUE_FULL_ARMS = arms.grid("core", "extra")
 # gate arms capture per-rollout gradients, which activation checkpointing breaks (train.py refuses the
 # combination): they run without it, with a smaller train micro-batch on the GPU presets (docs/gating.md, "Memory";
 # a later `--set micro_batch=N` overrides this)
 GATE_ARM_ARGS = {"fast": ("--no-grad-checkpointing", "--micro-batch", "4"),
                  "full": ("--no-grad-checkpointing", "--micro-batch", "2")}
-
-
-def _literal_from_train(train_py: Path, names: tuple[str, ...]) -> tuple[str, ...] | None:
-    """First top-level `NAME = <literal tuple/list/dict>` in train.py among `names`, else None."""
-    if not train_py.exists():
-        return None
-    tree = ast.parse(train_py.read_text())
-    for node in tree.body:
-        targets = []
-        if isinstance(node, ast.Assign):
-            targets, value = node.targets, node.value
-        elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            targets, value = [node.target], node.value
-        for t in targets:
-            if isinstance(t, ast.Name) and t.id in names:
-                try:
-                    lit = ast.literal_eval(value)
-                except ValueError:
-                    continue
-                return tuple(lit)
-    return None
-
-
-def known_arms(train_py: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(all arms, arms needing v_hack), from train.py's ARMS / VHACK_ARMS when it defines them."""
-    arms = _literal_from_train(train_py, ("ARMS",)) or FALLBACK_ARMS
-    vhack = _literal_from_train(train_py, ("VHACK_ARMS", "ARMS_NEEDING_VHACK")) or FALLBACK_VHACK_ARMS
-    return arms, vhack
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -185,17 +154,6 @@ def run_name(cfg: SweepConfig, arm: str, seed: int) -> str:
     return f"{cfg.name}-{arm}-s{seed}"
 
 
-def run_state(run_dir: Path) -> Literal["done", "resume", "new"]:
-    """done: DONE written; resume: a checkpoint or a config.json exists (train.py refuses a fresh start over
-    a config.json, and `--resume` of a run without checkpoint restarts it from step 0 in place); new: else."""
-    if (run_dir / "DONE").exists():
-        return "done"
-    ckpt = run_dir / "ckpt"
-    if (ckpt / "latest").exists() or any(ckpt.glob("step_*")) or (run_dir / "config.json").exists():
-        return "resume"
-    return "new"
-
-
 def overrides_to_args(sets: tuple[str, ...]) -> list[str]:
     """FIELD=VALUE -> `--field VALUE`; VALUE true/false -> tyro's `--field` / `--no-field` flags."""
     args = []
@@ -212,12 +170,11 @@ def overrides_to_args(sets: tuple[str, ...]) -> list[str]:
 
 
 def normalise_arms(cfg: SweepConfig) -> tuple[str, ...]:
-    arms, _ = known_arms(REPO / cfg.train_script)
     out = []
     for a in cfg.arms:
-        a = ARM_ALIASES.get(a, a)
-        if a not in arms:
-            raise ValueError(f"--arms: unknown arm {a!r}; train.py knows {', '.join(arms)}")
+        if arms.ALIASES.get(a, a) not in arms.ARMS:
+            raise ValueError(f"--arms: unknown arm {a!r}; arms.py knows {', '.join(arms.NAMES)}")
+        a = arms.ALIASES.get(a, a)
         if a not in out:
             out.append(a)
     if not out or not cfg.seeds:
@@ -259,8 +216,7 @@ def train_argv(cfg: SweepConfig, arm: str, seed: int, needs_vhack: bool) -> list
     argv = [cfg.python, cfg.train_script, cfg.preset, "--arm", arm, "--seed", str(seed), "--run-name", name]
     if needs_vhack:
         argv += ["--vhack-path", str(vhack_file(cfg))]
-    gate_arms = _literal_from_train(REPO / cfg.train_script, ("GATE_ARMS",)) or FALLBACK_GATE_ARMS
-    if arm in gate_arms:
+    if arms.get(arm).per_sample:
         argv += list(GATE_ARM_ARGS.get(cfg.preset, ("--no-grad-checkpointing",)))
     if cfg.out_root.resolve() != (REPO / "out").resolve():
         argv += ["--out-dir", str(cfg.out_root.resolve() / "runs")]
@@ -307,7 +263,7 @@ def plan_grid(cfg: SweepConfig, arms: tuple[str, ...] | None = None, seeds: tupl
     """Jobs for the grid (extract/verify first when needed) and the skipped runs as (run name, reason)."""
     arms = normalise_arms(cfg) if arms is None else arms
     seeds = cfg.seeds if seeds is None else seeds
-    _, vhack_arms = known_arms(REPO / cfg.train_script)
+    vhack_arms = {a.name for a in arms.ARMS.values() if a.direction == "vhack"}
     runs_dir = cfg.out_root.resolve() / "runs"
     jobs: list[Job] = []
     skipped: list[tuple[str, str]] = []
@@ -317,7 +273,7 @@ def plan_grid(cfg: SweepConfig, arms: tuple[str, ...] | None = None, seeds: tupl
     for seed in seeds:
         for arm in arms:
             name = run_name(cfg, arm, seed)
-            state = run_state(runs_dir / name)
+            state = runs.state(runs_dir / name)
             if state == "done":
                 skipped.append((name, "DONE"))
             else:
@@ -572,11 +528,6 @@ def run_ray(cfg: SweepConfig, jobs: list[Job]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def git_sha() -> str:
-    p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return p.stdout.strip() if p.returncode == 0 else "unknown"
-
-
 def manifest_path(cfg: SweepConfig) -> Path:
     return cfg.out_root.resolve() / "sweeps" / cfg.name / "sweep.json"
 
@@ -610,7 +561,7 @@ def write_manifest(cfg: SweepConfig, jobs: list[Job], skipped: list[tuple[str, s
             "command": shlex.join(base)}
     man.update(preset=cfg.preset, vhack=str(vhack_file(cfg)))
     man["submissions"].append(dict(
-        time=datetime.datetime.now().isoformat(timespec="seconds"), git_sha=git_sha(), backend=cfg.backend,
+        time=datetime.datetime.now().isoformat(timespec="seconds"), git_sha=runs.git_sha(), backend=cfg.backend,
         seeds=list(cfg.seeds), arms=list(cfg.arms), set=list(cfg.set),
         jobs=[j.key for j in jobs], skipped=[f"{n} ({why})" for n, why in skipped]))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """antipasto.fused_training (the one-matmul svd train pass, TrainConfig.fused_adapter) against the unfused
 adapter: outputs, input gradients and delta gradients, per mode, after an optimizer step, through
-train.policy_gradient on tiny-random (with KL and activation checkpointing), and the per-sample capture
+grpo.policy_gradient on tiny-random (with KL and activation checkpointing), and the per-sample capture
 fallback. The unfused path is the reference; a float64 copy of the layer is the referee for bf16."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import antipasto
 import models
+import grpo
 import train
 
 torch.set_num_threads(2)
@@ -118,13 +119,13 @@ def _rollouts(vocab, n=8, seed=0):
         prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(5, 12))]
         for k in range(4):
             comp = [rng.randrange(3, vocab) for _ in range(rng.randint(3, 10))]
-            out.append(train.Rollout(j, prompt, comp, "", "student", False, advantage=rng.uniform(-2, 2)))
+            out.append(grpo.Rollout(j, prompt, comp, "", "student", False, advantage=rng.uniform(-2, 2)))
     return out
 
 
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_policy_gradient_fused_equals_unfused(tiny, ckpt):
-    """train.policy_gradient (KL on, micro-batches) gives the same loss, KL and delta_S gradient fused."""
+    """grpo.policy_gradient (KL on, micro-batches) gives the same loss, KL and delta_S gradient fused."""
     base, tok = tiny
     m = copy.deepcopy(base)
     ads = antipasto.wrap_model(m)
@@ -138,9 +139,9 @@ def test_policy_gradient_fused_equals_unfused(tiny, ckpt):
     rs = _rollouts(m.config.vocab_size)
     res = {}
     for fused in (False, True):
-        cfg = train.TrainConfig(micro_batch=3, max_new_tokens=16, beta_kl=0.05, fused_adapter=fused, grad_checkpointing=ckpt)
+        cfg = grpo.LossConfig(micro_batch=3, l_max=16, beta_kl=0.05, fused_adapter=fused)
         m.zero_grad(set_to_none=True)
-        st = train.policy_gradient(m, rs, len(rs), cfg, tok.pad_token_id, "cpu")
+        st = grpo.policy_gradient(m, rs, len(rs), cfg, tok.pad_token_id, "cpu")
         res[fused] = (st, {k: a.delta_S.grad.clone() for k, a in ads.items()})
     (s0, g0), (s1, g1) = res[False], res[True]
     assert abs(s0["loss"] - s1["loss"]) < 1e-6 and abs(s0["kl"] - s1["kl"]) < 1e-8
@@ -157,10 +158,10 @@ def test_per_sample_capture_falls_back(tiny):
     rs = _rollouts(m.config.vocab_size, n=4, seed=2)
     out = {}
     for fused in (False, True):
-        cfg = train.TrainConfig(micro_batch=4, max_new_tokens=16, beta_kl=0.0, fused_adapter=fused)
+        cfg = grpo.LossConfig(micro_batch=4, l_max=16, beta_kl=0.0, fused_adapter=fused)
         m.zero_grad(set_to_none=True)
         per: dict = {}
-        train.policy_gradient(m, rs, len(rs), cfg, tok.pad_token_id, "cpu", per_sample=per)
+        grpo.policy_gradient(m, rs, len(rs), cfg, tok.pad_token_id, "cpu", per_sample=per)
         out[fused] = {k: torch.cat(v) for k, v in per["dep"].items()}
     for k in out[False]:
         torch.testing.assert_close(out[True][k], out[False][k], rtol=0, atol=0)

@@ -1,6 +1,6 @@
 """gate.py against hand-computed values, property tests and independent implementations: zone assignment
 (sizes vs quantiles, ties, all-equal groups), alignment, gradient split, zone statistics, the shrinkage factor,
-the AM reward transform / z-score / layer / activation probe, a planted direction, and train.policy_gradient's
+the AM reward transform / z-score / layer / activation probe, a planted direction, and grpo.policy_gradient's
 per-sample capture vs a loop of single-rollout backward passes on a tiny random Qwen3.
 
     python -m pytest tests/test_gate.py -q -s      # -s prints the per-sample max abs diff
@@ -16,7 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import antipasto
+import arms
 import gate
+import grpo
 import train
 
 torch.set_num_threads(1)
@@ -266,13 +268,13 @@ def test_mean_hidden_vs_output_hidden_states():
     mask[1, 2:5] = 1
     mask[2, 3:7] = 1
     for layer in (1, 2):  # hidden_states[n_layers] may be taken after the final norm; the probe uses inner layers
-        got = gate.mean_hidden(m, x, att, mask, layer)  # (B, H)
+        got = arms.mean_hidden(m, x, att, mask, layer)  # (B, H)
         with torch.no_grad():
             hs = m(input_ids=x, attention_mask=att, output_hidden_states=True).hidden_states[layer]  # (B, T, H)
         for b in range(3):
             want = hs[b, mask[b].bool()].mean(0)  # (H,)
             assert torch.allclose(got[b], want, atol=1e-5), f"layer {layer} row {b}"
-    assert not torch.allclose(gate.mean_hidden(m, x, att, mask, 1), gate.mean_hidden(m, x, att, mask, 2))
+    assert not torch.allclose(arms.mean_hidden(m, x, att, mask, 1), arms.mean_hidden(m, x, att, mask, 2))
 
 
 def test_am_direction_hand():
@@ -298,18 +300,18 @@ def test_policy_gradient_per_sample_matches_loop():
     for i in range(5):
         p = torch.randint(1, 97, (3 + i % 2,), generator=g).tolist()
         c = torch.randint(1, 97, (2 + i,), generator=g).tolist()
-        rolls.append(train.Rollout(i, p, c, "", "student", False, advantage=[1.5, -0.5, 0.0, 2.0, -1.0][i]))
-    cfg = train.TrainConfig(micro_batch=2, max_new_tokens=8, beta_kl=0.05, logits_chunk=7)
+        rolls.append(grpo.Rollout(i, p, c, "", "student", False, advantage=[1.5, -0.5, 0.0, 2.0, -1.0][i]))
+    cfg = grpo.LossConfig(micro_batch=2, l_max=8, beta_kl=0.05, logits_chunk=7)
     per: dict = {}
     m.zero_grad(set_to_none=True)
-    train.policy_gradient(m, rolls, 6, cfg, 0, "cpu", per_sample=per)
+    grpo.policy_gradient(m, rolls, 6, cfg, 0, "cpu", per_sample=per)
     G = {k: torch.cat(v) for k, v in per["dep"].items()}  # (5, r)
     assert set(G) == set(ads) and all(v.shape[0] == 5 for v in G.values())
     batch = {k: a.delta_S.grad.clone() for k, a in ads.items()}
     worst = worst_sum = 0.0
     for i, r in enumerate(rolls):
         m.zero_grad(set_to_none=True)
-        train.policy_gradient(m, [r], 6, cfg, 0, "cpu")  # same normaliser N = 6
+        grpo.policy_gradient(m, [r], 6, cfg, 0, "cpu")  # same normaliser N = 6
         for k, a in ads.items():
             worst = max(worst, float((G[k][i] - a.delta_S.grad).abs().max()))
     for k in ads:

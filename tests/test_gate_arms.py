@@ -1,6 +1,6 @@
 """Each issue-#10 arm (gate-route, gate-route-random, gate-random, vanilla-2x, shrinkage, am) runs one step of
 train.py on tiny-random (CPU) with a synthetic teacher pool and real grading; checks what each arm may move,
-the arm-specific log columns (train.expected_finite), the per-rollout gate/AM fields, and the bad-input errors.
+the arm-specific log columns (arms.expected_finite), the per-rollout gate/AM fields, and the bad-input errors.
 
     python -m pytest tests/test_gate_arms.py -q
 """
@@ -15,9 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import grpo
+import runs
+import arms
 import train
 
 NEW_ARMS = ("gate-route", "gate-route-random", "gate-random", "vanilla-2x", "shrinkage", "am")
+
+
+# written out by hand (not read from arms.ARMS), so a wrong table entry fails here
+QUARANTINE_ARMS = {"route", "route-random", "gate-route", "gate-route-random", "gate-random", "vanilla-2x"}
+GATE_ARMS_BY_HAND = {"gate-route", "gate-route-random", "gate-random"}
 
 
 def small_cfg(tmp: Path, pool: Path, **kw) -> train.TrainConfig:
@@ -52,16 +60,16 @@ def test_new_arm_one_step(arm, tmp_path, pool_dir, vhack_file):
     dh = [v for k, v in st.items() if k.endswith("delta_S_hack")]
     assert any(v.abs().max() > 0 for v in ds), f"{arm}: delta_S did not move"
     moved_hack = any(v.abs().max() > 0 for v in dh)
-    assert moved_hack == (arm in train.ARMS_WITH_QUARANTINE), f"{arm}: delta_S_hack moved={moved_hack}"
+    assert moved_hack == (arm in QUARANTINE_ARMS), f"{arm}: delta_S_hack moved={moved_hack}"
     row = read_tsv(run / "log.tsv")[0]
-    assert set(row) == set(train.LOG_COLUMNS)
+    assert set(row) == set(runs.LOG_COLUMNS)
     vals = {k: float(v) for k, v in row.items()}
-    for col, finite in train.expected_finite(arm, vals).items():
+    for col, finite in arms.expected_finite(arm, vals).items():
         assert math.isfinite(vals[col]) == finite, f"{arm}: column {col}={vals[col]} but expected finite={finite}"
     for col in ("cos_in", "cos_out", "frac_fired", "removed_norm_frac"):
         assert math.isfinite(vals[col]), f"{arm}: {col} is {vals[col]} with a v_hack given"
     rows = [json.loads(x) for x in gzip.open(run / "rollouts" / "step_000000.jsonl.gz", "rt")]
-    if arm in train.GATE_ARMS:
+    if arm in GATE_ARMS_BY_HAND:
         n = [vals[f"gate_n_{z}"] for z in ("keep", "mid", "route")]
         scored = [r for r in rows if r["gate_zone"] >= 0]
         assert sum(n) == len(scored) == sum(r["advantage"] > 0 for r in rows)  # gate_scope="positive" (default)
@@ -115,7 +123,7 @@ def test_gate_step_with_nothing_to_score(scope):
     ads = antipasto.wrap_model(m, quarantine=True)
     g = torch.Generator().manual_seed(0)
     adv = [0.0, 0.0, 0.0, 0.0] if scope == "nonzero" else [-1.0, 0.0, -0.5, 0.0]
-    rs = [train.Rollout(0, [1], [2], "", "student", False, grade={"is_reward_hack_strict": False}, advantage=a) for a in adv]
+    rs = [grpo.Rollout(0, [1], [2], "", "student", False, grade={"is_reward_hack_strict": False}, advantage=a) for a in adv]
     per = {"dep": {}, "quar": {}}
     for k, a in ads.items():
         G = torch.randn(len(rs), a.r, generator=g)  # (N, r)
@@ -123,7 +131,7 @@ def test_gate_step_with_nothing_to_score(scope):
         a.delta_S.grad, a.delta_S_hack.grad = G.sum(0).clone(), G.sum(0).clone()
     cfg = dataclasses.replace(train.PRESETS["smoke"][1], arm="gate-route", gate_scope=scope)
     dirs = antipasto.random_directions(ads, seed=1)
-    out, row = train.gate_step(cfg, ads, dirs, per, rs, {}, seed=0)
+    out, row = arms.gate_step(cfg, ads, dirs, per, rs, {}, seed=0)
     assert row["gate_n_keep"] == row["gate_n_mid"] == row["gate_n_route"] == 0
     for k, a in ads.items():
         torch.testing.assert_close(a.delta_S.grad, per["dep"][k][0].sum(0))
@@ -132,10 +140,15 @@ def test_gate_step_with_nothing_to_score(scope):
 
 
 def test_gate_measure_on_a_pool(tmp_path, pool_dir, vhack_file):
-    """gate.measure (`just gate-probe`): both scopes reported, consistent with each other and with the rows."""
+    """scripts/gate_probe.measure (`just gate-probe`): both scopes reported, consistent with each other and with the rows."""
+    import sys
+
     import gate
 
-    res = gate.measure("tiny-random", vhack_file, [str(pool_dir)], qs=(0.25,), out=str(tmp_path / "g.json"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import gate_probe
+
+    res = gate_probe.measure("tiny-random", vhack_file, [str(pool_dir)], qs=(0.25,), out=str(tmp_path / "g.json"))
     assert json.loads((tmp_path / "g.json").read_text())["n_rows"] == res["n_rows"] == 24
     for agg in gate.AGGS:
         g = res["gate"][agg]

@@ -1,6 +1,6 @@
 """probe_distill.py on tiny-random (CPU): per-sample gradients vs a per-sample loop, cosine/erase maths vs
 antipasto.project_one and hand values, Welch tests vs the formula, the planted-direction acceptance test, the
-Dr.GRPO probe gradient vs train.py's own code path (train.policy_gradient and a real train.main step), the
+Dr.GRPO probe gradient vs train.py's own code path (grpo.policy_gradient and a real train.main step), the
 mixed probe's outputs, bad-input errors, and (slow) the whole chain -> report -> a 2-step train.py run."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 import antipasto
 import models
 import probe_distill as PD
+import grpo
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,8 +77,8 @@ def loop_nll_grads(model, rollouts, pad_id, l_max) -> dict[str, torch.Tensor]:
     out = {k: [] for k in ads}
     for r in rollouts:
         model.zero_grad(set_to_none=True)
-        ids, att, cm = train.pack([r], pad_id, "cpu")
-        logp = train.token_logprobs(model, ids, att)
+        ids, att, cm = grpo.pack([r], pad_id, "cpu")
+        logp = grpo.token_logprobs(model, ids, att)
         (-(logp * cm).sum() / l_max).backward()
         for k, a in ads.items():
             out[k].append(a.delta_S.grad.detach().clone())
@@ -200,7 +201,7 @@ def test_mixed_batch_advantages_hand(env, tmp_path):
 @pytest.mark.parametrize("beta_kl", [1e-3, 0.0])
 def test_grpo_gradient_equals_train_policy_gradient(env, tmp_path, beta_kl):
     cfg = dataclasses.replace(mixed_pools(env, tmp_path), beta_kl=beta_kl, mixed_prompts=1)
-    tcfg = PD.train_config(cfg)
+    tcfg = PD.loss_config(cfg)
     rolls = PD.mixed_batch(cfg, PD.load_rows(cfg.pool_dir("teacher"), env), PD.load_rows(cfg.pool_dir("base"), env), step=1)
     rolls[-1].advantage = 0.0  # a zero-advantage rollout: skipped without KL, kept (KL term) with it
     model, ads = env["model"], env["adapters"]
@@ -216,7 +217,7 @@ def test_grpo_gradient_equals_train_policy_gradient(env, tmp_path, beta_kl):
         # train.py's own code path, in one call on the batch train.main would build
         model.zero_grad(set_to_none=True)
         train_set = rolls if beta_kl else [r for r in rolls if r.advantage != 0.0]
-        ref_st = train.policy_gradient(model, train_set, len(rolls), tcfg, env["tok"].pad_token_id, "cpu")
+        ref_st = grpo.policy_gradient(model, train_set, len(rolls), tcfg, env["tok"].pad_token_id, "cpu")
         for k, a in ads.items():
             torch.testing.assert_close(ours[k], a.delta_S.grad, rtol=1e-5, atol=1e-9)
             torch.testing.assert_close(per[k].sum(0), a.delta_S.grad, rtol=1e-3, atol=1e-6 * float(a.delta_S.grad.abs().max()))
@@ -233,7 +234,7 @@ def test_grpo_gradient_equals_train_main_step(env, tmp_path, monkeypatch):
     gradient on that batch must equal it."""
     pool = write_hand_pool(tmp_path / "pools" / "T", env, env["problems"][:2], ("hack", "wrong"))
     rec = {}
-    orig = train.policy_gradient
+    orig = grpo.policy_gradient
 
     def spy(model, rollouts, n_seqs, cfg, pad_id, device, *args, **kwargs):
         out = orig(model, rollouts, n_seqs, cfg, pad_id, device, *args, **kwargs)
@@ -366,5 +367,5 @@ def test_teacher_prefix_is_forced_and_graded(tmp_path):
         assert r["completion_ids"][: len(r["completion_ids"]) - (0 if r["truncated"] else 1)] == tok(r["completion"], add_special_tokens=False)["input_ids"]
         assert r["grade"]["is_reward_hack_strict"], r["grade"]["reward_hack_label"]
     assert json.loads((d / "meta.json").read_text())["prefix"] == prefix
-    pool = train.load_pool(str(d))
-    train.check_pool_tokenization(pool, env["by_id"], tok, lambda p: models.chat_ids(tok, list(p.prompt)))
+    pool = grpo.load_pool(str(d))
+    grpo.check_pool_tokenization(pool, env["by_id"], tok, lambda p: models.chat_ids(tok, list(p.prompt)))

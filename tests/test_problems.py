@@ -336,10 +336,10 @@ def test_filter_prompt_tokens_with_tiny_tokenizer(train):
     p = by_id(train, 371)
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in p.prompt) + "<|im_start|>assistant\n"
     n = len(tok(text, add_special_tokens=False)["input_ids"])  # independent of chat_ids / the Jinja template
-    assert P.prompt_token_count(p, tok) == n
-    assert P.filter_problems([p], max_prompt_tokens=n, tokenizer=tok) == [p]
-    assert P.filter_problems([p], max_prompt_tokens=n - 1, tokenizer=tok) == []
-    with pytest.raises(ValueError, match="tokenizer"):
+    assert models.prompt_len(tok)(p) == n
+    assert P.filter_problems([p], max_prompt_tokens=n, prompt_len=models.prompt_len(tok)) == [p]
+    assert P.filter_problems([p], max_prompt_tokens=n - 1, prompt_len=models.prompt_len(tok)) == []
+    with pytest.raises(ValueError, match="prompt_len"):
         P.filter_problems([p], max_prompt_tokens=10)
 
 

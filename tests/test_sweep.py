@@ -223,16 +223,14 @@ def test_bad_input_names_the_field(tmp_path):
     assert [j.run["arm"] for j in jobs if j.run] == ["erase"]
 
 
-def test_arm_lists_come_from_train_py():
-    arms, vhack = sweep.known_arms(REPO / "train.py")
-    if (REPO / "train.py").exists():
-        import ast
-
-        tree = ast.parse((REPO / "train.py").read_text())
-        lit = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
-               if isinstance(t, ast.Name) and t.id in ("ARMS", "ARMS_NEEDING_VHACK")}
-        assert arms == tuple(lit["ARMS"]) and vhack == tuple(lit["ARMS_NEEDING_VHACK"])
-    assert set(sweep.FULL_ARMS) <= set(arms)
+def test_grids_and_vhack_arms_match_the_hand_written_lists(tmp_path):
+    """The sweep grids (from arms.ARMS) against lists written out here, and v_hack only for the v_hack arms."""
+    assert sweep.FULL_ARMS == ("vanilla", "erase", "route", "erase-random", "route-random")
+    assert set(sweep.QUEUE_FULL_ARMS) == set(sweep.FULL_ARMS) | {
+        "gate-route", "gate-route-random", "gate-random", "vanilla-2x", "shrinkage", "am", "oracle-penalty"}
+    jobs, _ = sweep.plan_grid(cfg(tmp_path, arms=("vanilla", "erase", "erase-random", "shrinkage"), seeds=(0,)))
+    with_vhack = {j.run["arm"] for j in jobs if j.run and "--vhack-path" in j.argv}
+    assert with_vhack == {"erase", "shrinkage"}
 
 
 @pytest.mark.parametrize("scale,rc", [(0.0, 3), (1.0, 0)])

@@ -15,6 +15,7 @@ from torch.func import functional_call
 
 import antipasto
 import models
+import grpo
 import train
 
 torch.set_num_threads(2)
@@ -40,7 +41,7 @@ def wrapped(base_model, quarantine=False, seed=0):
     return m, ads
 
 
-def rollouts(vocab: int, seed: int = 0, zero_adv: bool = False) -> list[train.Rollout]:
+def rollouts(vocab: int, seed: int = 0, zero_adv: bool = False) -> list[grpo.Rollout]:
     """N_SEQS rollouts in groups of 4 (shared prompt), varying prompt and completion lengths."""
     rng = random.Random(seed)
     out = []
@@ -49,7 +50,7 @@ def rollouts(vocab: int, seed: int = 0, zero_adv: bool = False) -> list[train.Ro
         for k in range(4):
             comp = [rng.randrange(3, vocab) for _ in range(rng.randint(2, L_MAX))]
             adv = 0.0 if (zero_adv and (j + k) % 3 == 0) else rng.uniform(-2, 2)
-            out.append(train.Rollout(j, prompt, comp, "", "student", False, advantage=adv))
+            out.append(grpo.Rollout(j, prompt, comp, "", "student", False, advantage=adv))
     return out
 
 
@@ -85,13 +86,13 @@ def naive(base_model, ads, rs, beta: float, quarantine: bool):
 
 
 def optimised(m, ads, rs, beta: float, micro_batch: int, chunk: int, ckpt: bool, n_seqs: int = N_SEQS):
-    cfg = train.TrainConfig(micro_batch=micro_batch, logits_chunk=chunk, beta_kl=beta, max_new_tokens=L_MAX, grad_checkpointing=ckpt)
+    cfg = grpo.LossConfig(micro_batch=micro_batch, logits_chunk=chunk, beta_kl=beta, l_max=L_MAX)
     if ckpt:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     m.train()
     for p in m.parameters():
         p.grad = None
-    ps = train.policy_gradient(m, rs, n_seqs, cfg, 0, "cpu")
+    ps = grpo.policy_gradient(m, rs, n_seqs, cfg, 0, "cpu")
     return ps["loss"], {k: a.delta_S.grad for k, a in ads.items()}, {k: a.delta_S_hack.grad for k, a in ads.items()}
 
 
@@ -153,9 +154,9 @@ def test_merged_inference_generation_matches_unmerged(base):
     assert (plain_logits - merged_logits).abs().max() < 1e-4
     assert (plain_logits - model(input_ids=ids).logits).abs().max() > 1e-3, "adapter has no effect: the check would be vacuous"
     m.eval()
-    plain = train.generate(m, tok, prompts, 12, 1.0, 1.0, 4, seed=7)
+    plain = grpo.generate(m, tok, prompts, 12, 1.0, 1.0, 4, seed=7)
     with antipasto.merged_inference(m):
-        merged = train.generate(m, tok, prompts, 12, 1.0, 1.0, 4, seed=7)
+        merged = grpo.generate(m, tok, prompts, 12, 1.0, 1.0, 4, seed=7)
     assert merged == plain
 
 

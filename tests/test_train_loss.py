@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from train import dr_grpo_advantages, dr_grpo_loss, prompts_for_step, token_logprobs
+from grpo import dr_grpo_advantages, dr_grpo_loss, prompts_for_step, token_logprobs
 
 
 def test_advantages_hand_computed():

@@ -12,6 +12,7 @@ import torch
 
 import antipasto
 import models
+import runs
 import train
 
 TIMING = {"t_gen", "t_grade", "t_train", "t_step", "peak_mem_gb"}
@@ -62,7 +63,7 @@ def test_one_step_changes_only_what_it_should(arm, tmp_path, pool_dir, vhack_fil
     for name, ad in antipasto.get_adapters(m1).items():
         assert torch.equal(ad.base.weight, base[name + ".weight"]), f"base weight of {name} changed"
     row = read_tsv(run / "log.tsv")[0]
-    assert set(row) == set(train.LOG_COLUMNS)
+    assert set(row) == set(runs.LOG_COLUMNS)
     assert float(row["reward_std"]) > 0 and float(row["frac_zero_std"]) < 1
 
 
@@ -89,7 +90,7 @@ def test_resume_is_bit_identical(tmp_path, pool_dir):
     cfg = small_cfg(tmp_path, pool_dir, steps=6, ckpt_every=3, run_name="part")
     # a run killed right after its step-3 checkpoint, then resumed: 3 + 3 steps
     calls = {"n": 0}
-    orig = train.save_checkpoint
+    orig = runs.save_checkpoint
 
     def crash_after_first_ckpt(*a, **k):
         orig(*a, **k)
@@ -97,19 +98,19 @@ def test_resume_is_bit_identical(tmp_path, pool_dir):
         if calls["n"] == 1:
             raise KeyboardInterrupt("simulated kill after the step-3 checkpoint")
 
-    train.save_checkpoint = crash_after_first_ckpt
+    runs.save_checkpoint = crash_after_first_ckpt
     try:
         with pytest.raises(KeyboardInterrupt):
             train.main(cfg)
     finally:
-        train.save_checkpoint = orig
+        runs.save_checkpoint = orig
     part = Path(tmp_path) / "part"
     assert len(read_tsv(part / "log.tsv")) == 3
     train.main(dataclasses.replace(cfg, resume=str(part), run_name=""))
     a, b = read_tsv(full / "log.tsv"), read_tsv(part / "log.tsv")
     assert len(a) == len(b) == 6
     for ra, rb in zip(a, b):
-        for k in train.LOG_COLUMNS:
+        for k in runs.LOG_COLUMNS:
             if k not in TIMING:
                 assert ra[k] == rb[k], f"step {ra['step']} column {k}: {ra[k]} != {rb[k]}"
     ga = gzip.open(full / "rollouts" / "step_000005.jsonl.gz", "rt").read()

@@ -2,7 +2,7 @@
 interface (LLM(model=...), apply_model(fn) -> fn(model) with model.load_weights(list of (hf_name, tensor)),
 generate(list of {"prompt_token_ids"}, list of SamplingParams)) that owns a *separate* copy of the base model
 loaded from the same path. If the names, the merge or the mode handling were wrong, its completions would
-differ from train.generate on the adapted model. A last test runs the real engine where vLLM and a GPU exist."""
+differ from grpo.generate on the adapted model. A last test runs the real engine where vLLM and a GPU exist."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM
 import antipasto
 import models
 import problems as P
+import grpo
+import contextlib
 import train
 import vllm_backend
 
@@ -159,14 +161,14 @@ def test_mode_weights_agree_with_merge_and_base(adapted):
 
 @pytest.mark.parametrize("mode", ["deploy", "quarantine_on", "reference"])
 def test_engine_generates_what_the_adapted_model_generates(adapted, fake_vllm, mode):
-    """After sync, the engine's greedy completions equal train.generate on the adapted model in the same mode."""
+    """After sync, the engine's greedy completions equal grpo.generate on the adapted model in the same mode."""
     m, tok = adapted
-    ctx = {"deploy": antipasto.ablate_quarantine, "quarantine_on": train._nullcontext, "reference": antipasto.reference}[mode]
+    ctx = {"deploy": antipasto.ablate_quarantine, "quarantine_on": contextlib.nullcontext, "reference": antipasto.reference}[mode]
     eng = vllm_backend.VllmEngine(models.resolve_path("tiny-random"), "float32", 0, 256, 0.3)
     prompts = _prompts(tok)
-    eos = train._eos_ids(tok)
+    eos = grpo.eos_ids(tok)
     with ctx(m):
-        want = train.generate(m, tok, prompts, 12, 0.0, 1.0, 8, seed=0)
+        want = grpo.generate(m, tok, prompts, 12, 0.0, 1.0, 8, seed=0)
         stale = eng.generate(prompts, 12, 0.0, 1.0, 2, 0, eos)  # engine still holds the base weights
         eng.sync(m)
         got = eng.generate(prompts, 12, 0.0, 1.0, 2, 0, eos)
@@ -216,7 +218,7 @@ def test_eos_handling(adapted, fake_vllm):
     """ids end at and include the first EOS; a stop that vLLM left out of token_ids gets it appended."""
     m, tok = adapted
     eng = vllm_backend.VllmEngine(models.resolve_path("tiny-random"), "float32", 0, 256, 0.3)
-    eos = train._eos_ids(tok)
+    eos = grpo.eos_ids(tok)
 
     def fake_generate(prompts, params, use_tqdm=True):
         return [_Req(_Out([5, 6, eos[0], 7], "stop", eos[0])), _Req(_Out([5, 6], "stop", None)), _Req(_Out([5, 6, 7], "length", None))]
@@ -239,7 +241,7 @@ def test_train_main_runs_with_vllm_backend(tmp_path, fake_vllm, monkeypatch, poo
     fake = FakeLLM.instances[-1]
     tok = models.load_tokenizer("tiny-random")  # context = the longest train or eval prompt + the completion budget
     longest = max(len(models.chat_ids(tok, list(p.prompt))) for p in
-                  [*train.load_train_problems(cfg, tok), *[P.apply_hint(q, cfg.eval_hint) for q in P.load_benchmark_test()[: cfg.eval_problems]]])
+                  [*P.load_train_split(cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint, cfg.max_prompt_tokens, models.prompt_len(tok)), *[P.apply_hint(q, cfg.eval_hint) for q in P.load_benchmark_test()[: cfg.eval_problems]]])
     assert fake.kw["max_model_len"] == longest + cfg.max_new_tokens
     # 2 train generations (deploy; delta_S changes between them) + evals in 3 modes = 5 pushes at least
     assert fake.model.calls >= 5, fake.model.calls
@@ -272,14 +274,14 @@ def test_real_vllm_engine_follows_the_adapter():
         for a in ads.values():
             a.delta_S.copy_(0.5 * a.S.float())  # scale every singular value by 1.5: a visibly different model
     prompts = _prompts(tok)
-    eos = train._eos_ids(tok)
+    eos = grpo.eos_ids(tok)
     eng = vllm_backend.VllmEngine(models.resolve_path("smollm2-135m"), "bfloat16", 0, 1024, 0.2)
     with antipasto.ablate_quarantine(m):
-        want = train.generate(m, tok, prompts, 8, 0.0, 1.0, 8, seed=0)
+        want = grpo.generate(m, tok, prompts, 8, 0.0, 1.0, 8, seed=0)
         eng.sync(m)
         got = eng.generate(prompts, 8, 0.0, 1.0, 8, 0, eos)
     with antipasto.reference(m):
-        base = train.generate(m, tok, prompts, 8, 0.0, 1.0, 8, seed=0)
+        base = grpo.generate(m, tok, prompts, 8, 0.0, 1.0, 8, seed=0)
     same = sum(g[0][:4] == w[0][:4] for g, w in zip(got, want))
     assert same >= 2, (got, want)  # bf16 kernels differ, so allow one greedy divergence
     assert want != base
@@ -298,7 +300,7 @@ def test_request_seeds_are_not_shared_between_consecutive_steps(adapted, fake_vl
 
     eng.llm.generate = fake_generate
     for step in (7, 8):
-        eng.generate([[1]] * 6, 1, 1.0, 1.0, 4, 3 * 1_000_003 + step, train._eos_ids(tok))
+        eng.generate([[1]] * 6, 1, 1.0, 1.0, 4, 3 * 1_000_003 + step, grpo.eos_ids(tok))
     a, b = sum(seen[:2], []), sum(seen[2:], [])
     assert len(set(a)) == len(a) == 6 and len(set(b)) == 6  # distinct within a call, across its chunks
     assert not set(a) & set(b)

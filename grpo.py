@@ -1,0 +1,466 @@
+"""Dr.GRPO, the library half: rollouts, advantages, the loss, log-probs, generation, the policy gradient, the
+data order and the learning-rate schedule, teacher pools. train.py and probe_distill.py both use it.
+
+    python -c "import grpo, torch; print(grpo.dr_grpo_advantages(torch.tensor([[1., 0.]]), torch.ones(1, 2, dtype=torch.bool)))"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from beartype import beartype
+from jaxtyping import Bool, Float, Int, jaxtyped
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+import antipasto
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """What the train pass needs from a run's config (train.loss_config builds it from TrainConfig)."""
+
+    micro_batch: int = 8
+    """sequences per forward/backward"""
+    l_max: int = 1536
+    """Dr.GRPO's constant normaliser (the completion budget)"""
+    beta_kl: float = 1e-3
+    """KL(k3) coefficient against the base model (delta_S = 0)"""
+    clip_eps: float = 0.2
+    """PPO clip range"""
+    inner_steps: int = 1
+    """PPO-style passes per batch"""
+    logits_chunk: int = 512
+    """tokens per chunk of the memory-light log-softmax"""
+    fused_adapter: bool = False
+    """svd adapters: one-matmul train pass (antipasto.fused_training)"""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Advantages and loss
+
+
+@jaxtyped(typechecker=beartype)
+def dr_grpo_advantages(rewards: Float[Tensor, "P G"], valid: Bool[Tensor, "P G"]) -> Float[Tensor, "P G"]:
+    """A_i = r_i - mean(r over the valid members of i's group); no std division (Dr.GRPO).
+
+    Invalid rollouts (infrastructure failures) get A = 0 and do not enter the mean. A group whose valid
+    rewards are all equal (or that has < 2 valid members) gets exactly zero advantages."""
+    v = valid.to(rewards.dtype)  # (P, G)
+    n = v.sum(dim=1, keepdim=True).clamp(min=1)  # (P, 1)
+    mean = (rewards * v).sum(dim=1, keepdim=True) / n  # (P, 1)
+    adv = (rewards - mean) * v  # (P, G)
+    r_valid_max = torch.where(valid, rewards, -torch.inf).amax(dim=1, keepdim=True)  # (P, 1)
+    r_valid_min = torch.where(valid, rewards, torch.inf).amin(dim=1, keepdim=True)  # (P, 1)
+    zero_var = (r_valid_max <= r_valid_min) | (n < 2)  # (P, 1)
+    return torch.where(zero_var, torch.zeros_like(adv), adv)
+
+
+@jaxtyped(typechecker=beartype)
+def dr_grpo_loss(
+    logp: Float[Tensor, "B T"],
+    old_logp: Float[Tensor, "B T"],
+    ref_logp: Float[Tensor, "B T"] | None,
+    adv: Float[Tensor, "B"],
+    mask: Float[Tensor, "B T"],
+    n_seqs: int,
+    l_max: int,
+    beta: float,
+    clip_eps: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Dr.GRPO surrogate for one micro-batch of a batch of `n_seqs` sequences.
+
+        loss = 1/(n_seqs * l_max) * sum_i sum_t mask_it * ( -min(rho_it A_i, clip(rho_it) A_i) + beta * k3_it )
+        rho_it = exp(logp_it - old_logp_it),  k3_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1
+
+    The normaliser is a constant (not the completion lengths), so summing micro-batch losses gives the
+    full-batch loss exactly. At the first inner step old_logp == logp.detach(), so rho == 1 in value and
+    the gradient is the plain policy gradient. Returns (loss, sums for logging)."""
+    assert logp.shape == old_logp.shape == mask.shape, (
+        f"shape mismatch {logp.shape} {old_logp.shape} {mask.shape}"
+    )
+    assert l_max > 0 and n_seqs > 0, f"bad normaliser n_seqs={n_seqs} l_max={l_max}"
+    ratio = torch.exp(logp - old_logp)  # (B, T)
+    a = adv[:, None]  # (B, 1)
+    pg = -torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)  # (B, T)
+    per_tok = pg
+    kl_sum = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    if ref_logp is not None and beta != 0.0:
+        d = ref_logp - logp  # (B, T)
+        k3 = torch.exp(d) - d - 1  # (B, T)
+        per_tok = per_tok + beta * k3
+        kl_sum = (k3 * mask).sum().detach()
+    loss = (per_tok * mask).sum() / (n_seqs * l_max)
+    return loss, {"kl_sum": kl_sum, "tokens": mask.sum().detach()}
+
+
+def _logp_chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
+    logits = F.linear(hidden, weight, bias).float()  # (n, V)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (n,)
+
+
+@jaxtyped(typechecker=beartype)
+def token_logprobs(
+    model: torch.nn.Module,
+    input_ids: Int[Tensor, "B T"],
+    attention_mask: Int[Tensor, "B T"] | Bool[Tensor, "B T"],
+    chunk: int = 512,
+) -> Float[Tensor, "B T"]:
+    """log p(input_ids[t] | input_ids[:t]) for t >= 1 (position 0 gets 0), float32.
+
+    Never materialises the (B, T, V) logits: the backbone's hidden states are pushed through the LM head
+    `chunk` tokens at a time, each chunk under activation checkpointing when grads are on, so peak memory
+    is O(chunk * V) instead of O(B * T * V)."""
+    backbone = model.get_decoder()
+    head = model.get_output_embeddings()
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    B, T, H = hidden.shape
+    h = hidden[:, :-1].reshape(-1, H)  # (B*(T-1), H)
+    y = input_ids[:, 1:].reshape(-1)  # (B*(T-1),)
+    out = []
+    for s in range(0, h.shape[0], chunk):
+        if torch.is_grad_enabled():
+            out.append(
+                checkpoint(
+                    _logp_chunk,
+                    h[s : s + chunk],
+                    head.weight,
+                    head.bias,
+                    y[s : s + chunk],
+                    use_reentrant=False,
+                )
+            )
+        else:
+            out.append(_logp_chunk(h[s : s + chunk], head.weight, head.bias, y[s : s + chunk]))
+    lp = torch.cat(out).view(B, T - 1)  # (B, T-1)
+    return F.pad(lp, (1, 0))  # (B, T)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollouts and generation
+
+
+@dataclass
+class Rollout:
+    """One completion with everything the loss and the logs need."""
+
+    problem_id: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    completion: str
+    source: str  # "student" | "teacher"
+    truncated: bool
+    grade: dict = field(default_factory=dict)
+    reward: float = 0.0
+    advantage: float = 0.0
+    extra: dict = field(
+        default_factory=dict
+    )  # arm-specific per-rollout values (gate a/zone, AM z), saved with the rollout
+    valid: bool = True  # False for infrastructure failures: A = 0, outside the group mean, not trained on
+    row_id: str = ""  # pool rows: the row's id in its pool (probe_distill)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Deterministic permutation of range(n) for (seed, epoch): the data order is a pure function of the
+    step, which makes resumed runs sample exactly what an uninterrupted run would."""
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+def prompts_for_step(n_problems: int, n_prompts: int, seed: int, step: int) -> tuple[list[int], int]:
+    """Indices of the prompts of `step` (epochs over the split, no prompt twice in a step) and the epoch."""
+    assert n_problems >= n_prompts, (
+        f"{n_problems} problems < {n_prompts} prompts per step: lower rollouts_per_step or add data"
+    )
+    per_epoch = n_problems // n_prompts  # whole steps per epoch; the remainder is skipped each epoch
+    epoch, k = divmod(step, per_epoch)
+    order = epoch_order(n_problems, seed, epoch)
+    return order[k * n_prompts : (k + 1) * n_prompts], epoch
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch: int,
+    seed: int,
+    on_batch=None,
+) -> list[tuple[list[int], bool]]:
+    """Sample one completion per prompt (HF generate, left padding, KV cache). Returns (ids, truncated);
+    ids end at (and include) the first EOS. Seeded per call so a resumed run samples identically.
+    `on_batch(start, outs)` is called after each generation batch (e.g. to start grading it on the CPU
+    while the next batch decodes)."""
+    torch.manual_seed(seed)
+    eos = eos_ids(tokenizer)
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    out: list[tuple[list[int], bool]] = []
+    for s in range(0, len(prompt_ids), batch):
+        chunk = prompt_ids[s : s + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # (b, P)
+        att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)  # (b, P)
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=att,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=top_p if temperature > 0 else None,
+            top_k=0 if temperature > 0 else None,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )[:, width:].tolist()  # (b, <= max_new_tokens)
+        first = len(out)
+        for row in gen:
+            cut = next((i for i, t in enumerate(row) if t in eos), None)
+            out.append((row[: cut + 1], False) if cut is not None else (row, True))
+        if on_batch is not None:
+            on_batch(first, out[first:])
+    return out
+
+
+def eos_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for t in ("<|im_end|>", "<|endoftext|>"):
+        i = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tokenizer.unk_token_id and i is not None and i >= 0:
+            ids.add(i)
+    return sorted(i for i in ids if i is not None)
+
+
+def pad_right(
+    seqs: list[list[int]], n_prompt: list[int], pad_id: int, device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded batch of token sequences: input_ids (B, T), attention_mask (B, T), and the completion mask
+    (B, T) marking positions n_prompt[i] .. len(seqs[i]) - 1 (the tokens whose log-probs a loss uses)."""
+    assert len(seqs) == len(n_prompt), f"{len(seqs)} sequences, {len(n_prompt)} prompt lengths"
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
+    att = torch.zeros((len(seqs), T), dtype=torch.long)  # (B, T)
+    cm = torch.zeros((len(seqs), T), dtype=torch.float32)  # (B, T)
+    for i, (seq, p) in enumerate(zip(seqs, n_prompt)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        att[i, : len(seq)] = 1
+        cm[i, p : len(seq)] = 1.0
+    return ids.to(device), att.to(device), cm.to(device)
+
+
+def pack(rollouts: list[Rollout], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """pad_right over (prompt + completion) of each rollout: input_ids, attention_mask, completion mask (B, T)."""
+    return pad_right(
+        [r.prompt_ids + r.completion_ids for r in rollouts],
+        [len(r.prompt_ids) for r in rollouts],
+        pad_id,
+        device,
+    )
+
+
+def policy_gradient(
+    model,
+    rollouts: list[Rollout],
+    n_seqs: int,
+    cfg: LossConfig,
+    pad_id: int,
+    device,
+    old_cache: dict[int, Tensor] | None = None,
+    inner: int = 0,
+    per_sample: dict[str, list[Tensor]] | None = None,
+) -> dict[str, float]:
+    """Accumulate the Dr.GRPO gradient of one batch into .grad (the caller zeroes grads first).
+
+    `rollouts` are the sequences that enter the loss (advantages already set); `n_seqs` is the batch's
+    full number of sequences N in the 1/(N * L_max) normaliser (skipped zero-advantage rollouts still
+    count). Micro-batches of cfg.micro_batch sequences; per micro-batch: the KL reference log-probs
+    under antipasto.reference (no grad, same weights with delta = 0), then the policy log-probs, then
+    backward. Since the normaliser is a constant the accumulated gradient equals the full-batch one.
+    `old_cache` keeps the first inner step's log-probs for PPO ratios when inner_steps > 1.
+    `per_sample` (gate arms): each micro-batch's forward + backward runs under antipasto.capture_per_sample
+    and appends every module's (b, *shape) per-rollout loss gradients of the deployed tensor to
+    per_sample["dep"][k] (and of the quarantine to per_sample["quar"][k] when the capture provides them), so
+    each concatenates to (N, *shape) in `rollouts` order (one backward; no activation checkpointing, docs/gating.md).
+    Returns the loss (sum over micro-batches) and the mean per-token k3 KL."""
+    with antipasto.fused_training(model) if cfg.fused_adapter else contextlib.nullcontext():
+        return _policy_gradient(model, rollouts, n_seqs, cfg, pad_id, device, old_cache, inner, per_sample)
+
+
+def _policy_gradient(
+    model, rollouts, n_seqs, cfg: LossConfig, pad_id, device, old_cache, inner, per_sample
+) -> dict[str, float]:
+    loss_sum = kl_sum = tok_sum = 0.0
+    for s in range(0, len(rollouts), cfg.micro_batch):
+        mb = rollouts[s : s + cfg.micro_batch]
+        ids, att, cm = pack(mb, pad_id, device)  # (b, T) x3
+        ref = None
+        if cfg.beta_kl:
+            with torch.no_grad(), antipasto.reference(model):
+                ref = token_logprobs(model, ids, att, cfg.logits_chunk)  # (b, T)
+        with (
+            antipasto.capture_per_sample(model) if per_sample is not None else contextlib.nullcontext()
+        ) as cap:
+            logp = token_logprobs(model, ids, att, cfg.logits_chunk)  # (b, T)
+            if inner == 0:
+                old = logp.detach()
+                if cfg.inner_steps > 1 and old_cache is not None:
+                    old_cache[s] = old
+            else:
+                assert old_cache is not None and s in old_cache, (
+                    "inner steps > 0 need the first step's log-probs"
+                )
+                old = old_cache[s]
+            adv = torch.tensor([r.advantage for r in mb], dtype=torch.float32, device=device)  # (b,)
+            loss, st = dr_grpo_loss(logp, old, ref, adv, cm, n_seqs, cfg.l_max, cfg.beta_kl, cfg.clip_eps)
+            assert torch.isfinite(loss), (
+                f"non-finite loss in micro-batch {s // cfg.micro_batch}: {loss.item()}"
+            )
+            loss.backward()
+        if per_sample is not None:  # "dep": d loss_b / d deployed tensor; "quar": the same for the quarantine
+            for part, grads in (("dep", cap.grads), ("quar", cap.grads_hack)):
+                for k, g in grads.items():  # (b, *shape) per module
+                    assert g.shape[0] == len(mb), (
+                        f"{k}: captured {g.shape[0]} per-sample grads for {len(mb)} rollouts"
+                    )
+                    per_sample.setdefault(part, {}).setdefault(k, []).append(g.detach())
+        loss_sum += loss.item()
+        kl_sum += st["kl_sum"].item()
+        tok_sum += st["tokens"].item()
+    return {"loss": loss_sum, "kl": kl_sum / max(tok_sum, 1.0), "tokens": tok_sum}
+
+
+def group_matrices(rollouts: list[Rollout], n_prompts: int) -> tuple[Tensor, Tensor]:
+    """Rewards (P, G) and the valid mask (P, G) (not an infrastructure failure) of P consecutive groups."""
+    rew = torch.tensor([r.reward for r in rollouts], dtype=torch.float32).view(n_prompts, -1)  # (P, G)
+    valid = torch.tensor([not r.grade.get("infra_error", False) for r in rollouts]).view(
+        n_prompts, -1
+    )  # (P, G)
+    return rew, valid
+
+
+def set_advantages(rollouts: list[Rollout], rew: Tensor, valid: Tensor) -> Tensor:
+    """Dr.GRPO advantages of the (P, G) groups written into each rollout (with its valid flag); returns them."""
+    adv = dr_grpo_advantages(rew, valid)  # (P, G)
+    for r, a, v in zip(rollouts, adv.flatten().tolist(), valid.flatten().tolist()):
+        r.advantage, r.valid = a, v
+    return adv
+
+
+def train_set(rollouts: list[Rollout], beta_kl: float) -> list[Rollout]:
+    """The rollouts that enter the loss: the valid ones; without KL a zero-advantage rollout contributes exactly
+    zero gradient, so only the nonzero-advantage ones (their forward/backward is skipped)."""
+    valid = [r for r in rollouts if r.valid]
+    return valid if beta_kl else [r for r in valid if r.advantage != 0.0]
+
+
+def sample(
+    model,
+    tokenizer,
+    engine,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch: int,
+    seed: int,
+    on_batch=None,
+) -> list[tuple[list[int], bool]]:
+    """One completion per prompt under the model's current mode (deploy, quarantine on, shrinkage...): HF generate
+    on merged weights, or the vLLM engine after pushing the current mode's merged weights."""
+    if engine is None:
+        with antipasto.merged_inference(model):
+            return generate(
+                model,
+                tokenizer,
+                prompt_ids,
+                max_new_tokens,
+                temperature,
+                top_p,
+                batch,
+                seed=seed,
+                on_batch=on_batch,
+            )
+    engine.sync(model)
+    return engine.generate(
+        prompt_ids, max_new_tokens, temperature, top_p, batch, seed, eos_ids(tokenizer), on_batch=on_batch
+    )
+
+
+def cosine_schedule(warmup: int, total: int):
+    """LambdaLR factor: linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return f
+
+
+# ----------------------------------------------------------------------------------------------------
+# Teacher pools (written by probe_distill.py; schema in docs/interfaces.md)
+
+
+def load_pool(pool_dir: str) -> dict[int, list[dict]]:
+    """All rows of out/pools/<name>/step_*.jsonl.gz, grouped by problem id."""
+    files = sorted(Path(pool_dir).glob("step_*.jsonl.gz"))
+    if not files:
+        raise FileNotFoundError(
+            f"teacher_pool_dir={pool_dir!r} has no step_*.jsonl.gz files; generate one with "
+            "`just pregen-teacher` (or `python scripts/make_synthetic_pool.py` for smoke)"
+        )
+    by_id: dict[int, list[dict]] = {}
+    for f in files:
+        with gzip.open(f, "rt") as fh:
+            for ln, line in enumerate(fh, 1):
+                row = json.loads(line)
+                missing = {
+                    "problem_id",
+                    "prompt_ids",
+                    "completion",
+                    "completion_ids",
+                    "reward",
+                    "grade",
+                } - row.keys()
+                if missing:
+                    raise ValueError(
+                        f"{f}:{ln}: pool row lacks {sorted(missing)}; regenerate the pool with probe_distill.py"
+                    )
+                by_id.setdefault(int(row["problem_id"]), []).append(row)
+    return by_id
+
+
+def check_pool_tokenization(
+    pool: dict[int, list[dict]], problems_by_id: dict, tokenizer, hint_prompt_ids
+) -> None:
+    """Fail before the first generation if the pool was tokenized differently from this model/hint."""
+    pid = next(i for i in pool if i in problems_by_id)
+    row = pool[pid][0]
+    ours = hint_prompt_ids(problems_by_id[pid])
+    if row["prompt_ids"] != ours:
+        raise ValueError(
+            f"teacher pool prompt tokens for problem {pid} differ from this run's (model={tokenizer.name_or_path!r}); "
+            "the pool was made with another tokenizer, chat template or hint: regenerate it for this model"
+        )
+    re = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+    if re != row["completion_ids"][: len(re)]:
+        raise ValueError(
+            f"teacher pool completion tokens for problem {pid} do not re-tokenize identically; "
+            "regenerate the pool for this model"
+        )
+
+
+def teacher_rng(seed: int, step: int, problem_id: int) -> random.Random:
+    """The generator that picks a group's teacher rows: a pure function of (seed, step, problem), so a resumed
+    run and the probes draw exactly the rows an uninterrupted run would."""
+    return random.Random(seed * 7_000_003 + step * 1009 + problem_id)
