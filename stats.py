@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -85,6 +86,7 @@ def _sample(x, name: str) -> np.ndarray:
     return a
 
 
+@functools.lru_cache(maxsize=32)
 def _relabellings(n_total: int, m: int, rng_seed: int = 0) -> np.ndarray:
     """Boolean mask (P, n_total): row = which pooled runs carry the method label. Exact enumeration when
     C(n_total, m) <= MAX_EXACT (row 0 is then the observed labelling), else the observed labelling followed
@@ -94,12 +96,14 @@ def _relabellings(n_total: int, m: int, rng_seed: int = 0) -> np.ndarray:
         mask = np.zeros((n_perm, n_total), dtype=bool)
         for i, idx in enumerate(itertools.combinations(range(n_total), m)):
             mask[i, list(idx)] = True
+        mask.flags.writeable = False
         return mask
     rng = np.random.default_rng(rng_seed)
     mask = np.zeros((N_MONTE_CARLO + 1, n_total), dtype=bool)
     mask[0, :m] = True
     order = np.argsort(rng.random((N_MONTE_CARLO, n_total)), axis=1)[:, :m]
     mask[np.arange(1, N_MONTE_CARLO + 1)[:, None], order] = True
+    mask.flags.writeable = False
     return mask
 
 
