@@ -86,6 +86,11 @@ def _sample(x, name: str) -> np.ndarray:
     return a
 
 
+def _values(v, name: str) -> np.ndarray:
+    """A sequence or a {seed: value} dict as a 1-D float array."""
+    return _sample(list(v.values()) if isinstance(v, Mapping) else v, name)
+
+
 @functools.lru_cache(maxsize=32)
 def _relabellings(n_total: int, m: int, rng_seed: int = 0) -> np.ndarray:
     """Boolean mask (P, n_total): row = which pooled runs carry the method label. Exact enumeration when
@@ -132,7 +137,8 @@ def perm_pvalues(method, control) -> tuple[float, float]:
     return float(np.mean(b <= tol)), float(np.mean(b >= -tol))
 
 
-def perm_interval(method, control, level: float = LEVEL, bounds: tuple[float, float] = BOUNDS) -> tuple[float, float]:
+def perm_interval(method, control, level: float = LEVEL,
+                  bounds: tuple[float, float] = BOUNDS) -> tuple[float, float]:
     """Exact test-inversion interval for the shift d in "method = control + d": the d not rejected by either
     one-sided permutation test at a = (1 - level) / 2 (rejection at p <= a). Clipped to the feasible range
     [-(hi - lo), hi - lo]; that whole range when the relabellings cannot reach a (3 + 3 runs at level 0.95)."""
@@ -239,8 +245,7 @@ def compare(method_values, control_values, *, method: str = "method", control: s
             level: float = LEVEL, bounds: tuple[float, float] = BOUNDS) -> Comparison:
     """Difference in means with both intervals, exact one-sided p-values and the direction-aware flag.
     Accepts sequences or {seed: value} dicts (runs are independent; seeds are not paired)."""
-    x = _sample(list(method_values.values()) if isinstance(method_values, Mapping) else method_values, method)
-    y = _sample(list(control_values.values()) if isinstance(control_values, Mapping) else control_values, control)
+    x, y = _values(method_values, method), _values(control_values, control)
     nan = float("nan")
     if len(x) == 0 or len(y) == 0:
         return Comparison(method, control, metric, len(x), len(y), float(x.mean()) if len(x) else nan,
@@ -250,8 +255,8 @@ def compare(method_values, control_values, *, method: str = "method", control: s
     diff = float(x.mean() - y.mean())
     ci = bounded_diff_interval(x, y, level, bounds)
     pi = perm_interval(x, y, level, bounds)
-    return Comparison(method, control, metric, len(x), len(y), float(x.mean()), float(y.mean()), diff, ci[0], ci[1],
-                      pi[0], pi[1], p_lo, p_hi, level, alpha,
+    return Comparison(method, control, metric, len(x), len(y), float(x.mean()), float(y.mean()), diff,
+                      ci[0], ci[1], pi[0], pi[1], p_lo, p_hi, level, alpha,
                       direction_flag(len(x), len(y), p_lo, p_hi, diff, alpha, lower_is_better))
 
 
@@ -262,8 +267,7 @@ def noninferiority(method_values, control_values, margin: float = NI_MARGIN, alp
     'non-inferior' (bound > -margin), 'inferior' (upper bound < -margin), else 'inconclusive'; 'n too small'
     below 2 runs per arm."""
     assert margin > 0, f"margin must be > 0, got {margin}"
-    x = _sample(list(method_values.values()) if isinstance(method_values, Mapping) else method_values, "method")
-    y = _sample(list(control_values.values()) if isinstance(control_values, Mapping) else control_values, "control")
+    x, y = _values(method_values, "method"), _values(control_values, "control")
     if len(x) < 2 or len(y) < 2:
         return float("nan"), f"n too small ({len(x)} method, {len(y)} control runs; need >= 2 each)"
     lo, hi = perm_interval(x, y, level=1 - 2 * alpha, bounds=bounds)
@@ -277,7 +281,7 @@ def noninferiority(method_values, control_values, margin: float = NI_MARGIN, alp
 # -------------------------------------------------------------------------------------------- breakouts
 def breakout_count(values, threshold: float = BREAKOUT) -> tuple[int, int]:
     """(runs with value >= threshold, runs)."""
-    a = _sample(list(values.values()) if isinstance(values, Mapping) else values, "values")
+    a = _values(values, "values")
     return int((a >= threshold).sum()), len(a)
 
 
@@ -301,7 +305,8 @@ def min_detectable_breakouts(n_method: int, n_control: int, alpha: float = ALPHA
             p = fisher_one_sided(k_m, n_method, k_c, n_control)
             weaker = [(k_m + 1, k_c)] if k_m < n_method else []
             weaker += [(k_m, k_c - 1)] if k_c > 0 else []
-            if _sig(p, alpha) and not any(_sig(fisher_one_sided(a, n_method, b, n_control), alpha) for a, b in weaker):
+            weaker_sig = any(_sig(fisher_one_sided(a, n_method, b, n_control), alpha) for a, b in weaker)
+            if _sig(p, alpha) and not weaker_sig:
                 out.append((k_m, k_c, p))
     return out
 
@@ -350,8 +355,8 @@ def analyze(hack: Mapping[str, Mapping[int, float]], gt: Mapping[str, Mapping[in
     for ctrl in controls:
         primary.append(compare(pick(hack, method), pick(hack, ctrl), method=method, control=ctrl,
                                metric=pr["metric"], alpha=alpha))
-        g = compare(pick(gt, method), pick(gt, ctrl), method=method, control=ctrl, metric=prereg["secondary"]["metric"],
-                    lower_is_better=False, alpha=alpha)
+        g = compare(pick(gt, method), pick(gt, ctrl), method=method, control=ctrl,
+                    metric=prereg["secondary"]["metric"], lower_is_better=False, alpha=alpha)
         lo, ni = noninferiority(pick(gt, method), pick(gt, ctrl), margin, alpha)
         secondary.append((ctrl, g, lo, ni))
     breakouts = {a: breakout_count(pick(hack, a), thr) for a in (method,) + controls if pick(hack, a)}
@@ -366,7 +371,8 @@ def analyze(hack: Mapping[str, Mapping[int, float]], gt: Mapping[str, Mapping[in
         bad = ", ".join(c.control for c in primary if _sig(c.p_higher, alpha))
         claim = f"primary: NOT supported; {method} WORSE than {bad}"
     else:
-        claim = f"primary: NOT supported (no evidence vs {', '.join(c.control for c in primary if not _sig(c.p_lower, alpha))})"
+        weak = ", ".join(c.control for c in primary if not _sig(c.p_lower, alpha))
+        claim = f"primary: NOT supported (no evidence vs {weak})"
     return dict(primary=primary, secondary=secondary, breakouts=breakouts, fisher=fisher, claim=claim,
                 dropped=dropped)
 

@@ -1,7 +1,7 @@
 """tests/test_stats.py: stats.py against hand-computed values, brute-force re-implementations and simulated
 sweeps from known distributions.
 
-    .venv/bin/pytest tests/test_stats.py            # fast part (~10 s on 2 cores)
+    .venv/bin/pytest tests/test_stats.py            # fast part (~7 s CPU)
     .venv/bin/pytest tests/test_stats.py -m slow    # the full coverage grid
 """
 
@@ -328,3 +328,17 @@ def test_round_robin_and_budget_trim():
     assert stats.budget_trim(arms, seeds, per_arm, 45.9) == (order[:3], order[3:])
     with pytest.raises(ValueError, match="gpu_hours_per_run"):
         stats.budget_trim(arms, seeds, {"vanilla": 7.0, "erase": 0.0, "erase-matched": 8.0}, 50)
+
+
+def test_monte_carlo_path_matches_exact(monkeypatch):
+    """Above MAX_EXACT relabellings a seeded Monte Carlo sample replaces enumeration; force it on 3 + 4 runs."""
+    x, y = [0.1, 0.05, 0.2], [0.3, 0.15, 0.4, 0.25]
+    exact = stats.perm_pvalues(x, y)
+    stats._relabellings.cache_clear()
+    monkeypatch.setattr(stats, "MAX_EXACT", 10)
+    try:
+        mc = stats.perm_pvalues(x, y)
+    finally:
+        stats._relabellings.cache_clear()
+    assert exact[0] == pytest.approx(2 / 35)  # observed + the swap of 0.2 and 0.15
+    assert mc == pytest.approx(exact, abs=0.005), (mc, exact)
