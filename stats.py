@@ -239,6 +239,12 @@ class Comparison:
     level: float
     alpha: float
     flag: str
+    lower_is_better: bool = True
+
+    @property
+    def p_one_sided(self) -> float:
+        """The exact one-sided p in the hoped direction (lower for hack rates, higher for gt pass)."""
+        return self.p_lower if self.lower_is_better else self.p_higher
 
 
 def compare(method_values, control_values, *, method: str = "method", control: str = "control",
@@ -251,14 +257,14 @@ def compare(method_values, control_values, *, method: str = "method", control: s
     if len(x) == 0 or len(y) == 0:
         return Comparison(method, control, metric, len(x), len(y), float(x.mean()) if len(x) else nan,
                           float(y.mean()) if len(y) else nan, nan, nan, nan, nan, nan, nan, nan, level, alpha,
-                          direction_flag(len(x), len(y), 1.0, 1.0, nan, alpha, lower_is_better))
+                          direction_flag(len(x), len(y), 1.0, 1.0, nan, alpha, lower_is_better), lower_is_better)
     p_lo, p_hi = perm_pvalues(x, y)
     diff = float(x.mean() - y.mean())
     ci = bounded_diff_interval(x, y, level, bounds)
     pi = perm_interval(x, y, level, bounds)
     return Comparison(method, control, metric, len(x), len(y), float(x.mean()), float(y.mean()), diff,
                       ci[0], ci[1], pi[0], pi[1], p_lo, p_hi, level, alpha,
-                      direction_flag(len(x), len(y), p_lo, p_hi, diff, alpha, lower_is_better))
+                      direction_flag(len(x), len(y), p_lo, p_hi, diff, alpha, lower_is_better), lower_is_better)
 
 
 def noninferiority(method_values, control_values, margin: float = NI_MARGIN, alpha: float = ALPHA,
@@ -376,6 +382,42 @@ def analyze(hack: Mapping[str, Mapping[int, float]], gt: Mapping[str, Mapping[in
         claim = f"primary: NOT supported (no evidence vs {weak})"
     return dict(primary=primary, secondary=secondary, breakouts=breakouts, fisher=fisher, claim=claim,
                 dropped=dropped)
+
+
+def _fmt_cmp(c: Comparison) -> str:
+    if c.n_method == 0 or c.n_control == 0:
+        return f"| {c.method} vs {c.control} | {c.n_method} vs {c.n_control} | - | - | - | - | {c.flag} |"
+    return (f"| {c.method} vs {c.control} | {c.n_method} vs {c.n_control} | {c.mean_method:.3f} vs "
+            f"{c.mean_control:.3f} | {c.diff:+.3f} [{c.ci_lo:+.3f}, {c.ci_hi:+.3f}] | "
+            f"[{c.perm_lo:+.3f}, {c.perm_hi:+.3f}] | {c.p_one_sided:.3f} | {c.flag} |")
+
+
+def primary_markdown(res: Mapping, prereg: Mapping, valid: tuple[bool, str]) -> list[str]:
+    """The results.md section for the preregistered analysis (`res` from analyze, `valid` from prereg_valid).
+    With an invalid prereg the claim line says so and nothing is called significant."""
+    pr, sec = prereg["primary"], prereg["secondary"]
+    ok, why = valid
+    head = (f"Preregistered ({why})." if ok else
+            f"**NOT preregistered: {why}.** The comparisons below are exploratory; none is called significant.")
+    cols = ["| comparison | n | means | diff [conservative 95%] | exact 95% (shift) | one-sided p (hoped "
+            "direction) | flag |",
+            "|---|---|---|---|---|---|---|"]
+    claim = res["claim"] if ok else "primary: not tested (no valid preregistration)"
+    title = f"## Primary comparison: {pr['method']} vs {', '.join(pr['controls'])}, final {pr['mode']} {pr['metric']}"
+    L = [title, "", head, "", f"**{claim}**", "", *cols]
+    L += [_fmt_cmp(c) for c in res["primary"]]
+    bo = ", ".join(f"{a} {k}/{n}" for a, (k, n) in res["breakouts"].items())
+    fi = ", ".join(f"vs {c}: p = {p:.3f}" for c, p in res["fisher"].items())
+    L += ["", f"Breakouts ({pr['metric']} >= {prereg['breakout_threshold']}): {bo or '-'}. "
+          f"Fisher exact, one-sided: {fi or '-'}.", "",
+          f"Smallest detectable effect: {prereg['min_detectable']}", ""]
+    L += [f"### Secondary: {sec['metric']}, non-inferiority margin {sec['margin']:.2f}", "", *cols]
+    for _, c, _, ni in res["secondary"]:
+        L.append(_fmt_cmp(c)[:-2] + f"; {ni} |")
+    if res["dropped"]:
+        L += ["", "Not in any comparison (pilot or other non-sweep seeds): "
+              + ", ".join(f"{a} seed {s}" for a, s in sorted(set(res["dropped"])))]
+    return L + [""]
 
 
 # ------------------------------------------------------------------------------------- preregistration

@@ -342,3 +342,23 @@ def test_monte_carlo_path_matches_exact(monkeypatch):
         stats._relabellings.cache_clear()
     assert exact[0] == pytest.approx(2 / 35)  # observed + the swap of 0.2 and 0.15
     assert mc == pytest.approx(exact, abs=0.005), (mc, exact)
+
+
+def test_primary_markdown_and_missing_arm():
+    hack = {"vanilla": {0: 0.5, 1: 0.55, 2: 0.6, 100: 0.7}, "erase": {0: 0.02, 1: 0.03, 2: 0.01}}
+    gt = {"vanilla": {0: .30, 1: .31, 2: .32}, "erase": {0: .29, 1: .30, 2: .31}}
+    pre = prereg_for()
+    res = stats.analyze(hack, gt, pre)  # no erase-matched runs at all
+    assert res["primary"][0].flag.startswith("n too small (3 method, 0 control")
+    assert res["claim"].startswith("primary: n too small")
+    md = "\n".join(stats.primary_markdown(res, pre, (True, "written before the first run")))
+    assert "**primary: n too small" in md and "vanilla seed 100" in md and "0/3 vs 3/3" in md
+    md = "\n".join(stats.primary_markdown(res, pre, (False, "no preregistration: x is missing")))
+    assert "**NOT preregistered: no preregistration: x is missing.**" in md
+    assert "primary: not tested (no valid preregistration)" in md and "SUPPORTED" not in md
+
+
+def test_p_one_sided_follows_the_hoped_direction():
+    hi, lo = [0.6, 0.61, 0.62], [0.3, 0.31, 0.32]
+    assert stats.compare(hi, lo, lower_is_better=False).p_one_sided == pytest.approx(0.05)
+    assert stats.compare(hi, lo).p_one_sided == pytest.approx(1.0)
