@@ -235,7 +235,7 @@ class Comparison:
     mean_method: float
     mean_control: float
     diff: float  # mean(method) - mean(control)
-    ci_lo: float  # conservative bounded-outcome interval at `level` (checked coverage, any shape)
+    ci_lo: float  # conservative bounded-outcome interval at `level` (coverage checked by simulation)
     ci_hi: float
     perm_lo: float  # exact permutation interval at `level` (shift model)
     perm_hi: float
