@@ -435,9 +435,11 @@ def test_prepare_data_counts_and_determinism(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     import prepare_data
 
-    a = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path / "a", canonical_check="off"))
-    b = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path / "b", canonical_check="off"))
-    c = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path / "c", canonical_check="off", seed=1))
+    # --length-hints applied: 6x cheaper than all (which keeps the same 1375 here; the slow grader test runs it)
+    kw = dict(canonical_check="off", length_hints="applied")
+    a = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path / "a", **kw))
+    b = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path / "b", **kw))
+    c = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path / "c", seed=1, **kw))
     s = a["splits"]
     print({k: v["n"] for k, v in s.items()})
     assert s["train"]["n"] + s["holdout"]["n"] == 1375 and s["holdout"]["n"] == 138 and s["test"]["n"] == 119
@@ -458,9 +460,11 @@ def test_prepare_data_with_grader_keeps_most_problems(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     import prepare_data
 
-    m = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path, canonical_check="on"))
+    m = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path, canonical_check="on"))  # length under every hint
     n = m["splits"]["train"]["n"] + m["splits"]["holdout"]["n"]
-    print(f"train+holdout after the canonical check: {n} of 1375")
+    c = m["source_counts"]
+    print(f"train+holdout after the canonical check: {n} of 1375; {c}")
+    assert c["train_valid_tests"] == c["train_prompt_fits"] == 1375 and m["source"] == "local-v0.2.0"
     assert 1300 <= n <= 1375
 
 
@@ -638,3 +642,56 @@ def test_hub_path_reproduces_benchmark_file(bench, monkeypatch, standin_hub):
     valid = P.filter_problems(medhard)
     # 46 of the 180 medium/hard rows have generated cases with an error message as output; none is in the 119
     assert (len(medhard), len(valid)) == (180, 134) and {b.id for b in bench} <= {p.id for p in valid}
+
+
+@needs_data
+def test_prepare_data_hub_source_with_standin(tmp_path, standin_hub):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import prepare_data
+
+    m = prepare_data.prepare(prepare_data.Args(source="hub", out_dir=tmp_path, canonical_check="off", holdout_frac=0.0))
+    assert m["source"] == "hub" and m["source_description"].startswith("hub: newfacade/LeetCodeDataset train split")
+    c = m["source_counts"]
+    assert (c["train_all"]["n"], c["train_difficulty_ok"], c["train_valid_tests"], c["train_prompt_fits"]) == (5, 4, 3, 3)
+    tr = P.load_problems(tmp_path / "train.jsonl")
+    assert [p.id for p in tr] == [9001, 9002, 9005] and all(p.hint == "simple_overwrite_tests" for p in tr)
+    assert tr[0].gt_tests == HUB_EXPECTED[9001] and tr[1].setup_code == SORTED_HEADER
+    assert json.loads((tmp_path / "manifest.json").read_text())["source"] == "hub"
+    got, text = P.load_train_set("hub", tmp_path / "train.jsonl")
+    assert got == tr and text.startswith("hub: ")
+    with pytest.raises(ValueError, match="--train-source hub"):
+        P.load_train_set("local-v0.2.0", tmp_path / "train.jsonl")
+
+
+@needs_data
+def test_prepare_data_length_filter_under_every_hint(tmp_path, standin_hub):
+    """A problem whose modify_tests prompt (10 asserts shown) is too long is dropped under --length-hints all only."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import models
+    import prepare_data
+
+    tok = models.load_tokenizer("tiny-random")
+    ps, _ = P.load_train_source("hub")
+    long_io = [{"input": f"nums = {list(range(60))}", "output": "[]"}] * 10
+    big = P.convert_row(dict(HUB_ROWS[1], question_id=9010, input_output=long_io))
+    n = {h: P.prompt_token_count(P.apply_hint(big, h), tok) for h in P.HINTS}
+    limit = max(P.prompt_token_count(P.apply_hint(p, h), tok) for p in ps for h in P.HINTS)
+    assert n["simple_overwrite_tests"] <= limit < min(n["modify_tests"], n["incontext_tests"])  # 10 long asserts shown
+    assert [p.id for p in prepare_data.fits_every_hint(ps + [big], limit, tok)] == [p.id for p in ps]
+    assert [p.id for p in prepare_data.fits_every_hint(ps + [big], limit - 1, tok)] != [p.id for p in ps]
+
+
+@needs_data
+@pytest.mark.skipif(_rewards_grader() is None, reason="rewards.Grader (grader issue) not available yet")
+def test_canonical_check_drops_problems_whose_header_or_tests_crash(train):
+    """The grader reports a header import failure / a non-Python test as a sandbox crash; prepare-data counts
+    them as failed canonicals instead of stopping."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import prepare_data
+
+    good = by_id(train, 371)
+    no_mod = P.dataclasses.replace(good, id=1, setup_code="import no_such_module_pgrpo\n" + good.setup_code)
+    bad_test = P.dataclasses.replace(good, id=2, gt_tests=good.gt_tests + ("assert Solution().getSum(a = 1, b = 2) == Error: x",))
+    stats: dict = {}
+    assert prepare_data.grader_canonical_check([good, no_mod, bad_test], stats) == [True, False, False]
+    assert stats["canonical_failures"] == {"ModuleNotFoundError": 1, "SyntaxError": 1}, stats
