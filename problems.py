@@ -282,7 +282,7 @@ def convert_row(row: dict, where: str = "row") -> Problem:
         if not isinstance(io, list) or not all(isinstance(c, dict) and "input" in c and "output" in c for c in io):
             raise ValueError(f"{where}: input_output must be a list of {{input, output}} objects -- fix or drop the row")
         if not str(starter).strip():
-            raise ValueError(f"{where}: starter_code is empty (the benchmark rejects such rows) -- fix or drop the row")
+            raise ValueError(f"{where}: starter_code is empty (the benchmark rejects such rows) -- fix or drop it")
         gt_tests = make_gt_tests(func_name, io, returns_str(messages[1]["content"]))
         setup_code = _need(row, "prompt", where)  # the benchmark's setup_code is the row's own header
     else:  # v0.2.0: input_output is raw LeetCode text; the `test` field is Python
@@ -354,7 +354,9 @@ def load_leetcode(
 
 HUB_PROBE_TIMEOUT_S = 5.0
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-_HUB_FIX = "offline, use train_source=local-v0.2.0 (prepare-data: --source local-v0.2.0; a named deviation, docs/data.md)"
+_HUB_FIX = (
+    "offline, use train_source=local-v0.2.0 (prepare-data: --source local-v0.2.0; a named deviation, docs/data.md)"
+)
 
 
 def hub_offline_mode() -> bool:
@@ -400,7 +402,9 @@ def _load_hub(split: str, revision: str | None = None) -> list[Problem]:
     try:
         import datasets
     except ImportError:
-        raise RuntimeError(f"loading {where} needs the `datasets` package (.venv/bin/pip install 'datasets>=3.0'); {_HUB_FIX}") from None
+        raise RuntimeError(
+            f"loading {where} needs the `datasets` package (.venv/bin/pip install 'datasets>=3.0'); {_HUB_FIX}"
+        ) from None
     try:
         ds = datasets.load_dataset(HUB_ID, split=split, revision=revision)
     except Exception as e:  # offline with no cache, bad split or revision: one line naming the fix
@@ -445,12 +449,16 @@ def load_train_source(
     return ps, f"{text}; {len(ps)} of {len(raw)} rows are {'+'.join(difficulties)} with valid tests"
 
 
-def load_train_rows(source: str, data_dir: str | Path = DEFAULT_DATA_DIR, revision: str | None = None) -> tuple[list[Problem], str]:
+def load_train_rows(
+    source: str, data_dir: str | Path = DEFAULT_DATA_DIR, revision: str | None = None
+) -> tuple[list[Problem], str]:
     """(every converted train row of `source`, unfiltered, hint none; "{source}: {what it is}")."""
     _check_source(source)
     if source == "hub":
-        return load_leetcode("hub", split="train", revision=revision), f"hub: {TRAIN_SOURCE_TEXT['hub']}, revision {revision or 'main'}"
-    return load_leetcode(data_dir, split="train", version="v0.2.0"), f"{source}: {TRAIN_SOURCE_TEXT[source]}, {Path(data_dir)}"
+        rows = load_leetcode("hub", split="train", revision=revision)
+        return rows, f"hub: {TRAIN_SOURCE_TEXT['hub']}, revision {revision or 'main'}"
+    rows = load_leetcode(data_dir, split="train", version="v0.2.0")
+    return rows, f"{source}: {TRAIN_SOURCE_TEXT[source]}, {Path(data_dir)}"
 
 
 def prepared_source(data_path: str | Path) -> tuple[str, str]:
@@ -458,7 +466,9 @@ def prepared_source(data_path: str | Path) -> tuple[str, str]:
     A manifest written before sources existed (no "source", args.version v0.2.0) reads as local-v0.2.0."""
     man = Path(data_path).parent / "manifest.json"
     if not man.is_file():
-        raise FileNotFoundError(f"{man} not found beside data_path={str(data_path)!r}; rerun `just prepare-data --source ...`")
+        raise FileNotFoundError(
+            f"{man} not found beside data_path={str(data_path)!r}; rerun `just prepare-data --source ...`"
+        )
     m = json.loads(man.read_text())
     source = m.get("source") or ("local-v0.2.0" if m.get("args", {}).get("version") == "v0.2.0" else None)
     if source not in TRAIN_SOURCES:
