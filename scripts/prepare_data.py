@@ -188,4 +188,7 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except (RuntimeError, ValueError, FileNotFoundError) as e:  # bad input / unreachable hub: one line, no traceback
+        sys.exit(f"[prepare-data] error: {e}")
