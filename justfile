@@ -32,7 +32,9 @@ test-adapter: setup
 fetch-smollm:
     bash scripts/fetch_smollm.sh
 
-# filtered LeetCode splits -> out/data/{train,holdout,test}.jsonl (+ manifest.json); deterministic per --seed
+# filtered LeetCode splits -> out/data/{train,holdout,test}.jsonl (+ manifest.json); deterministic per --seed.
+# Default --source local-v0.2.0 (offline fallback, a named deviation); `just prepare-data --source hub
+# --tokenizer Qwen/Qwen3-4B` builds the benchmark's training set (needs internet; the full preset reads it)
 prepare-data *ARGS: setup
     {{py}} scripts/prepare_data.py {{ARGS}}
 

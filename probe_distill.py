@@ -65,7 +65,7 @@ LABELS = ("hack", "correct", "other")
 POOL_KINDS = ("teacher", "base")
 # fields whose values must equal train.py's for the probe to measure the gradient a run would see
 SHARED_TRAIN_FIELDS = (
-    "model", "dtype", "targets", "layers", "rank", "data_path", "difficulties", "max_problems", "hint",
+    "model", "dtype", "targets", "layers", "rank", "train_source", "data_path", "difficulties", "max_problems", "hint",
     "max_prompt_tokens", "max_new_tokens", "temperature", "top_p", "gen_batch", "correctness_reward",
     "compile_reward", "grader_workers", "grader_timeout_s", "micro_batch", "beta_kl", "logits_chunk", "lr",
     "betas", "weight_decay", "grad_clip", "warmup_steps", "seed",
@@ -107,6 +107,8 @@ class ProbeConfig:
     """torch CPU threads (0 = torch's default)"""
 
     # --- problems (the training prompts: same loader and filters as train.py)
+    train_source: Literal["hub", "local-v0.2.0"] = "local-v0.2.0"
+    """training problems (as train.py's --train-source)"""
     data_path: str = ""
     """prepared train split (as train.py --data-path); empty = LeetCode train on the fly"""
     difficulties: tuple[str, ...] = ("Medium", "Hard")
@@ -245,7 +247,7 @@ PRESETS: dict[str, tuple[str, ProbeConfig]] = {
     "full": (
         "Qwen3-4B on one GPU: 128 problems x 8 samples per pool, 1536 new tokens, 8 mixed steps of 16 x 16 (~1 GPU-hour)",
         ProbeConfig(
-            name="qwen3-4b", model="Qwen/Qwen3-4B", dtype="bfloat16", data_path="out/data/train.jsonl",
+            name="qwen3-4b", model="Qwen/Qwen3-4B", dtype="bfloat16", train_source="hub", data_path="out/data/train.jsonl",
             pool_problems=128, samples_per_problem=8, problems_per_file=32, max_new_tokens=1536, gen_batch=64,
             vhack_path="out/vhack/qwen3-4b.safetensors", distill_samples=256, distill_batch=2, mixed_steps=8,
             mixed_prompts=16, group_size=16, micro_batch=2,
@@ -280,8 +282,8 @@ def setup(cfg: ProbeConfig) -> dict:
     model, tok = models.load_model(cfg.model, dtype=cfg.dtype, device=device)
     model.requires_grad_(False)
     adapters = antipasto.wrap_model(model, targets=cfg.targets, layers=cfg.layers or None, rank=cfg.rank or None)
-    probs = P.load_train_split(cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint, cfg.max_prompt_tokens,
-                               models.prompt_len(tok))
+    probs, _ = P.load_train_split(cfg.train_source, cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint,
+                                  cfg.max_prompt_tokens, models.prompt_len(tok))
     if not probs:
         raise ValueError(f"no training problems left after filtering (max_problems={cfg.max_problems}, max_prompt_tokens="
                          f"{cfg.max_prompt_tokens}); raise --max-problems or --max-prompt-tokens")

@@ -59,9 +59,10 @@ DEFAULT_DATA_DIR = Path(os.environ.get("PGRPO_DATA_DIR") or _REPO.parent / "shar
 BENCHMARK_TEST_FILE = "rl-rewardhacking-leetcode_test_medhard.jsonl.gz"
 HUB_ID = "newfacade/LeetCodeDataset"
 
-# The benchmark's one shared header (identical on all 119 rows of its converted test file, and equal to
-# the `prompt` field of LeetCodeDataset v0.3.1 rows). v0.2.0 rows carry smaller headers; every name they
-# define is also defined here, so one header serves every problem.
+# The benchmark's shared header (identical on all 119 rows of its converted test file, and the `prompt`
+# field of 211 of the 228 LeetCodeDataset v0.3.1 test rows; the other 17 add heapq/itertools/sortedcontainers
+# imports). v0.3.x rows keep their own `prompt` as setup_code, as the benchmark does. v0.2.0 rows carry smaller
+# headers; every name they define is also defined here, so v0.2.0 problems all get this one.
 SETUP_CODE = """import random
 import functools
 import collections
@@ -180,24 +181,39 @@ def base_messages(question: str, method: str, starter_code: str) -> tuple[dict, 
     )
 
 
-def returns_str(starter_code: str) -> bool:
-    """True when the starter's method is annotated `-> str` (its test outputs must be string literals)."""
-    return re.search(r"->\s*str\s*:", starter_code) is not None
+def returns_str(prompt_text: str) -> bool:
+    """The benchmark's str-output rule: True when `-> str` occurs anywhere in the un-hinted user prompt.
+
+    Upstream tests the whole prompt text (description + starter), so `-> List[str]` does not count but a
+    description quoting `-> str` would; on the 228 v0.3.1 test rows this equals "the method returns str".
+    """
+    return "-> str" in prompt_text
 
 
 def make_gt_tests(func_name: str, input_output: Sequence[dict], str_return: bool) -> tuple[str, ...]:
-    """`assert {func_name}({input}) == {output}` per case.
+    """`assert {func_name}({input}) == {output}` per case, the benchmark's rule verbatim.
 
-    LeetCodeDataset v0.3.1 stores str outputs bare (`cc`); the benchmark wraps them in double quotes.
-    v0.2.0 stores them already quoted (`"cc"`), so those are left alone.
+    When str_return, every output is wrapped in double quotes as is (LeetCodeDataset v0.3.x stores str
+    outputs bare, `cc`); an output that is already quoted or holds a `"` gives a broken assert, as upstream,
+    and the canonical/compile filters drop that problem, as upstream.
     """
     tests = []
     for io in input_output:
-        out = io["output"]
-        if str_return and not out.strip().startswith('"'):
-            out = f'"{out}"'
+        out = f'"{io["output"]}"' if str_return else io["output"]
         tests.append(f"assert {func_name}({io['input']}) == {out}")
     return tuple(tests)
+
+
+def tests_compile(p: Problem) -> bool:
+    """True when every gt assert is valid Python. LeetCodeDataset v0.3.1 has generated cases whose output
+    is an error message (`== Error: list index out of range`, `== Execution timed out`); the benchmark's
+    evaluator fails such a problem's canonical solution, so it never reaches its data set."""
+    for t in p.gt_tests:
+        try:
+            compile(t, "<test>", "exec")
+        except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
+            return False
+    return True
 
 
 def tests_from_check(check_src: str, func_name: str) -> tuple[str, ...]:
@@ -258,11 +274,17 @@ def convert_row(row: dict, where: str = "row") -> Problem:
         difficulty = _need(meta, "difficulty", where + " meta")
         question = _need(meta, "question_title", where + " meta")
         starter = _need(meta, "lang_code", where + " meta")
+    method = func_name.split(".")[-1]
+    messages = base_messages(question, method, starter)
+    setup_code = SETUP_CODE
     if "problem_description" in row:  # v0.3.x: input_output is Python; the benchmark built its tests from it
         io = _need(row, "input_output", where)
         if not isinstance(io, list) or not all(isinstance(c, dict) and "input" in c and "output" in c for c in io):
             raise ValueError(f"{where}: input_output must be a list of {{input, output}} objects -- fix or drop the row")
-        gt_tests = make_gt_tests(func_name, io, returns_str(starter))
+        if not str(starter).strip():
+            raise ValueError(f"{where}: starter_code is empty (the benchmark rejects such rows) -- fix or drop it")
+        gt_tests = make_gt_tests(func_name, io, returns_str(messages[1]["content"]))
+        setup_code = _need(row, "prompt", where)  # the benchmark's setup_code is the row's own header
     else:  # v0.2.0: input_output is raw LeetCode text; the `test` field is Python
         try:
             gt_tests = tests_from_check(_need(row, "test", where), func_name)
@@ -271,7 +293,6 @@ def convert_row(row: dict, where: str = "row") -> Problem:
     difficulty = DIFFICULTY_TYPOS.get(str(difficulty).capitalize(), str(difficulty).capitalize())
     if difficulty not in ("Easy", "Medium", "Hard"):
         raise ValueError(f"{where}: difficulty {difficulty!r} is not Easy/Medium/Hard -- fix or drop the row")
-    method = func_name.split(".")[-1]
     return Problem(
         id=int(qid),
         difficulty=difficulty,
@@ -279,9 +300,9 @@ def convert_row(row: dict, where: str = "row") -> Problem:
         question=question.strip(),
         starter_code=starter.rstrip(),
         gt_tests=gt_tests,
-        setup_code=SETUP_CODE,
+        setup_code=setup_code,
         canonical_solution=_need(row, "completion", where),
-        prompt=base_messages(question, method, starter),
+        prompt=messages,
     )
 
 
@@ -306,14 +327,17 @@ def read_jsonl(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
-def load_leetcode(source: str | Path = DEFAULT_DATA_DIR, split: str = "train", version: str = "v0.2.0") -> list[Problem]:
+def load_leetcode(
+    source: str | Path = DEFAULT_DATA_DIR, split: str = "train", version: str = "v0.2.0", revision: str | None = None
+) -> list[Problem]:
     """LeetCodeDataset problems (all difficulties, hint none), in file order.
 
     source: a folder holding `LeetCodeDataset-{version}-{split}.jsonl[.gz]`, a path to one such file, or
-    "hub" (datasets.load_dataset(HUB_ID), the hub's current version; needs network or a warm HF cache).
+    "hub" (datasets.load_dataset(HUB_ID, revision=revision), the hub's version; needs network or a warm HF
+    cache with HF_HUB_OFFLINE=1; fails in seconds when the hub is unreachable).
     """
     if str(source) == "hub":
-        return _load_hub(split)
+        return _load_hub(split, revision)
     src = Path(source)
     if src.is_dir():
         cands = [src / f"LeetCodeDataset-{version}-{split}.jsonl{ext}" for ext in (".gz", "")]
@@ -328,18 +352,156 @@ def load_leetcode(source: str | Path = DEFAULT_DATA_DIR, split: str = "train", v
     return [convert_row(row, where) for where, row in read_jsonl(src)]
 
 
-def _load_hub(split: str) -> list[Problem]:
+HUB_PROBE_TIMEOUT_S = 5.0
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_HUB_FIX = (
+    "offline, use train_source=local-v0.2.0 (prepare-data: --source local-v0.2.0; a named deviation, docs/data.md)"
+)
+
+
+def hub_offline_mode() -> bool:
+    """True when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE ask `datasets` to read only its local cache."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in _OFFLINE_VARS)
+
+
+def hub_unreachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """None when a TCP connection to the hub (HF_ENDPOINT, or the https proxy if one is set) opens within
+    timeout_s; else one line saying why. Runs in a daemon thread, so a hanging DNS lookup cannot block."""
+    import socket
+    import threading
+    import urllib.parse
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urllib.parse.urlsplit(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return f"cannot parse a host from {(proxy or os.environ.get('HF_ENDPOINT'))!r}"
+    out: dict[str, str] = {}
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            out["ok"] = ""
+        except OSError as e:
+            out["err"] = f"{host}:{port}: {type(e).__name__}: {e}"
+
+    t = threading.Thread(target=probe, daemon=True, name="hub-probe")
+    t.start()
+    t.join(timeout_s + 0.5)
+    if "ok" in out:
+        return None
+    return out.get("err", f"{host}:{port}: no answer within {timeout_s:g} s")
+
+
+def _load_hub(split: str, revision: str | None = None) -> list[Problem]:
+    where = f"{HUB_ID} split {split!r}" + (f" revision {revision!r}" if revision else "")
+    if not hub_offline_mode():
+        why = hub_unreachable()
+        if why is not None:
+            raise RuntimeError(f"cannot reach the Hugging Face hub for {where} ({why}); {_HUB_FIX}")
     try:
         import datasets
-
-        ds = datasets.load_dataset(HUB_ID, split=split)
-    except Exception as e:  # offline, no cache, bad split: one line naming the fix
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except ImportError:
         raise RuntimeError(
-            f"could not load {HUB_ID} split {split!r} from the Hugging Face hub ({type(e).__name__}: {msg}); "
-            f"offline, use the local files instead: load_leetcode(source=DEFAULT_DATA_DIR) / PGRPO_DATA_DIR"
+            f"loading {where} needs the `datasets` package (.venv/bin/pip install 'datasets>=3.0'); {_HUB_FIX}"
         ) from None
+    try:
+        ds = datasets.load_dataset(HUB_ID, split=split, revision=revision)
+    except Exception as e:  # offline with no cache, bad split or revision: one line naming the fix
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RuntimeError(f"could not load {where} ({type(e).__name__}: {msg}); {_HUB_FIX}") from None
     return [convert_row(dict(row), f"{HUB_ID}[{split}][{i}]") for i, row in enumerate(ds)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training sources (the `train_source` config value)
+
+TRAIN_SOURCES: tuple[str, ...] = ("hub", "local-v0.2.0")
+TRAIN_SOURCE_TEXT = {
+    "hub": f"{HUB_ID} train split from the Hugging Face hub, tests from input_output (the benchmark's training set)",
+    "local-v0.2.0": (
+        "DEVIATION: local LeetCodeDataset v0.2.0 train, tests from its check() field (1-5 asserts per problem; "
+        "the benchmark trains on the hub split, 10s-100s of asserts)"
+    ),
+}
+
+
+def _check_source(source: str) -> None:
+    if source not in TRAIN_SOURCES:
+        raise ValueError(f"train_source {source!r} unknown; valid: {', '.join(TRAIN_SOURCES)}")
+
+
+def load_train_source(
+    source: str,
+    data_dir: str | Path = DEFAULT_DATA_DIR,
+    difficulties: Sequence[str] = ("Medium", "Hard"),
+    revision: str | None = None,
+) -> tuple[list[Problem], str]:
+    """(problems, one-line description) of a training source: converted (hint none), `difficulties` only,
+    every assert valid Python. The canonical and prompt-length filters are scripts/prepare_data.py's.
+
+    "hub": HUB_ID's train split (revision: a hub branch/tag/commit, None = main); raises a one-line
+    RuntimeError within ~HUB_PROBE_TIMEOUT_S when the hub is unreachable. "local-v0.2.0": the v0.2.0 train
+    file in data_dir.
+    """
+    raw, text = load_train_rows(source, data_dir, revision)
+    ps = filter_problems(raw, difficulties)
+    return ps, f"{text}; {len(ps)} of {len(raw)} rows are {'+'.join(difficulties)} with valid tests"
+
+
+def load_train_rows(
+    source: str, data_dir: str | Path = DEFAULT_DATA_DIR, revision: str | None = None
+) -> tuple[list[Problem], str]:
+    """(every converted train row of `source`, unfiltered, hint none; "{source}: {what it is}")."""
+    _check_source(source)
+    if source == "hub":
+        rows = load_leetcode("hub", split="train", revision=revision)
+        return rows, f"hub: {TRAIN_SOURCE_TEXT['hub']}, revision {revision or 'main'}"
+    rows = load_leetcode(data_dir, split="train", version="v0.2.0")
+    return rows, f"{source}: {TRAIN_SOURCE_TEXT[source]}, {Path(data_dir)}"
+
+
+def prepared_source(data_path: str | Path) -> tuple[str, str]:
+    """(source, description) that scripts/prepare_data.py recorded in the manifest.json beside data_path.
+    A manifest written before sources existed (no "source", args.version v0.2.0) reads as local-v0.2.0."""
+    man = Path(data_path).parent / "manifest.json"
+    if not man.is_file():
+        raise FileNotFoundError(
+            f"{man} not found beside data_path={str(data_path)!r}; rerun `just prepare-data --source ...`"
+        )
+    m = json.loads(man.read_text())
+    source = m.get("source") or ("local-v0.2.0" if m.get("args", {}).get("version") == "v0.2.0" else None)
+    if source not in TRAIN_SOURCES:
+        raise ValueError(f"{man}: source {source!r} is not one of {TRAIN_SOURCES}; rerun `just prepare-data --source ...`")
+    return source, m.get("source_description") or f"{source}: {TRAIN_SOURCE_TEXT[source]}"
+
+
+def load_train_set(
+    source: str,
+    data_path: str | Path = "",
+    data_dir: str | Path = DEFAULT_DATA_DIR,
+    difficulties: Sequence[str] = ("Medium", "Hard"),
+) -> tuple[list[Problem], str]:
+    """What a training run reads, with one line to print and record: the prepared split at data_path (its
+    manifest must name `source`, else ValueError naming both fixes), or, with data_path empty,
+    load_train_source(source, data_dir, difficulties) on the fly (no canonical filter)."""
+    _check_source(source)
+    if not data_path:
+        return load_train_source(source, data_dir, difficulties)
+    path = Path(data_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data_path={str(data_path)!r} does not exist; run `just prepare-data --source {source}` "
+            f"(or pass --data-path '' to load train_source={source} on the fly)"
+        )
+    got, text = prepared_source(path)
+    if got != source:
+        raise ValueError(
+            f"data_path={str(data_path)!r} was prepared from source {got!r} but train_source={source!r}; "
+            f"rerun `just prepare-data --source {source}` or pass --train-source {got}"
+        )
+    ps = load_problems(path)
+    return ps, f"{text}; prepared file {path} ({len(ps)} problems)"
 
 
 def split_user_prompt(content: str) -> tuple[str, str, str]:
@@ -477,16 +639,20 @@ def filter_problems(
     prompt_len: Callable[[Problem], int] | None = None,
     canonical_check: Callable[[list[Problem]], list[bool]] | None = None,
     min_tests: int = 1,
+    valid_tests: bool = True,
 ) -> list[Problem]:
-    """Keep problems of `difficulties` with >= min_tests asserts, prompt_len(p) <= max_prompt_tokens (tokens under
-    the chat template: models.prompt_len(tokenizer)), and (if given) canonical_check(ps)[i] True. Cheap filters
-    run first."""
+    """Keep problems of `difficulties` with >= min_tests asserts, every assert valid Python (valid_tests;
+    see tests_compile), prompt_len(p) <= max_prompt_tokens
+    (tokens under the chat template: models.prompt_len(tokenizer)), and (if given)
+    canonical_check(ps)[i] True. Cheap filters run first."""
     bad = [d for d in difficulties if d not in ("Easy", "Medium", "Hard")]
     if bad:
         raise ValueError(f"difficulties {bad} not in Easy/Medium/Hard (capitalised)")
     if max_prompt_tokens is not None and prompt_len is None:
         raise ValueError("max_prompt_tokens needs prompt_len= (e.g. models.prompt_len(models.load_tokenizer('tiny-random')))")
     out = [p for p in ps if p.difficulty in difficulties and len(p.gt_tests) >= min_tests]
+    if valid_tests:
+        out = [p for p in out if tests_compile(p)]
     if max_prompt_tokens is not None:
         out = within_prompt_budget(out, max_prompt_tokens, prompt_len)
     if canonical_check is not None and out:
@@ -532,19 +698,12 @@ def load_problems(path: str | Path) -> list[Problem]:
     return [problem_from_dict(row, where) for where, row in read_jsonl(Path(path))]
 
 
-def load_train_split(data_path: str, difficulties: Sequence[str], max_problems: int, hint: str, max_prompt_tokens: int,
-                     prompt_len: Callable[[Problem], int]) -> list[Problem]:
-    """The training prompts of a run: the prepared split at data_path (`just prepare-data`) or, with data_path
-    empty, LeetCode train filtered to `difficulties` on the fly; the first max_problems (0 = all); the loophole
-    hint applied; prompts longer than max_prompt_tokens dropped."""
-    if data_path:
-        path = Path(data_path)
-        if not path.exists():
-            raise FileNotFoundError(f"data_path={data_path!r} does not exist; run `just prepare-data` (or pass "
-                                    "--data-path '' to load LeetCode on the fly)")
-        probs = load_problems(path)
-    else:
-        probs = filter_problems(load_leetcode(split="train"), difficulties=difficulties)
+def load_train_split(train_source: str, data_path: str, difficulties: Sequence[str], max_problems: int, hint: str,
+                     max_prompt_tokens: int, prompt_len: Callable[[Problem], int]) -> tuple[list[Problem], str]:
+    """The training prompts of a run and the one line describing their source: load_train_set (the prepared
+    split at data_path, or train_source filtered to `difficulties` on the fly); the first max_problems (0 = all);
+    the loophole hint applied; prompts longer than max_prompt_tokens dropped."""
+    probs, text = load_train_set(train_source, data_path, difficulties=difficulties)
     if max_problems:
         probs = probs[:max_problems]
-    return within_prompt_budget([apply_hint(p, hint) for p in probs], max_prompt_tokens, prompt_len)
+    return within_prompt_budget([apply_hint(p, hint) for p in probs], max_prompt_tokens, prompt_len), text

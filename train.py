@@ -75,6 +75,8 @@ class TrainConfig:
     """block only: the quarantine frame is the next singular directions or a seeded random orthonormal complement"""
 
     # --- data
+    train_source: Literal["hub", "local-v0.2.0"] = "local-v0.2.0"
+    """training problems: hub = the benchmark's set (newfacade/LeetCodeDataset train, `just prepare-data --source hub`); local-v0.2.0 = the offline fallback, a named deviation (1-5 asserts per problem, docs/data.md)"""
     data_path: str = ""
     """prepared train split (out/data/train.jsonl from `just prepare-data`); empty = load and filter LeetCode v0.2.0 train on the fly"""
     difficulties: tuple[str, ...] = ("Medium", "Hard")
@@ -239,7 +241,8 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "full": (
         "Qwen3-4B, benchmark settings: 16 prompts x 16 generations, 1536 new tokens, 200 steps",
         TrainConfig(
-            model="Qwen/Qwen3-4B", dtype="bfloat16", data_path="out/data/train.jsonl", rollouts_per_step=256,
+            model="Qwen/Qwen3-4B", dtype="bfloat16", train_source="hub", data_path="out/data/train.jsonl",
+            rollouts_per_step=256,
             group_size=16, max_new_tokens=1536, gen_batch=128, steps=200, micro_batch=16,
             grad_checkpointing=True, eval_samples=10, eval_every=50,
         ),
@@ -420,8 +423,10 @@ def main(cfg: TrainConfig) -> Path:
         directions = antipasto.load_directions(cfg.vhack_path, model, mid)
     surgery_mode = arm.surgery if directions is not None else None
 
-    train_problems = P.load_train_split(cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint,
-                                        cfg.max_prompt_tokens, models.prompt_len(tok))
+    train_problems, source_text = P.load_train_split(cfg.train_source, cfg.data_path, cfg.difficulties,
+                                                     cfg.max_problems, cfg.hint, cfg.max_prompt_tokens,
+                                                     models.prompt_len(tok))
+    logger.info(f"train source: {source_text}")
     by_id = {p.id: p for p in train_problems}
     pool = None
     if cfg.teacher_pool_dir:

@@ -1,15 +1,19 @@
 """Write the filtered LeetCode splits to out/data/{train,holdout,test}.jsonl (deterministic given --seed).
 
     .venv/bin/python scripts/prepare_data.py                       # defaults below; what `just prepare-data` runs
+    .venv/bin/python scripts/prepare_data.py --source hub --tokenizer Qwen/Qwen3-4B   # the benchmark's set (internet)
     .venv/bin/python scripts/prepare_data.py --tokenizer smollm2-135m --canonical-check off --seed 1
 
-- train + holdout: LeetCodeDataset {version} train, medium+hard, prompt <= max_prompt_tokens under the
-  tokenizer's chat template (measured with `hint` applied), canonical solution passes its own tests
-  (rewards.Grader; `auto` runs it when rewards.py exists). Holdout = a seeded `holdout_frac` of that.
-- test: the benchmark's converted 119-problem medium/hard file, same length filter.
+- train + holdout: the --source train rows (problems.TRAIN_SOURCES: `hub` = newfacade/LeetCodeDataset's train
+  split, the benchmark's training set, needs internet or HF_HUB_OFFLINE=1 with a warm cache; `local-v0.2.0` =
+  the offline fallback, a named deviation), medium+hard, every assert valid Python, prompt <= max_prompt_tokens
+  under the tokenizer's chat template (under every hint with --length-hints all, as the benchmark aligns its
+  training ids across hints), canonical solution passes its own tests (rewards.Grader; `auto` runs it when
+  rewards.py exists). Holdout = a seeded `holdout_frac` of that.
+- test: the benchmark's converted 119-problem medium/hard file, same length filter (under --hint only).
 Rows are problems.Problem as JSON (problems.load_problems reads them back) with `hint` applied; any other
 hint can be applied later with problems.apply_hint. Counts and gt_tests distributions are printed, and
-written with file hashes to out/data/manifest.json.
+written with the source and file hashes to out/data/manifest.json (problems.load_train_set checks the source).
 """
 from __future__ import annotations
 
@@ -34,8 +38,9 @@ SPLITS = ("train", "holdout", "test")
 
 @dataclass
 class Args:
-    data_dir: Path = problems.DEFAULT_DATA_DIR  # env PGRPO_DATA_DIR overrides the default
-    version: str = "v0.2.0"  # LeetCodeDataset version of the train file
+    source: Literal["hub", "local-v0.2.0"] = "local-v0.2.0"  # train rows: hub = the benchmark's set; local = fallback
+    hub_revision: str | None = None  # hub branch/tag/commit of newfacade/LeetCodeDataset (None = main)
+    data_dir: Path = problems.DEFAULT_DATA_DIR  # local files (env PGRPO_DATA_DIR overrides the default)
     out_dir: Path = REPO / "out/data"
     seed: int = 0  # holdout selection
     holdout_frac: float = 0.1
@@ -43,19 +48,53 @@ class Args:
     max_prompt_tokens: int = 1536
     tokenizer: str = "tiny-random"  # models.load_tokenizer name; use the policy's (e.g. Qwen/Qwen3-4B) online
     hint: str = "simple_overwrite_tests"  # applied to the written prompts (and to the length measurement)
+    length_hints: Literal["all", "applied"] = "all"  # train length filter: fit under every hint, or under --hint
     canonical_check: Literal["auto", "on", "off"] = "auto"  # auto: on iff rewards.Grader exists
 
 
-def grader_canonical_check(ps: list[problems.Problem]) -> list[bool]:
-    """True where the problem's canonical solution passes all its gt_tests under rewards.Grader."""
+# Sandbox crashes that come from the problem's own data, not from the sandbox: its setup header imports a
+# module the sandbox lacks (v0.3.x headers import sortedcontainers) or a test is not Python. The benchmark's
+# evaluator fails such a canonical solution, so they are dropped like any failing one.
+DATA_CRASHES = ("sandbox_runner crashed: ModuleNotFoundError", "sandbox_runner crashed: SyntaxError")
+
+
+def grader_canonical_check(ps: list[problems.Problem], stats: dict | None = None) -> list[bool]:
+    """True where the problem's canonical solution passes all its gt_tests under rewards.Grader.
+
+    Timeouts are re-run once (a loaded machine can push a 3 s program over its wall limit). stats, if
+    given, gets the counts per failure kind."""
     import rewards
 
-    items = [(p, "```python\n" + p.canonical_solution + "\n```") for p in ps]
-    with rewards.Grader() as g:
-        results = g.grade_many(items)
-    infra = [p.id for p, r in zip(ps, results) if r["infra_error"]]
-    assert not infra, f"grader infrastructure errors on {len(infra)} canonical solutions (ids {infra[:10]}); fix the sandbox first"
+    def grade(sub: list[problems.Problem]) -> list[dict]:
+        with rewards.Grader() as g:
+            return g.grade_many([(p, "```python\n" + p.canonical_solution + "\n```") for p in sub])
+
+    results = grade(ps)
+    retry = [i for i, r in enumerate(results) if r["status"] == "timeout"]
+    if retry:
+        for i, r in zip(retry, grade([ps[i] for i in retry])):
+            results[i] = r
+    infra = [(p.id, str(r.get("error"))) for p, r in zip(ps, results) if r["infra_error"]]
+    real = [(pid, e) for pid, e in infra if not any(k in e for k in DATA_CRASHES)]
+    assert not real, f"grader infrastructure errors on {len(real)} canonical solutions (first {real[:3]}); fix the sandbox first"
+    if stats is not None:
+        kinds: dict[str, int] = {}
+        for r in results:
+            if not r["eq_correct"]:
+                e = str(r.get("error"))
+                k = next((c.split(": ")[1] for c in DATA_CRASHES if c in e), None) or r["status"]
+                kinds[k] = kinds.get(k, 0) + 1
+        stats.update(canonical_failures=kinds, timeouts_retried=len(retry))
     return [bool(r["eq_correct"]) for r in results]
+
+
+def fits_every_hint(ps: list[problems.Problem], max_tokens: int, tok) -> list[problems.Problem]:
+    """The problems whose prompt is <= max_tokens under each of problems.HINTS (seed None: the run_tests
+    variants the benchmark trains with), which is what its id alignment across hinted datasets keeps."""
+    import models
+
+    n_tokens = models.prompt_len(tok)
+    return [p for p in ps if all(n_tokens(problems.apply_hint(p, h)) <= max_tokens for h in problems.HINTS)]
 
 
 def _rewards_available() -> bool:
@@ -87,15 +126,19 @@ def prepare(args: Args) -> dict:
     if args.canonical_check == "on" and not _rewards_available():
         raise RuntimeError("--canonical-check on needs rewards.Grader (rewards.py); use auto or off until it exists")
     t0 = time.time()
+    raw_train, source_text = problems.load_train_rows(args.source, args.data_dir, args.hub_revision)  # hub: fails fast offline
     tok = models.load_tokenizer(args.tokenizer)
-
-    raw_train = problems.load_leetcode(args.data_dir, split="train", version=args.version)
     raw_test = problems.load_benchmark_test(Path(args.data_dir) / problems.BENCHMARK_TEST_FILE)
-    hinted_train = [problems.apply_hint(p, args.hint) for p in raw_train]
     hinted_test = [problems.apply_hint(p, args.hint) for p in raw_test]
-    check = grader_canonical_check if use_grader else None
-    kept = problems.filter_problems(hinted_train, args.difficulties, args.max_prompt_tokens, models.prompt_len(tok),
-                                    canonical_check=check)
+    diff_ok = problems.filter_problems(raw_train, args.difficulties, valid_tests=False)
+    valid = problems.filter_problems(diff_ok, args.difficulties)
+    if args.length_hints == "all":
+        fit = fits_every_hint(valid, args.max_prompt_tokens, tok)
+    else:
+        fit = [p for p in valid if models.prompt_len(tok)(problems.apply_hint(p, args.hint)) <= args.max_prompt_tokens]
+    stats: dict = {}
+    check = (lambda xs: grader_canonical_check(xs, stats)) if use_grader else None
+    kept = problems.filter_problems([problems.apply_hint(p, args.hint) for p in fit], args.difficulties, canonical_check=check)
     test = problems.filter_problems(hinted_test, args.difficulties, args.max_prompt_tokens, models.prompt_len(tok))
 
     rng = random.Random(args.seed)
@@ -107,9 +150,17 @@ def prepare(args: Args) -> dict:
         "test": test,
     }
     manifest = {
+        "source": args.source,
+        "source_description": source_text,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
         "canonical_check_ran": use_grader,
-        "source_counts": {"train_all": describe(raw_train), "train_difficulty_ok": sum(p.difficulty in args.difficulties for p in raw_train)},
+        "source_counts": {
+            "train_all": describe(raw_train),
+            "train_difficulty_ok": len(diff_ok),
+            "train_valid_tests": len(valid),
+            "train_prompt_fits": len(fit),
+            "train_canonical_ok": len(kept),
+        } | stats,
         "splits": {},
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -125,9 +176,13 @@ def prepare(args: Args) -> dict:
 def main(args: Args) -> None:
     m = prepare(args)
     src = m["source_counts"]
-    print(f"[prepare-data] {args.version} train: {src['train_all']['n']} rows, {src['train_difficulty_ok']} {'+'.join(args.difficulties)}")
-    print(f"[prepare-data] filters: prompt <= {args.max_prompt_tokens} tokens ({args.tokenizer} chat template, hint {args.hint}); "
-          f"canonical check {'ran' if m['canonical_check_ran'] else 'SKIPPED (rewards.Grader not available)'}")
+    print(f"[prepare-data] source {m['source_description']}")
+    print(f"[prepare-data] train rows {src['train_all']['n']} -> {'+'.join(args.difficulties)} {src['train_difficulty_ok']} -> valid tests "
+          f"{src['train_valid_tests']} -> prompt fits {src['train_prompt_fits']} -> canonical ok {src['train_canonical_ok']}")
+    hints = "every hint" if args.length_hints == "all" else f"hint {args.hint}"
+    print(f"[prepare-data] filters: prompt <= {args.max_prompt_tokens} tokens ({args.tokenizer} chat template, {hints}); "
+          f"canonical check {'ran' if m['canonical_check_ran'] else 'SKIPPED (rewards.Grader not available)'}"
+          + (f", failures {src['canonical_failures']}" if src.get("canonical_failures") else ""))
     for name in SPLITS:
         d = m["splits"][name]
         dist = f"gt_tests min {d.get('gt_tests_min')} median {d.get('gt_tests_median')} max {d.get('gt_tests_max')}"
@@ -136,4 +191,7 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except (RuntimeError, ValueError, FileNotFoundError) as e:  # bad input / unreachable hub: one line, no traceback
+        sys.exit(f"[prepare-data] error: {e}")

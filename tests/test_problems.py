@@ -159,16 +159,28 @@ def test_prompt_text_hand_checked(train, pid):
 # ------------------------------------------------------------------------------------------ conversion
 
 
-def test_make_gt_tests_quotes_only_bare_str_outputs():
-    io_ = [{"input": 'word = "ab", k = 1', "output": "ba"}, {"input": 's = "x"', "output": '"x"'}, {"input": "n = 2", "output": " \"a b\" "}]
+def test_make_gt_tests_follows_the_benchmark_quoting_rule():
+    """Upstream: `'-> str' in prompt` -> every output wrapped in double quotes as is (already-quoted ones too)."""
+    io_ = [{"input": 'word = "ab", k = 1', "output": "ba"}, {"input": 's = "x"', "output": '"x"'}, {"input": "n = 2", "output": "a b"}]
     assert P.make_gt_tests("Solution().f", io_, str_return=True) == (
         'assert Solution().f(word = "ab", k = 1) == "ba"',
-        'assert Solution().f(s = "x") == "x"',
-        'assert Solution().f(n = 2) ==  "a b" ',
+        'assert Solution().f(s = "x") == ""x""',  # broken, as upstream; the compile filter drops the problem
+        'assert Solution().f(n = 2) == "a b"',
     )
     assert P.make_gt_tests("Solution().g", [{"input": "n = 2", "output": "[1,2]"}], str_return=False) == ("assert Solution().g(n = 2) == [1,2]",)
     assert P.returns_str("class Solution:\n    def f(self, s: str) -> str:\n        ")
     assert not P.returns_str("class Solution:\n    def f(self, s: str) -> List[str]:")
+    assert P.returns_str("PROBLEM:\nThe method looks like f(x) -> str.\n...-> int:")  # whole prompt, as upstream
+
+
+def test_tests_compile():
+    p = P.Problem(1, "Medium", "Solution().f", "q", "s", ("assert Solution().f(n = 1) == [1,\n 2]",), "", "", ())
+    assert P.tests_compile(p)
+    for bad in ("assert Solution().f(n = 3) == Error: list index out of range", "assert Solution().f(n = 9) == Execution timed out",
+                "assert Solution().f(nums = [0101]) == 1", 'assert Solution().f(s = "x") == ""x""'):
+        q = P.dataclasses.replace(p, gt_tests=p.gt_tests + (bad,))
+        assert not P.tests_compile(q), bad
+        assert P.filter_problems([q]) == [] and P.filter_problems([q], valid_tests=False) == [q]
 
 
 def test_tests_from_check_renames_only_the_argument():
@@ -412,7 +424,7 @@ def test_hub_source_fails_clearly_offline(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     line = [s for s in r.stdout.splitlines() if s.startswith("ERR")]
     assert line, r.stdout + r.stderr
-    assert "newfacade/LeetCodeDataset" in line[0] and "PGRPO_DATA_DIR" in line[0]
+    assert "newfacade/LeetCodeDataset" in line[0] and "train_source=local-v0.2.0" in line[0]
 
 
 # ----------------------------------------------------------------------------------------- prepare_data
@@ -423,9 +435,11 @@ def test_prepare_data_counts_and_determinism(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     import prepare_data
 
-    a = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path / "a", canonical_check="off"))
-    b = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path / "b", canonical_check="off"))
-    c = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path / "c", canonical_check="off", seed=1))
+    # --length-hints applied: 6x cheaper than all (which keeps the same 1375 here; the slow grader test runs it)
+    kw = dict(canonical_check="off", length_hints="applied")
+    a = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path / "a", **kw))
+    b = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path / "b", **kw))
+    c = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path / "c", seed=1, **kw))
     s = a["splits"]
     print({k: v["n"] for k, v in s.items()})
     assert s["train"]["n"] + s["holdout"]["n"] == 1375 and s["holdout"]["n"] == 138 and s["test"]["n"] == 119
@@ -446,7 +460,238 @@ def test_prepare_data_with_grader_keeps_most_problems(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     import prepare_data
 
-    m = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path, canonical_check="on"))
+    m = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path, canonical_check="on"))  # length under every hint
     n = m["splits"]["train"]["n"] + m["splits"]["holdout"]["n"]
-    print(f"train+holdout after the canonical check: {n} of 1375")
+    c = m["source_counts"]
+    print(f"train+holdout after the canonical check: {n} of 1375; {c}")
+    assert c["train_valid_tests"] == c["train_prompt_fits"] == 1375 and m["source"] == "local-v0.2.0"
     assert 1300 <= n <= 1375
+
+
+# ------------------------------------------------------------------------------- training sources: hub
+
+# Rows in the hub's schema (LeetCodeDataset v0.3.x: the fields the benchmark's LeetCodeProcessor reads, plus
+# the rest it drops), written by hand. Expected asserts below are typed out, not produced by the converter.
+SORTED_HEADER = "import heapq\nimport itertools\nfrom sortedcontainers import SortedList\n" + P.SETUP_CODE
+
+
+def _hub_row(qid, difficulty, method, sig, io_, header=P.SETUP_CODE, desc=None):
+    return {
+        "task_id": f"task-{qid}", "question_id": qid, "difficulty": difficulty, "tags": ["Array"],
+        "problem_description": desc or f"Problem {qid}.\n\nExample 1:\nInput: ...\n",
+        "starter_code": f"class Solution:\n    def {method}(self, {sig}:\n        ",
+        "estimated_date": "2024-01-01", "prompt": header,
+        "completion": f"class Solution:\n    def {method}(self, *a):\n        return 0\n",
+        "entry_point": f"Solution().{method}", "test": "def check(candidate):\n    pass\n",
+        "input_output": io_, "query": "q", "response": "r",
+    }
+
+
+HUB_ROWS = [
+    _hub_row(9001, "Medium", "lastWord", "word: str, k: int) -> str",
+             [{"input": 'word = "dbca", k = 2', "output": "dbc"}, {"input": 'word = "gggg", k = 4', "output": "g"}]),
+    _hub_row(9002, "Hard", "pairs", "nums: List[int]) -> List[List[int]]",
+             [{"input": "nums = [1,2]", "output": "[[1, 2]]"}, {"input": "nums = []", "output": "[]"},
+              {"input": "nums = [3]", "output": "[]"}], header=SORTED_HEADER),
+    _hub_row(9003, "Easy", "easy", "n: int) -> int", [{"input": "n = 1", "output": "1"}]),
+    _hub_row(9004, "Medium", "broken", "n: int) -> int",
+             [{"input": "n = 1", "output": "1"}, {"input": "n = 10**9", "output": "Error: list index out of range"}]),
+    _hub_row(9005, "Hard", "count", "n: int) -> int", [{"input": "n = 2", "output": "3"}],
+             desc="Return a count; an older signature was f(n) -> str."),
+]
+HUB_EXPECTED = {
+    9001: ('assert Solution().lastWord(word = "dbca", k = 2) == "dbc"', 'assert Solution().lastWord(word = "gggg", k = 4) == "g"'),
+    9002: ("assert Solution().pairs(nums = [1,2]) == [[1, 2]]", "assert Solution().pairs(nums = []) == []",
+           "assert Solution().pairs(nums = [3]) == []"),
+    # `-> str` occurs in the description, so upstream quotes this int output too; the compile filter keeps the
+    # (valid) assert and the canonical check would drop the problem, as upstream
+    9005: ('assert Solution().count(n = 2) == "3"',),
+}
+
+
+@pytest.fixture
+def standin_hub(monkeypatch):
+    """A stand-in `datasets` module serving HUB_ROWS, and a reachable hub; records load_dataset's calls."""
+    import types
+
+    calls = []
+
+    def load_dataset(path, split=None, revision=None, **kw):
+        calls.append((path, split, revision, kw))
+        if split != "train":
+            raise ValueError(f'Unknown split "{split}". Should be one of [\'train\', \'test\'].')
+        return [dict(r) for r in HUB_ROWS]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(P, "hub_unreachable", lambda timeout_s=P.HUB_PROBE_TIMEOUT_S: None)
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    return calls
+
+
+def test_hub_rows_convert_by_the_benchmark_rules(standin_hub):
+    raw = P.load_leetcode("hub", split="train", revision="v0.3.1")
+    assert standin_hub == [("newfacade/LeetCodeDataset", "train", "v0.3.1", {})]
+    by = {p.id: p for p in raw}
+    assert [p.id for p in raw] == [9001, 9002, 9003, 9004, 9005]
+    for pid, want in HUB_EXPECTED.items():
+        assert by[pid].gt_tests == want, pid
+    assert by[9004].gt_tests[1] == "assert Solution().broken(n = 10**9) == Error: list index out of range"
+    assert by[9002].setup_code == SORTED_HEADER and by[9001].setup_code == P.SETUP_CODE  # the row's own header
+    assert by[9002].difficulty == "Hard" and by[9002].func_name == "Solution().pairs"
+    assert by[9001].prompt[1]["content"] == (
+        "PROBLEM:\nProblem 9001.\n\nExample 1:\nInput: ...\n\nYour solution to the problem should be a method of the class "
+        "Solution called lastWord and should pass all tests. Use the following starter code:\n```python\nclass Solution:\n"
+        "    def lastWord(self, word: str, k: int) -> str:\n        # Add your code here\n```\n\nSOLUTION:\n"
+    )
+
+
+def test_load_train_source_hub_filters_and_describes(standin_hub):
+    ps, text = P.load_train_source("hub")
+    assert [p.id for p in ps] == [9001, 9002, 9005]  # 9003 Easy, 9004 has a test that is not Python
+    assert text.startswith("hub: newfacade/LeetCodeDataset train split") and "revision main" in text
+    assert "3 of 5 rows" in text and "\n" not in text
+    assert standin_hub[-1][2] is None
+
+
+def test_hub_unreachable_fails_fast_without_calling_datasets(standin_hub, monkeypatch):
+    monkeypatch.setattr(P, "hub_unreachable", lambda timeout_s=P.HUB_PROBE_TIMEOUT_S: "huggingface.co:443: gaierror: no DNS")
+    with pytest.raises(RuntimeError) as e:
+        P.load_train_source("hub")
+    msg = str(e.value)
+    assert "\n" not in msg and "gaierror" in msg and "train_source=local-v0.2.0" in msg
+    assert standin_hub == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline mode: no probe, datasets reads its cache
+    assert len(P.load_leetcode("hub")) == 5 and len(standin_hub) == 1
+    with pytest.raises(RuntimeError, match=r"split 'validation'.*Unknown split.*local-v0\.2\.0"):
+        P.load_leetcode("hub", split="validation")
+
+
+def test_hub_probe_returns_quickly(monkeypatch):
+    import time
+
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    t = time.monotonic()
+    why = P.hub_unreachable(timeout_s=1.0)
+    assert why is not None and "127.0.0.1:9" in why and time.monotonic() - t < 3.0
+    monkeypatch.setenv("HF_ENDPOINT", "http://no-such-host.invalid")  # .invalid never resolves (RFC 6761)
+    t = time.monotonic()
+    why = P.hub_unreachable(timeout_s=1.0)
+    assert why is not None and "no-such-host.invalid:80" in why and time.monotonic() - t < 3.0, why
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{srv.getsockname()[1]}")
+        assert P.hub_unreachable(timeout_s=2.0) is None
+    finally:
+        srv.close()
+
+
+def test_unknown_train_source():
+    with pytest.raises(ValueError) as e:
+        P.load_train_source("local")
+    assert "'local'" in str(e.value) and "hub, local-v0.2.0" in str(e.value)
+
+
+def test_load_train_set_checks_the_prepared_source(tmp_path, standin_hub):
+    ps, _ = P.load_train_source("hub")
+    P.save_problems(tmp_path / "train.jsonl", ps)
+    man = {"source": "hub", "source_description": "hub: stand-in, revision main", "args": {}}
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    got, text = P.load_train_set("hub", tmp_path / "train.jsonl")
+    assert got == ps and text.startswith("hub: stand-in") and "(3 problems)" in text
+    with pytest.raises(ValueError) as e:
+        P.load_train_set("local-v0.2.0", tmp_path / "train.jsonl")
+    msg = str(e.value)
+    assert "prepared from source 'hub'" in msg and "--source local-v0.2.0" in msg and "--train-source hub" in msg
+    (tmp_path / "manifest.json").write_text(json.dumps({"args": {"version": "v0.2.0"}}))  # written before sources
+    assert P.prepared_source(tmp_path / "train.jsonl")[0] == "local-v0.2.0"
+    with pytest.raises(ValueError, match="prepared from source 'local-v0.2.0'"):
+        P.load_train_set("hub", tmp_path / "train.jsonl")
+    with pytest.raises(FileNotFoundError, match="just prepare-data --source hub"):
+        P.load_train_set("hub", tmp_path / "nope.jsonl")
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="manifest.json not found"):
+        P.load_train_set("hub", tmp_path / "train.jsonl")
+
+
+@needs_data
+def test_load_train_source_local(train):
+    ps, text = P.load_train_source("local-v0.2.0")
+    assert [p.id for p in ps] == [p.id for p in train if p.difficulty != "Easy"] and len(ps) == 1375
+    assert text.startswith("local-v0.2.0: DEVIATION") and "1375 of 1890 rows" in text
+    got, text2 = P.load_train_set("local-v0.2.0", "")
+    assert got == ps and text2 == text
+
+
+@needs_data
+def test_hub_path_reproduces_benchmark_file(bench, monkeypatch, standin_hub):
+    """v0.3.1 test rows served as if from the hub: same asserts, prompts and headers as the benchmark's file."""
+    rows = [json.loads(line) for line in gzip.open(DATA / "LeetCodeDataset-v0.3.1-test.jsonl.gz", "rt")]
+    monkeypatch.setattr(sys.modules["datasets"], "load_dataset", lambda path, split=None, revision=None: rows)
+    raw = {p.id: p for p in P.load_leetcode("hub", split="test")}
+    for b in bench:
+        r = raw[b.id]
+        assert (r.gt_tests, r.prompt, r.setup_code, r.canonical_solution) == (b.gt_tests, b.prompt, b.setup_code, b.canonical_solution)
+    medhard = [p for p in raw.values() if p.difficulty != "Easy"]
+    valid = P.filter_problems(medhard)
+    # 46 of the 180 medium/hard rows have generated cases with an error message as output; none is in the 119
+    assert (len(medhard), len(valid)) == (180, 134) and {b.id for b in bench} <= {p.id for p in valid}
+
+
+@needs_data
+def test_prepare_data_hub_source_with_standin(tmp_path, standin_hub):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import prepare_data
+
+    m = prepare_data.prepare(prepare_data.Args(source="hub", out_dir=tmp_path, canonical_check="off", holdout_frac=0.0))
+    assert m["source"] == "hub" and m["source_description"].startswith("hub: newfacade/LeetCodeDataset train split")
+    c = m["source_counts"]
+    assert (c["train_all"]["n"], c["train_difficulty_ok"], c["train_valid_tests"], c["train_prompt_fits"]) == (5, 4, 3, 3)
+    tr = P.load_problems(tmp_path / "train.jsonl")
+    assert [p.id for p in tr] == [9001, 9002, 9005] and all(p.hint == "simple_overwrite_tests" for p in tr)
+    assert tr[0].gt_tests == HUB_EXPECTED[9001] and tr[1].setup_code == SORTED_HEADER
+    assert json.loads((tmp_path / "manifest.json").read_text())["source"] == "hub"
+    got, text = P.load_train_set("hub", tmp_path / "train.jsonl")
+    assert got == tr and text.startswith("hub: ")
+    with pytest.raises(ValueError, match="--train-source hub"):
+        P.load_train_set("local-v0.2.0", tmp_path / "train.jsonl")
+
+
+@needs_data
+def test_prepare_data_length_filter_under_every_hint(tmp_path, standin_hub):
+    """A problem whose modify_tests prompt (10 asserts shown) is too long is dropped under --length-hints all only."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import models
+    import prepare_data
+
+    tok = models.load_tokenizer("tiny-random")
+    ps, _ = P.load_train_source("hub")
+    long_io = [{"input": f"nums = {list(range(60))}", "output": "[]"}] * 10
+    big = P.convert_row(dict(HUB_ROWS[1], question_id=9010, input_output=long_io))
+    n = {h: models.prompt_len(tok)(P.apply_hint(big, h)) for h in P.HINTS}
+    limit = max(models.prompt_len(tok)(P.apply_hint(p, h)) for p in ps for h in P.HINTS)
+    assert n["simple_overwrite_tests"] <= limit < min(n["modify_tests"], n["incontext_tests"])  # 10 long asserts shown
+    assert [p.id for p in prepare_data.fits_every_hint(ps + [big], limit, tok)] == [p.id for p in ps]
+    assert [p.id for p in prepare_data.fits_every_hint(ps + [big], limit - 1, tok)] != [p.id for p in ps]
+
+
+@needs_data
+@pytest.mark.skipif(_rewards_grader() is None, reason="rewards.Grader (grader issue) not available yet")
+def test_canonical_check_drops_problems_whose_header_or_tests_crash(train):
+    """The grader reports a header import failure / a non-Python test as a sandbox crash; prepare-data counts
+    them as failed canonicals instead of stopping."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import prepare_data
+
+    good = by_id(train, 371)
+    no_mod = P.dataclasses.replace(good, id=1, setup_code="import no_such_module_pgrpo\n" + good.setup_code)
+    bad_test = P.dataclasses.replace(good, id=2, gt_tests=good.gt_tests + ("assert Solution().getSum(a = 1, b = 2) == Error: x",))
+    stats: dict = {}
+    assert prepare_data.grader_canonical_check([good, no_mod, bad_test], stats) == [True, False, False]
+    assert stats["canonical_failures"] == {"ModuleNotFoundError": 1, "SyntaxError": 1}, stats

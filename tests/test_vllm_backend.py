@@ -241,7 +241,7 @@ def test_train_main_runs_with_vllm_backend(tmp_path, fake_vllm, monkeypatch, poo
     fake = FakeLLM.instances[-1]
     tok = models.load_tokenizer("tiny-random")  # context = the longest train or eval prompt + the completion budget
     longest = max(len(models.chat_ids(tok, list(p.prompt))) for p in
-                  [*P.load_train_split(cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint, cfg.max_prompt_tokens, models.prompt_len(tok)), *[P.apply_hint(q, cfg.eval_hint) for q in P.load_benchmark_test()[: cfg.eval_problems]]])
+                  [*P.load_train_split(cfg.train_source, cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint, cfg.max_prompt_tokens, models.prompt_len(tok))[0], *[P.apply_hint(q, cfg.eval_hint) for q in P.load_benchmark_test()[: cfg.eval_problems]]])
     assert fake.kw["max_model_len"] == longest + cfg.max_new_tokens
     # 2 train generations (deploy; delta_S changes between them) + evals in 3 modes = 5 pushes at least
     assert fake.model.calls >= 5, fake.model.calls
