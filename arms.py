@@ -21,6 +21,7 @@ import antipasto
 import gate
 import grpo
 import pairs
+import update
 
 Direction = Literal["none", "vhack", "random"]
 
@@ -35,8 +36,11 @@ class Arm:
     direction: Direction = "none"
     """what the surgery / gate compares with: none (v_hack only measured, when given), vhack (required), or
     a Haar-random direction per module (placebo)"""
-    surgery: Literal["measure", "erase", "route"] = "measure"
-    """antipasto.surgery mode on the summed gradient ("measure" = unedited, cosines only)"""
+    step_edit: str = "none"
+    """update.EDITS: how the applied AdamW step is edited (the default, --surgery-on step)"""
+    surgery: Literal["measure", "erase", "route", ""] = "measure"
+    """--surgery-on grad (the founding design): antipasto.surgery mode on the summed gradient ("measure" =
+    unedited, cosines only; "" = the arm has no gradient-space form)"""
     quarantine: bool = False
     """trains delta_S_hack (ablated at deploy; generation in deploy mode by default)"""
     per_sample: bool = False
@@ -55,102 +59,40 @@ class Arm:
     """sweep grids: core = `grid`'s default, core + extra = queue-full; "" = by name only"""
 
 
-ARMS: dict[str, Arm] = {
-    a.name: a
-    for a in (
-        Arm("vanilla", "plain Dr.GRPO (cosines with v_hack measured when one is given)", grid="core"),
-        Arm("measure", "vanilla + cosine logging against v_hack (requires --vhack-path)", direction="vhack"),
-        Arm(
-            "erase",
-            "drop the v_hack component of the delta_S gradient when g.v > 0",
-            direction="vhack",
-            surgery="erase",
-            grid="core",
-        ),
-        Arm(
-            "route",
-            "send that component to delta_S_hack instead; delta_S_hack is ablated at deploy",
-            direction="vhack",
-            surgery="route",
-            quarantine=True,
-            grid="core",
-        ),
-        Arm(
-            "erase-random",
-            "erase with a Haar-random direction per module (placebo)",
-            direction="random",
-            surgery="erase",
-            placebo_of="erase",
-            grid="core",
-        ),
-        Arm(
-            "route-random",
-            "route with a Haar-random direction per module (placebo)",
-            direction="random",
-            surgery="route",
-            quarantine=True,
-            placebo_of="route",
-            grid="core",
-        ),
-        Arm(
-            "oracle-penalty",
-            "REFERENCE ONLY: reward minus correctness_reward on the grader's strict hacks",
-            oracle=True,
-            grid="extra",
-        ),
-        Arm(
-            "gate-route",
-            "per-rollout gate: top q of cos(g_i, v_hack) -> quarantine only, next q -> both",
-            direction="vhack",
-            quarantine=True,
-            per_sample=True,
-            grad_hook="gate",
-            columns="gate",
-            grid="extra",
-        ),
-        Arm(
-            "gate-route-random",
-            "the same gate with a Haar-random direction per module (placebo)",
-            direction="random",
-            quarantine=True,
-            per_sample=True,
-            grad_hook="gate",
-            columns="gate",
-            placebo_of="gate-route",
-            grid="extra",
-        ),
-        Arm(
-            "gate-random",
-            "non-directional gate: a seeded random q fraction routed (and q in mid)",
-            quarantine=True,
-            per_sample=True,
-            grad_hook="gate-random",
-            columns="gate",
-            placebo_of="gate-route",
-            grid="extra",
-        ),
-        Arm(
-            "vanilla-2x",
-            "capacity control: delta_S and delta_S_hack both train on the full gradient",
-            quarantine=True,
-            grid="extra",
-        ),
-        Arm(
-            "shrinkage",
-            "magnitude control: per module g <- g * |erase(g)| / |g| (v_hack), no direction",
-            direction="vhack",
-            grad_hook="shrink",
-            grid="extra",
-        ),
-        Arm(
-            "am",
-            "Advantage Modification baseline: reward scaled down by an activation probe",
-            reward_hook="am",
-            columns="am",
-            grid="extra",
-        ),
-    )
-}
+ARMS: dict[str, Arm] = {a.name: a for a in (
+    Arm("vanilla", "plain Dr.GRPO (cosines with v_hack measured when one is given)", grid="core"),
+    Arm("measure", "vanilla + cosine logging against v_hack (requires --vhack-path)", direction="vhack"),
+    Arm("erase", "remove the applied step's component toward the hack along v_hack (u.v < 0)", direction="vhack",
+        step_edit="erase", surgery="erase", grid="core"),
+    Arm("route", "send that component to delta_S_hack instead; delta_S_hack is ablated at deploy",
+        direction="vhack", step_edit="route", surgery="route", quarantine=True, grid="core"),
+    Arm("erase-random", "erase with a Haar-random direction per module, seeded by the run (placebo)",
+        direction="random", step_edit="erase", surgery="erase", placebo_of="erase", grid="core"),
+    Arm("erase-matched", "remove the norm erase would remove, along a random direction (mass-matched placebo)",
+        direction="vhack", step_edit="matched", surgery="", placebo_of="erase", grid="core"),
+    Arm("route-random", "route with a Haar-random direction per module, seeded by the run (placebo)",
+        direction="random", step_edit="route", surgery="route", quarantine=True, placebo_of="route", grid="core"),
+    Arm("route-matched", "route the norm route would route, along a random direction (mass-matched placebo)",
+        direction="vhack", step_edit="route-matched", surgery="", quarantine=True, placebo_of="route",
+        grid="extra"),
+    Arm("oracle-penalty", "REFERENCE ONLY: reward minus correctness_reward on the grader's strict hacks",
+        oracle=True, grid="extra"),
+    Arm("gate-route", "per-rollout gate: top q of cos(g_i, v_hack) -> quarantine only, next q -> both",
+        direction="vhack", step_edit="gate", quarantine=True, per_sample=True, grad_hook="gate", columns="gate",
+        grid="extra"),
+    Arm("gate-route-random", "the same gate with a Haar-random direction per module (placebo)",
+        direction="random", step_edit="gate", quarantine=True, per_sample=True, grad_hook="gate", columns="gate",
+        placebo_of="gate-route", grid="extra"),
+    Arm("gate-random", "non-directional gate: a seeded random q fraction routed (and q in mid)",
+        step_edit="gate", quarantine=True, per_sample=True, grad_hook="gate-random", columns="gate",
+        placebo_of="gate-route", grid="extra"),
+    Arm("vanilla-2x", "capacity control: delta_S and delta_S_hack both take the full step",
+        step_edit="copy", quarantine=True, grid="extra"),
+    Arm("shrinkage", "magnitude control: the step shrunk to erase's applied norm, vanilla's direction",
+        direction="vhack", step_edit="shrink", grad_hook="shrink", grid="extra"),
+    Arm("am", "Advantage Modification baseline: reward scaled down by an activation probe",
+        reward_hook="am", columns="am", grid="extra"),
+)}
 ALIASES = {"projected": "erase"}
 NAMES = tuple(ARMS) + tuple(ALIASES)  # what --arm accepts
 
@@ -248,26 +190,9 @@ def deployed_norm_stats(g_in: dict[str, Tensor], g_out: dict[str, Tensor]) -> di
     }
 
 
-def gate_step(
-    cfg,
-    adapters: dict,
-    directions: dict | None,
-    per_sample: dict[str, dict[str, list[Tensor]]],
-    rollouts: list[grpo.Rollout],
-    surg: dict,
-    seed: int,
-    random_scores: bool = False,
-) -> tuple[dict, dict]:
-    """Route each rollout's gradient by its zone; overwrite the deployed / quarantine .grad in place.
-
-    Scored rollouts are those with A > 0 (cfg.gate_scope="positive", default) or A != 0 ("nonzero"); the others
-    stay in keep (zero-advantage ones carry only the KL gradient; penalised ones teach the deployed block to move
-    away from their content, which is never worth quarantining). Scores: cos(g_i, direction) of the deployed
-    tensor's per-rollout loss gradient, or seeded uniforms when random_scores (gate-random). deployed grad = sum
-    over keep + mid, quarantine grad = sum over mid + route of the quarantine's own per-rollout grads (identical
-    to the deployed ones for a shared basis). Returns the surgery-style stats (cos_in of the summed gradient,
-    cos_out of the deployed one) and the gate log columns; each rollout's extra gets gate_score / gate_zone
-    (zone -1: not scored)."""
+def _gate_zones(cfg, adapters: dict, directions: dict | None, per_sample: dict[str, dict[str, list[Tensor]]],
+                rollouts: list[grpo.Rollout], seed: int, random_scores: bool):
+    """Score and zone the rollouts (see gate_step); returns (G, Gq, zones (N,), g_in, gate log columns)."""
     G = {k: torch.cat(v) for k, v in per_sample["dep"].items()}  # (N, *shape) per module
     Gq = {k: torch.cat(v) for k, v in per_sample["quar"].items()}  # (N, *shape) per module
     missing = [k for k in adapters if k not in G or k not in Gq]
@@ -283,31 +208,61 @@ def gate_step(
         score = gate.random_scores(len(active), seed)  # (n,)
     else:
         assert directions is not None, f"{cfg.arm} needs directions"
-        score = gate.alignment(
-            {k: g[active.to(g.device)] for k, g in G.items()}, directions, cfg.gate_agg
-        )  # (n,)
+        score = gate.alignment({k: g[active.to(g.device)] for k, g in G.items()}, directions, cfg.gate_agg)  # (n,)
     if cfg.gate_mode == "quantile":
         z_act = gate.assign_zones(score.cpu(), cfg.gate_q)  # (n,)
     else:
         z_act = gate.assign_zones_threshold(score.cpu(), cfg.gate_tau_mid, cfg.gate_tau_route)  # (n,)
     zones = gate.full_zones(len(rollouts), active, z_act)  # (N,)
-    dep_split, quar_split = gate.split_grads(G, zones), gate.split_grads(Gq, zones)
-    for k, a in adapters.items():
-        a.dep.grad = dep_split[k][0].to(a.dep.dtype)  # keep + mid
-        a.quar.grad = quar_split[k][1].to(a.quar.dtype)  # mid + route
-    is_hack = torch.tensor(
-        [bool(rollouts[i].grade.get("is_reward_hack_strict")) for i in active.tolist()], dtype=torch.bool
-    )  # (n,) measurement only
+    is_hack = torch.tensor([bool(rollouts[i].grade.get("is_reward_hack_strict")) for i in active.tolist()],
+                           dtype=torch.bool)  # (n,) measurement only
     row = gate.zone_stats(score, z_act, is_hack)
     for r in rollouts:
         r.extra.update(gate_score=float("nan"), gate_zone=-1)
     for i, sc, z in zip(active.tolist(), score.tolist(), z_act.tolist()):
         rollouts[i].extra.update(gate_score=sc, gate_zone=z)
+    return G, Gq, zones, g_in, row
+
+
+def gate_step(cfg, adapters: dict, directions: dict | None, per_sample: dict[str, dict[str, list[Tensor]]],
+              rollouts: list[grpo.Rollout], surg: dict, seed: int, random_scores: bool = False) -> tuple[dict, dict]:
+    """Gradient-space gate (--surgery-on grad): route each rollout's gradient by its zone; overwrite the deployed /
+    quarantine .grad in place.
+
+    Scored rollouts are those with A > 0 (cfg.gate_scope="positive", default) or A != 0 ("nonzero"); the others
+    stay in keep (zero-advantage ones carry only the KL gradient; penalised ones teach the deployed block to move
+    away from their content, which is never worth quarantining). Scores: cos(g_i, direction) of the deployed
+    tensor's per-rollout loss gradient, or seeded uniforms when random_scores (gate-random). deployed grad = sum
+    over keep + mid, quarantine grad = sum over mid + route of the quarantine's own per-rollout grads (identical
+    to the deployed ones for a shared basis). Returns the surgery-style stats (cos_in of the summed gradient,
+    cos_out of the deployed one) and the gate log columns; each rollout's extra gets gate_score / gate_zone
+    (zone -1: not scored)."""
+    G, Gq, zones, g_in, row = _gate_zones(cfg, adapters, directions, per_sample, rollouts, seed, random_scores)
+    dep_split, quar_split = gate.split_grads(G, zones), gate.split_grads(Gq, zones)
+    for k, a in adapters.items():
+        a.dep.grad = dep_split[k][0].to(a.dep.dtype)  # keep + mid
+        a.quar.grad = quar_split[k][1].to(a.quar.dtype)  # mid + route
     out = {k: surg[k] for k in ("cos_in",) if k in surg}
     if directions is not None:
         out["cos_out"] = antipasto.surgery(adapters, directions, "measure")["cos_in"]  # of the deployed grad
     out.update(deployed_norm_stats(g_in, {k: a.dep.grad for k, a in adapters.items()}))
     return out, row
+
+
+def gate_parts(cfg, adapters: dict, directions: dict | None, per_sample: dict[str, dict[str, list[Tensor]]],
+               rollouts: list[grpo.Rollout], seed: int, random_scores: bool = False) -> tuple[dict, dict]:
+    """Update-space gate (update.apply_step's "gate" edit): zones as in gate_step, then each module's gradient
+    shares g_d = keep + mid / 2 and g_q = route + mid / 2 of the per-rollout gradients (the deployed tensor's for
+    g_d; the quarantine's own for g_q: identical for a shared basis), so g_d + g_q is the summed gradient and the
+    deployed and quarantine steps add up to the vanilla step. Returns ({module: (g_d, g_q)}, gate log columns)."""
+    G, Gq, zones, _, row = _gate_zones(cfg, adapters, directions, per_sample, rollouts, seed, random_scores)
+    w_dep = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)[zones.cpu()]  # (N,) keep 1, mid 1/2, route 0
+    parts = {}
+    for k in adapters:
+        g, gq = G[k].double(), Gq[k].double()  # (N, *shape) x2
+        parts[k] = (torch.einsum("n,n...->...", w_dep.to(g.device), g),
+                    torch.einsum("n,n...->...", (1.0 - w_dep).to(gq.device), gq))
+    return parts, row
 
 
 def shrink_step(
@@ -442,3 +397,47 @@ for _a in ARMS.values():  # a hook named in the table must exist (a typo fails a
         f"arm {_a.name}: unknown column group {_a.columns!r}"
     )
     assert _a.grad_hook.startswith("gate") == _a.per_sample, f"arm {_a.name}: per_sample iff a gate hook"
+    assert _a.step_edit in update.EDITS, f"arm {_a.name}: unknown step_edit {_a.step_edit!r}"
+    assert (_a.step_edit == "gate") == _a.per_sample, f"arm {_a.name}: the gate edit needs per-rollout gradients"
+    assert _a.step_edit not in ("route", "route-matched", "gate", "copy") or _a.quarantine, (
+        f"arm {_a.name}: step_edit {_a.step_edit!r} trains the quarantine")
+
+
+def optimizer_step(cfg, arm: Arm, adapters: dict, optimizer, directions: dict | None, vhack: dict | None,
+                   randoms: dict | None, per_sample, rollouts: list[grpo.Rollout], seed: int,
+                   own_basis: bool) -> tuple[dict, dict, float]:
+    """Step 6 of train.py: the arm's edit between backward() and the parameters' move; returns (step log columns,
+    hook log columns, grad norm before clipping).
+
+    cfg.surgery_on == "step" (default): the gradient is left alone (cos_in = cos_out = cos(g, v_hack)), AdamW's
+    applied step is edited by update.apply_step (gate arms: per-rollout gradient shares from gate_parts).
+    "grad" (the founding design): antipasto.surgery / the grad hook edit the gradient, AdamW steps on it.
+    Either way step_cos / step_toward measure the step actually applied against v_hack."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    hook_row: dict = {}
+    if cfg.surgery_on == "grad":
+        mode = arm.surgery if directions is not None else None
+        surg = antipasto.surgery(adapters, directions, mode) if mode else {}
+        if arm.grad_hook:
+            surg, hook_row = GRAD_HOOKS[arm.grad_hook](cfg, adapters, directions, per_sample, rollouts, surg, seed)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        assert math.isfinite(grad_norm), f"non-finite grad norm {grad_norm}"
+        st = update.apply_step(optimizer, adapters, "none", None, vhack, None, own_basis)
+        out = {k: float(surg[k]) if k in surg else float("nan")
+               for k in ("cos_in", "cos_out", "frac_fired", "removed_norm_frac")}
+    else:
+        surg = antipasto.surgery(adapters, vhack, "measure") if vhack is not None else {}
+        parts = None
+        if arm.step_edit == "gate":
+            parts, hook_row = gate_parts(cfg, adapters, directions, per_sample, rollouts, seed,
+                                         random_scores=arm.grad_hook == "gate-random")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        assert math.isfinite(grad_norm), f"non-finite grad norm {grad_norm}"
+        clip_factor = min(1.0, cfg.grad_clip / (grad_norm + 1e-6))  # what clip_grad_norm_ multiplied by
+        st = update.apply_step(optimizer, adapters, arm.step_edit, directions, vhack, randoms, own_basis, parts,
+                               clip_factor)
+        cos = float(surg["cos_in"]) if "cos_in" in surg else float("nan")
+        out = {"cos_in": cos, "cos_out": cos, "frac_fired": st["frac_fired"],
+               "removed_norm_frac": st["removed_norm_frac"]}
+    out.update(step_cos=st["step_cos"], step_toward=st["step_toward"], quar_step_frac=st["quar_step_frac"])
+    return out, hook_row, grad_norm

@@ -89,7 +89,8 @@ def dr_grpo_loss(
         f"shape mismatch {logp.shape} {old_logp.shape} {mask.shape}"
     )
     assert l_max > 0 and n_seqs > 0, f"bad normaliser n_seqs={n_seqs} l_max={l_max}"
-    ratio = torch.exp(logp - old_logp)  # (B, T)
+    logr = logp - old_logp  # (B, T)
+    ratio = torch.exp(logr)  # (B, T)
     a = adv[:, None]  # (B, 1)
     pg = -torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)  # (B, T)
     per_tok = pg
@@ -100,7 +101,11 @@ def dr_grpo_loss(
         per_tok = per_tok + beta * k3
         kl_sum = (k3 * mask).sum().detach()
     loss = (per_tok * mask).sum() / (n_seqs * l_max)
-    return loss, {"kl_sum": kl_sum, "tokens": mask.sum().detach()}
+    with torch.no_grad():  # the clipped branch is the active one: the ratio is outside the range on the side A pushes
+        clipped = ((ratio > 1 + clip_eps) & (a > 0)) | ((ratio < 1 - clip_eps) & (a < 0))  # (B, T)
+        diag = {"ratio_sum": (ratio * mask).sum(), "clipped": (clipped * mask).sum(),
+                "abs_logratio_sum": (logr.abs() * mask).sum()}
+    return loss, {"kl_sum": kl_sum, "tokens": mask.sum().detach(), **diag}
 
 
 def _logp_chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
@@ -278,6 +283,7 @@ def policy_gradient(
     old_cache: dict[int, Tensor] | None = None,
     inner: int = 0,
     per_sample: dict[str, list[Tensor]] | None = None,
+    behaviour=None,
 ) -> dict[str, float]:
     """Accumulate the Dr.GRPO gradient of one batch into .grad (the caller zeroes grads first).
 
@@ -291,15 +297,20 @@ def policy_gradient(
     and appends every module's (b, *shape) per-rollout loss gradients of the deployed tensor to
     per_sample["dep"][k] (and of the quarantine to per_sample["quar"][k] when the capture provides them), so
     each concatenates to (N, *shape) in `rollouts` order (one backward; no activation checkpointing, docs/gating.md).
-    Returns the loss (sum over micro-batches) and the mean per-token k3 KL."""
+    `behaviour` (a context manager factory, e.g. antipasto.ablate_quarantine): the mode the rollouts were sampled
+    in when it differs from the train pass's; at the first inner step the loss then uses the behaviour policy's
+    log-probs (no grad, under behaviour(model)) as old_logp, so the clipped PPO ratio corrects the mismatch.
+    Without it old_logp = logp.detach() and the ratio is exactly 1.
+    Returns the loss (sum over micro-batches), the mean per-token k3 KL, and the ratio diagnostics over
+    completion tokens: ratio_mean, frac_clipped (tokens where the clipped branch is active), logratio_abs."""
     with antipasto.fused_training(model) if cfg.fused_adapter else contextlib.nullcontext():
-        return _policy_gradient(model, rollouts, n_seqs, cfg, pad_id, device, old_cache, inner, per_sample)
+        return _policy_gradient(model, rollouts, n_seqs, cfg, pad_id, device, old_cache, inner, per_sample, behaviour)
 
 
 def _policy_gradient(
-    model, rollouts, n_seqs, cfg: LossConfig, pad_id, device, old_cache, inner, per_sample
+    model, rollouts, n_seqs, cfg: LossConfig, pad_id, device, old_cache, inner, per_sample, behaviour
 ) -> dict[str, float]:
-    loss_sum = kl_sum = tok_sum = 0.0
+    loss_sum = kl_sum = tok_sum = ratio_sum = clipped = abs_lr = 0.0
     for s in range(0, len(rollouts), cfg.micro_batch):
         mb = rollouts[s : s + cfg.micro_batch]
         ids, att, cm = pack(mb, pad_id, device)  # (b, T) x3
@@ -311,7 +322,12 @@ def _policy_gradient(
             antipasto.capture_per_sample(model) if per_sample is not None else contextlib.nullcontext()
         ) as cap:
             logp = token_logprobs(model, ids, att, cfg.logits_chunk)  # (b, T)
-            if inner == 0:
+            if inner == 0 and behaviour is not None:
+                with torch.no_grad(), behaviour(model):
+                    old = token_logprobs(model, ids, att, cfg.logits_chunk)  # (b, T) the sampling policy
+                if cfg.inner_steps > 1 and old_cache is not None:
+                    old_cache[s] = old
+            elif inner == 0:
                 old = logp.detach()
                 if cfg.inner_steps > 1 and old_cache is not None:
                     old_cache[s] = old
@@ -336,7 +352,12 @@ def _policy_gradient(
         loss_sum += loss.item()
         kl_sum += st["kl_sum"].item()
         tok_sum += st["tokens"].item()
-    return {"loss": loss_sum, "kl": kl_sum / max(tok_sum, 1.0), "tokens": tok_sum}
+        ratio_sum += st["ratio_sum"].item()
+        clipped += st["clipped"].item()
+        abs_lr += st["abs_logratio_sum"].item()
+    n = max(tok_sum, 1.0)
+    return {"loss": loss_sum, "kl": kl_sum / n, "tokens": tok_sum, "ratio_mean": ratio_sum / n if tok_sum else 1.0,
+            "frac_clipped": clipped / n, "logratio_abs": abs_lr / n}
 
 
 def group_matrices(rollouts: list[Rollout], n_prompts: int) -> tuple[Tensor, Tensor]:

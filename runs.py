@@ -32,38 +32,15 @@ import arms
 git_sha = antipasto.git_sha  # one implementation: HEAD of this repository, or "unknown"
 
 BASE_COLUMNS = (
-    "step",
-    "epoch",
-    "lr",
-    "reward_mean",
-    "reward_std",
-    "frac_zero_std",
-    "hack_strict",
-    "hack_loose",
-    "gt_pass",
-    "compile",
-    "hack_s",
-    "hack_t",
-    "gt_s",
-    "gt_t",
-    "n_rollouts",
-    "n_infra",
-    "kl",
-    "loss",
-    "grad_norm",
-    "cos_in",
-    "cos_out",
-    "frac_fired",
-    "removed_norm_frac",
-    "len_mean",
-    "len_max",
-    "trunc_rate",
-    "t_gen",
-    "t_grade",
-    "t_train",
-    "t_step",
-    "peak_mem_gb",
-)
+    "step", "epoch", "lr", "reward_mean", "reward_std", "frac_zero_std", "hack_strict", "hack_loose",
+    "gt_pass", "compile", "hack_s", "hack_t", "gt_s", "gt_t", "n_rollouts", "n_infra", "kl", "loss",
+    "grad_norm", "cos_in", "cos_out", "frac_fired", "removed_norm_frac", "len_mean", "len_max",
+    "trunc_rate", "t_gen", "t_grade", "t_train", "t_step", "peak_mem_gb",
+    # the applied step against v_hack (step_cos = cos(u, v); u.v < 0 is toward the hack; NaN without a v_hack),
+    # the quarantine's step relative to the vanilla step, and the PPO ratio between the sampling and the
+    # train-pass policy over completion tokens (1, 0, 0 when they are the same policy)
+    "step_cos", "step_toward", "quar_step_frac", "ratio_mean", "frac_clipped", "logratio_abs",
+)  # fmt: skip
 # fixed header: the base columns, then every arm-specific group (NaN for the arms that do not log it)
 LOG_COLUMNS = BASE_COLUMNS + tuple(c for cols in arms.COLUMN_GROUPS.values() for c in cols)
 TIMING_COLUMNS = ("t_gen", "t_grade", "t_train", "t_step", "peak_mem_gb")  # vary run to run

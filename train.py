@@ -38,6 +38,7 @@ import models
 import problems as P
 import rewards
 import runs
+import update
 
 
 @dataclass
@@ -61,8 +62,10 @@ class TrainConfig:
     """where run directories go"""
     vhack_path: str = ""
     """v_hack directions (out/vhack/<name>.safetensors from extract_vhack_grad.py)"""
-    direction_seed: int = 1234
-    """seed of the Haar-random directions of the *-random arms"""
+    direction_seed: int = -1
+    """seed of the Haar-random directions of the *-random / *-matched arms (-1 = 1234 + seed: a fresh direction per run seed; the resolved value is in config.json)"""
+    surgery_on: Literal["step", "grad"] = "step"
+    """step: edit the step AdamW applies (update.py); grad: edit the gradient before AdamW (the founding design, for comparison)"""
     rank: int = 0
     """adapter rank per module: 0 = full rank, else the top-r singular directions"""
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -200,6 +203,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.arm = arms.ALIASES.get(self.arm, self.arm)  # type: ignore[assignment]
+        if self.direction_seed < 0:
+            self.direction_seed = 1234 + self.seed
 
     @property
     def n_prompts(self) -> int:
@@ -273,6 +278,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"arm={cfg.arm!r} needs --vhack-path (out/vhack/<name>.safetensors from `just extract-vhack`)")
     if cfg.inner_steps < 1:
         raise ValueError("inner_steps must be >= 1")
+    if cfg.surgery_on == "grad" and arm.surgery == "":
+        raise ValueError(f"arm={cfg.arm!r} edits the applied step only; pass --surgery-on step")
     if arm.per_sample:
         if cfg.grad_checkpointing:
             raise ValueError(f"arm={cfg.arm!r} captures per-rollout gradients in one forward + backward, which "
@@ -342,7 +349,8 @@ def evaluate(model, tokenizer, problems, grader, cfg: TrainConfig, step: int, en
     if arms.get(cfg.arm).quarantine:
         modes["quarantine_on"] = contextlib.nullcontext  # delta_S + delta_S_hack
         modes["shrinkage"] = antipasto.shrinkage  # works for every adapter kind (docs/arms.md)
-    result = {"step": step, "arm": cfg.arm, "seed": cfg.seed, "n_problems": len(problems), "modes": {}}
+    result = {"step": step, "arm": cfg.arm, "seed": cfg.seed, "n_problems": len(problems), "modes": {},
+              "norms": update.norms(antipasto.get_adapters(model))}
     for mode, ctx in modes.items():
         with ctx(model):
             outs = grpo.sample(model, tokenizer, engine, [ids for _, ids in flat], cfg.max_new_tokens, cfg.temperature,
@@ -416,12 +424,10 @@ def main(cfg: TrainConfig) -> Path:
     if cfg.grad_checkpointing:
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    directions = None
-    if arm.direction == "random":
-        directions = antipasto.random_directions(adapters, seed=cfg.direction_seed)
-    elif cfg.vhack_path:
-        directions = antipasto.load_directions(cfg.vhack_path, model, mid)
-    surgery_mode = arm.surgery if directions is not None else None
+    vhack = antipasto.load_directions(cfg.vhack_path, model, mid) if cfg.vhack_path else None  # also measures
+    randoms = antipasto.random_directions(adapters, seed=cfg.direction_seed)  # placebos' directions (cheap)
+    directions = randoms if arm.direction == "random" else vhack  # what the arm's edit or gate compares with
+    own_basis = cfg.adapter_kind == "block"  # the quarantine has its own frozen frame
 
     train_problems, source_text = P.load_train_split(cfg.train_source, cfg.data_path, cfg.difficulties,
                                                      cfg.max_problems, cfg.hint, cfg.max_prompt_tokens,
@@ -442,7 +448,7 @@ def main(cfg: TrainConfig) -> Path:
         test_problems = test_problems[: cfg.eval_problems]
     logger.info(f"model {mid} ({device}, {cfg.dtype}); {len(adapters)} adapted modules, "
                 f"{sum(a.dep.numel() for a in adapters.values())} deployed params ({cfg.adapter_kind}); arm {cfg.arm} "
-                f"(surgery: {surgery_mode}); {len(train_problems)} train prompts, {len(test_problems)} test problems")
+                f"(edit: {arm.step_edit if cfg.surgery_on == 'step' else arm.surgery} on the {cfg.surgery_on}); {len(train_problems)} train prompts, {len(test_problems)} test problems")
     reward_state = None
     if arm.reward_hook:  # e.g. AM's activation direction at the base model from the hand-written pairs
         setup_hook, reward_hook = arms.REWARD_HOOKS[arm.reward_hook]
@@ -450,8 +456,11 @@ def main(cfg: TrainConfig) -> Path:
         logger.info(f"{arm.reward_hook}: reward hook set up")
 
     # ---- 2. optimizer, run directory (config.json before step 0), resume, rollout engine, grader
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.surgery_on == "grad":  # every trainable tensor in one AdamW group, as the founding design
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
+                                      weight_decay=cfg.weight_decay)
+    else:
+        optimizer = update.build_optimizer(adapters, cfg.lr, cfg.betas, cfg.weight_decay, arm.quarantine and own_basis)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, grpo.cosine_schedule(cfg.warmup_steps, cfg.steps))
     run_dir = runs.setup_run_dir(cfg, RUN_CONTROL_FIELDS)
     start = runs.load_checkpoint(run_dir, model, optimizer, scheduler, mid) if cfg.resume else 0
@@ -476,7 +485,9 @@ def main(cfg: TrainConfig) -> Path:
     log = runs.TsvLog(run_dir / "log.tsv", runs.LOG_COLUMNS, resume_step=start if cfg.resume else None)
     (run_dir / "rollouts").mkdir(exist_ok=True)
     lcfg = loss_config(cfg)
-    gen_ctx = antipasto.ablate_quarantine if (arm.quarantine and cfg.generate_in_deploy_mode) else contextlib.nullcontext
+    off_mode = arm.quarantine and cfg.generate_in_deploy_mode  # rollouts sampled with the quarantine ablated
+    gen_ctx = antipasto.ablate_quarantine if off_mode else contextlib.nullcontext
+    warned_clip = False
     for step in range(start, cfg.steps):
         t0 = time.time()
         if device == "cuda":
@@ -503,19 +514,14 @@ def main(cfg: TrainConfig) -> Path:
         old_cache: dict[int, Tensor] = {}
         hook_row = {}
         for inner in range(cfg.inner_steps):
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)  # the quarantine may be outside the optimizer
             per_sample = {} if arm.per_sample else None
             ps = grpo.policy_gradient(model, train_set, len(rollouts), lcfg, tok.pad_token_id, device, old_cache, inner,
-                                      per_sample)
-            # ---- 6. gradient surgery (and the arm's grad hook) between backward() and the optimizer step
-            surg = antipasto.surgery(adapters, directions, surgery_mode) if surgery_mode else {}
-            if arm.grad_hook:
-                hook_seed = (cfg.direction_seed * 1_000_003 + cfg.seed) * 100_003 + step * 101 + inner
-                surg, hook_row = arms.GRAD_HOOKS[arm.grad_hook](cfg, adapters, directions, per_sample, train_set, surg,
-                                                                hook_seed)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-            assert math.isfinite(grad_norm), f"non-finite grad norm at step {step}"
-            optimizer.step()
+                                      per_sample, behaviour=gen_ctx if off_mode else None)  # ratio corrects the mode
+            # ---- 6. the arm's edit of the applied step (or, --surgery-on grad, of the gradient) and the step
+            hook_seed = (cfg.direction_seed * 1_000_003 + cfg.seed) * 100_003 + step * 101 + inner
+            step_row, hook_row, grad_norm = arms.optimizer_step(cfg, arm, adapters, optimizer, directions, vhack,
+                                                                randoms, per_sample, train_set, hook_seed, own_basis)
         lr_used = scheduler.get_last_lr()[0]
         scheduler.step()
         t_train = time.time() - t2
@@ -524,9 +530,11 @@ def main(cfg: TrainConfig) -> Path:
         row = step_metrics(rollouts, rew, valid)
         row.update(step=step, epoch=epoch, lr=lr_used, kl=ps["kl"], loss=ps["loss"], grad_norm=grad_norm, t_gen=t_gen,
                    t_grade=t_grade, t_train=t_train, t_step=time.time() - t0, peak_mem_gb=runs.peak_mem_gb(device))
-        for k in ("cos_in", "cos_out", "frac_fired", "removed_norm_frac"):
-            row[k] = float(surg[k]) if k in surg else float("nan")
-        row.update(hook_row, **reward_row)
+        row.update(**step_row, **hook_row, **reward_row, **{k: ps[k] for k in ("ratio_mean", "frac_clipped", "logratio_abs")})
+        if row["frac_clipped"] > 0.5 and not warned_clip:
+            warned_clip = True
+            logger.warning(f"step {step}: {row['frac_clipped']:.0%} of tokens clipped (behaviour vs train-pass mode "
+                           "differ a lot): the PPO ratio saturates; check the quarantine's size")
         log.write(row)
         if cfg.save_rollouts:
             runs.write_rollouts(run_dir, step, rollouts)

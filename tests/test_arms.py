@@ -12,30 +12,33 @@ import arms
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name: (direction, surgery, trains a quarantine, per-rollout gradients, logs column group, placebo of, oracle)
+# name: (direction, grad-mode surgery, step edit, trains a quarantine, per-rollout gradients, logs column group,
+#        placebo of, oracle)
 EXPECTED = {
-    "vanilla": ("none", "measure", False, False, "", "", False),
-    "measure": ("vhack", "measure", False, False, "", "", False),
-    "erase": ("vhack", "erase", False, False, "", "", False),
-    "route": ("vhack", "route", True, False, "", "", False),
-    "erase-random": ("random", "erase", False, False, "", "erase", False),
-    "route-random": ("random", "route", True, False, "", "route", False),
-    "oracle-penalty": ("none", "measure", False, False, "", "", True),
-    "gate-route": ("vhack", "measure", True, True, "gate", "", False),
-    "gate-route-random": ("random", "measure", True, True, "gate", "gate-route", False),
-    "gate-random": ("none", "measure", True, True, "gate", "gate-route", False),
-    "vanilla-2x": ("none", "measure", True, False, "", "", False),
-    "shrinkage": ("vhack", "measure", False, False, "", "", False),
-    "am": ("none", "measure", False, False, "am", "", False),
+    "vanilla": ("none", "measure", "none", False, False, "", "", False),
+    "measure": ("vhack", "measure", "none", False, False, "", "", False),
+    "erase": ("vhack", "erase", "erase", False, False, "", "", False),
+    "route": ("vhack", "route", "route", True, False, "", "", False),
+    "erase-random": ("random", "erase", "erase", False, False, "", "erase", False),
+    "erase-matched": ("vhack", "", "matched", False, False, "", "erase", False),
+    "route-random": ("random", "route", "route", True, False, "", "route", False),
+    "route-matched": ("vhack", "", "route-matched", True, False, "", "route", False),
+    "oracle-penalty": ("none", "measure", "none", False, False, "", "", True),
+    "gate-route": ("vhack", "measure", "gate", True, True, "gate", "", False),
+    "gate-route-random": ("random", "measure", "gate", True, True, "gate", "gate-route", False),
+    "gate-random": ("none", "measure", "gate", True, True, "gate", "gate-route", False),
+    "vanilla-2x": ("none", "measure", "copy", True, False, "", "", False),
+    "shrinkage": ("vhack", "measure", "shrink", False, False, "", "", False),
+    "am": ("none", "measure", "none", False, False, "am", "", False),
 }
 
 
 def test_arm_table_matches_the_hand_written_expectations():
     assert set(arms.ARMS) == set(EXPECTED), f"arms differ: {set(arms.ARMS) ^ set(EXPECTED)}"
-    for name, (direction, surgery, quar, per_sample, cols, placebo, oracle) in EXPECTED.items():
+    for name, want in EXPECTED.items():
         a = arms.ARMS[name]
-        got = (a.direction, a.surgery, a.quarantine, a.per_sample, a.columns, a.placebo_of, a.oracle)
-        assert got == (direction, surgery, quar, per_sample, cols, placebo, oracle), f"{name}: {got}"
+        got = (a.direction, a.surgery, a.step_edit, a.quarantine, a.per_sample, a.columns, a.placebo_of, a.oracle)
+        assert got == want, f"{name}: {got} != {want}"
 
 
 def test_random_arms_never_use_vhack_and_gate_arms_have_their_hook():
@@ -59,13 +62,33 @@ def test_docs_arms_table_lists_every_arm_with_its_properties():
     for line in text.splitlines():
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]  # "\|" inside a cell is not a separator
         m = re.match(r"`([a-z0-9-]+)`", cells[0]) if len(cells) >= 4 else None
-        if m:  # | arm | surgery | trains | direction | ...
+        if m:  # | arm | edit | trains | direction | controls for | placebo | live labels |
             doc[m.group(1)] = (cells[3], cells[1], cells[2])
     assert set(doc) == set(arms.ARMS), f"docs/arms.md table vs ARMS: {set(doc) ^ set(arms.ARMS)}"
-    for name, (direction, _surgery, trains) in doc.items():
+    for name, (direction, edit, trains) in doc.items():
         a = arms.ARMS[name]
+        assert f"`{a.step_edit}`" in edit, f"docs/arms.md {name}: edit column must name step edit `{a.step_edit}`"
         assert ("delta_S_hack" in trains) == a.quarantine, f"docs/arms.md {name}: 'trains' column vs quarantine"
         if a.direction == "random":
             assert "random" in direction.lower(), f"docs/arms.md {name}: direction column must say random"
         if a.direction == "vhack":
             assert "v_hack" in direction, f"docs/arms.md {name}: direction column must say v_hack"
+
+
+def test_random_placebo_directions_are_fresh_per_run_seed():
+    """Two seeds of erase-random use different directions (seeded by the run's seed, recorded as direction_seed)
+    unless a direction seed is given explicitly."""
+    import dataclasses
+
+    import antipasto
+    import train
+    from tests.tiny_qwen import tiny_model
+
+    base = train.PRESETS["smoke"][1]
+    c0, c1 = (dataclasses.replace(base, arm="erase-random", seed=s, direction_seed=-1) for s in (0, 1))
+    assert c0.direction_seed != c1.direction_seed and dataclasses.asdict(c0)["direction_seed"] == c0.direction_seed
+    ads = antipasto.wrap_model(tiny_model())
+    d0, d1 = (antipasto.random_directions(ads, seed=c.direction_seed) for c in (c0, c1))
+    assert all(abs(float((d0[k] * d1[k]).sum())) < 0.99 for k in ads)
+    fixed = dataclasses.replace(base, arm="erase-random", seed=1, direction_seed=7)
+    assert fixed.direction_seed == 7

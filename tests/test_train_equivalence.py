@@ -175,3 +175,54 @@ def test_bf16_train_pass_direction_matches_fp32(base):
     assert cos > 0.99, f"bf16 vs fp32 gradient cosine {cos:.4f}"
     assert abs(b.norm() / a.norm() - 1) < 0.05
     assert l16 == pytest.approx(l32, rel=0.05)
+
+
+@pytest.mark.parametrize("clip_eps", [0.2, 10.0])
+def test_behaviour_policy_ratio_matches_an_importance_weighted_reference(base, clip_eps):
+    """Rollouts sampled in deploy mode (quarantine ablated), trained with the quarantine on: the policy gradient
+    uses the behaviour log-probs as old_logp and equals the clipped importance-weighted surrogate written here,
+    full batch and full logits: -min(rho A, clip(rho) A), rho = pi_train / pi_behaviour, behaviour = W + U diag(dS) Vh,
+    train = W + U diag(dS + dS_hack) Vh. clip_eps = 10: the unclipped importance-weighted gradient."""
+    model, tok = base
+    m, ads = wrapped(model, quarantine=True, seed=3)
+    rs = rollouts(len(tok), seed=3)
+    B = len(rs)
+    T = max(len(r.prompt_ids) + len(r.completion_ids) for r in rs)
+    ids, att, cm = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T)
+    for i, r in enumerate(rs):
+        seq = r.prompt_ids + r.completion_ids
+        ids[i, : len(seq)], att[i, : len(seq)], cm[i, len(r.prompt_ids) : len(seq)] = torch.tensor(seq), 1, 1
+    adv = torch.tensor([r.advantage for r in rs])[:, None]  # (B, 1)
+
+    def logp_of(d):  # merged weights with per-module singular-value offsets d
+        w = {f"{k}.weight": model.get_submodule(k).weight + (a.U * d[k]) @ a.Vh for k, a in ads.items()}
+        logits = functional_call(model, w, args=(), kwargs={"input_ids": ids, "attention_mask": att}).logits
+        lp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        return F.pad(lp, (1, 0))  # (B, T)
+
+    with torch.no_grad():
+        behaviour = logp_of({k: a.delta_S.detach() for k, a in ads.items()})  # (B, T)
+    d = {k: (a.delta_S.detach() + a.delta_S_hack.detach()).clone().requires_grad_(True) for k, a in ads.items()}
+    rho = torch.exp(logp_of(d) - behaviour)  # (B, T)
+    assert float(((rho - 1).abs() * cm).max()) > 1e-3, "quarantine too small: ratio == 1, the test proves nothing"
+    surr = torch.minimum(rho * adv, rho.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # (B, T)
+    (-(surr * cm).sum() / (N_SEQS * L_MAX)).backward()
+    want = {k: v.grad for k, v in d.items()}
+
+    cfg = grpo.LossConfig(micro_batch=3, logits_chunk=7, beta_kl=0.0, l_max=L_MAX, clip_eps=clip_eps)
+    m.train()
+    for p in m.parameters():
+        p.grad = None
+    st = grpo.policy_gradient(m, rs, N_SEQS, cfg, 0, "cpu", behaviour=antipasto.ablate_quarantine)
+    assert_grads_close({k: a.delta_S.grad for k, a in ads.items()}, want)
+    assert st["ratio_mean"] == pytest.approx(float((rho.detach() * cm).sum() / cm.sum()), rel=1e-4)
+    assert st["logratio_abs"] > 0 and 0 <= st["frac_clipped"] <= 1
+    if clip_eps > 1:
+        assert st["frac_clipped"] == 0
+
+
+def test_without_a_behaviour_policy_the_ratio_is_exactly_one(base):
+    model, tok = base
+    m, ads = wrapped(model, quarantine=True, seed=4)
+    st = grpo.policy_gradient(m, rollouts(len(tok), seed=4), N_SEQS, grpo.LossConfig(l_max=L_MAX, beta_kl=0.0), 0, "cpu")
+    assert st["ratio_mean"] == 1.0 and st["frac_clipped"] == 0.0 and st["logratio_abs"] == 0.0

@@ -1,0 +1,256 @@
+"""update.apply_step (surgery on the applied AdamW step) under the full preset's AdamW settings, 60 steps of
+synthetic gradients with and without a planted hack component, against hand-written references.
+
+The figures the gradient-space surgery gave on the same set-up (the founding design, `--surgery-on grad`), which
+these tests would fail on: a routed share of ~1-2 % of the gradient moved the quarantine ~lr per coordinate
+(|delta_S_hack| 1.9 vs |delta_S| 1.1 after 200 steps; 2.8 at a 4.8 % share), and the train-time shrinkage arm
+rescaled g by c >= 0.98, which Adam undoes (its parameters differed from vanilla's by 0.000-0.002 of the update).
+test_gradient_space_route_moves_the_quarantine_lr_per_coordinate reproduces the first of these here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import antipasto
+import update
+
+LR, BETAS, WD, STEPS, R, M = 2e-3, (0.9, 0.99), 0.1, 60, 32, 4  # the full preset's AdamW settings
+
+
+class FakeAdapter(nn.Module):
+    """What apply_step touches: a deployed and a quarantine tensor (shared basis: same shape)."""
+
+    kind = "svd"
+
+    def __init__(self, r: int):
+        super().__init__()
+        self.delta_S = nn.Parameter(torch.zeros(r))
+        self.delta_S_hack = nn.Parameter(torch.zeros(r))
+
+    @property
+    def dep(self):
+        return self.delta_S
+
+    @property
+    def quar(self):
+        return self.delta_S_hack
+
+
+def make(n_mod: int = M, r: int = R, seed: int = 0):
+    torch.manual_seed(seed)
+    ads = {f"m{i}": FakeAdapter(r) for i in range(n_mod)}
+    v = {k: antipasto.random_directions({k: a}, seed=seed + 100)[k] for k, a in ads.items()}  # unit, per module
+    return ads, v
+
+
+def grads(ads, v, t: int, hack: float, rng: torch.Generator) -> dict:
+    """Noise plus a planted component along -v (a step along -g moves toward... +v: the gradient of the
+    loss points along +v when lowering the loss means raising the hack's likelihood, i.e. u.v < 0)."""
+    out = {}
+    for k, a in ads.items():
+        g = torch.randn(a.dep.shape, generator=rng) * 0.01 + 0.002  # a consistent drift too
+        out[k] = g + hack * 0.01 * v[k]
+    return out
+
+
+def run(edit: str, hack: float, seed: int = 0, parts_share: float | None = None, record=None):
+    ads, v = make(seed=seed)
+    randoms = antipasto.random_directions(ads, seed=seed + 7)
+    opt = update.build_optimizer(ads, LR, BETAS, WD, quarantine_in_optimizer=False)
+    rng = torch.Generator().manual_seed(seed + 1)
+    for t in range(STEPS):
+        g = grads(ads, v, t, hack, rng)
+        for k, a in ads.items():
+            a.dep.grad = g[k].clone()
+        parts = None
+        if parts_share is not None:  # gate: a fixed share of the gradient routed
+            parts = {k: ((1 - parts_share) * g[k], parts_share * g[k]) for k in ads}
+        before = {k: (a.dep.detach().clone(), a.quar.detach().clone()) for k, a in ads.items()}
+        st = update.apply_step(opt, ads, edit, v, v, randoms, False, parts)
+        if record is not None:
+            record.append(({k: (a.dep.detach() - before[k][0], a.quar.detach() - before[k][1]) for k, a in ads.items()},
+                           st, g, {k: b[0] for k, b in before.items()}))
+    return ads, v
+
+
+def adam_reference(rec) -> list[dict]:
+    """The vanilla AdamW step of every recorded step, by hand from the gradient history and the arm's own
+    deployed parameters: u = -lr wd p - lr m_hat / (sqrt(v_hat) + eps) (float64)."""
+    m = s = None
+    out = []
+    for t, (_, _, g, p_old) in enumerate(rec, 1):
+        m = {k: (BETAS[0] * m[k] if m else 0) + (1 - BETAS[0]) * g[k].double() for k in g}
+        s = {k: (BETAS[1] * s[k] if s else 0) + (1 - BETAS[1]) * g[k].double() ** 2 for k in g}
+        b1, b2 = 1 - BETAS[0] ** t, 1 - BETAS[1] ** t
+        out.append({k: -LR * WD * p_old[k].double() - LR * (m[k] / b1) / ((s[k] / b2).sqrt() + 1e-8) for k in g})
+    return out
+
+
+def close(a, b, rel=1e-5):
+    """Equal up to float32 rounding of parameters that are then differenced."""
+    return float((a.double() - b.double()).norm()) <= rel * float(b.double().norm()) + 1e-9
+
+
+def vanilla_steps(hack: float, seed: int = 0):
+    """Reference: torch AdamW alone on the same gradients; the list of per-module steps."""
+    ads, v = make(seed=seed)
+    opt = torch.optim.AdamW([a.dep for a in ads.values()], lr=LR, betas=BETAS, weight_decay=WD)
+    rng = torch.Generator().manual_seed(seed + 1)
+    out = []
+    for t in range(STEPS):
+        g = grads(ads, v, t, hack, rng)
+        before = {k: a.dep.detach().clone() for k, a in ads.items()}
+        for k, a in ads.items():
+            a.dep.grad = g[k].clone()
+        opt.step()
+        out.append({k: a.dep.detach() - before[k] for k, a in ads.items()})
+    return out
+
+
+@pytest.mark.parametrize("hack", [0.0, 3.0])
+def test_erase_never_applies_a_step_toward_the_hack(hack):
+    rec: list = []
+    _, v = run("erase", hack, record=rec)
+    worst = min(float(u @ v[k]) / float(u.norm()) for steps, *_ in rec for k, (u, _) in steps.items())
+    assert worst > -1e-5, f"an applied deployed step has cos(u, v) = {worst} < 0 (toward the hack)"
+    assert any(st["frac_fired"] > 0 for _, st, *_ in rec), "erase never fired: the test would be vacuous"
+
+
+@pytest.mark.parametrize("hack", [0.0, 3.0])
+def test_route_splits_the_vanilla_step_exactly(hack):
+    rec: list = []
+    _, v = run("route", hack, record=rec)
+    ref = adam_reference(rec)
+    fired = 0
+    for t, (steps, *_) in enumerate(rec):
+        for k, (ud, uq) in steps.items():
+            assert close(ud + uq, ref[t][k]), f"step {t} {k}: u_dep + u_quar != the vanilla step"
+            if float(uq.norm()) > 0:  # the quarantine's step is parallel to v, and toward the hack
+                fired += 1
+                assert abs(abs(float(uq.double() @ v[k].double())) - float(uq.norm())) < 1e-5 * float(uq.norm())
+                assert float(uq @ v[k]) < 0
+    assert fired > 0
+
+
+def test_gate_quarantine_follows_the_routed_share_not_lr_per_coordinate():
+    """A 1 % routed share moves the quarantine <= 2 % of the total movement (gradient-space routing: ~lr per
+    coordinate, the same order as the deployed movement; see the next test)."""
+    rec: list = []
+    ads, _ = run("gate", 3.0, parts_share=0.01, record=rec)
+    ref = adam_reference(rec)
+    total = sum(torch.stack([ref[t][k] for t in range(STEPS)]).sum(0).norm() ** 2 for k in ads) ** 0.5
+    quar = sum(a.quar.detach().double().norm() ** 2 for a in ads.values()) ** 0.5
+    assert quar <= 0.02 * total, f"|quarantine movement| {float(quar):.4g} > 2% of |total| {float(total):.4g}"
+    assert quar > 0.002 * total, "nothing was routed: the test would be vacuous"
+    for t, (steps, *_) in enumerate(rec):  # and the parts add up to the vanilla step
+        for k, (ud, uq) in steps.items():
+            assert close(ud + uq, ref[t][k])
+
+
+def test_gradient_space_route_moves_the_quarantine_lr_per_coordinate():
+    """The failure the update-space rule fixes, reproduced: route on the gradient with AdamW on both tensors
+    moves the quarantine ~lr per coordinate even when only a small share is routed."""
+    ads, v = make()
+    for a in ads.values():
+        a.quar.requires_grad_(True)
+    opt = torch.optim.AdamW([p for a in ads.values() for p in (a.dep, a.quar)], lr=LR, betas=BETAS, weight_decay=WD)
+    rng = torch.Generator().manual_seed(1)
+    shares = []
+    for t in range(STEPS):
+        g = grads(ads, v, t, 0.0, rng)
+        for k, a in ads.items():
+            a.dep.grad, a.quar.grad = g[k].clone(), g[k].clone()
+        st = antipasto.surgery(ads, v, "route")
+        shares.append(st["removed_norm_frac"])
+        opt.step()
+    quar = float(sum(a.quar.detach().norm() ** 2 for a in ads.values()) ** 0.5)
+    dep = float(sum(a.dep.detach().norm() ** 2 for a in ads.values()) ** 0.5)
+    assert sum(shares) / len(shares) < 0.5 and quar > 0.1 * dep, (quar, dep, sum(shares) / len(shares))
+
+
+@pytest.mark.parametrize("hack", [0.0, 3.0])
+def test_shrinkage_has_erases_norm_and_vanillas_direction(hack):
+    """Every step: |applied| == |erase(u)| (hand-written erase of the hand-computed vanilla step u) and the
+    direction is u's; over the run it differs from vanilla by erase's removed share (it shrinks something)."""
+    rec: list = []
+    _, v = run("shrink", hack, record=rec)
+    ref = adam_reference(rec)
+    shrunk = 0.0
+    for t, (steps, *_) in enumerate(rec):
+        for k, (us, _) in steps.items():
+            u = ref[t][k]
+            erased = u - min(float(u @ v[k].double()), 0.0) * v[k].double()
+            assert abs(float(us.norm()) - float(erased.norm())) <= 1e-5 * float(u.norm()) + 1e-9
+            assert float(us.double() @ u) / (float(us.norm()) * float(u.norm())) > 1 - 1e-6
+            shrunk = max(shrunk, 1 - float(erased.norm()) / float(u.norm()))
+    assert shrunk > 0.01, "erase never removed anything here: the test would be vacuous"
+
+
+@pytest.mark.parametrize("hack", [0.0, 3.0])
+def test_matched_placebo_removes_erases_norm_every_step(hack):
+    """Every step the matched placebo removes, along its random direction, the norm erase with v_hack would
+    remove from that same step (erase_norm_frac), and it fires exactly when erase would."""
+    rec: list = []
+    _, v = run("matched", hack, record=rec)
+    fired = 0
+    for steps, st, *_ in rec:
+        assert abs(st["removed_norm_frac"] - st["erase_norm_frac"]) < 1e-9, st
+        fired += st["erase_norm_frac"] > 0
+    assert fired > 0, "erase would never have fired: the test would be vacuous"
+
+
+def test_matched_edit_removes_exactly_the_erase_norm():
+    torch.manual_seed(3)
+    for _ in range(200):
+        u, v, z = torch.randn(16).double(), torch.randn(16).double(), torch.randn(16).double()
+        v, z = v / v.norm(), z / z.norm()
+        _, rem_e = update.edit_step(u, "erase", v, v, z)
+        dep, rem_m = update.edit_step(u, "matched", v, v, z)
+        assert abs(float(rem_m.norm()) - float(rem_e.norm())) < 1e-12
+        assert torch.allclose(dep + rem_m, u)
+        if float(rem_m.norm()) > 0:
+            assert abs(abs(float(rem_m @ z)) - float(rem_m.norm())) < 1e-12  # along z
+        expected_e = min(float(u @ v), 0.0) * v  # hand-written: erase removes only a toward-hack component
+        assert torch.allclose(rem_e, expected_e)
+
+
+def test_vanilla_edit_none_is_torch_adamw_bit_for_bit():
+    ref = vanilla_steps(3.0)
+    rec: list = []
+    run("none", 3.0, record=rec)
+    for t in range(STEPS):
+        for k in ref[t]:
+            assert torch.equal(rec[t][0][k][0], ref[t][k]), f"step {t} {k} differs from torch AdamW"
+
+
+def test_block_route_quarantine_follows_the_routed_share():
+    """Own basis (block): the quarantine takes its own AdamW step scaled to the norm route removed, so with a
+    small routed share it stays small (not lr per coordinate); no applied deployed step toward the hack."""
+    ads, v = make()
+    for a in ads.values():
+        a.quar.requires_grad_(True)
+    opt = update.build_optimizer(ads, LR, BETAS, WD, quarantine_in_optimizer=True)
+    rng = torch.Generator().manual_seed(1)
+    removed, moved = [], []
+    for t in range(STEPS):
+        g = grads(ads, v, t, 0.0, rng)
+        before = {k: (a.dep.detach().clone(), a.quar.detach().clone()) for k, a in ads.items()}
+        for k, a in ads.items():
+            a.dep.grad = g[k].clone()
+            a.quar.grad = torch.randn(R, generator=rng) * 0.01  # its own frame's gradient
+        st = update.apply_step(opt, ads, "route", v, v, None, True)
+        for k, a in ads.items():
+            ud = a.dep.detach() - before[k][0]
+            uq = a.quar.detach() - before[k][1]
+            assert float(ud @ v[k]) > -1e-5 * float(ud.norm())
+            moved.append(float(uq.norm()))
+        removed.append(st["removed_norm_frac"])
+    dep = float(sum(a.dep.detach().norm() ** 2 for a in ads.values()) ** 0.5)
+    quar = float(sum(a.quar.detach().norm() ** 2 for a in ads.values()) ** 0.5)
+    assert quar < 0.6 * dep, (quar, dep)
+    assert math.isfinite(sum(moved))
