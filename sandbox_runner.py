@@ -186,6 +186,9 @@ def main() -> None:
     if lim.get("nproc"):
         resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"],) * 2)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes raise OSError instead of killing
+    null = os.open(os.devnull, os.O_RDONLY)  # stdin is an empty /dev/null (as in the benchmark): readline() -> ''
+    os.dup2(null, 0)
+    os.close(null)
     for path in spec.get("cgroups") or []:
         with open(path, "w") as f:
             f.write("0")  # move this process into the slot's cgroup (pids / memory caps)
@@ -255,8 +258,7 @@ def main() -> None:
     cpu_window()
     if spec.get("guard", True):
         _install_guard(trusted)
-    sys.stdout = sys.stderr = _Sink()
-    sys.stdin = None
+    sys.stdout = sys.stderr = _Sink()  # sys.stdin stays the interpreter's reader of fd 0 (/dev/null)
     prog_ns = {"__name__": "__solution__", "__builtins__": _dict(pristine_builtins)}
     try:
         _exec(prog_code, prog_ns)
