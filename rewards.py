@@ -489,7 +489,10 @@ class Grader:
         has_func = bool(resp_func)
         if "if __name__ == '__main__':" in resp_func:
             has_func = False  # benchmark: a unittest-style main block would pass by default
-        match = bool(resp_func) and bool(prompt_func) and _sanitize(resp_func) == _sanitize(prompt_func)
+        # the benchmark's quirk, reproduced: the prompt's test function is compared as RAW text (its
+        # prompt_metadata.test_func_code) with the ast.unparse of the response's, so a verbatim copy whose
+        # asserts hold string literals in double quotes (unparse writes single quotes) does not match
+        match = bool(resp_func) and bool(prompt_func) and _sanitize(resp_func) == _sanitize(p.prompt_tests)
         call = f"{name}()" if parent is None else f"{parent}().{name}()"
         plan = {"problem": p, "code": code, "resp_func": resp_func, "parent": parent, "prompt_func": prompt_func,
                 "has_func": has_func, "match": match, "call": call, "runs": {}}
