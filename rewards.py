@@ -263,6 +263,35 @@ def detect_sandbox() -> SandboxCaps:
         return _CAPS
 
 
+# Third-party packages a program may import (read-only), as the benchmark's children could. Each is
+# found in the trainer's environment; the sandbox gets a finder for exactly these top-level names and
+# Landlock read/execute rights on their package directories (plus a wheel's vendored `<name>.libs`),
+# nothing else of site-packages. docs/grader.md, "Allowed third-party packages".
+ALLOWED_PACKAGES = ("numpy", "sortedcontainers")
+
+
+@functools.lru_cache(maxsize=1)
+def allowed_packages() -> tuple[dict[str, str], tuple[str, ...]]:
+    """({top-level name: path of its __init__.py}, read-only dirs for Landlock) for the ALLOWED_PACKAGES
+    installed here (find_spec does not import them). A missing package is logged and left out."""
+    import importlib.util
+
+    inits, dirs = {}, []
+    for name in ALLOWED_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        locs = list(spec.submodule_search_locations or []) if spec else []
+        if not spec or not spec.origin or len(locs) != 1:
+            log.warning("sandbox: allowed package %s is not installed as a regular package; not importable", name)
+            continue
+        pkg_dir = os.path.realpath(locs[0])
+        inits[name] = os.path.join(pkg_dir, os.path.basename(spec.origin))
+        dirs.append(pkg_dir)
+        libs = os.path.join(os.path.dirname(pkg_dir), name + ".libs")  # auditwheel's vendored shared libs
+        if os.path.isdir(libs):
+            dirs.append(os.path.realpath(libs))
+    return inits, tuple(dirs)
+
+
 # ---------------------------------------------------------------------------------------------------
 # One program run
 # ---------------------------------------------------------------------------------------------------
@@ -614,8 +643,10 @@ class Grader:
         nonce = secrets.token_hex(16)
         caps = self.caps
         tmp = tempfile.mkdtemp(prefix="pgrpo-sbx-")
+        pkg_inits, pkg_dirs = allowed_packages()
         spec = {
             "nonce": nonce, "setup": setup, "program": program, "skip": skip, "guard": self.guard,
+            "packages": pkg_inits,
             "max_failures": self.max_failures,
             "phases": [{"name": ph.name, "kind": ph.kind, "tests": [split_test(t)[0] for t in ph.tests],
                         "call": ph.call, "define": ph.define} for ph in phases],
@@ -624,7 +655,7 @@ class Grader:
                        "fsize_mb": 16, "nofile": 64, "nproc": 0 if os.geteuid() == 0 else 64},
             "cgroups": [os.path.join(d, "cgroup.procs") for d in self._cgroups.get(slot, [])],
             "landlock": {"ro": [os.path.realpath(sys.base_prefix), "/usr", "/lib", "/lib64", "/etc/localtime",
-                                "/etc/ld.so.cache", "/dev/null", "/dev/urandom", "/dev/zero"],
+                                "/etc/ld.so.cache", "/dev/null", "/dev/urandom", "/dev/zero", *pkg_dirs],
                          "rw": [tmp], "net": True, "scope": True} if caps.landlock_abi else None,
         }
         out = {"phases": {}, "compiled": None, "infra": None, "next": None, "seconds": 0.0, "forged": 0}

@@ -99,7 +99,7 @@ def _install_guard(trusted: list) -> None:
     `trusted` is a one-element list only the runner holds; trusted[0] is True only around the runner's
     own setrlimit calls (no program code runs in that window)."""
     blocked_events, blocked_imports = _BLOCKED_EVENTS, _BLOCKED_IMPORTS
-    perm = PermissionError
+    perm, no_module = PermissionError, ModuleNotFoundError
 
     def hook(event, args):
         if trusted[0]:
@@ -107,9 +107,33 @@ def _install_guard(trusted: list) -> None:
         if event in blocked_events:
             raise perm(f"sandbox: {event} is not allowed")
         if event == "import" and args and args[0].split(".")[0] in blocked_imports:
-            raise perm(f"sandbox: import {args[0]} is not allowed")
+            # ImportError, so that optional imports (numpy's `try: import ctypes`) fall back as on a system without it
+            raise no_module(f"sandbox: import {args[0]} is not allowed")
 
     sys.addaudithook(hook)
+
+
+def _allow_packages(inits: dict) -> None:
+    """Make exactly the allow-listed third-party packages importable: a meta-path finder that knows only
+    their top-level names and loads each from its own directory (sys.path keeps no site-packages; Landlock
+    grants read/execute on those directories only, so widening the finder or sys.path reaches nothing
+    else)."""
+    if not inits:
+        return
+    import importlib.util
+
+    spec_from = importlib.util.spec_from_file_location
+    dirname = os.path.dirname
+
+    class AllowedPackages:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            init = inits.get(name) if path is None else None
+            if init is None:
+                return None
+            return spec_from(name, init, submodule_search_locations=[dirname(init)])
+
+    sys.meta_path.append(AllowedPackages)
 
 
 class _Sink:
@@ -255,8 +279,12 @@ def main() -> None:
         _exit(0)
 
     signal.signal(signal.SIGXCPU, on_xcpu)
+    _allow_packages(spec.get("packages") or {})
     cpu_window()
     if spec.get("guard", True):
+        # ctypes stays unimportable: `import ctypes` raises ImportError (numpy's optional ctypes import then
+        # falls back to None), and removing the None entry makes the next import an audited, blocked event
+        sys.modules["ctypes"] = sys.modules["_ctypes"] = None
         _install_guard(trusted)
     sys.stdout = sys.stderr = _Sink()  # sys.stdin stays the interpreter's reader of fd 0 (/dev/null)
     prog_ns = {"__name__": "__solution__", "__builtins__": _dict(pristine_builtins)}
