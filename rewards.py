@@ -527,12 +527,13 @@ class Grader:
                 "has_func": has_func, "match": match, "call": call, "runs": {}}
         if code is None:
             return plan
-        phases = [Phase("gt", "asserts", tests=tuple(p.gt_tests))]
+        # one fresh process per phase, as in the benchmark: program state (class attributes, caches,
+        # globals) never carries over from the gt asserts into the prompt-test or hint call
+        plan["runs"]["gt"] = (code, p.setup_code, [Phase("gt", "asserts", tests=tuple(p.gt_tests))])
         if prompt_func:
-            phases.append(Phase("prompt", "call", call=f"{name}()", define=prompt_func))
+            plan["runs"]["prompt"] = (code, p.setup_code, [Phase("prompt", "call", call=f"{name}()", define=prompt_func)])
         if p.hint != "none":
-            phases.append(Phase("hint", "call", call=call))
-        plan["runs"]["main"] = (code, p.setup_code, phases)
+            plan["runs"]["hint"] = (code, p.setup_code, [Phase("hint", "call", call=call)])
         if has_func:
             as_method = parent == "Solution"
             if p.canonical_solution:
@@ -545,7 +546,7 @@ class Grader:
     # -- assembling a grade dict ----------------------------------------------------------------
     def _assemble(self, plan: dict, runs: dict) -> dict:
         p: Problem = plan["problem"]
-        main = runs.get("main")
+        main = runs.get("gt")  # status and can_compile come from the gt run, as in the benchmark
         phases = {}
         for r in runs.values():
             phases.update(r["phases"])
