@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +37,71 @@ log = logging.getLogger("rewards")
 
 RUNNER = Path(__file__).resolve().with_name("sandbox_runner.py")
 MARKER = "pgrpo-sandbox"  # in every child's argv and env, so leftovers can be found (tests do)
+_TAG = re.compile(rb"pgrpo-sandbox-owner=(\d+)\.(\d+)")
+
+
+def _start_ticks(pid: int) -> int:
+    """Start time of `pid` in clock ticks since boot (/proc/<pid>/stat field 22); OSError if it is gone."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[19])
 
 
 def owner_tag(pid: int | None = None) -> str:
-    """Marker in every child's argv and env: which grading process started it (leftover scans use it)."""
-    return f"{MARKER}-owner={os.getpid() if pid is None else pid}"
+    """Marker in every child's argv and env: which grading process (pid.start_ticks) started it. The start
+    time tells a dead owner from a new process that reuses its pid; leftover sweeps and tests use it."""
+    pid = os.getpid() if pid is None else pid
+    return f"{MARKER}-owner={pid}.{_start_ticks(pid)}"
+
+
+def _owner_alive(pid: int, ticks: int) -> bool:
+    try:
+        return _start_ticks(pid) == ticks
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def marked_processes(tag: str | None = None) -> dict[int, str]:
+    """{pid: owner tag} of live (non-zombie) processes carrying a sandbox owner tag in argv or env;
+    only those carrying `tag` when it is given."""
+    want = tag.encode() if tag else None
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                blob = f.read()
+            if not _TAG.search(blob):
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    blob = f.read()
+            m = _TAG.search(blob)
+            if not m or (want is not None and m.group(0) != want):
+                continue
+            with open(f"/proc/{d}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+                    continue
+            out[int(d)] = m.group(0).decode()
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+def sweep_leftovers() -> int:
+    """SIGKILL every process carrying a sandbox owner tag whose owner (pid + start time) is no longer alive:
+    sandboxes left by a trainer that died before its parent-death signal was armed. Returns how many."""
+    killed = 0
+    for pid, tag in marked_processes().items():
+        m = _TAG.search(tag.encode())
+        if _owner_alive(int(m.group(1)), int(m.group(2))):
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:
+            pass
+    if killed:
+        log.warning("sandbox: killed %d leftover sandbox process(es) of dead trainers", killed)
+    return killed
 
 
 STATUSES = ("ok", "no_code", "syntax_error", "runtime_error", "timeout", "memory_error", "crash", "infra_error")
@@ -207,6 +268,7 @@ def compute_reward(result: dict, cfg: RewardConfig) -> float:
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SandboxCaps:
+    pdeathsig: tuple[str, ...]  # prefix command arming SIGKILL on parent death; () = the runner arms it
     unshare: tuple[str, ...]  # prefix command; () = no namespaces
     pid_ns: bool
     net_ns: bool
@@ -215,11 +277,13 @@ class SandboxCaps:
     python: str
 
     def describe(self) -> str:
-        return (f"pid_ns={self.pid_ns} net_ns={self.net_ns} landlock_abi={self.landlock_abi} "
+        return (f"pdeathsig={'setpriv' if self.pdeathsig else 'runner'} "
+                f"pid_ns={self.pid_ns} net_ns={self.net_ns} landlock_abi={self.landlock_abi} "
                 f"cgroups={'v1 pids+memory' if self.cgroup_v1 else 'no'} python={self.python}")
 
 
 _CAPS: SandboxCaps | None = None
+_SWEPT = False  # sweep_leftovers runs once per process, at the first Grader
 _CAPS_LOCK = threading.Lock()
 
 
@@ -256,7 +320,17 @@ def detect_sandbox() -> SandboxCaps:
             except (OSError, subprocess.SubprocessError):
                 continue
         cg = root and all(os.access(f"/sys/fs/cgroup/{c}", os.W_OK) for c in ("pids", "memory"))
-        _CAPS = SandboxCaps(unshare=chosen, pid_ns=bool(chosen), net_ns=net, landlock_abi=_landlock_abi(),
+        # the wrapper (unshare, or the runner itself) gets SIGKILL when the grading thread's process dies;
+        # unshare --kill-child passes it on to the runner, whose PID namespace then takes every grandchild
+        pds = ("setpriv", "--pdeathsig", "KILL", "--")
+        try:
+            ok = shutil.which("setpriv") and subprocess.run([*pds, "true"], capture_output=True, timeout=10).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+        if not ok and chosen:
+            log.warning("sandbox: setpriv --pdeathsig unavailable: a SIGKILLed trainer leaves its sandboxes "
+                        "until the next Grader start sweeps them")
+        _CAPS = SandboxCaps(pdeathsig=pds if ok else (), unshare=chosen, pid_ns=bool(chosen), net_ns=net, landlock_abi=_landlock_abi(),
                             cgroup_v1=cg, python=os.path.realpath(sys.executable))
         level = logging.INFO if (_CAPS.pid_ns and _CAPS.landlock_abi) else logging.WARNING
         log.log(level, "sandbox: %s", _CAPS.describe())
@@ -411,6 +485,15 @@ class Grader:
             self._slots.put(i)
             self._cgroups[i] = self._make_cgroups(i) if self.caps.cgroup_v1 else []
         self._closed = False
+        self._cancel = threading.Event()  # set by close(): queued runs are dropped, live sandboxes killed
+        self._live: dict[int, threading.Event] = {}  # pid of each live sandbox wrapper -> its batch's cancel event
+        self._live_lock = threading.Lock()
+        global _SWEPT
+        if not _SWEPT:
+            _SWEPT = True
+            sweep_leftovers()
+        ref = weakref.ref(self)
+        threading._register_atexit(lambda: ref() is not None and ref().close())  # before pool threads are joined
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> Grader:
@@ -420,10 +503,14 @@ class Grader:
         self.close()
 
     def close(self) -> None:
+        """Cancel queued runs, kill live sandboxes, wait for the pool threads (each returns within ~0.3 s)."""
         if self._closed:
             return
         self._closed = True
-        self._coord.shutdown(wait=True)
+        self._cancel.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._kill_live(None)
+        self._coord.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True)
         for dirs in self._cgroups.values():
             for d in dirs:
@@ -448,6 +535,16 @@ class Grader:
             log.warning("sandbox: cgroup setup failed (%s); continuing without", e)
             return []
         return out
+
+    def _kill_live(self, batch: threading.Event | None) -> None:
+        """SIGKILL the process group of every live sandbox of `batch` (all batches when None)."""
+        with self._live_lock:
+            pids = [pid for pid, b in self._live.items() if batch is None or b is batch]
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     @staticmethod
     def _kill_cgroup(d: str) -> int:
@@ -488,24 +585,41 @@ class Grader:
         for i, (p, r) in enumerate(items):
             _validate(p, r, f"item {i}")
         plans = [self._plan(p, r) for p, r in items]
+        batch = threading.Event()  # set on interrupt: this batch's queued runs are dropped, live ones killed
         futs: dict[tuple[int, str], cf.Future] = {}
-        for i, plan in enumerate(plans):
-            for key, (program, setup, phases) in plan["runs"].items():
-                futs[(i, key)] = self._pool.submit(self._run_phases, program, setup, phases)
-        max_run = 2 * self.startup_s + self.wall_timeout_s * 4 + 15.0
-        budget = math.ceil(len(futs) / self.workers) * max_run * 1.5 + 30.0
-        done, _ = cf.wait(list(futs.values()), timeout=budget)
+        try:
+            for i, plan in enumerate(plans):
+                for key, (program, setup, phases) in plan["runs"].items():
+                    futs[(i, key)] = self._pool.submit(self._run_phases, program, setup, phases, batch)
+            max_run = 2 * self.startup_s + self.wall_timeout_s * 4 + 15.0
+            budget = math.ceil(len(futs) / self.workers) * max_run * 1.5 + 30.0
+            # polled: a future cancelled by close() (pool shutdown) never wakes a plain cf.wait
+            deadline, pending = time.monotonic() + budget, set(futs.values())
+            while pending and time.monotonic() < deadline:
+                _, pending = cf.wait(pending, timeout=min(0.25, max(deadline - time.monotonic(), 0)))
+                pending = {f for f in pending if not f.cancelled()}
+            done = {f for f in futs.values() if f.done()}
+        except BaseException:  # KeyboardInterrupt, SystemExit: stop this batch now, then re-raise
+            batch.set()
+            for f in futs.values():
+                f.cancel()
+            self._kill_live(batch)
+            raise
         out = []
         for i, plan in enumerate(plans):
             runs = {}
             for key in plan["runs"]:
                 f = futs[(i, key)]
-                if f in done and f.exception() is None:
+                if f in done and not f.cancelled() and f.exception() is None:
                     runs[key] = f.result()
                 else:
-                    err = repr(f.exception()) if f in done else f"watchdog: run not finished after {budget:.0f} s"
-                    log.error("sandbox infra failure (%s): %s", key, err)
-                    runs[key] = {"infra": err, "phases": {}, "compiled": None, "seconds": 0.0, "forged": 0}
+                    cause = "cancelled" if f.cancelled() else ("runner" if f in done else "watchdog")
+                    err = {"cancelled": "cancelled (grader closed)", "watchdog": f"watchdog: run not finished after "
+                           f"{budget:.0f} s"}.get(cause) or repr(f.exception())
+                    if cause != "cancelled":
+                        log.error("sandbox infra failure (%s): %s", key, err)
+                    runs[key] = {"infra": err, "infra_cause": cause, "phases": {}, "compiled": None, "seconds": 0.0,
+                                 "forged": 0}
             out.append(self._assemble(plan, runs))
         return out
 
@@ -581,6 +695,8 @@ class Grader:
         return {
             "status": status,
             "infra_error": bool(infra),
+            # why the sample is masked: start | setup | runner | killed | cancelled | watchdog | stuck (None if not)
+            "infra_cause": next((r.get("infra_cause") or "runner" for r in runs.values() if r.get("infra")), None),
             "problem_id": p.id,
             "hint": p.hint,
             "is_formatted": plan["code"] is not None,
@@ -612,21 +728,24 @@ class Grader:
         }
 
     # -- running ----------------------------------------------------------------------------------
-    def _run_phases(self, program: str, setup: str, phases: list[Phase]) -> dict:
+    def _run_phases(self, program: str, setup: str, phases: list[Phase], batch: threading.Event) -> dict:
         """Run all phases, in as few processes as possible: a phase that times out or crashes kills its
         process, and the remaining phases continue in a fresh one."""
-        result = {"phases": {}, "compiled": None, "infra": None, "seconds": 0.0, "forged": 0}
+        result = {"phases": {}, "compiled": None, "infra": None, "infra_cause": None, "seconds": 0.0, "forged": 0}
         skip = 0
         while skip < len(phases):
+            if batch.is_set() or self._cancel.is_set():
+                result["infra"], result["infra_cause"] = "cancelled (interrupted or grader closed)", "cancelled"
+                break
             slot = self._slots.get()
             try:
-                r = self._run_once(program, setup, phases, skip, slot)
+                r = self._run_once(program, setup, phases, skip, slot, batch)
             finally:
                 self._slots.put(slot)
             result["seconds"] += r["seconds"]
             result["forged"] += r["forged"]
             if r["infra"]:
-                result["infra"] = r["infra"]
+                result["infra"], result["infra_cause"] = r["infra"], r.get("infra_cause") or "runner"
                 break
             if result["compiled"] is None:
                 result["compiled"] = r["compiled"]
@@ -639,7 +758,8 @@ class Grader:
                                                                len(ph.tests) or 1))
         return result
 
-    def _run_once(self, program: str, setup: str, phases: list[Phase], skip: int, slot: int) -> dict:
+    def _run_once(self, program: str, setup: str, phases: list[Phase], skip: int, slot: int,
+                  batch: threading.Event) -> dict:
         t0 = time.monotonic()
         nonce = secrets.token_hex(16)
         caps = self.caps
@@ -648,7 +768,7 @@ class Grader:
         spec = {
             "nonce": nonce, "setup": setup, "program": program, "skip": skip, "guard": self.guard,
             "packages": pkg_inits,
-            "max_failures": self.max_failures,
+            "max_failures": self.max_failures, "parent": os.getpid() if not (caps.pdeathsig or caps.unshare) else None,
             "phases": [{"name": ph.name, "kind": ph.kind, "tests": [split_test(t)[0] for t in ph.tests],
                         "call": ph.call, "define": ph.define} for ph in phases],
             "limits": {"memory_mb": self.memory_mb, "cpu_phase_s": self.timeout_s,
@@ -675,17 +795,26 @@ class Grader:
             fds += [r_res, w_res, r_out, w_out]
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp, "PGRPO_SANDBOX": owner_tag(),
                    "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            cmd = [*caps.unshare, caps.python, "-I", "-S", "-B", str(RUNNER), str(memfd), str(w_res), owner_tag()]
+            cmd = [*caps.pdeathsig, *caps.unshare, caps.python, "-I", "-S", "-B", str(RUNNER), str(memfd), str(w_res),
+                   owner_tag()]
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=w_out, stderr=w_out, pass_fds=(memfd, w_res),
                                     cwd=tmp, env=env, start_new_session=True, close_fds=True)
+            with self._live_lock:
+                self._live[proc.pid] = batch
+            if batch.is_set() or self._cancel.is_set():  # cancelled while it was starting
+                os.killpg(proc.pid, signal.SIGKILL)
             for fd in (w_res, w_out, memfd):
                 os.close(fd)
                 fds.remove(fd)
-            self._read(proc, r_res, r_out, nonce, phases, skip, out)
+            finished = self._read(proc, r_res, r_out, nonce, phases, skip, out)
+            if not finished and (batch.is_set() or self._cancel.is_set()):  # killed by _kill_live
+                out["infra"], out["infra_cause"] = "cancelled (interrupted or grader closed)", "cancelled"
         except OSError as e:
-            out["infra"] = f"could not start sandbox: {e!r}"
+            out["infra"], out["infra_cause"] = f"could not start sandbox: {e!r}", "start"
         finally:
             if proc is not None:
+                with self._live_lock:
+                    self._live.pop(proc.pid, None)
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
@@ -693,7 +822,8 @@ class Grader:
                 try:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
-                    out["infra"] = out["infra"] or "sandbox process did not die after SIGKILL"
+                    if not out["infra"]:
+                        out["infra"], out["infra_cause"] = "sandbox process did not die after SIGKILL", "stuck"
             for d in self._cgroups.get(slot, []):
                 self._kill_cgroup(d)  # anything still alive in the slot (normally the dying PID-1 only)
             for fd in fds:
@@ -705,8 +835,9 @@ class Grader:
         out["seconds"] = time.monotonic() - t0
         return out
 
-    def _read(self, proc, r_res: int, r_out: int, nonce: str, phases: list[Phase], skip: int, out: dict) -> None:
-        """Consume the result channel until `done`, exit or deadline; fill out["phases"] and out["next"]."""
+    def _read(self, proc, r_res: int, r_out: int, nonce: str, phases: list[Phase], skip: int, out: dict) -> bool:
+        """Consume the result channel until `done`, exit or deadline; fill out["phases"] and out["next"].
+        Returns whether the runner reported `done`."""
         sel = selectors.DefaultSelector()
         sel.register(r_res, selectors.EVENT_READ, "res")
         sel.register(r_out, selectors.EVENT_READ, "out")
@@ -756,7 +887,7 @@ class Grader:
                     if ev == "start":
                         started, deadline = True, now + self.startup_s
                     elif ev == "setup_error":
-                        out["infra"] = f"problem setup_code failed: {rec.get('err')}"
+                        out["infra"], out["infra_cause"] = f"problem setup_code failed: {rec.get('err')}", "setup"
                         finished = True
                     elif ev == "compile":
                         out["compiled"] = bool(rec.get("ok"))
@@ -809,17 +940,18 @@ class Grader:
         timed_out = not finished and time.monotonic() >= deadline
         sel.close()
         if not started and not out["infra"]:
+            out["infra_cause"] = "start"
             out["infra"] = ("sandbox did not start in time" if timed_out else
                             f"sandbox exited before start (code {proc.poll()}): {out.get('output_head', '')[:500]}")
-            return
+            return finished
         if not finished and "sandbox_runner crashed" in out.get("output_head", ""):
-            out["infra"] = out["output_head"][:500]
-            return
+            out["infra"], out["infra_cause"] = out["output_head"][:500], "runner"
+            return finished
         if out["infra"]:
-            return
+            return finished
         if stage_ok:
             out["phases"] = {phases[i].name: res[i] for i in res}
-            return
+            return finished
         # killed or died mid-way
         why = "timeout" if (timed_out or cpu_timeout) else "crash"
         if out["compiled"] is None or not loaded:  # died before the program finished loading
@@ -838,6 +970,7 @@ class Grader:
                 res[nxt]["err"] = why
                 out["next"] = nxt + 1 if nxt + 1 < len(phases) else None
         out["phases"] = {phases[i].name: res[i] for i in res}
+        return finished
 
 
 def _validate(p, response, where: str) -> None:

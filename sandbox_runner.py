@@ -10,9 +10,10 @@ as newline-delimited JSON records on <result_fd>, each carrying the nonce; stdou
 read as evidence. See docs/grader.md for the threat model and the isolation argument.
 
 Order of operations (everything before step 6 is trusted code only):
- 1. read + close the spec fd; 2. rlimits; 3. join the per-slot cgroups (if any); 4. Landlock
- (filesystem allowlist, no TCP, no signals outside the sandbox); 5. audit-hook guard (blocks frame
- and gc introspection, ctypes, process creation, signals, sockets, setrlimit); 6. exec setup+program
+ 1. read + close the spec fd (and arm the parent-death signal when no wrapper did); 2. rlimits; 3. join
+ the per-slot cgroups (if any); 4. Landlock (filesystem allowlist, no TCP, no signals outside the
+ sandbox); 5. audit-hook guard (blocks frame and gc introspection, ctypes, process creation, signals,
+ sockets, setrlimit); 6. exec setup+program
  in the program namespace; 7. run phases, streaming one record per test; 8. os._exit(0).
 """
 import os
@@ -76,6 +77,17 @@ def _landlock(allow_ro: list, allow_rw: list, want_net: bool, want_scope: bool) 
     assert libc.syscall(446, rfd, 0) == 0, f"landlock_restrict_self failed: {os.strerror(ctypes.get_errno())}"
     os.close(rfd)
     return abi
+
+
+def _pdeathsig(parent: int) -> None:
+    """SIGKILL this process when the grading process dies (prctl PR_SET_PDEATHSIG); exit at once if it
+    already has (re-parented before the signal was armed)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0, "prctl(PR_SET_PDEATHSIG) failed"
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 _BLOCKED_EVENTS = frozenset({
@@ -181,6 +193,8 @@ def main() -> None:
     with os.fdopen(spec_fd, "rb", closefd=True) as f:
         spec = _loads(f.read().decode("utf-8"))
     nonce = spec["nonce"]
+    if spec.get("parent"):  # no setpriv/unshare wrapper: arm the parent-death signal here (trusted code)
+        _pdeathsig(spec["parent"])
 
     def emit(rec: dict) -> None:
         # json.dumps is NOT used after the program runs: the program could patch the json module and
