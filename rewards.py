@@ -370,6 +370,12 @@ def allowed_packages() -> tuple[dict[str, str], tuple[str, ...]]:
 # One program run
 # ---------------------------------------------------------------------------------------------------
 CHILD = "<child compares>"  # expected-value sentinel: the child runs the whole assert
+# signals a program can bring on itself (faults, its own rlimits, a broken pipe). Any other signal killed the
+# sandbox from outside: the runner is PID 1 of its namespace, which ignores default-action signals sent from
+# inside it. SIGKILL is the program's own only when its CPU hard limit or its cgroup's OOM killer sent it.
+_UNSHARE_SIGKILLED = b"unshare: sigprocmask unblock failed"  # util-linux 2.38, child killed by SIGKILL
+_OWN_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGTRAP,
+                          signal.SIGSYS, signal.SIGXCPU, signal.SIGXFSZ, signal.SIGPIPE})
 
 
 def safe_literal(node: ast.AST):
@@ -545,6 +551,33 @@ class Grader:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+    def _oom_kills(self, slot: int) -> int:
+        """OOM kills so far in the slot's memory cgroup (0 without cgroups)."""
+        n = 0
+        for d in self._cgroups.get(slot, []):
+            try:
+                with open(os.path.join(d, "memory.oom_control")) as f:
+                    n += sum(int(line.split()[1]) for line in f if line.startswith("oom_kill "))
+            except (OSError, ValueError, IndexError):
+                pass
+        return n
+
+    @staticmethod
+    def _reap(proc, out: dict) -> bool:
+        """Has the wrapper exited? Reaped with wait4 rather than Popen.poll so that its CPU time, the runner's
+        included (the wrapper waited for it), lands in out["cpu_s"]."""
+        if proc.returncode is not None:
+            return True
+        try:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            return proc.poll() is not None
+        if pid == 0:
+            return False
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out["cpu_s"] = ru.ru_utime + ru.ru_stime
+        return True
 
     @staticmethod
     def _kill_cgroup(d: str) -> int:
@@ -780,6 +813,7 @@ class Grader:
                          "rw": [tmp], "net": True, "scope": True} if caps.landlock_abi else None,
         }
         out = {"phases": {}, "compiled": None, "infra": None, "next": None, "seconds": 0.0, "forged": 0}
+        oom0 = self._oom_kills(slot)
         fds: list[int] = []
         proc = None
         try:
@@ -806,7 +840,8 @@ class Grader:
             for fd in (w_res, w_out, memfd):
                 os.close(fd)
                 fds.remove(fd)
-            finished = self._read(proc, r_res, r_out, nonce, phases, skip, out)
+            finished = self._read(proc, r_res, r_out, nonce, phases, skip, out, spec["limits"]["cpu_s"] + 1,
+                                  lambda: self._oom_kills(slot) > oom0)
             if not finished and (batch.is_set() or self._cancel.is_set()):  # killed by _kill_live
                 out["infra"], out["infra_cause"] = "cancelled (interrupted or grader closed)", "cancelled"
         except OSError as e:
@@ -835,9 +870,11 @@ class Grader:
         out["seconds"] = time.monotonic() - t0
         return out
 
-    def _read(self, proc, r_res: int, r_out: int, nonce: str, phases: list[Phase], skip: int, out: dict) -> bool:
+    def _read(self, proc, r_res: int, r_out: int, nonce: str, phases: list[Phase], skip: int, out: dict,
+              cpu_hard: float, oom_killed) -> bool:
         """Consume the result channel until `done`, exit or deadline; fill out["phases"] and out["next"].
-        Returns whether the runner reported `done`."""
+        Returns whether the runner reported `done`. `cpu_hard`: the runner's RLIMIT_CPU hard limit (s);
+        `oom_killed()`: did the slot's memory cgroup OOM-kill something during this run."""
         sel = selectors.DefaultSelector()
         sel.register(r_res, selectors.EVENT_READ, "res")
         sel.register(r_out, selectors.EVENT_READ, "out")
@@ -867,6 +904,7 @@ class Grader:
                     if n_out < 2048:
                         out["output_head"] = out.get("output_head", "") + data[: 2048 - n_out].decode(errors="replace")
                     n_out += len(data)
+                    out["output_tail"] = (out.get("output_tail", b"") + data)[-256:]  # unshare's last words
                     continue
                 buf += data
                 lines = buf.split(b"\n")
@@ -935,7 +973,7 @@ class Grader:
                         cpu_timeout = True
                     elif ev == "done":
                         finished = stage_ok = True
-            if exited_at is None and proc.poll() is not None:
+            if exited_at is None and self._reap(proc, out):
                 exited_at = time.monotonic()
         timed_out = not finished and time.monotonic() >= deadline
         sel.close()
@@ -953,6 +991,18 @@ class Grader:
             out["phases"] = {phases[i].name: res[i] for i in res}
             return finished
         # killed or died mid-way
+        rc = proc.returncode
+        if rc == 1 and self.caps.unshare and _UNSHARE_SIGKILLED in out.get("output_tail", b""):
+            rc = -signal.SIGKILL  # unshare cannot re-raise a SIGKILL that killed its child: it says so, exits 1
+        if rc is not None and rc < 0 and not timed_out and not cpu_timeout:
+            sig = -rc
+            if sig == signal.SIGKILL and out.get("cpu_s", 0.0) >= cpu_hard - 0.5:
+                cpu_timeout = True  # the kernel enforced the CPU hard limit (SIGXCPU was ignored)
+            elif sig not in _OWN_SIGNALS and not (sig == signal.SIGKILL and oom_killed()):
+                name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+                out["infra"] = f"sandbox killed from outside by {name} (not by its own limits)"
+                out["infra_cause"] = "killed"
+                return finished
         why = "timeout" if (timed_out or cpu_timeout) else "crash"
         if out["compiled"] is None or not loaded:  # died before the program finished loading
             for i in range(skip, len(phases)):

@@ -148,3 +148,40 @@ def test_startup_sweep_kills_leftovers_of_dead_owners_only():
         orphan.kill()
         mine.kill()
         mine.wait()
+
+
+def _problem():
+    import problems
+
+    setup = problems.load_benchmark_test()[0].setup_code
+    return problems.Problem(id=1, difficulty="Easy", func_name="Solution().add", question="", starter_code="",
+                            gt_tests=("assert Solution().add(a = 1, b = 2) == 3",), setup_code=setup,
+                            canonical_solution="", prompt=(), hint="none")
+
+
+@pytest.mark.parametrize("target", ["runner", "wrapper"])
+def test_sandbox_killed_from_outside_is_infra_error(target):
+    resp = "```python\n" + SLEEPER + "class Solution:\n    def add(self, a, b):\n        return a + b\n```"
+    tag = rewards.owner_tag()
+    with rewards.Grader(workers=1, timeout_s=3600.0, wall_timeout_s=3600.0, startup_s=60.0) as g:
+        before = set(rewards.marked_processes(tag))
+        fut = g.submit_many([(_problem(), resp)])
+        assert _wait_for(lambda: set(_runners(tag)) - before, 90), "sandbox did not start"
+        runner = (set(_runners(tag)) - before).pop()
+        time.sleep(1.0)  # into the program's sleep
+        victim = runner if target == "runner" else int(Path(f"/proc/{runner}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert victim in rewards.marked_processes(tag), "the victim must be one of this grader's sandbox processes"
+        os.kill(victim, signal.SIGKILL)
+        r = fut.result(30)[0]
+    assert (r["status"], r["infra_error"], r["infra_cause"]) == ("infra_error", True, "killed"), r
+    assert "killed from outside by SIGKILL" in r["error"], r["error"]
+    assert rewards.compute_reward(r, rewards.RewardConfig()) == 0.0  # and the trainer masks it (valid = False)
+
+
+def test_own_cpu_hard_limit_sigkill_is_a_timeout_not_infra_error():
+    # SIGXCPU ignored: the kernel SIGKILLs at the hard limit (4 CPU-s here) long before the 120 s wall deadline
+    resp = ("```python\nimport signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass\n"
+            "class Solution:\n    def add(self, a, b):\n        return a + b\n```")
+    with rewards.Grader(workers=1, timeout_s=0.5, wall_timeout_s=120.0) as g:
+        r = g.grade(_problem(), resp)
+    assert (r["status"], r["infra_error"], r["infra_cause"]) == ("timeout", False, None), r
