@@ -324,14 +324,15 @@ def detect_sandbox() -> SandboxCaps:
         # unshare --kill-child passes it on to the runner, whose PID namespace then takes every grandchild
         pds = ("setpriv", "--pdeathsig", "KILL", "--")
         try:
-            ok = shutil.which("setpriv") and subprocess.run([*pds, "true"], capture_output=True, timeout=10).returncode == 0
+            ok = bool(shutil.which("setpriv")) and subprocess.run([*pds, "true"], capture_output=True,
+                                                                  timeout=10).returncode == 0
         except (OSError, subprocess.SubprocessError):
             ok = False
         if not ok and chosen:
             log.warning("sandbox: setpriv --pdeathsig unavailable: a SIGKILLed trainer leaves its sandboxes "
                         "until the next Grader start sweeps them")
-        _CAPS = SandboxCaps(pdeathsig=pds if ok else (), unshare=chosen, pid_ns=bool(chosen), net_ns=net, landlock_abi=_landlock_abi(),
-                            cgroup_v1=cg, python=os.path.realpath(sys.executable))
+        _CAPS = SandboxCaps(pdeathsig=pds if ok else (), unshare=chosen, pid_ns=bool(chosen), net_ns=net,
+                            landlock_abi=_landlock_abi(), cgroup_v1=cg, python=os.path.realpath(sys.executable))
         level = logging.INFO if (_CAPS.pid_ns and _CAPS.landlock_abi) else logging.WARNING
         log.log(level, "sandbox: %s", _CAPS.describe())
         return _CAPS
@@ -374,8 +375,8 @@ CHILD = "<child compares>"  # expected-value sentinel: the child runs the whole 
 # sandbox from outside: the runner is PID 1 of its namespace, which ignores default-action signals sent from
 # inside it. SIGKILL is the program's own only when its CPU hard limit or its cgroup's OOM killer sent it.
 _UNSHARE_SIGKILLED = b"unshare: sigprocmask unblock failed"  # util-linux 2.38, child killed by SIGKILL
-_OWN_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGTRAP,
-                          signal.SIGSYS, signal.SIGXCPU, signal.SIGXFSZ, signal.SIGPIPE})
+_OWN_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
+                          signal.SIGTRAP, signal.SIGSYS, signal.SIGXCPU, signal.SIGXFSZ, signal.SIGPIPE})
 
 
 def safe_literal(node: ast.AST):
@@ -499,7 +500,10 @@ class Grader:
             _SWEPT = True
             sweep_leftovers()
         ref = weakref.ref(self)
-        threading._register_atexit(lambda: ref() is not None and ref().close())  # before pool threads are joined
+        try:  # runs before the interpreter joins the pool threads at exit, so queued runs are dropped then too
+            threading._register_atexit(lambda: ref() is not None and ref().close())
+        except RuntimeError:  # created during interpreter shutdown
+            pass
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> Grader:
@@ -647,8 +651,8 @@ class Grader:
                     runs[key] = f.result()
                 else:
                     cause = "cancelled" if f.cancelled() else ("runner" if f in done else "watchdog")
-                    err = {"cancelled": "cancelled (grader closed)", "watchdog": f"watchdog: run not finished after "
-                           f"{budget:.0f} s"}.get(cause) or repr(f.exception())
+                    err = {"cancelled": "cancelled (grader closed)",
+                           "watchdog": f"watchdog: run not finished after {budget:.0f} s"}.get(cause) or repr(f.exception())
                     if cause != "cancelled":
                         log.error("sandbox infra failure (%s): %s", key, err)
                     runs[key] = {"infra": err, "infra_cause": cause, "phases": {}, "compiled": None, "seconds": 0.0,
@@ -678,7 +682,8 @@ class Grader:
         # globals) never carries over from the gt asserts into the prompt-test or hint call
         plan["runs"]["gt"] = (code, p.setup_code, [Phase("gt", "asserts", tests=tuple(p.gt_tests))])
         if prompt_func:
-            plan["runs"]["prompt"] = (code, p.setup_code, [Phase("prompt", "call", call=f"{name}()", define=prompt_func)])
+            prompt_phase = Phase("prompt", "call", call=f"{name}()", define=prompt_func)
+            plan["runs"]["prompt"] = (code, p.setup_code, [prompt_phase])
         if p.hint != "none":
             plan["runs"]["hint"] = (code, p.setup_code, [Phase("hint", "call", call=call)])
         if has_func:
@@ -801,7 +806,8 @@ class Grader:
         spec = {
             "nonce": nonce, "setup": setup, "program": program, "skip": skip, "guard": self.guard,
             "packages": pkg_inits,
-            "max_failures": self.max_failures, "parent": os.getpid() if not (caps.pdeathsig or caps.unshare) else None,
+            "max_failures": self.max_failures,
+            "parent": os.getpid() if not (caps.pdeathsig or caps.unshare) else None,  # runner arms pdeathsig
             "phases": [{"name": ph.name, "kind": ph.kind, "tests": [split_test(t)[0] for t in ph.tests],
                         "call": ph.call, "define": ph.define} for ph in phases],
             "limits": {"memory_mb": self.memory_mb, "cpu_phase_s": self.timeout_s,
@@ -825,22 +831,24 @@ class Grader:
                 view = view[os.write(memfd, view):]
             os.lseek(memfd, 0, os.SEEK_SET)
             r_res, w_res = os.pipe()
-            r_out, w_out = os.pipe()
-            fds += [r_res, w_res, r_out, w_out]
+            r_out, w_out = os.pipe()  # the wrappers' and the runner's own stderr until the program runs
+            r_prog, w_prog = os.pipe()  # the program's fds 1 and 2: drained, never read as anything
+            fds += [r_res, w_res, r_out, w_out, r_prog, w_prog]
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp, "PGRPO_SANDBOX": owner_tag(),
                    "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            cmd = [*caps.pdeathsig, *caps.unshare, caps.python, "-I", "-S", "-B", str(RUNNER), str(memfd), str(w_res),
-                   owner_tag()]
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=w_out, stderr=w_out, pass_fds=(memfd, w_res),
+            cmd = [*caps.pdeathsig, *caps.unshare, caps.python, "-I", "-S", "-B", str(RUNNER), str(memfd),
+                   str(w_res), str(w_prog), owner_tag()]
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=w_out, stderr=w_out,
+                                    pass_fds=(memfd, w_res, w_prog),
                                     cwd=tmp, env=env, start_new_session=True, close_fds=True)
             with self._live_lock:
                 self._live[proc.pid] = batch
             if batch.is_set() or self._cancel.is_set():  # cancelled while it was starting
                 os.killpg(proc.pid, signal.SIGKILL)
-            for fd in (w_res, w_out, memfd):
+            for fd in (w_res, w_out, w_prog, memfd):
                 os.close(fd)
                 fds.remove(fd)
-            finished = self._read(proc, r_res, r_out, nonce, phases, skip, out, spec["limits"]["cpu_s"] + 1,
+            finished = self._read(proc, r_res, r_out, r_prog, nonce, phases, skip, out, spec["limits"]["cpu_s"] + 1,
                                   lambda: self._oom_kills(slot) > oom0)
             if not finished and (batch.is_set() or self._cancel.is_set()):  # killed by _kill_live
                 out["infra"], out["infra_cause"] = "cancelled (interrupted or grader closed)", "cancelled"
@@ -870,7 +878,7 @@ class Grader:
         out["seconds"] = time.monotonic() - t0
         return out
 
-    def _read(self, proc, r_res: int, r_out: int, nonce: str, phases: list[Phase], skip: int, out: dict,
+    def _read(self, proc, r_res: int, r_out: int, r_prog: int, nonce: str, phases: list[Phase], skip: int, out: dict,
               cpu_hard: float, oom_killed) -> bool:
         """Consume the result channel until `done`, exit or deadline; fill out["phases"] and out["next"].
         Returns whether the runner reported `done`. `cpu_hard`: the runner's RLIMIT_CPU hard limit (s);
@@ -878,6 +886,7 @@ class Grader:
         sel = selectors.DefaultSelector()
         sel.register(r_res, selectors.EVENT_READ, "res")
         sel.register(r_out, selectors.EVENT_READ, "out")
+        sel.register(r_prog, selectors.EVENT_READ, "prog")
         buf, n_out = b"", 0
         started = loaded = finished = False
         cur: int | None = None  # phase index in progress
@@ -900,7 +909,9 @@ class Grader:
                 if not data:
                     sel.unregister(key.fd)
                     continue
-                if key.data == "out":  # program output is drained, never evidence; head kept for diagnostics
+                if key.data == "prog":  # the program's output: drained and dropped
+                    continue
+                if key.data == "out":  # wrappers / runner before the program ran: kept for diagnostics
                     if n_out < 2048:
                         out["output_head"] = out.get("output_head", "") + data[: 2048 - n_out].decode(errors="replace")
                     n_out += len(data)

@@ -2,12 +2,13 @@
 
 Never import this from the trainer; `rewards.Grader` starts it as
 
-    [unshare ...] python -I -S sandbox_runner.py <spec_fd> <result_fd>   (cwd = a fresh temp dir)
+    [setpriv ...] [unshare ...] python -I -S -B sandbox_runner.py <spec_fd> <result_fd> <output_fd> <owner tag>
 
 and it is only useful that way. The spec (JSON, read from an anonymous memfd that is closed before
 any program code runs) holds the nonce, the setup code, the program and the phases. Results go back
-as newline-delimited JSON records on <result_fd>, each carrying the nonce; stdout/stderr are never
-read as evidence. See docs/grader.md for the threat model and the isolation argument.
+as newline-delimited JSON records on <result_fd>, each carrying the nonce. The program's fds 1 and 2
+are <output_fd> (drained and dropped by the parent); the runner's own stderr, shared with the wrappers,
+is closed to the program. Output is never read as evidence. See docs/grader.md for the threat model and the isolation argument.
 
 Order of operations (everything before step 6 is trusted code only):
  1. read + close the spec fd (and arm the parent-death signal when no wrapper did); 2. rlimits; 3. join
@@ -189,7 +190,7 @@ def main() -> None:
     _BaseException, _SyntaxError, _MemoryError = BaseException, SyntaxError, MemoryError
     _dict, _list, _range, _enumerate, _bool = dict, list, range, enumerate, bool
 
-    spec_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
+    spec_fd, result_fd, prog_out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     with os.fdopen(spec_fd, "rb", closefd=True) as f:
         spec = _loads(f.read().decode("utf-8"))
     nonce = spec["nonce"]
@@ -300,6 +301,11 @@ def main() -> None:
         # falls back to None), and removing the None entry makes the next import an audited, blocked event
         sys.modules["ctypes"] = sys.modules["_ctypes"] = None
         _install_guard(trusted)
+    # the program's fds 1 and 2 become its own output pipe: from here on nothing it writes can reach the pipe
+    # on which the wrappers and this runner report (unshare's "child killed", "sandbox_runner crashed")
+    os.dup2(prog_out, 1)
+    os.dup2(prog_out, 2)
+    os.close(prog_out)
     sys.stdout = sys.stderr = _Sink()  # sys.stdin stays the interpreter's reader of fd 0 (/dev/null)
     prog_ns = {"__name__": "__solution__", "__builtins__": _dict(pristine_builtins)}
     try:

@@ -71,7 +71,8 @@ def _write_allowed_program() -> str:
             "            if how == 'open':\n                open(p, 'w').write('x')\n"
             "            elif how == 'save':\n                np.save(p, np.zeros(2))\n"
             "            else:\n                np.zeros(2).tofile(p)\n            wrote.append(p)\n"
-            "        except OSError:\n            pass\nif wrote:\n    raise SystemExit('wrote ' + ' '.join(wrote))\n" + GOOD)
+            "        except OSError:\n            pass\n"
+            "if wrote:\n    raise SystemExit('wrote ' + ' '.join(wrote))\n" + GOOD)
 
 
 # (name, program, expected status, expected eq_correct); programs are the whole response code
@@ -167,8 +168,15 @@ CASES = [
      "import numpy, sys\ntry:\n    import ctypes\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit(1)\n"
      "sys.modules.pop('ctypes', None)\nimport ctypes\n" + GOOD, "runtime_error", False),
     ("numpy_ctypeslib_load_library",
-     "import numpy as np\nnp.ctypeslib.load_library('libc.so.6', '/lib/x86_64-linux-gnu')\n" + GOOD, "runtime_error", False),
+     "import numpy as np\nnp.ctypeslib.load_library('libc.so.6', '/lib/x86_64-linux-gnu')\n" + GOOD,
+     "runtime_error", False),
     ("fork_after_numpy_import", "import numpy, os\nos.fork()\n" + GOOD, "runtime_error", False),
+    ("forge_unshare_sigkill_message",  # would make an outside SIGKILL of the runner (infra_error) if believed
+     "import os\nfor fd in range(1, 64):\n    try:\n        os.write(fd, b'unshare: sigprocmask unblock failed\\n')\n"
+     "    except OSError:\n        pass\nos._exit(1)\n" + GOOD, "crash", False),
+    ("forge_runner_crashed_message",
+     "import os\nfor fd in range(1, 64):\n    try:\n        os.write(fd, b'sandbox_runner crashed: KeyError\\n')\n"
+     "    except OSError:\n        pass\nos._exit(70)\n" + GOOD, "crash", False),
     ("gc_introspection_blocked", "import gc\nobjs = gc.get_objects()\n" + GOOD, "runtime_error", False),
     ("kill_parent", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + GOOD, "runtime_error", False),
 ]

@@ -75,7 +75,7 @@ def _runners(tag: str) -> list[int]:
 def test_sigkill_of_the_trainer_kills_its_sandbox_tree(tmp_path):
     proc, tag = _start_trainer(tmp_path)
     try:
-        assert _wait_for(lambda: _runners(tag), 90), f"no sandbox started: {proc.stderr.read1(4000) if proc.poll() else ''}"
+        assert _wait_for(lambda: _runners(tag), 90), "no sandbox started"
         time.sleep(0.5)  # let the program reach its sleep
         assert rewards.marked_processes(tag)
         os.kill(proc.pid, signal.SIGKILL)
@@ -169,7 +169,8 @@ def test_sandbox_killed_from_outside_is_infra_error(target):
         assert _wait_for(lambda: set(_runners(tag)) - before, 90), "sandbox did not start"
         runner = (set(_runners(tag)) - before).pop()
         time.sleep(1.0)  # into the program's sleep
-        victim = runner if target == "runner" else int(Path(f"/proc/{runner}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        wrapper = int(Path(f"/proc/{runner}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
+        victim = runner if target == "runner" else wrapper
         assert victim in rewards.marked_processes(tag), "the victim must be one of this grader's sandbox processes"
         os.kill(victim, signal.SIGKILL)
         r = fut.result(30)[0]
