@@ -492,6 +492,7 @@ class Grader:
             self._slots.put(i)
             self._cgroups[i] = self._make_cgroups(i) if self.caps.cgroup_v1 else []
         self._closed = False
+        self._pid = os.getpid()  # a forked copy of this Grader (fork-started workers) must not touch its sandboxes
         self._cancel = threading.Event()  # set by close(): queued runs are dropped, live sandboxes killed
         self._live: dict[int, threading.Event] = {}  # pid of each live sandbox wrapper -> its batch's cancel event
         self._live_lock = threading.Lock()
@@ -513,8 +514,9 @@ class Grader:
         self.close()
 
     def close(self) -> None:
-        """Cancel queued runs, kill live sandboxes, wait for the pool threads (each returns within ~0.3 s)."""
-        if self._closed:
+        """Cancel queued runs, kill live sandboxes, wait for the pool threads (each returns within ~0.3 s).
+        A no-op in a forked child (its copy of the live-sandbox table names the parent's sandboxes)."""
+        if self._closed or os.getpid() != self._pid:
             return
         self._closed = True
         self._cancel.set()

@@ -188,3 +188,26 @@ def test_own_cpu_hard_limit_sigkill_is_a_timeout_not_infra_error():
     with rewards.Grader(workers=1, timeout_s=0.5, wall_timeout_s=120.0) as g:
         r = g.grade(_problem(), resp)
     assert (r["status"], r["infra_error"], r["infra_cause"]) == ("timeout", False, None), r
+
+
+def test_close_in_a_forked_child_leaves_the_parents_sandboxes_alone():
+    # a fork-started worker exits through threading's at-exit hooks, which run close() on its copy of the Grader
+    resp = "```python\n" + SLEEPER + "class Solution:\n    def add(self, a, b):\n        return a + b\n```"
+    tag = rewards.owner_tag()
+    with rewards.Grader(workers=1, timeout_s=3600.0, wall_timeout_s=3600.0, startup_s=60.0) as g:
+        before = set(rewards.marked_processes(tag))
+        fut = g.submit_many([(_problem(), resp)])
+        assert _wait_for(lambda: set(_runners(tag)) - before, 90), "sandbox did not start"
+        live = set(rewards.marked_processes(tag)) - before
+        pid = os.fork()
+        if pid == 0:  # child: close() explicitly, then exit; either must leave the parent's sandbox running
+            try:
+                g.close()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        time.sleep(0.5)
+        assert live <= set(rewards.marked_processes(tag)), "a forked child's close() killed the parent's sandbox"
+        assert not fut.done()
+    r = fut.result(10)[0]
+    assert r["infra_cause"] == "cancelled", r  # the parent's own close() did stop it
