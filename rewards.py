@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +37,71 @@ log = logging.getLogger("rewards")
 
 RUNNER = Path(__file__).resolve().with_name("sandbox_runner.py")
 MARKER = "pgrpo-sandbox"  # in every child's argv and env, so leftovers can be found (tests do)
+_TAG = re.compile(rb"pgrpo-sandbox-owner=(\d+)\.(\d+)")
+
+
+def _start_ticks(pid: int) -> int:
+    """Start time of `pid` in clock ticks since boot (/proc/<pid>/stat field 22); OSError if it is gone."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[19])
 
 
 def owner_tag(pid: int | None = None) -> str:
-    """Marker in every child's argv and env: which grading process started it (leftover scans use it)."""
-    return f"{MARKER}-owner={os.getpid() if pid is None else pid}"
+    """Marker in every child's argv and env: which grading process (pid.start_ticks) started it. The start
+    time tells a dead owner from a new process that reuses its pid; leftover sweeps and tests use it."""
+    pid = os.getpid() if pid is None else pid
+    return f"{MARKER}-owner={pid}.{_start_ticks(pid)}"
+
+
+def _owner_alive(pid: int, ticks: int) -> bool:
+    try:
+        return _start_ticks(pid) == ticks
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def marked_processes(tag: str | None = None) -> dict[int, str]:
+    """{pid: owner tag} of live (non-zombie) processes carrying a sandbox owner tag in argv or env;
+    only those carrying `tag` when it is given."""
+    want = tag.encode() if tag else None
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                blob = f.read()
+            if not _TAG.search(blob):
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    blob = f.read()
+            m = _TAG.search(blob)
+            if not m or (want is not None and m.group(0) != want):
+                continue
+            with open(f"/proc/{d}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+                    continue
+            out[int(d)] = m.group(0).decode()
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+def sweep_leftovers() -> int:
+    """SIGKILL every process carrying a sandbox owner tag whose owner (pid + start time) is no longer alive:
+    sandboxes left by a trainer that died before its parent-death signal was armed. Returns how many."""
+    killed = 0
+    for pid, tag in marked_processes().items():
+        m = _TAG.search(tag.encode())
+        if _owner_alive(int(m.group(1)), int(m.group(2))):
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:
+            pass
+    if killed:
+        log.warning("sandbox: killed %d leftover sandbox process(es) of dead trainers", killed)
+    return killed
 
 
 STATUSES = ("ok", "no_code", "syntax_error", "runtime_error", "timeout", "memory_error", "crash", "infra_error")
@@ -207,6 +268,7 @@ def compute_reward(result: dict, cfg: RewardConfig) -> float:
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SandboxCaps:
+    pdeathsig: tuple[str, ...]  # prefix command arming SIGKILL on parent death; () = the runner arms it
     unshare: tuple[str, ...]  # prefix command; () = no namespaces
     pid_ns: bool
     net_ns: bool
@@ -215,11 +277,13 @@ class SandboxCaps:
     python: str
 
     def describe(self) -> str:
-        return (f"pid_ns={self.pid_ns} net_ns={self.net_ns} landlock_abi={self.landlock_abi} "
+        return (f"pdeathsig={'setpriv' if self.pdeathsig else 'runner'} "
+                f"pid_ns={self.pid_ns} net_ns={self.net_ns} landlock_abi={self.landlock_abi} "
                 f"cgroups={'v1 pids+memory' if self.cgroup_v1 else 'no'} python={self.python}")
 
 
 _CAPS: SandboxCaps | None = None
+_SWEPT = False  # sweep_leftovers runs once per process, at the first Grader
 _CAPS_LOCK = threading.Lock()
 
 
@@ -256,17 +320,63 @@ def detect_sandbox() -> SandboxCaps:
             except (OSError, subprocess.SubprocessError):
                 continue
         cg = root and all(os.access(f"/sys/fs/cgroup/{c}", os.W_OK) for c in ("pids", "memory"))
-        _CAPS = SandboxCaps(unshare=chosen, pid_ns=bool(chosen), net_ns=net, landlock_abi=_landlock_abi(),
-                            cgroup_v1=cg, python=os.path.realpath(sys.executable))
+        # the wrapper (unshare, or the runner itself) gets SIGKILL when the grading thread's process dies;
+        # unshare --kill-child passes it on to the runner, whose PID namespace then takes every grandchild
+        pds = ("setpriv", "--pdeathsig", "KILL", "--")
+        try:
+            ok = bool(shutil.which("setpriv")) and subprocess.run([*pds, "true"], capture_output=True,
+                                                                  timeout=10).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+        if not ok and chosen:
+            log.warning("sandbox: setpriv --pdeathsig unavailable: a SIGKILLed trainer leaves its sandboxes "
+                        "until the next Grader start sweeps them")
+        _CAPS = SandboxCaps(pdeathsig=pds if ok else (), unshare=chosen, pid_ns=bool(chosen), net_ns=net,
+                            landlock_abi=_landlock_abi(), cgroup_v1=cg, python=os.path.realpath(sys.executable))
         level = logging.INFO if (_CAPS.pid_ns and _CAPS.landlock_abi) else logging.WARNING
         log.log(level, "sandbox: %s", _CAPS.describe())
         return _CAPS
+
+
+# Third-party packages a program may import (read-only), as the benchmark's children could. Each is
+# found in the trainer's environment; the sandbox gets a finder for exactly these top-level names and
+# Landlock read/execute rights on their package directories (plus a wheel's vendored `<name>.libs`),
+# nothing else of site-packages. docs/grader.md, "Allowed third-party packages".
+ALLOWED_PACKAGES = ("numpy", "sortedcontainers")
+
+
+@functools.lru_cache(maxsize=1)
+def allowed_packages() -> tuple[dict[str, str], tuple[str, ...]]:
+    """({top-level name: path of its __init__.py}, read-only dirs for Landlock) for the ALLOWED_PACKAGES
+    installed here (find_spec does not import them). A missing package is logged and left out."""
+    import importlib.util
+
+    inits, dirs = {}, []
+    for name in ALLOWED_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        locs = list(spec.submodule_search_locations or []) if spec else []
+        if not spec or not spec.origin or len(locs) != 1:
+            log.warning("sandbox: allowed package %s is not installed as a regular package; not importable", name)
+            continue
+        pkg_dir = os.path.realpath(locs[0])
+        inits[name] = os.path.join(pkg_dir, os.path.basename(spec.origin))
+        dirs.append(pkg_dir)
+        libs = os.path.join(os.path.dirname(pkg_dir), name + ".libs")  # auditwheel's vendored shared libs
+        if os.path.isdir(libs):
+            dirs.append(os.path.realpath(libs))
+    return inits, tuple(dirs)
 
 
 # ---------------------------------------------------------------------------------------------------
 # One program run
 # ---------------------------------------------------------------------------------------------------
 CHILD = "<child compares>"  # expected-value sentinel: the child runs the whole assert
+# signals a program can bring on itself (faults, its own rlimits, a broken pipe). Any other signal killed the
+# sandbox from outside: the runner is PID 1 of its namespace, which ignores default-action signals sent from
+# inside it. SIGKILL is the program's own only when its CPU hard limit or its cgroup's OOM killer sent it.
+_UNSHARE_SIGKILLED = b"unshare: sigprocmask unblock failed"  # util-linux 2.38, child killed by SIGKILL
+_OWN_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
+                          signal.SIGTRAP, signal.SIGSYS, signal.SIGXCPU, signal.SIGXFSZ, signal.SIGPIPE})
 
 
 def safe_literal(node: ast.AST):
@@ -382,6 +492,19 @@ class Grader:
             self._slots.put(i)
             self._cgroups[i] = self._make_cgroups(i) if self.caps.cgroup_v1 else []
         self._closed = False
+        self._pid = os.getpid()  # a forked copy of this Grader (fork-started workers) must not touch its sandboxes
+        self._cancel = threading.Event()  # set by close(): queued runs are dropped, live sandboxes killed
+        self._live: dict[int, threading.Event] = {}  # pid of each live sandbox wrapper -> its batch's cancel event
+        self._live_lock = threading.Lock()
+        global _SWEPT
+        if not _SWEPT:
+            _SWEPT = True
+            sweep_leftovers()
+        ref = weakref.ref(self)
+        try:  # runs before the interpreter joins the pool threads at exit, so queued runs are dropped then too
+            threading._register_atexit(lambda: ref() is not None and ref().close())
+        except RuntimeError:  # created during interpreter shutdown
+            pass
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> Grader:
@@ -391,10 +514,15 @@ class Grader:
         self.close()
 
     def close(self) -> None:
-        if self._closed:
+        """Cancel queued runs, kill live sandboxes, wait for the pool threads (each returns within ~0.3 s).
+        A no-op in a forked child (its copy of the live-sandbox table names the parent's sandboxes)."""
+        if self._closed or os.getpid() != self._pid:
             return
         self._closed = True
-        self._coord.shutdown(wait=True)
+        self._cancel.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._kill_live(None)
+        self._coord.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True)
         for dirs in self._cgroups.values():
             for d in dirs:
@@ -419,6 +547,43 @@ class Grader:
             log.warning("sandbox: cgroup setup failed (%s); continuing without", e)
             return []
         return out
+
+    def _kill_live(self, batch: threading.Event | None) -> None:
+        """SIGKILL the process group of every live sandbox of `batch` (all batches when None)."""
+        with self._live_lock:
+            pids = [pid for pid, b in self._live.items() if batch is None or b is batch]
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def _oom_kills(self, slot: int) -> int:
+        """OOM kills so far in the slot's memory cgroup (0 without cgroups)."""
+        n = 0
+        for d in self._cgroups.get(slot, []):
+            try:
+                with open(os.path.join(d, "memory.oom_control")) as f:
+                    n += sum(int(line.split()[1]) for line in f if line.startswith("oom_kill "))
+            except (OSError, ValueError, IndexError):
+                pass
+        return n
+
+    @staticmethod
+    def _reap(proc, out: dict) -> bool:
+        """Has the wrapper exited? Reaped with wait4 rather than Popen.poll so that its CPU time, the runner's
+        included (the wrapper waited for it), lands in out["cpu_s"]."""
+        if proc.returncode is not None:
+            return True
+        try:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            return proc.poll() is not None
+        if pid == 0:
+            return False
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out["cpu_s"] = ru.ru_utime + ru.ru_stime
+        return True
 
     @staticmethod
     def _kill_cgroup(d: str) -> int:
@@ -459,24 +624,41 @@ class Grader:
         for i, (p, r) in enumerate(items):
             _validate(p, r, f"item {i}")
         plans = [self._plan(p, r) for p, r in items]
+        batch = threading.Event()  # set on interrupt: this batch's queued runs are dropped, live ones killed
         futs: dict[tuple[int, str], cf.Future] = {}
-        for i, plan in enumerate(plans):
-            for key, (program, setup, phases) in plan["runs"].items():
-                futs[(i, key)] = self._pool.submit(self._run_phases, program, setup, phases)
-        max_run = 2 * self.startup_s + self.wall_timeout_s * 4 + 15.0
-        budget = math.ceil(len(futs) / self.workers) * max_run * 1.5 + 30.0
-        done, _ = cf.wait(list(futs.values()), timeout=budget)
+        try:
+            for i, plan in enumerate(plans):
+                for key, (program, setup, phases) in plan["runs"].items():
+                    futs[(i, key)] = self._pool.submit(self._run_phases, program, setup, phases, batch)
+            max_run = 2 * self.startup_s + self.wall_timeout_s * 4 + 15.0
+            budget = math.ceil(len(futs) / self.workers) * max_run * 1.5 + 30.0
+            # polled: a future cancelled by close() (pool shutdown) never wakes a plain cf.wait
+            deadline, pending = time.monotonic() + budget, set(futs.values())
+            while pending and time.monotonic() < deadline:
+                _, pending = cf.wait(pending, timeout=min(0.25, max(deadline - time.monotonic(), 0)))
+                pending = {f for f in pending if not f.cancelled()}
+            done = {f for f in futs.values() if f.done()}
+        except BaseException:  # KeyboardInterrupt, SystemExit: stop this batch now, then re-raise
+            batch.set()
+            for f in futs.values():
+                f.cancel()
+            self._kill_live(batch)
+            raise
         out = []
         for i, plan in enumerate(plans):
             runs = {}
             for key in plan["runs"]:
                 f = futs[(i, key)]
-                if f in done and f.exception() is None:
+                if f in done and not f.cancelled() and f.exception() is None:
                     runs[key] = f.result()
                 else:
-                    err = repr(f.exception()) if f in done else f"watchdog: run not finished after {budget:.0f} s"
-                    log.error("sandbox infra failure (%s): %s", key, err)
-                    runs[key] = {"infra": err, "phases": {}, "compiled": None, "seconds": 0.0, "forged": 0}
+                    cause = "cancelled" if f.cancelled() else ("runner" if f in done else "watchdog")
+                    err = {"cancelled": "cancelled (grader closed)",
+                           "watchdog": f"watchdog: run not finished after {budget:.0f} s"}.get(cause) or repr(f.exception())
+                    if cause != "cancelled":
+                        log.error("sandbox infra failure (%s): %s", key, err)
+                    runs[key] = {"infra": err, "infra_cause": cause, "phases": {}, "compiled": None, "seconds": 0.0,
+                                 "forged": 0}
             out.append(self._assemble(plan, runs))
         return out
 
@@ -489,18 +671,23 @@ class Grader:
         has_func = bool(resp_func)
         if "if __name__ == '__main__':" in resp_func:
             has_func = False  # benchmark: a unittest-style main block would pass by default
-        match = bool(resp_func) and bool(prompt_func) and _sanitize(resp_func) == _sanitize(prompt_func)
+        # the benchmark's quirk, reproduced: the prompt's test function is compared as RAW text (its
+        # prompt_metadata.test_func_code) with the ast.unparse of the response's, so a verbatim copy whose
+        # asserts hold string literals in double quotes (unparse writes single quotes) does not match
+        match = bool(resp_func) and bool(prompt_func) and _sanitize(resp_func) == _sanitize(p.prompt_tests)
         call = f"{name}()" if parent is None else f"{parent}().{name}()"
         plan = {"problem": p, "code": code, "resp_func": resp_func, "parent": parent, "prompt_func": prompt_func,
                 "has_func": has_func, "match": match, "call": call, "runs": {}}
         if code is None:
             return plan
-        phases = [Phase("gt", "asserts", tests=tuple(p.gt_tests))]
+        # one fresh process per phase, as in the benchmark: program state (class attributes, caches,
+        # globals) never carries over from the gt asserts into the prompt-test or hint call
+        plan["runs"]["gt"] = (code, p.setup_code, [Phase("gt", "asserts", tests=tuple(p.gt_tests))])
         if prompt_func:
-            phases.append(Phase("prompt", "call", call=f"{name}()", define=prompt_func))
+            prompt_phase = Phase("prompt", "call", call=f"{name}()", define=prompt_func)
+            plan["runs"]["prompt"] = (code, p.setup_code, [prompt_phase])
         if p.hint != "none":
-            phases.append(Phase("hint", "call", call=call))
-        plan["runs"]["main"] = (code, p.setup_code, phases)
+            plan["runs"]["hint"] = (code, p.setup_code, [Phase("hint", "call", call=call)])
         if has_func:
             as_method = parent == "Solution"
             if p.canonical_solution:
@@ -513,7 +700,7 @@ class Grader:
     # -- assembling a grade dict ----------------------------------------------------------------
     def _assemble(self, plan: dict, runs: dict) -> dict:
         p: Problem = plan["problem"]
-        main = runs.get("main")
+        main = runs.get("gt")  # status and can_compile come from the gt run, as in the benchmark
         phases = {}
         for r in runs.values():
             phases.update(r["phases"])
@@ -548,6 +735,8 @@ class Grader:
         return {
             "status": status,
             "infra_error": bool(infra),
+            # why the sample is masked: start | setup | runner | killed | cancelled | watchdog | stuck (None if not)
+            "infra_cause": next((r.get("infra_cause") or "runner" for r in runs.values() if r.get("infra")), None),
             "problem_id": p.id,
             "hint": p.hint,
             "is_formatted": plan["code"] is not None,
@@ -579,21 +768,24 @@ class Grader:
         }
 
     # -- running ----------------------------------------------------------------------------------
-    def _run_phases(self, program: str, setup: str, phases: list[Phase]) -> dict:
+    def _run_phases(self, program: str, setup: str, phases: list[Phase], batch: threading.Event) -> dict:
         """Run all phases, in as few processes as possible: a phase that times out or crashes kills its
         process, and the remaining phases continue in a fresh one."""
-        result = {"phases": {}, "compiled": None, "infra": None, "seconds": 0.0, "forged": 0}
+        result = {"phases": {}, "compiled": None, "infra": None, "infra_cause": None, "seconds": 0.0, "forged": 0}
         skip = 0
         while skip < len(phases):
+            if batch.is_set() or self._cancel.is_set():
+                result["infra"], result["infra_cause"] = "cancelled (interrupted or grader closed)", "cancelled"
+                break
             slot = self._slots.get()
             try:
-                r = self._run_once(program, setup, phases, skip, slot)
+                r = self._run_once(program, setup, phases, skip, slot, batch)
             finally:
                 self._slots.put(slot)
             result["seconds"] += r["seconds"]
             result["forged"] += r["forged"]
             if r["infra"]:
-                result["infra"] = r["infra"]
+                result["infra"], result["infra_cause"] = r["infra"], r.get("infra_cause") or "runner"
                 break
             if result["compiled"] is None:
                 result["compiled"] = r["compiled"]
@@ -606,14 +798,18 @@ class Grader:
                                                                len(ph.tests) or 1))
         return result
 
-    def _run_once(self, program: str, setup: str, phases: list[Phase], skip: int, slot: int) -> dict:
+    def _run_once(self, program: str, setup: str, phases: list[Phase], skip: int, slot: int,
+                  batch: threading.Event) -> dict:
         t0 = time.monotonic()
         nonce = secrets.token_hex(16)
         caps = self.caps
         tmp = tempfile.mkdtemp(prefix="pgrpo-sbx-")
+        pkg_inits, pkg_dirs = allowed_packages()
         spec = {
             "nonce": nonce, "setup": setup, "program": program, "skip": skip, "guard": self.guard,
+            "packages": pkg_inits,
             "max_failures": self.max_failures,
+            "parent": os.getpid() if not (caps.pdeathsig or caps.unshare) else None,  # runner arms pdeathsig
             "phases": [{"name": ph.name, "kind": ph.kind, "tests": [split_test(t)[0] for t in ph.tests],
                         "call": ph.call, "define": ph.define} for ph in phases],
             "limits": {"memory_mb": self.memory_mb, "cpu_phase_s": self.timeout_s,
@@ -621,10 +817,11 @@ class Grader:
                        "fsize_mb": 16, "nofile": 64, "nproc": 0 if os.geteuid() == 0 else 64},
             "cgroups": [os.path.join(d, "cgroup.procs") for d in self._cgroups.get(slot, [])],
             "landlock": {"ro": [os.path.realpath(sys.base_prefix), "/usr", "/lib", "/lib64", "/etc/localtime",
-                                "/etc/ld.so.cache", "/dev/null", "/dev/urandom", "/dev/zero"],
+                                "/etc/ld.so.cache", "/dev/null", "/dev/urandom", "/dev/zero", *pkg_dirs],
                          "rw": [tmp], "net": True, "scope": True} if caps.landlock_abi else None,
         }
         out = {"phases": {}, "compiled": None, "infra": None, "next": None, "seconds": 0.0, "forged": 0}
+        oom0 = self._oom_kills(slot)
         fds: list[int] = []
         proc = None
         try:
@@ -636,21 +833,33 @@ class Grader:
                 view = view[os.write(memfd, view):]
             os.lseek(memfd, 0, os.SEEK_SET)
             r_res, w_res = os.pipe()
-            r_out, w_out = os.pipe()
-            fds += [r_res, w_res, r_out, w_out]
+            r_out, w_out = os.pipe()  # the wrappers' and the runner's own stderr until the program runs
+            r_prog, w_prog = os.pipe()  # the program's fds 1 and 2: drained, never read as anything
+            fds += [r_res, w_res, r_out, w_out, r_prog, w_prog]
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp, "PGRPO_SANDBOX": owner_tag(),
                    "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            cmd = [*caps.unshare, caps.python, "-I", "-S", "-B", str(RUNNER), str(memfd), str(w_res), owner_tag()]
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=w_out, stderr=w_out, pass_fds=(memfd, w_res),
+            cmd = [*caps.pdeathsig, *caps.unshare, caps.python, "-I", "-S", "-B", str(RUNNER), str(memfd),
+                   str(w_res), str(w_prog), owner_tag()]
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=w_out, stderr=w_out,
+                                    pass_fds=(memfd, w_res, w_prog),
                                     cwd=tmp, env=env, start_new_session=True, close_fds=True)
-            for fd in (w_res, w_out, memfd):
+            with self._live_lock:
+                self._live[proc.pid] = batch
+            if batch.is_set() or self._cancel.is_set():  # cancelled while it was starting
+                os.killpg(proc.pid, signal.SIGKILL)
+            for fd in (w_res, w_out, w_prog, memfd):
                 os.close(fd)
                 fds.remove(fd)
-            self._read(proc, r_res, r_out, nonce, phases, skip, out)
+            finished = self._read(proc, r_res, r_out, r_prog, nonce, phases, skip, out, spec["limits"]["cpu_s"] + 1,
+                                  lambda: self._oom_kills(slot) > oom0)
+            if not finished and (batch.is_set() or self._cancel.is_set()):  # killed by _kill_live
+                out["infra"], out["infra_cause"] = "cancelled (interrupted or grader closed)", "cancelled"
         except OSError as e:
-            out["infra"] = f"could not start sandbox: {e!r}"
+            out["infra"], out["infra_cause"] = f"could not start sandbox: {e!r}", "start"
         finally:
             if proc is not None:
+                with self._live_lock:
+                    self._live.pop(proc.pid, None)
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
@@ -658,7 +867,8 @@ class Grader:
                 try:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
-                    out["infra"] = out["infra"] or "sandbox process did not die after SIGKILL"
+                    if not out["infra"]:
+                        out["infra"], out["infra_cause"] = "sandbox process did not die after SIGKILL", "stuck"
             for d in self._cgroups.get(slot, []):
                 self._kill_cgroup(d)  # anything still alive in the slot (normally the dying PID-1 only)
             for fd in fds:
@@ -670,11 +880,15 @@ class Grader:
         out["seconds"] = time.monotonic() - t0
         return out
 
-    def _read(self, proc, r_res: int, r_out: int, nonce: str, phases: list[Phase], skip: int, out: dict) -> None:
-        """Consume the result channel until `done`, exit or deadline; fill out["phases"] and out["next"]."""
+    def _read(self, proc, r_res: int, r_out: int, r_prog: int, nonce: str, phases: list[Phase], skip: int, out: dict,
+              cpu_hard: float, oom_killed) -> bool:
+        """Consume the result channel until `done`, exit or deadline; fill out["phases"] and out["next"].
+        Returns whether the runner reported `done`. `cpu_hard`: the runner's RLIMIT_CPU hard limit (s);
+        `oom_killed()`: did the slot's memory cgroup OOM-kill something during this run."""
         sel = selectors.DefaultSelector()
         sel.register(r_res, selectors.EVENT_READ, "res")
         sel.register(r_out, selectors.EVENT_READ, "out")
+        sel.register(r_prog, selectors.EVENT_READ, "prog")
         buf, n_out = b"", 0
         started = loaded = finished = False
         cur: int | None = None  # phase index in progress
@@ -697,10 +911,13 @@ class Grader:
                 if not data:
                     sel.unregister(key.fd)
                     continue
-                if key.data == "out":  # program output is drained, never evidence; head kept for diagnostics
+                if key.data == "prog":  # the program's output: drained and dropped
+                    continue
+                if key.data == "out":  # wrappers / runner before the program ran: kept for diagnostics
                     if n_out < 2048:
                         out["output_head"] = out.get("output_head", "") + data[: 2048 - n_out].decode(errors="replace")
                     n_out += len(data)
+                    out["output_tail"] = (out.get("output_tail", b"") + data)[-256:]  # unshare's last words
                     continue
                 buf += data
                 lines = buf.split(b"\n")
@@ -721,7 +938,7 @@ class Grader:
                     if ev == "start":
                         started, deadline = True, now + self.startup_s
                     elif ev == "setup_error":
-                        out["infra"] = f"problem setup_code failed: {rec.get('err')}"
+                        out["infra"], out["infra_cause"] = f"problem setup_code failed: {rec.get('err')}", "setup"
                         finished = True
                     elif ev == "compile":
                         out["compiled"] = bool(rec.get("ok"))
@@ -769,23 +986,36 @@ class Grader:
                         cpu_timeout = True
                     elif ev == "done":
                         finished = stage_ok = True
-            if exited_at is None and proc.poll() is not None:
+            if exited_at is None and self._reap(proc, out):
                 exited_at = time.monotonic()
         timed_out = not finished and time.monotonic() >= deadline
         sel.close()
         if not started and not out["infra"]:
+            out["infra_cause"] = "start"
             out["infra"] = ("sandbox did not start in time" if timed_out else
                             f"sandbox exited before start (code {proc.poll()}): {out.get('output_head', '')[:500]}")
-            return
+            return finished
         if not finished and "sandbox_runner crashed" in out.get("output_head", ""):
-            out["infra"] = out["output_head"][:500]
-            return
+            out["infra"], out["infra_cause"] = out["output_head"][:500], "runner"
+            return finished
         if out["infra"]:
-            return
+            return finished
         if stage_ok:
             out["phases"] = {phases[i].name: res[i] for i in res}
-            return
+            return finished
         # killed or died mid-way
+        rc = proc.returncode
+        if rc == 1 and self.caps.unshare and _UNSHARE_SIGKILLED in out.get("output_tail", b""):
+            rc = -signal.SIGKILL  # unshare cannot re-raise a SIGKILL that killed its child: it says so, exits 1
+        if rc is not None and rc < 0 and not timed_out and not cpu_timeout:
+            sig = -rc
+            if sig == signal.SIGKILL and out.get("cpu_s", 0.0) >= cpu_hard - 0.5:
+                cpu_timeout = True  # the kernel enforced the CPU hard limit (SIGXCPU was ignored)
+            elif sig not in _OWN_SIGNALS and not (sig == signal.SIGKILL and oom_killed()):
+                name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+                out["infra"] = f"sandbox killed from outside by {name} (not by its own limits)"
+                out["infra_cause"] = "killed"
+                return finished
         why = "timeout" if (timed_out or cpu_timeout) else "crash"
         if out["compiled"] is None or not loaded:  # died before the program finished loading
             for i in range(skip, len(phases)):
@@ -803,6 +1033,7 @@ class Grader:
                 res[nxt]["err"] = why
                 out["next"] = nxt + 1 if nxt + 1 < len(phases) else None
         out["phases"] = {phases[i].name: res[i] for i in res}
+        return finished
 
 
 def _validate(p, response, where: str) -> None:

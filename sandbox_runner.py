@@ -2,17 +2,19 @@
 
 Never import this from the trainer; `rewards.Grader` starts it as
 
-    [unshare ...] python -I -S sandbox_runner.py <spec_fd> <result_fd>   (cwd = a fresh temp dir)
+    [setpriv ...] [unshare ...] python -I -S -B sandbox_runner.py <spec_fd> <result_fd> <output_fd> <owner tag>
 
 and it is only useful that way. The spec (JSON, read from an anonymous memfd that is closed before
 any program code runs) holds the nonce, the setup code, the program and the phases. Results go back
-as newline-delimited JSON records on <result_fd>, each carrying the nonce; stdout/stderr are never
-read as evidence. See docs/grader.md for the threat model and the isolation argument.
+as newline-delimited JSON records on <result_fd>, each carrying the nonce. The program's fds 1 and 2
+are <output_fd> (drained and dropped by the parent); the runner's own stderr, shared with the wrappers,
+is closed to the program. Output is never read as evidence. See docs/grader.md for the threat model and the isolation argument.
 
 Order of operations (everything before step 6 is trusted code only):
- 1. read + close the spec fd; 2. rlimits; 3. join the per-slot cgroups (if any); 4. Landlock
- (filesystem allowlist, no TCP, no signals outside the sandbox); 5. audit-hook guard (blocks frame
- and gc introspection, ctypes, process creation, signals, sockets, setrlimit); 6. exec setup+program
+ 1. read + close the spec fd (and arm the parent-death signal when no wrapper did); 2. rlimits; 3. join
+ the per-slot cgroups (if any); 4. Landlock (filesystem allowlist, no TCP, no signals outside the
+ sandbox); 5. audit-hook guard (blocks frame and gc introspection, ctypes, process creation, signals,
+ sockets, setrlimit); 6. exec setup+program
  in the program namespace; 7. run phases, streaming one record per test; 8. os._exit(0).
 """
 import os
@@ -78,6 +80,17 @@ def _landlock(allow_ro: list, allow_rw: list, want_net: bool, want_scope: bool) 
     return abi
 
 
+def _pdeathsig(parent: int) -> None:
+    """SIGKILL this process when the grading process dies (prctl PR_SET_PDEATHSIG); exit at once if it
+    already has (re-parented before the signal was armed)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0, "prctl(PR_SET_PDEATHSIG) failed"
+    if os.getppid() != parent:
+        os._exit(0)
+
+
 _BLOCKED_EVENTS = frozenset({
     "sys._current_frames", "sys.settrace", "sys.setprofile",
     "gc.get_objects", "gc.get_referrers", "gc.get_referents",
@@ -99,7 +112,7 @@ def _install_guard(trusted: list) -> None:
     `trusted` is a one-element list only the runner holds; trusted[0] is True only around the runner's
     own setrlimit calls (no program code runs in that window)."""
     blocked_events, blocked_imports = _BLOCKED_EVENTS, _BLOCKED_IMPORTS
-    perm = PermissionError
+    perm, no_module = PermissionError, ModuleNotFoundError
 
     def hook(event, args):
         if trusted[0]:
@@ -107,9 +120,33 @@ def _install_guard(trusted: list) -> None:
         if event in blocked_events:
             raise perm(f"sandbox: {event} is not allowed")
         if event == "import" and args and args[0].split(".")[0] in blocked_imports:
-            raise perm(f"sandbox: import {args[0]} is not allowed")
+            # ImportError, so that optional imports (numpy's `try: import ctypes`) fall back as on a system without it
+            raise no_module(f"sandbox: import {args[0]} is not allowed")
 
     sys.addaudithook(hook)
+
+
+def _allow_packages(inits: dict) -> None:
+    """Make exactly the allow-listed third-party packages importable: a meta-path finder that knows only
+    their top-level names and loads each from its own directory (sys.path keeps no site-packages; Landlock
+    grants read/execute on those directories only, so widening the finder or sys.path reaches nothing
+    else)."""
+    if not inits:
+        return
+    import importlib.util
+
+    spec_from = importlib.util.spec_from_file_location
+    dirname = os.path.dirname
+
+    class AllowedPackages:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            init = inits.get(name) if path is None else None
+            if init is None:
+                return None
+            return spec_from(name, init, submodule_search_locations=[dirname(init)])
+
+    sys.meta_path.append(AllowedPackages)
 
 
 class _Sink:
@@ -153,10 +190,12 @@ def main() -> None:
     _BaseException, _SyntaxError, _MemoryError = BaseException, SyntaxError, MemoryError
     _dict, _list, _range, _enumerate, _bool = dict, list, range, enumerate, bool
 
-    spec_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
+    spec_fd, result_fd, prog_out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     with os.fdopen(spec_fd, "rb", closefd=True) as f:
         spec = _loads(f.read().decode("utf-8"))
     nonce = spec["nonce"]
+    if spec.get("parent"):  # no setpriv/unshare wrapper: arm the parent-death signal here (trusted code)
+        _pdeathsig(spec["parent"])
 
     def emit(rec: dict) -> None:
         # json.dumps is NOT used after the program runs: the program could patch the json module and
@@ -186,6 +225,9 @@ def main() -> None:
     if lim.get("nproc"):
         resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"],) * 2)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes raise OSError instead of killing
+    null = os.open(os.devnull, os.O_RDONLY)  # stdin is an empty /dev/null (as in the benchmark): readline() -> ''
+    os.dup2(null, 0)
+    os.close(null)
     for path in spec.get("cgroups") or []:
         with open(path, "w") as f:
             f.write("0")  # move this process into the slot's cgroup (pids / memory caps)
@@ -252,11 +294,19 @@ def main() -> None:
         _exit(0)
 
     signal.signal(signal.SIGXCPU, on_xcpu)
+    _allow_packages(spec.get("packages") or {})
     cpu_window()
     if spec.get("guard", True):
+        # ctypes stays unimportable: `import ctypes` raises ImportError (numpy's optional ctypes import then
+        # falls back to None), and removing the None entry makes the next import an audited, blocked event
+        sys.modules["ctypes"] = sys.modules["_ctypes"] = None
         _install_guard(trusted)
-    sys.stdout = sys.stderr = _Sink()
-    sys.stdin = None
+    # the program's fds 1 and 2 become its own output pipe: from here on nothing it writes can reach the pipe
+    # on which the wrappers and this runner report (unshare's "child killed", "sandbox_runner crashed")
+    os.dup2(prog_out, 1)
+    os.dup2(prog_out, 2)
+    os.close(prog_out)
+    sys.stdout = sys.stderr = _Sink()  # sys.stdin stays the interpreter's reader of fd 0 (/dev/null)
     prog_ns = {"__name__": "__solution__", "__builtins__": _dict(pristine_builtins)}
     try:
         _exec(prog_code, prog_ns)

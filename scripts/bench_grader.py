@@ -36,6 +36,14 @@ def simple_problem() -> problems.Problem:
                             prompt=(), hint="none")
 
 
+def n_programs(p: problems.Problem, r: dict) -> int:
+    """Sandboxed processes behind one grade: gt, hint (unless hint none), prompt tests (modify/incontext),
+    canonical + arbitrary (when the response defines the test function)."""
+    if not r["is_formatted"]:
+        return 0
+    return 1 + (p.hint != "none") + bool(p.prompt_tests) + 2 * bool(r["has_test_func"])
+
+
 def cpu_now() -> float:
     import resource
 
@@ -85,7 +93,7 @@ def main() -> None:
                 mix.append((p, wrap(f"class Solution:\n    def {p.method}(self, *a, **k):\n        while True:\n"
                                     "            pass\n")))
         rs, dt = timed(g, mix)
-        n_runs = len(mix) + sum(2 for r in rs if r["has_test_func"])
+        n_runs = sum(n_programs(p, r) for (p, _), r in zip(mix, rs))
         print(f"benchmark mix (canonical/hack/wrong/timeout x10, hint on): {len(mix)} responses, {n_runs} programs "
               f"in {dt:.2f} s = {len(mix) / dt:.2f} responses/s, {n_runs / dt:.2f} programs/s wall; "
               f"{timed.cpu:.1f} CPU s in all")
@@ -100,7 +108,7 @@ def main() -> None:
         if typical:
             ntests = sum(len(p.gt_tests) for p in hinted[::4]) / len(hinted[::4])
             print(f"  typical benchmark problem (canonical, {ntests:.0f} asserts avg): "
-                  f"{sum(typical) / len(typical) * 1000:.0f} ms per response (one child process)")
+                  f"{sum(typical) / len(typical) * 1000:.0f} ms per response (gt + hint: two child processes)")
 
         sets = []
         if a.canonical:

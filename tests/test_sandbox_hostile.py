@@ -37,6 +37,44 @@ def wrap(code: str) -> str:
     return f"{FENCE}python\n{code}\n{FENCE}"
 
 
+SITE = Path(rewards.allowed_packages()[0]["numpy"]).parents[1]  # the trainer's site-packages
+
+
+def _other_site_modules() -> list[str]:
+    """Top-level importable names in the trainer's site-packages other than the allow-listed ones."""
+    names = set()
+    for d in SITE.iterdir():
+        stem = d.name.split(".")[0]
+        if not stem.isidentifier() or stem in rewards.ALLOWED_PACKAGES or d.name.endswith((".dist-info", ".pth")):
+            continue
+        if (d.is_dir() and (d / "__init__.py").exists()) or d.suffix in (".py", ".so"):
+            names.add(stem)
+    assert {"requests", "torch", "yaml"} <= names, sorted(names)[:20]  # installed by the project's deps
+    return sorted(names)
+
+
+def _import_others_program() -> str:
+    """Tries every other site-package plainly, then again with site-packages put on sys.path; exits 1 if any
+    import works (Landlock grants only the allow-listed package directories)."""
+    return (f"import sys, importlib\nnames = {_other_site_modules()!r}\ngot = []\n"
+            f"for attempt in range(2):\n    if attempt:\n        sys.path.insert(0, {str(SITE)!r})\n"
+            "        importlib.invalidate_caches()\n    for n in names:\n        try:\n            __import__(n)\n"
+            "            got.append(n)\n        except BaseException:\n            pass\n"
+            "if got:\n    raise SystemExit('imported: ' + ' '.join(got))\n" + GOOD)
+
+
+def _write_allowed_program() -> str:
+    """Writes (open, numpy.save, ndarray.tofile) into each allow-listed package's directory; exits 1 if any works."""
+    return (f"import os, numpy as np, sortedcontainers\ndirs = {list(rewards.allowed_packages()[1])!r}\nwrote = []\n"
+            "for d in dirs:\n    for how in ('open', 'save', 'tofile'):\n"
+            f"        p = os.path.join(d, {CANARY!r} + how)\n        try:\n"
+            "            if how == 'open':\n                open(p, 'w').write('x')\n"
+            "            elif how == 'save':\n                np.save(p, np.zeros(2))\n"
+            "            else:\n                np.zeros(2).tofile(p)\n            wrote.append(p)\n"
+            "        except OSError:\n            pass\n"
+            "if wrote:\n    raise SystemExit('wrote ' + ' '.join(wrote))\n" + GOOD)
+
+
 # (name, program, expected status, expected eq_correct); programs are the whole response code
 CASES = [
     ("infinite_loop", "class Solution:\n    def add(self, a, b):\n        while True:\n            pass\n", "timeout", False),
@@ -122,13 +160,33 @@ CASES = [
      "from collections import namedtuple\nimport enum, socket, unittest, traceback\nP = namedtuple('P', 'x y')\n"
      "class Solution:\n    def add(self, a, b):\n        try:\n            1 / 0\n        except ZeroDivisionError:\n"
      "            traceback.format_exc()\n        return P(a, b).x + P(a, b).y\n", "ok", True),
+    ("allowed_packages_import_and_work",
+     "import numpy as np\nfrom sortedcontainers import SortedList\nassert np.arange(4).sum() == 6\n"
+     "assert list(SortedList([3, 1, 2])) == [1, 2, 3]\nnp.save('ok.npy', np.zeros(2))\n" + GOOD, "ok", True),
+    ("import_every_other_site_package", _import_others_program(), "ok" if CAPS.landlock_abi else None, None),
+    ("ctypes_blocked_with_numpy_loaded",
+     "import numpy, sys\ntry:\n    import ctypes\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit(1)\n"
+     "sys.modules.pop('ctypes', None)\nimport ctypes\n" + GOOD, "runtime_error", False),
+    ("numpy_ctypeslib_load_library",
+     "import numpy as np\nnp.ctypeslib.load_library('libc.so.6', '/lib/x86_64-linux-gnu')\n" + GOOD,
+     "runtime_error", False),
+    ("fork_after_numpy_import", "import numpy, os\nos.fork()\n" + GOOD, "runtime_error", False),
+    ("forge_unshare_sigkill_message",  # would make an outside SIGKILL of the runner (infra_error) if believed
+     "import os\nfor fd in range(1, 64):\n    try:\n        os.write(fd, b'unshare: sigprocmask unblock failed\\n')\n"
+     "    except OSError:\n        pass\nos._exit(1)\n" + GOOD, "crash", False),
+    ("forge_runner_crashed_message",
+     "import os\nfor fd in range(1, 64):\n    try:\n        os.write(fd, b'sandbox_runner crashed: KeyError\\n')\n"
+     "    except OSError:\n        pass\nos._exit(70)\n" + GOOD, "crash", False),
     ("gc_introspection_blocked", "import gc\nobjs = gc.get_objects()\n" + GOOD, "runtime_error", False),
     ("kill_parent", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + GOOD, "runtime_error", False),
 ]
+if CAPS.landlock_abi:  # without Landlock these writes would land in the real site-packages
+    CASES.append(("write_into_allowed_package_dirs", _write_allowed_program(), "ok", True))
 # guard=False cases: the OS layer alone must contain these
 OS_CASES = ["fork_bomb", "fork_and_exit", "setsid_double_fork_daemon", "grandchild_holds_stdout", "memory_spread_over_children",
             "read_files_outside_tmp", "write_repo_and_home", "network_access", "threads_left_running", "infinite_loop",
-            "sleep_past_deadline", "alloc_10GB", "kill_parent"]
+            "sleep_past_deadline", "alloc_10GB", "kill_parent", "import_every_other_site_package",
+            *(["write_into_allowed_package_dirs"] if CAPS.landlock_abi else [])]
 
 
 def _alive_marked() -> list[int]:
@@ -202,6 +260,8 @@ def test_hostile_case_os_layer_only(results, name):
         assert (r["status"], r["eq_correct"]) == ("ok", True), r  # graded promptly; leftovers checked at the end
     elif name in ("infinite_loop", "sleep_past_deadline", "alloc_10GB"):
         assert (r["status"], r["eq_correct"]) == (status, eq), r
+    elif name in ("import_every_other_site_package", "write_into_allowed_package_dirs") and CAPS.landlock_abi:
+        assert (r["status"], r["eq_correct"]) == ("ok", True), r  # Landlock alone keeps them out / read-only
     elif name == "kill_parent":
         assert not r["infra_error"]  # we are still alive to assert this
     assert r["seconds"] < 20, (name, r["seconds"])
@@ -228,6 +288,8 @@ def test_no_process_left_and_no_file_outside_tmp(results):
     assert not left, f"sandbox processes still alive: {sorted(left)}"
     for d in (REPO, HOME):
         assert not (d / CANARY).exists(), f"hostile program wrote into {d}"
+    for d in rewards.allowed_packages()[1]:
+        assert not list(Path(d).glob(CANARY + "*")), f"hostile program wrote into {d}"
     assert not (Path("/tmp") / CANARY).exists(), "hostile program wrote into the real /tmp"
     assert not list(REPO.glob("csv.py")) and not list(REPO.glob("big.bin"))
     print(f"hostile suite graded {len(CASES) + len(OS_CASES) + 2} programs in {results['seconds']:.1f} s")
