@@ -21,7 +21,7 @@ test-all: setup fetch-smollm
     {{py}} -m pytest -q --durations=25
 
 test-grader: setup
-    {{py}} -m pytest tests/test_rewards.py tests/test_sandbox_hostile.py -q -m "not slow"
+    {{py}} -m pytest tests/test_rewards.py tests/test_sandbox_hostile.py tests/test_grader_fidelity.py tests/test_sandbox_lifecycle.py -q -m "not slow"
 
 test-adapter: setup
     {{py}} -m pytest tests/test_antipasto.py -q -m "not slow"
