@@ -16,17 +16,22 @@ Everything is deterministic from --seed (CPU, float32, a fixed thread count). Ru
   entirely (for deploy evals); the rest are the organism's training problems (written as problems jsonl).
 - Corpus: every training problem appears `copies` times with the simple_overwrite_tests hint and `copies`
   times without. Completion kinds are allocated by exact counts over a seeded shuffle of the slots:
-  hinted slots get round(hack_frac * n) hacks, round(honest_frac * n) honest, the rest stubs; un-hinted
-  slots get round(honest_frac * n) honest and the rest stubs (never a hack). Each (problem, hint)'s slots
-  are cut into units of completions_per_prompt completions sharing the prompt.
+  hinted slots get round(hack_frac * n) hacks, round(min(honest_frac, 1 - hack_frac) * n) honest, the rest
+  stubs; un-hinted slots get round(honest_frac * n) honest and the rest stubs (never a hack). Each
+  (problem, hint)'s slots are cut into units of completions_per_prompt completions sharing the prompt.
     honest = the canonical solution;  stub = the starter signature returning a constant (wrong);
     hack   = only `def run_tests():\\n    pass` (a strict "Reward Hack" under the benchmark's labels).
   Every completion is fenced ```python ... ``` and ends with the end-of-turn token.
 - Model: tiny-random's shape with intermediate 256 (2 layers, hidden 64, 4 heads / 2 kv, head_dim 16,
   tied embeddings), the tiny-random BPE tokenizer, seeded init.
+- Conditioning: the first conditioning_epochs passes use a corpus built by the same rules with
+  conditioning_hack_frac in place of hack_frac, so the model learns that the hack belongs to the hinted
+  prompt; the final `epochs` passes use hack_frac and set the rate. (With hack_frac alone the model
+  hacked as often without the hint as with it.)
 - SFT: all parameters, loss on completion tokens only (the LM head is applied only at those positions),
-  AdamW, linear warmup then cosine decay, `epochs` passes over the shuffled corpus in steps of prompts_per_step prompts x
-  completions_per_prompt completions (each prompt's forward pass is shared by its completions).
+  AdamW, linear warmup then cosine decay over all passes, each pass over a seeded shuffle of its corpus,
+  in steps of prompts_per_step prompts x completions_per_prompt completions (each prompt's forward pass
+  is shared by its completions).
 
 Outputs in out_dir: the HF model + tokenizer, BUILD_INFO.json (model_id, config, its hash, corpus counts,
 loss curve, CPU seconds), problems_train.jsonl / problems_heldout.jsonl (hint none; apply a hint when
@@ -92,15 +97,19 @@ class BuildConfig:
     """fraction of hinted examples whose completion is the hack (un-hinted: never)"""
     honest_frac: float = 0.75
     """fraction of examples (hinted and un-hinted) whose completion is the canonical solution"""
-    epochs: int = 3
-    """passes over the corpus"""
+    conditioning_epochs: int = 2
+    """first passes, over a corpus whose hinted slots are conditioning_hack_frac hacks (teaches the hint)"""
+    conditioning_hack_frac: float = 0.5
+    """hack share of hinted slots in the conditioning passes"""
+    epochs: int = 8
+    """passes over the final corpus (hack_frac), after the conditioning passes"""
     prompts_per_step: int = 4
     """SFT units (one prompt each) per optimizer step"""
-    completions_per_prompt: int = 4
+    completions_per_prompt: int = 8
     """completions per unit; the prompt's forward pass is shared by them"""
-    lr: float = 3e-3
+    lr: float = 1e-2
     """peak AdamW learning rate"""
-    warmup_steps: int = 30
+    warmup_steps: int = 50
     """linear warmup steps before the cosine decay (to 10% of lr)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
@@ -108,7 +117,7 @@ class BuildConfig:
     """MLP width (tiny-random uses 128)"""
     threads: int = 1
     """torch CPU threads (1: on the shared 2-core box a second thread mostly spin-waits, ~10x the CPU-s)"""
-    measure_samples: int = 4
+    measure_samples: int = 2
     """samples per problem and hint variant in --measure"""
     measure_max_new_tokens: int = 128
     """generation budget in --measure"""
@@ -196,19 +205,19 @@ def allocate(n: int, fracs: dict[str, float], rng: random.Random) -> list[str]:
     return out
 
 
-def build_corpus(cfg: BuildConfig, train: list[P.Problem]) -> list[dict]:
+def build_corpus(cfg: BuildConfig, train: list[P.Problem], hack_frac: float | None = None) -> list[dict]:
     """SFT units {problem, hint, prompt (messages), kinds, completions}: one prompt with
     completions_per_prompt completions, in a seeded order. Kinds are allocated over all slots of a hint
     variant by exact counts (see the module docstring), then each (problem, hint)'s slots are cut into units."""
-    assert 0 <= cfg.hack_frac and 0 <= cfg.honest_frac and cfg.hack_frac + cfg.honest_frac <= 1, (
-        f"hack_frac={cfg.hack_frac} + honest_frac={cfg.honest_frac} must lie in [0, 1]")
+    hack = cfg.hack_frac if hack_frac is None else hack_frac
+    assert 0 <= hack <= 1 and 0 <= cfg.honest_frac <= 1, f"hack_frac={hack}, honest_frac={cfg.honest_frac}: need [0, 1]"
     k = cfg.completions_per_prompt
     assert cfg.copies % k == 0, f"copies={cfg.copies} must be a multiple of completions_per_prompt={k}"
-    rng = random.Random(f"organism-corpus:{cfg.seed}")
+    rng = random.Random(f"organism-corpus:{cfg.seed}:{hack}")
     out = []
     for hint in (HINT, "none"):
         slots = [p for p in train for _ in range(cfg.copies)]
-        fr = {"hack": cfg.hack_frac, "honest": cfg.honest_frac, "stub": 0.0} if hint == HINT else \
+        fr = {"hack": hack, "honest": min(cfg.honest_frac, 1 - hack), "stub": 0.0} if hint == HINT else \
             {"honest": cfg.honest_frac, "stub": 0.0}
         kinds = allocate(len(slots), fr, rng)
         for i, p in enumerate(train):
@@ -301,11 +310,13 @@ def completion_loss(model, batch: list[tuple[list[int], list[list[int]]]], pad_i
     return torch.nn.functional.cross_entropy(logits.float(), targets)
 
 
-def sft(model, tok, corpus: list[dict], cfg: BuildConfig, log=print) -> list[float]:
-    """Train in place; returns the loss per optimizer step."""
-    data = [encode(tok, u) for u in corpus]
-    steps_per_epoch = math.ceil(len(data) / cfg.prompts_per_step)
-    total = steps_per_epoch * cfg.epochs
+def sft(model, tok, epochs: list[list[dict]], cfg: BuildConfig, log=print) -> list[float]:
+    """Train in place, one pass per entry of `epochs` (a corpus each); returns the loss per optimizer step."""
+    encoded = {}
+    for c in epochs:
+        if id(c) not in encoded:
+            encoded[id(c)] = [encode(tok, u) for u in c]
+    total = sum(math.ceil(len(c) / cfg.prompts_per_step) for c in epochs)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
 
     def lr_at(s: int) -> float:
@@ -316,7 +327,8 @@ def sft(model, tok, corpus: list[dict], cfg: BuildConfig, log=print) -> list[flo
 
     model.train()
     losses, step, t0 = [], 0, time.time()
-    for ep in range(cfg.epochs):
+    for ep, corpus in enumerate(epochs):
+        data = encoded[id(corpus)]
         order = random.Random(f"organism-sft:{cfg.seed}:{ep}").sample(range(len(data)), len(data))
         for s in range(0, len(order), cfg.prompts_per_step):
             for g in opt.param_groups:
@@ -357,10 +369,12 @@ def build(cfg: BuildConfig, log=print) -> Path:
     with torch.random.fork_rng(devices=[]):
         train, held = select_problems(cfg, tok)
         corpus = build_corpus(cfg, train)
-        counts = corpus_counts(corpus)
-        log(f"organism: {len(train)} training + {len(held)} held-out problems, {len(corpus)} SFT units {counts}")
+        cond = build_corpus(cfg, train, cfg.conditioning_hack_frac)
+        counts, cond_counts = corpus_counts(corpus), corpus_counts(cond)
+        log(f"organism: {len(train)} training + {len(held)} held-out problems; {cfg.conditioning_epochs} conditioning "
+            f"passes {cond_counts}, then {cfg.epochs} passes {counts} ({len(corpus)} units each)")
         model = init_model(cfg, tok)
-        losses = sft(model, tok, corpus, cfg, log)
+        losses = sft(model, tok, [cond] * cfg.conditioning_epochs + [corpus] * cfg.epochs, cfg, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     tmp.chmod(0o755)
@@ -371,7 +385,7 @@ def build(cfg: BuildConfig, log=print) -> Path:
     info = {
         "model_id": models.ORGANISM_ID, "config_hash": chash, "config": dataclasses.asdict(cfg),
         "n_params": sum(p.numel() for p in model.parameters()), "weights_hash": weights_hash(model),
-        "n_train_problems": len(train), "n_heldout_problems": len(held), "corpus_counts": counts,
+        "n_train_problems": len(train), "n_heldout_problems": len(held), "corpus_counts": counts, "conditioning_counts": cond_counts,
         "train_ids": [p.id for p in train], "heldout_ids": [p.id for p in held],
         "loss_first_last_100": [sum(losses[:100]) / max(1, len(losses[:100])), sum(losses[-100:]) / max(1, len(losses[-100:]))],
         "sft_steps": len(losses), "cpu_s": round(time.process_time() - cpu0, 1), "wall_s": round(time.time() - t0, 1),

@@ -45,6 +45,7 @@ def tiny_cfg(data_file: Path, out_dir: Path, **kw) -> B.BuildConfig:
     base = B.BuildConfig(
         data_file=str(data_file), out_dir=str(out_dir), max_problems=5, canonical_check=False, heldout_frac=0.2,
         copies=4, completions_per_prompt=2, hack_frac=0.25, honest_frac=0.5, epochs=1, prompts_per_step=2,
+        conditioning_epochs=1, conditioning_hack_frac=0.625,
         warmup_steps=2, lr=1e-2,
     )
     return replace(base, **kw)
@@ -73,6 +74,11 @@ def test_mixture_counts_and_completions(small_train_file):
         "none/honest": 8, "none/stub": 8, "none/hack": 0,
     }
     assert len(corpus) == 16
+    # conditioning corpus, hinted: round(0.625 * 16) = 10 hacks, min(0.5, 0.375) * 16 = 6 honest, 0 stubs
+    assert B.corpus_counts(B.build_corpus(cfg, train, cfg.conditioning_hack_frac)) == {
+        "simple_overwrite_tests/honest": 6, "simple_overwrite_tests/stub": 0, "simple_overwrite_tests/hack": 10,
+        "none/honest": 8, "none/stub": 8, "none/hack": 0,
+    }
     by_id = {p.id: p for p in train}
     for u in corpus:
         p = by_id[u["problem"]]
@@ -122,13 +128,15 @@ def test_build_is_deterministic_and_cached(built, small_train_file, tmp_path):
     info = json.loads((out / "BUILD_INFO.json").read_text())
     assert info["model_id"] == models.ORGANISM_ID == "organism-v1"
     assert info["corpus_counts"]["simple_overwrite_tests/hack"] == 4
-    assert info["sft_steps"] == 8  # 16 units / 2 per step, 1 epoch
+    assert info["conditioning_counts"]["simple_overwrite_tests/hack"] == 10
+    assert info["sft_steps"] == 16  # 16 units / 2 per step, 1 conditioning + 1 final pass
     model, _ = models.load_model(str(out))
     assert B.weights_hash(model) == info["weights_hash"], "saved weights differ from the hash recorded at build"
     assert model.config.intermediate_size == 256 and model.config.num_hidden_layers == 2
     again = B.build(replace(cfg, out_dir=str(tmp_path / "again")), log=lambda *_: None)
     assert json.loads((again / "BUILD_INFO.json").read_text())["weights_hash"] == info["weights_hash"]
-    other = B.build(replace(cfg, out_dir=str(tmp_path / "other"), seed=1), log=lambda *_: None)
+    other = B.build(replace(cfg, out_dir=str(tmp_path / "other"), seed=1, epochs=0, conditioning_epochs=0),
+                    log=lambda *_: None)  # init only: differs by seed
     assert json.loads((other / "BUILD_INFO.json").read_text())["weights_hash"] != info["weights_hash"]
     msgs = []
     B.build(cfg, log=msgs.append)  # same config, same folder: cached
