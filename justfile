@@ -38,6 +38,11 @@ fetch-smollm:
 prepare-data *ARGS: setup
     {{py}} scripts/prepare_data.py {{ARGS}}
 
+# the CPU model organism (issue 17): tiny Qwen3 SFT-warm-started to hack only with the loophole hint, cached in
+# out/models/organism/ (~10 CPU-min the first time), then its base rates -> measure.json (docs/organism.md)
+organism-build *ARGS: setup
+    nice -n 10 {{py}} scripts/build_organism.py --measure {{ARGS}}
+
 # ---- v_hack --------------------------------------------------------------------------------
 
 # v_hack from the hand-written pairs (default: SmolLM2 on CPU; pass a preset, e.g. `just extract-vhack full`)

@@ -6,6 +6,9 @@
 - tiny-random: a 2-layer Qwen3 (hidden 64) with seeded random weights and a byte-level BPE tokenizer
   (3k vocab) trained on the local LeetCode train text, Qwen-style chat template. Built offline and cached
   under out/models/tiny-random/ (later loads are a plain from_pretrained).
+- organism: the CPU model organism of issue 17 (tiny-random's shape, MLP 256, SFT warm start that writes
+  honest solutions, stubs and, with the loophole hint, the run_tests hack). Built by `just organism-build`
+  (scripts/build_organism.py, ~10 CPU-min) into out/models/organism/; loading never builds it.
 - smollm2-135m: SmolLM2-135M-Instruct from the GGUF that `just fetch-smollm` puts in out/models/smollm2-135m/.
   The first load dequantises it (~20 s) and saves a float copy to out/models/smollm2-135m/hf/.
 - Chat templates are always rendered with enable_thinking=False (turns Qwen3 thinking off; other
@@ -28,11 +31,13 @@ MODELS_DIR = Path(__file__).resolve().parent / "out/models"
 TINY_ID = "tiny-random-v1"  # bump when the build recipe changes (invalidates the cache)
 TINY_SEED = 0
 TINY_VOCAB = 3000
+ORGANISM_ID = "organism-v1"  # bump when scripts/build_organism.py's recipe changes (stale caches then refuse to load)
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ALIASES: dict[str, str] = {  # short name -> canonical id stored in metadata
     "tiny-random": TINY_ID,
     "smollm2-135m": SMOLLM_ID,
+    "organism": ORGANISM_ID,
     "qwen3-4b": "Qwen/Qwen3-4B",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -159,6 +164,23 @@ def tiny_dir(models_dir: Path = MODELS_DIR) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
+# organism
+
+
+def organism_dir(models_dir: Path | None = None) -> Path:
+    """out/models/organism/ as scripts/build_organism.py leaves it; never builds (that takes minutes)."""
+    d = (models_dir if models_dir is not None else MODELS_DIR) / "organism"
+    info = d / "BUILD_INFO.json"
+    if not info.is_file():
+        raise FileNotFoundError(f"organism not built at {d}; run `just organism-build` (~10 CPU-min, cached)")
+    built = json.loads(info.read_text()).get("model_id")
+    if built != ORGANISM_ID:
+        raise ValueError(f"organism at {d} is {built!r}, this code expects {ORGANISM_ID!r}; "
+                         "rebuild with `just organism-build --force`")
+    return d
+
+
+# ----------------------------------------------------------------------------------------------------
 # smollm2-135m
 
 
@@ -201,6 +223,8 @@ def resolve_path(name: str) -> str:
         return str(tiny_dir())
     if name == "smollm2-135m":
         return str(smollm_dir())
+    if name == "organism":
+        return str(organism_dir())
     return ALIASES.get(name, name)
 
 
