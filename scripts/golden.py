@@ -44,6 +44,8 @@ class GoldenConfig:
     """arms to run (empty = every arm smoke runs)"""
     steps: int = 3
     """smoke steps per arm"""
+    smoke_args: tuple[str, ...] = ()
+    """extra scripts/smoke.py flags, e.g. --smoke-args --surgery-on grad"""
 
 
 def tensor_hashes(path: Path) -> dict[str, str]:
@@ -80,7 +82,7 @@ def digest_run(run: Path) -> dict:
             "rollouts_first": rollouts[:2]}
 
 
-def record(out: Path, arms: tuple[str, ...], steps: int) -> None:
+def record(out: Path, arms: tuple[str, ...], steps: int, smoke_args: tuple[str, ...] = ()) -> None:
     shutil.rmtree(POOL, ignore_errors=True)
     VHACK.unlink(missing_ok=True)
     name = f"golden-{out.stem}"
@@ -88,6 +90,7 @@ def record(out: Path, arms: tuple[str, ...], steps: int) -> None:
     cmd = [sys.executable, "scripts/smoke.py", "--name", name, "--steps", str(steps)]
     if arms:
         cmd += ["--arms", *arms]
+    cmd += list(smoke_args)
     subprocess.run(cmd, check=True, cwd=ROOT)
     digest = {"pool": pool_hash(POOL), "vhack": tensor_hashes(VHACK),
               "arms": {d.name: digest_run(d) for d in sorted((ROOT / "out/runs" / name).iterdir()) if d.is_dir()}}
@@ -111,7 +114,7 @@ def diff(a, b, path: str = "") -> list[str]:
 def main(cfg: GoldenConfig) -> None:
     if cfg.action == "record":
         assert len(cfg.paths) == 1, "record takes one path: the digest to write"
-        record(Path(cfg.paths[0]), cfg.arms, cfg.steps)
+        record(Path(cfg.paths[0]), cfg.arms, cfg.steps, cfg.smoke_args)
         return
     assert len(cfg.paths) == 2, "compare takes two digests"
     missing = [p for p in cfg.paths if not Path(p).exists()]

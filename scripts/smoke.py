@@ -37,6 +37,8 @@ class SmokeConfig:
     """steps per arm"""
     name: str = ""
     """sweep folder under out/runs (default smoke-<time>)"""
+    surgery_on: str = ""
+    """pass --surgery-on to every arm (step | grad; empty = train.py's default)"""
 
 
 def check_log(path: Path, n_steps: int, arm: str) -> None:
@@ -81,7 +83,8 @@ def main(cfg: SmokeConfig) -> None:
         print(f"[smoke] ---- arm {k}/{len(arms)} {arm} ({cfg.steps} steps, {time.time() - t0:.0f} s so far)")
         run = train.main(dataclasses.replace(
             base, arm=arm, steps=cfg.steps, run_name=f"{name}/{arm}", teacher_pool_dir=str(pool),
-            mix_ratio=base.mix_ratio or 0.5, vhack_path=str(vhack)))
+            mix_ratio=base.mix_ratio or 0.5, vhack_path=str(vhack),
+            **({"surgery_on": cfg.surgery_on} if cfg.surgery_on else {})))
         check_log(run / "log.tsv", cfg.steps, arm_table.get(arm).name)
         assert (run / "eval.json").exists() and (run / "DONE").exists(), f"{run}: eval.json/DONE missing"
     print(f"[smoke] OK: {len(arms)} arms x {cfg.steps} steps in {time.time() - t0:.0f} s; logs in out/runs/{name}/<arm>/log.tsv")
