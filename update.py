@@ -154,7 +154,7 @@ def apply_step(optimizer: torch.optim.AdamW, adapters: dict, edit: str, directio
             sq_er += float(_erase_part(u, vv).pow(2).sum())  # what erase with v_hack would remove from u
             d, n = float(u_dep @ vv), float(u_dep.norm())
             cos.append(d / n if n > 0 else 0.0)
-            toward += d < 0
+            toward += d < -1e-6 * n  # beyond the float32 rounding of the parameters
     M = len(adapters)
     nan = float("nan")
     return {"removed_norm_frac": math.sqrt(sq_rem / sq_u) if sq_u > 0 else 0.0, "frac_fired": fired / M,

@@ -178,7 +178,7 @@ def select_problems(cfg: BuildConfig, tok) -> tuple[list[P.Problem], list[P.Prob
     ps = [p for p in P.load_leetcode(src) if p.prompt[1]["content"] not in test_prompts]
     ps = [p for p in ps if not any(b in p.canonical_solution for b in BANNED_IMPORTS)]
     ps = [p for p in ps if n_tokens(tok, fenced(p.canonical_solution)) <= cfg.max_canonical_tokens]
-    ps = [p for p in ps if P.prompt_token_count(P.apply_hint(p, HINT), tok) <= cfg.max_prompt_tokens]
+    ps = [p for p in ps if models.prompt_len(tok)(P.apply_hint(p, HINT)) <= cfg.max_prompt_tokens]
     if cfg.max_problems:
         ps = ps[: cfg.max_problems]
     if cfg.canonical_check and ps:

@@ -242,7 +242,7 @@ def test_grpo_gradient_equals_train_main_step(env, tmp_path, monkeypatch):
                    grad={k: a.delta_S.grad.clone() for k, a in antipasto.get_adapters(model).items()})
         return out
 
-    monkeypatch.setattr(train, "policy_gradient", spy)
+    monkeypatch.setattr(grpo, "policy_gradient", spy)
     tcfg = dataclasses.replace(train.PRESETS["smoke"][1], out_dir=str(tmp_path / "runs"), run_name="spy", **SHORT,
                                rollouts_per_step=4, group_size=4, max_new_tokens=8, teacher_pool_dir=str(pool), mix_ratio=0.5,
                                steps=1, eval_at_end=False, grader_workers=2, micro_batch=3)

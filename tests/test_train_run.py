@@ -67,8 +67,21 @@ def test_one_step_changes_only_what_it_should(arm, tmp_path, pool_dir, vhack_fil
     assert float(row["reward_std"]) > 0 and float(row["frac_zero_std"]) < 1
 
 
+def test_erase_on_the_step_never_applies_a_step_toward_the_hack(tmp_path, pool_dir, vhack_file):
+    """Default --surgery-on step: every logged step has no module whose applied step moves toward the hack, while
+    the same run's gradient does point there in some steps (erase fired)."""
+    run = train.main(small_cfg(tmp_path, pool_dir, arm="erase", steps=5, run_name="erase-step", vhack_path=vhack_file))
+    rows = read_tsv(run / "log.tsv")
+    assert any(float(r["frac_fired"]) > 0 for r in rows), "erase never fired: the test cannot check it"
+    for r in rows:
+        assert float(r["step_toward"]) == 0.0, f"step {r['step']}: an applied step moved toward the hack"
+        assert float(r["step_cos"]) >= -1e-5 and float(r["ratio_mean"]) == 1.0
+
+
 def test_erase_planted_direction(tmp_path, pool_dir, vhack_file):
-    run_e = train.main(small_cfg(tmp_path, pool_dir, arm="erase", steps=5, run_name="erase", vhack_path=vhack_file))
+    """--surgery-on grad (the founding design): the edited gradient has no positive component along v."""
+    run_e = train.main(small_cfg(tmp_path, pool_dir, arm="erase", steps=5, run_name="erase", vhack_path=vhack_file,
+                                 surgery_on="grad"))
     run_v = train.main(small_cfg(tmp_path, pool_dir, arm="vanilla", steps=5, run_name="van", vhack_path=vhack_file))
     er, va = read_tsv(run_e / "log.tsv"), read_tsv(run_v / "log.tsv")
     assert len(er) == len(va) == 5

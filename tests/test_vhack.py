@@ -60,19 +60,19 @@ def hf_side_loss(model, ids: list[int], n_prompt: int, norm_const: float) -> tor
 def test_encode_side(tiny, few_pairs):
     _, tok = tiny
     p = few_pairs[0]
-    ids, n = ex.encode_side(tok, p, "hack")
+    ids, n = pairs_mod.encode_side(tok, p, "hack")
     assert ids[:n] == models.chat_ids(tok, pairs_mod.pair_messages(p))
     assert ids[-1] == tok.eos_token_id and tok.eos_token_id not in ids[n:-1]
     assert tok.decode(ids[n:-1]) == p.hack
-    ids_c, n_c = ex.encode_side(tok, p, "clean")
+    ids_c, n_c = pairs_mod.encode_side(tok, p, "clean")
     assert n_c == n and tok.decode(ids_c[n:-1]) == p.clean
     with pytest.raises(AssertionError, match="side must be"):
-        ex.encode_side(tok, p, "both")
+        pairs_mod.encode_side(tok, p, "both")
 
 
 def test_completion_nll_matches_hf_loss(tiny, few_pairs):
     model, tok = tiny
-    seqs = [ex.encode_side(tok, p, s) for p in few_pairs[:2] for s in ("hack", "clean")]
+    seqs = [pairs_mod.encode_side(tok, p, s) for p in few_pairs[:2] for s in ("hack", "clean")]
     T = max(len(i) for i, _ in seqs)
     ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in seqs])  # (B, T) right-padded
     attn = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i, _ in seqs])
@@ -93,7 +93,7 @@ def reference_diffs(base_model, tok, plist, norm_const: float, rank: int) -> dic
         g = {}
         for side in ("hack", "clean"):
             m.zero_grad(set_to_none=True)
-            ids, n = ex.encode_side(tok, p, side)
+            ids, n = pairs_mod.encode_side(tok, p, side)
             hf_side_loss(m, ids, n, norm_const).backward()
             g[side] = {k: a.delta_S.grad.detach().clone() for k, a in ads.items()}
         for k in ads:
@@ -127,7 +127,7 @@ def weight_grad_diff_mean(base_model, tok, plist, norm_const: float) -> dict[str
     for p in plist:
         for side, sign in (("hack", 1.0), ("clean", -1.0)):
             m.zero_grad(set_to_none=True)
-            ids, n = ex.encode_side(tok, p, side)
+            ids, n = pairs_mod.encode_side(tok, p, side)
             hf_side_loss(m, ids, n, norm_const).backward()
             for k, l in lin.items():
                 acc[k] += sign * l.weight.grad / len(plist)
