@@ -455,7 +455,7 @@ def primary_section(name: str, ev: pd.DataFrame, out: Path, run_dirs: list[str])
         controls = tuple(c for c in stats.PRIMARY_CONTROLS if c in hack)
         seeds = sorted({s for v in hack.values() for s in v})
         if stats.PRIMARY_METHOD not in hack or not controls or not seeds:
-            return [f"## Primary comparison: not available", "", f"**{why}**, and this sweep has no final "
+            return ["## Primary comparison: not available", "", f"**{why}**, and this sweep has no final "
                     f"{stats.PRIMARY_METHOD} runs together with any of {', '.join(stats.PRIMARY_CONTROLS)}: every "
                     "table below is exploratory.", ""]
         prereg = stats.build_prereg(sweep=name, arms=sorted(hack), seeds=seeds, pilot_seed=max(seeds) + 100,

@@ -280,6 +280,7 @@ def test_journal_entry_goes_after_header_before_older_entries(sweep_dir, tmp_pat
     entry = text.split("## 2026-01-01")[0]
     assert "preset `smoke`" in entry and "seeds 0, 1, 2, 3" in entry and "git abc123" in entry
     assert "| erase-random | 3 |" in entry and "hack_vs_pass.png" in entry and "**missing**" in entry
+    assert entry.index("#### Primary comparison") < entry.index("#### Missing or incomplete runs")
     if before is not None:
         assert hashlib.sha256(real.read_bytes()).hexdigest() == before, "the real journal must not be touched"
 
