@@ -451,7 +451,7 @@ def primary_section(name: str, ev: pd.DataFrame, out: Path, run_dirs: list[str])
         prereg = None
         valid = (False, f"no preregistration: {path} is missing")
     if prereg is None or not all(k in prereg for k in stats.PREREG_KEYS):
-        ok, why = valid
+        why = valid[1]
         controls = tuple(c for c in stats.PRIMARY_CONTROLS if c in hack)
         seeds = sorted({s for v in hack.values() for s in v})
         if stats.PRIMARY_METHOD not in hack or not controls or not seeds:

@@ -297,6 +297,16 @@ def test_prereg_is_written_before_the_first_run(tmp_path):
         sweep.main(cfg(tmp_path, seeds=(0, 1, 2), primary_method="erase-random"))
 
 
+def test_queue_vanilla_preregisters_the_full_grid(tmp_path):
+    """queue-vanilla submits vanilla only but preregisters the grid it belongs to, so queue-full later finds
+    the same prereg.json (and keeps its earlier timestamp)."""
+    root = ["--out-root", str(tmp_path), "--sec-per-step", "1"]
+    _, van, _ = sweep.prepare(tyro.cli(sweep.Command, args=["queue-vanilla", *root]))
+    _, full, _ = sweep.prepare(tyro.cli(sweep.Command, args=["queue-full", *root]))
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("created_at", "git_sha")}  # noqa: E731
+    assert strip(van) == strip(full) and van["arms"] == list(sweep.QUEUE_FULL_ARMS)
+
+
 def write_bench(path: Path, t_step: float, t_gen: float, date: str, **config) -> None:
     """A scripts/bench_step.py --json record at the smoke preset's shape (train.py PRESETS['smoke'])."""
     c = dict(shape="tiny", rollouts=16, group_size=4, max_new_tokens=48, grad_checkpointing=False,
@@ -351,9 +361,8 @@ def test_preset_fields_read_train_py_without_importing_it():
         sweep.preset_fields("nope")
 
 
-@pytest.mark.slow
 def test_analytic_estimate_is_labelled(tmp_path, capsys):
-    """No bench json: the analytic model (imports transformers; ~30 s on a loaded 2-core box)."""
+    """No bench json: bench_step's analytic model at the smoke preset's tiny shape (meta device, no weights)."""
     assert sweep.main(cfg(tmp_path, sec_per_step=0.0, dry_run=True)) == 0
     out = capsys.readouterr().out
     assert "# step time source: ESTIMATE (analytic, nothing measured at shape tiny" in out
