@@ -222,12 +222,13 @@ def summarize(ev: pd.DataFrame, c: Config) -> pd.DataFrame:
                 if arm != "vanilla" and len(van):
                     cmp = stats.compare(by_seed(g), by_seed(van), method=arm, control="vanilla", metric=metric,
                                         lower_is_better=LOWER_IS_BETTER[metric])
-                    row.update(diff_vs_vanilla=cmp.diff, diff_lo=cmp.ci_lo, diff_hi=cmp.ci_hi, p_lower=cmp.p_lower,
-                               p_higher=cmp.p_higher, flag_vs_vanilla=cmp.flag)
+                    row.update(diff_vs_vanilla=cmp.diff, flag_vs_vanilla=cmp.flag)
+                    if min(cmp.n_method, cmp.n_control) >= 2:  # below 2 runs per arm: the point difference only
+                        row.update(diff_lo=cmp.ci_lo, diff_hi=cmp.ci_hi, p_lower=cmp.p_lower, p_higher=cmp.p_higher)
                 if final and mode == "deploy" and metric == "hack_strict":
                     k, n = stats.breakout_count(x, c.breakout)
                     row["breakouts"] = f"{k}/{n}"
-                    if arm != "vanilla" and len(van):
+                    if arm != "vanilla" and len(van) >= 2 and n >= 2:
                         kv, nv = stats.breakout_count(van["value"].to_numpy(), c.breakout)
                         row["fisher_vs_vanilla"] = stats.fisher_one_sided(k, n, kv, nv)
                 if final and mode == "deploy":
@@ -414,6 +415,8 @@ def fmt_range(row) -> str:
 def fmt_diff(row) -> str:
     if math.isnan(row["diff_vs_vanilla"]):
         return "-"
+    if math.isnan(row["diff_lo"]):
+        return f"{row['diff_vs_vanilla']:+.3f}"
     return f"{row['diff_vs_vanilla']:+.3f} [{row['diff_lo']:+.3f}, {row['diff_hi']:+.3f}]"
 
 

@@ -109,6 +109,7 @@ def test_table_matches_independent_computation(sweep_dir):
             y = [van[s] for s in sorted(van)]
             diff = x.mean() - np.mean(y)
             assert float(r["diff_vs_vanilla"]) == pytest.approx(diff, abs=1e-5)
+            assert min(len(x), len(y)) >= 2, "the fixture has >= 2 seeds in every cell"
             assert float(r["diff_lo"]) <= diff + 1e-5 and diff - 1e-5 <= float(r["diff_hi"])
             assert float(r["p_lower"]) == pytest.approx(perm_p_lower(x, y), abs=1e-6)
             assert float(r["p_higher"]) == pytest.approx(perm_p_lower([-v for v in x], [-v for v in y]), abs=1e-6)
@@ -199,6 +200,9 @@ def test_no_flags_below_two_runs_per_arm():
                                      ("erase-random", "deploy"): [0.7, 0.75]}), c)
     by = {r["arm"]: r for _, r in tab.iterrows()}
     assert by["erase"]["flag_vs_vanilla"].startswith("n too small (1 method, 1 control")
+    assert by["erase"]["diff_vs_vanilla"] == pytest.approx(-0.7)  # the point difference only: no p, no interval
+    assert math.isnan(by["erase"]["p_lower"]) and math.isnan(by["erase"]["diff_lo"])
+    assert math.isnan(by["erase"]["fisher_vs_vanilla"]) and by["erase"]["breakouts"] == "0/1"
     assert by["erase"]["flags"].startswith("vs erase-random: n too small (1 method, 2 control")
     assert by["erase-random"]["flag_vs_vanilla"].startswith("n too small")
 
