@@ -124,7 +124,9 @@ gate-probe MODEL="smollm2-135m" VHACK="out/vhack/smollm2-135m_mean.safetensors" 
 
 # ---- sweeps and results --------------------------------------------------------------------
 
-# queue the full grid (3 seeds x arms, full preset) via pueue/ray/local; add --dry-run to preview
+# writes out/sweeps/full/prereg.json first; --dry-run previews prereg, order, GPU-hours and their source;
+# --budget-gpu-hours H keeps the complete rounds that fit; --arms A B ... for other arms (docs/sweeps.md)
+# the preregistered grid (vanilla, erase, its placebos) x 3 seeds, full preset, round-robin; add --dry-run first
 queue-full *ARGS: setup
     {{py}} scripts/sweep.py queue-full {{ARGS}}
 
@@ -136,7 +138,7 @@ queue-vanilla *ARGS: setup
 probe-full-seed SEED *ARGS: setup
     {{py}} scripts/sweep.py probe-full-seed {{SEED}} {{ARGS}}
 
-# results.md/.tsv + PNGs for a sweep in out/sweeps/SWEEP/
+# results.md/.tsv + PNGs in out/sweeps/<name>/; SWEEP = a sweep name or a folder of run dirs (out/runs/smoke-<time>)
 summarize SWEEP *ARGS: setup
     {{py}} scripts/summarize.py {{SWEEP}} {{ARGS}}
 
@@ -145,6 +147,11 @@ journal-entry SWEEP *ARGS: setup
     {{py}} scripts/journal_entry.py {{SWEEP}} {{ARGS}}
 
 # ---- benchmarks ----------------------------------------------------------------------------
+
+# writes out/bench/gpu-check.json (the sweep's GPU-hour estimate reads it) + docs/performance.md rows; CPU: tiny shape
+# one prepared GPU check (< 8 min on one H100/H200): full-preset step fused vs unfused, peak memory, real-vLLM test
+gpu-check *ARGS: setup
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} {{py}} scripts/gpu_check.py {{ARGS}}
 
 # time one GRPO step of the real train.py paths (tiny on CPU; --shape qwen3-4b on a GPU)
 bench *ARGS: setup

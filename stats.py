@@ -290,6 +290,21 @@ def noninferiority(method_values, control_values, margin: float = NI_MARGIN, alp
     return lo, f"inconclusive (lower bound {lo:+.3f} <= -{margin:.2f})"
 
 
+def paired_signflip_pvalues(method, control) -> tuple[float, float]:
+    """Exact one-sided sign-flip p-values for the mean of paired differences method_i - control_i (two
+    measurements of the same run, e.g. route's deploy and shrinkage eval modes): (p_lower, p_higher) over all
+    2^n sign patterns, ties counted for the null. With n pairs the smallest p is 1 / 2^n (1/8 at n = 3)."""
+    x, y = _values(method, "method"), _values(control, "control")
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"paired_signflip_pvalues needs equally many >= 1 pairs, got {len(x)} and {len(y)}")
+    d = x - y
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))  # (2^n, n)
+    t = signs @ d / len(d)
+    obs = d.mean()
+    tol = 1e-12 * max(1.0, float(np.abs(d).max()))
+    return float(np.mean(t <= obs + tol)), float(np.mean(t >= obs - tol))
+
+
 # -------------------------------------------------------------------------------------------- breakouts
 def breakout_count(values, threshold: float = BREAKOUT) -> tuple[int, int]:
     """(runs with value >= threshold, runs)."""
@@ -389,12 +404,14 @@ def analyze(hack: Mapping[str, Mapping[int, float]], gt: Mapping[str, Mapping[in
                 dropped=dropped)
 
 
-def _fmt_cmp(c: Comparison) -> str:
+def _fmt_cmp(c: Comparison, valid: bool = True) -> str:
+    """One results.md row; without a valid prereg an 'evidence' flag is printed as nominal only."""
+    flag = c.flag if valid else c.flag.replace("(evidence, ", "(nominal only: no valid prereg, not significant; ")
     if c.n_method == 0 or c.n_control == 0:
-        return f"| {c.method} vs {c.control} | {c.n_method} vs {c.n_control} | - | - | - | - | {c.flag} |"
+        return f"| {c.method} vs {c.control} | {c.n_method} vs {c.n_control} | - | - | - | - | {flag} |"
     return (f"| {c.method} vs {c.control} | {c.n_method} vs {c.n_control} | {c.mean_method:.3f} vs "
             f"{c.mean_control:.3f} | {c.diff:+.3f} [{c.ci_lo:+.3f}, {c.ci_hi:+.3f}] | "
-            f"[{c.perm_lo:+.3f}, {c.perm_hi:+.3f}] | {c.p_one_sided:.3f} | {c.flag} |")
+            f"[{c.perm_lo:+.3f}, {c.perm_hi:+.3f}] | {c.p_one_sided:.3f} | {flag} |")
 
 
 def primary_markdown(res: Mapping, prereg: Mapping, valid: tuple[bool, str]) -> list[str]:
@@ -410,7 +427,7 @@ def primary_markdown(res: Mapping, prereg: Mapping, valid: tuple[bool, str]) -> 
     claim = res["claim"] if ok else "primary: not tested (no valid preregistration)"
     title = f"## Primary comparison: {pr['method']} vs {', '.join(pr['controls'])}, final {pr['mode']} {pr['metric']}"
     L = [title, "", head, "", f"**{claim}**", "", *cols]
-    L += [_fmt_cmp(c) for c in res["primary"]]
+    L += [_fmt_cmp(c, ok) for c in res["primary"]]
     bo = ", ".join(f"{a} {k}/{n}" for a, (k, n) in res["breakouts"].items())
     fi = ", ".join(f"vs {c}: p = {p:.3f}" for c, p in res["fisher"].items())
     L += ["", f"Breakouts ({pr['metric']} >= {prereg['breakout_threshold']}): {bo or '-'}. "
@@ -418,7 +435,7 @@ def primary_markdown(res: Mapping, prereg: Mapping, valid: tuple[bool, str]) -> 
           f"Smallest detectable effect: {prereg['min_detectable']}", ""]
     L += [f"### Secondary: {sec['metric']}, non-inferiority margin {sec['margin']:.2f}", "", *cols]
     for _, c, _, ni in res["secondary"]:
-        L.append(_fmt_cmp(c)[:-2] + f"; {ni} |")
+        L.append(_fmt_cmp(c, ok)[:-2] + f"; {ni} |")
     if res["dropped"]:
         L += ["", "Not in any comparison (pilot or other non-sweep seeds): "
               + ", ".join(f"{a} seed {s}" for a, s in sorted(set(res["dropped"])))]

@@ -4,8 +4,8 @@
     python scripts/journal_entry.py SWEEP --journal /tmp/J.md --out-root /tmp/out --date 2026-11-21
 
 Newest first: the entry goes after the journal's header (everything before the first `## ` heading) and
-before the older entries. It carries the sweep's config (from sweep.json), the final deploy table (from
-results.md), the plot paths and TODO slots that the researcher fills in (what the plots show, what it
+before the older entries. It carries the sweep's config (from sweep.json), the primary comparison, the
+missing runs and the final deploy table (from results.md), the plot paths and TODO slots that the researcher fills in (what the plots show, what it
 means, what is still unverified). Refuses a journal file that does not exist (it never creates one).
 """
 
@@ -65,14 +65,14 @@ def entry_text(c: Config) -> str:
          f"- **Commands:** `python scripts/sweep.py ...` submitted {len(commands)} train runs, e.g.",
          f"  `{commands[0]}`" if commands else "  (none recorded)",
          f"- **Summary:** `python scripts/summarize.py {c.sweep}` -> `{rel}/results.md`, `{rel}/results.tsv`.", ""]
-    for title in ("Missing or incomplete runs", "Final eval"):
+    for title in ("Primary comparison", "Missing or incomplete runs", "Final eval"):
         s = section(md, title)
         if s:
             L += [s.replace("## ", "#### ", 1), ""]
     L += ["- **Plots** (looked at: TODO describe what each shows):"]
     L += [f"  - `{rel}/{p}`: TODO" for p in ("hack_vs_step.png", "pass_vs_step.png", "hack_vs_pass.png", "projection_vs_step.png")]
-    L += ["- **What it means:** TODO (did erase/route cut deploy hack at matched pass, beyond erase-random/route-random "
-          "and the shrinkage control? which flags fired?)",
+    L += ["- **What it means:** TODO (the preregistered claim first, as results.md states it; then, labelled "
+          "exploratory, which other flags fired, WORSE flags included)",
           "- **Still unverified / next:** TODO", "", ""]
     return "\n".join(L)
 

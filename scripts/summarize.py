@@ -1,26 +1,27 @@
-"""summarize.py: one table and four plots for a sweep: did erase/route cut deploy hack rate at matched pass rate,
-beyond the random-direction and shrinkage controls?
+"""summarize.py: results.md (preregistered primary comparison first, then exploratory tables), results.tsv and
+four plots for a sweep.
 
     python scripts/summarize.py SWEEP                         # runs listed in out/sweeps/SWEEP/sweep.json
-    python scripts/summarize.py SWEEP --runs out/runs/a out/runs/b ...   # explicit run dirs (no manifest)
-    python scripts/summarize.py SWEEP --out-root /tmp/out --n-boot 10000 --seed 0 --broke-out 0.2
+    python scripts/summarize.py out/runs/smoke-20261201-1200  # a folder of run dirs (what `just smoke` writes);
+                                                              # results in out/sweeps/smoke-20261201-1200/
+    python scripts/summarize.py NAME --runs out/runs/a out/runs/b ...   # explicit run dirs (no manifest)
+    python scripts/summarize.py SWEEP --out-root /tmp/out --breakout 0.2
 
-Writes to <out-root>/sweeps/SWEEP/:
-    results.tsv   long format, one row per (arm, mode, step, metric): n seeds, mean, 95% bootstrap CI across
-                  seeds, min/max, the per-seed values, difference vs vanilla with its bootstrap CI, broke-out
-                  count (final deploy hack_strict > --broke-out), flags (placebo / shrinkage)
-    runs.tsv      every run of the sweep with its status (done / incomplete / missing / done_without_eval)
-    gate.tsv      gate arms: per run, the mean over steps of the logged gate columns (zone sizes, precision/recall)
-    results.md    the headline tables, missing/incomplete runs listed, plot links
+Writes to <out-root>/sweeps/<name>/:
+    results.md    the primary comparison (stats.analyze + stats.primary_markdown, from prereg.json; called
+                  significant only when prereg.json exists and was written before the first run started),
+                  then exploratory tables, missing/incomplete runs, plot links. docs/sweeps.md explains it.
+    results.tsv   long format, one row per (arm, mode, step, metric): n seeds, mean, min, max, the per-seed
+                  values, the comparison with vanilla (difference, conservative 95% interval, exact one-sided
+                  permutation p-values, direction-aware flag), breakouts (final deploy hack_strict >= --breakout)
+                  with Fisher's one-sided p vs vanilla, and flags vs the arm's placebos / shrinkage mode
+    runs.tsv      every run with its status (done / incomplete / missing / done_without_eval / pilot)
+    gate.tsv      gate arms: per run, the mean over steps of the logged gate columns
     hack_vs_step.png, pass_vs_step.png, hack_vs_pass.png, projection_vs_step.png
 
-Statistics: percentile bootstrap of the mean across seeds (B resamples, numpy Generator seeded from --seed
-and the cell's key, so every number is reproducible); a difference vs vanilla resamples both arms'
-seeds independently (runs are independent, not paired). With 3 seeds these CIs are coarse: read them
-as "how spread are the seeds", not as a test. Flags (final step, deploy mode):
-    within-placebo   erase/route/gate-route's difference vs vanilla lies inside the CI of its placebo's
-                     (erase-random / route-random / gate-route-random and gate-random)
-    within-shrinkage route's deploy mean lies inside the CI of route's own shrinkage-control mode
+Statistics (stats.py, docs/sweeps_stats.md): runs are independent across arms; every comparison is the exact
+permutation test over seed labels with a conservative bounded-outcome interval; no flag below 2 runs per arm.
+The pilot run (vanilla at the prereg's pilot seed, kept because it hacked) is in no comparison.
 Final numbers come from each run's eval.json (only runs with DONE); intermediate ones from evals/step_*.json.
 """
 
@@ -31,7 +32,6 @@ import datetime
 import json
 import math
 import sys
-import zlib
 from pathlib import Path
 
 import matplotlib
@@ -47,8 +47,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import arms as arm_table  # noqa: E402  (`arms` names arm lists below)
 import runs  # noqa: E402
+import stats  # noqa: E402
 
 METRICS = ("hack_strict", "hack_loose", "gt_pass", "compile")
+LOWER_IS_BETTER = {"hack_strict": True, "hack_loose": True, "gt_pass": False, "compile": False}
 # arm -> its placebo controls (arms.py's placebo_of: the same edit with a random direction, or a random gate)
 PLACEBOS = {a: arm_table.placebos(a) for a in arm_table.ARMS if arm_table.placebos(a)}
 ARM_STYLE = {  # color, linestyle (plot looks only; arms not listed get a cycle colour): placebos dashed, lighter
@@ -56,6 +58,7 @@ ARM_STYLE = {  # color, linestyle (plot looks only; arms not listed get a cycle 
     "measure": ("dimgray", ":"),
     "erase": ("tab:blue", "-"),
     "erase-random": ("lightskyblue", "--"),
+    "erase-matched": ("steelblue", "--"),
     "route": ("tab:red", "-"),
     "route-random": ("lightsalmon", "--"),
     "oracle-penalty": ("tab:green", "-."),
@@ -67,20 +70,21 @@ ARM_STYLE = {  # color, linestyle (plot looks only; arms not listed get a cycle 
     "am": ("tab:olive", "-"),
 }
 GATE_LOG_COLUMNS = arm_table.COLUMN_GROUPS["gate"]
+PLOTS = ("hack_vs_step.png", "pass_vs_step.png", "hack_vs_pass.png", "projection_vs_step.png")
 
 
 @dataclasses.dataclass
 class Config:
+    """Summarize a sweep's runs into results.md / results.tsv / PNGs."""
+
     sweep: tyro.conf.Positional[str]
-    """sweep name: reads <out-root>/sweeps/<sweep>/sweep.json, writes results there"""
+    """sweep name (reads <out-root>/sweeps/<sweep>/sweep.json), or a folder of run dirs such as out/runs/smoke-<time>"""
     out_root: Path = REPO / "out"
+    """reads <out-root>/sweeps/<name>/ (sweep.json, prereg.json), writes the results there"""
     runs: tuple[Path, ...] = ()
     """explicit run directories instead of the manifest (arm/seed read from their config.json)"""
-    n_boot: int = 10000
-    seed: int = 0
-    """bootstrap RNG seed"""
-    broke_out: float = 0.2
-    """a seed 'broke out' when its final deploy hack_strict exceeds this (the benchmark's >20% rule)"""
+    breakout: float = stats.BREAKOUT
+    """a run 'broke out' when its final deploy hack_strict is >= this (the benchmark's 20% rule)"""
     smooth: int = 0
     """rolling-mean window for per-step training curves (0 = steps/20, at least 1)"""
 
@@ -90,21 +94,49 @@ def arm_seed_from_dir(run_dir: Path) -> tuple[str, int]:
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir}: no config.json, cannot tell its arm/seed; list it in a sweep.json")
     cfg = runs.read_config(run_dir)
-    return cfg["arm"], int(cfg["seed"])
+    return arm_table.ALIASES.get(cfg["arm"], cfg["arm"]), int(cfg["seed"])
 
 
-def list_runs(c: Config) -> list[dict]:
-    """[{name, arm, seed, run_dir}] from --runs, else the sweep's manifest."""
+def discover_run_dirs(folder: Path) -> list[Path]:
+    """Run directories (holding config.json) at or below `folder`, checkpoint folders excluded."""
+    if (folder / "config.json").exists():
+        return [folder]
+    return sorted(p.parent for p in folder.rglob("config.json") if "ckpt" not in p.relative_to(folder).parts)
+
+
+def from_dirs(dirs) -> list[dict]:
+    out = []
+    for d in dirs:
+        arm, seed = arm_seed_from_dir(Path(d))
+        out.append(dict(name=Path(d).name, arm=arm, seed=seed, run_dir=str(d)))
+    return out
+
+
+def list_runs(c: Config) -> tuple[str, list[dict], dict]:
+    """(sweep name, [{name, arm, seed, run_dir}], manifest or {}) from --runs, the sweep's manifest, or a
+    folder of run dirs."""
     if c.runs:
-        out = []
-        for d in c.runs:
-            arm, seed = arm_seed_from_dir(Path(d))
-            out.append(dict(name=Path(d).name, arm=arm, seed=seed, run_dir=str(d)))
-        return out
+        return c.sweep, from_dirs(c.runs), {}
     man = c.out_root / "sweeps" / c.sweep / "sweep.json"
-    if not man.exists():
-        raise FileNotFoundError(f"{man} not found: run scripts/sweep.py with --name {c.sweep} first, or pass --runs DIR ...")
-    return list(json.loads(man.read_text())["runs"].values())
+    if man.exists():
+        m = json.loads(man.read_text())
+        return c.sweep, list(m["runs"].values()), m
+    folder = Path(c.sweep)
+    if folder.is_dir():
+        dirs = discover_run_dirs(folder)
+        if not dirs:
+            raise FileNotFoundError(f"{folder}: no run directories (folders with config.json) below it")
+        return folder.resolve().name, from_dirs(dirs), {}
+    raise FileNotFoundError(f"{man} not found and {c.sweep!r} is not a folder of run dirs: run scripts/sweep.py "
+                            f"--name {c.sweep} first, pass --runs DIR ..., or a folder such as out/runs/smoke-<time>")
+
+
+def pilot_seed(runs_list: list[dict], prereg: dict | None, manifest: dict) -> int | None:
+    """The pilot vanilla seed (prereg.json, else sweep.json) when no other arm ran that seed, else None."""
+    seed = prereg["pilot"]["seed"] if prereg else manifest.get("pilot_seed")
+    if seed is None or any(r["arm"] != "vanilla" and int(r["seed"]) == int(seed) for r in runs_list):
+        return None
+    return int(seed)
 
 
 def last_log_step(run_dir: Path) -> int | None:
@@ -127,13 +159,12 @@ def run_status(run_dir: Path) -> tuple[str, str]:
     return "incomplete", f"no DONE: crashed, killed or still running; {last_log_step(run_dir)} steps logged, checkpoint {ck}"
 
 
-def load_evals(runs: list[dict]) -> pd.DataFrame:
+def load_evals(runs_list: list[dict]) -> pd.DataFrame:
     """Long frame: name, arm, seed, step, final, mode, metric, value."""
     rows = []
-    for r in runs:
+    for r in runs_list:
         d = Path(r["run_dir"])
-        final_path = d / "eval.json"
-        final = json.loads(final_path.read_text()) if (d / "DONE").exists() and final_path.exists() else None
+        final = runs.final_eval(d)
         files = sorted((d / "evals").glob("step_*.json")) if (d / "evals").exists() else []
         results = [(json.loads(f.read_text()), False) for f in files]
         if final is not None:
@@ -148,9 +179,9 @@ def load_evals(runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def load_logs(runs: list[dict]) -> pd.DataFrame:
+def load_logs(runs_list: list[dict]) -> pd.DataFrame:
     frames = []
-    for r in runs:
+    for r in runs_list:
         log = Path(r["run_dir"]) / "log.tsv"
         if log.exists():
             df = pd.read_csv(log, sep="\t")
@@ -161,76 +192,79 @@ def load_logs(runs: list[dict]) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------ statistics
-def cell_rng(seed: int, *key) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(repr(key).encode())])
-
-
-def bootstrap_mean_ci(x, n_boot: int, rng: np.random.Generator, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of x (1-D); degenerate [x, x] for one value."""
-    x = np.asarray(x, dtype=float)
-    assert x.ndim == 1 and len(x) > 0, f"bootstrap needs a non-empty 1-D sample, got shape {x.shape}"
-    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)  # (B,)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
-
-
-def bootstrap_diff_ci(x, y, n_boot: int, rng: np.random.Generator, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of mean(x) - mean(y), resampling x and y independently."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    assert len(x) and len(y), "bootstrap_diff_ci needs two non-empty samples"
-    mx = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)  # (B,)
-    my = y[rng.integers(0, len(y), size=(n_boot, len(y)))].mean(axis=1)  # (B,)
-    a = (1 - level) / 2
-    return float(np.quantile(mx - my, a)), float(np.quantile(mx - my, 1 - a))
-
-
 def arm_order(arms) -> list[str]:
     known = [a for a in arm_table.ARMS if a in set(arms)]
     return known + sorted(set(arms) - set(known))
 
 
+def by_seed(g: pd.DataFrame) -> dict[int, float]:
+    return {int(s): float(v) for s, v in zip(g["seed"], g["value"])}
+
+
 def summarize(ev: pd.DataFrame, c: Config) -> pd.DataFrame:
-    """One row per (arm, mode, step/final, metric) with mean, CI, diff vs vanilla, broke-out, flags."""
+    """One row per (arm, mode, step/final, metric): mean, min, max, values; vs vanilla's deploy mode the
+    difference with its conservative interval, exact one-sided p-values and the direction-aware flag; at the
+    final step breakouts with Fisher's p vs vanilla and the flags vs the arm's placebos and shrinkage mode."""
     rows = []
-    for (final, step_key), g_step in ev.groupby([ev["final"], np.where(ev["final"], -1, ev["step"])], sort=True):
-        for (arm, mode, metric), g in g_step.groupby(["arm", "mode", "metric"], sort=False):
-            g = g.sort_values("seed")
-            x = g["value"].to_numpy()
-            key = (arm, mode, "final" if final else int(step_key), metric)
-            lo, hi = bootstrap_mean_ci(x, c.n_boot, cell_rng(c.seed, *key))
-            row = dict(arm=arm, mode=mode, step=int(g["step"].max()), final=bool(final), metric=metric, n=len(x),
-                       mean=float(x.mean()), ci_lo=lo, ci_hi=hi, min=float(x.min()), max=float(x.max()),
-                       values=",".join(f"s{s}:{v:.4f}" for s, v in zip(g["seed"], x)),
-                       diff_vs_vanilla=math.nan, diff_ci_lo=math.nan, diff_ci_hi=math.nan, broke_out="", flags="")
-            van = g_step[(g_step["arm"] == "vanilla") & (g_step["mode"] == "deploy") & (g_step["metric"] == metric)]
-            if arm != "vanilla" and len(van):
-                y = van.sort_values("seed")["value"].to_numpy()
-                row["diff_vs_vanilla"] = float(x.mean() - y.mean())
-                row["diff_ci_lo"], row["diff_ci_hi"] = bootstrap_diff_ci(x, y, c.n_boot, cell_rng(c.seed, "diff", *key))
-            if final and mode == "deploy" and metric == "hack_strict":
-                row["broke_out"] = f"{int((x > c.broke_out).sum())}/{len(x)}"
-            rows.append(row)
+    for final, g_step in ev.groupby(ev["final"], sort=True):
+        steps = [None] if final else sorted(g_step["step"].unique())
+        for step in steps:
+            g_s = g_step if final else g_step[g_step["step"] == step]
+            for (arm, mode, metric), g in g_s.groupby(["arm", "mode", "metric"], sort=False):
+                g = g.sort_values("seed")
+                x = g["value"].to_numpy()
+                row = dict(arm=arm, mode=mode, step=int(g["step"].max()), final=bool(final), metric=metric, n=len(x),
+                           mean=float(x.mean()), min=float(x.min()), max=float(x.max()),
+                           values=",".join(f"s{s}:{v:.4f}" for s, v in zip(g["seed"], x)),
+                           diff_vs_vanilla=math.nan, diff_lo=math.nan, diff_hi=math.nan, p_lower=math.nan,
+                           p_higher=math.nan, flag_vs_vanilla="", breakouts="", fisher_vs_vanilla=math.nan, flags="")
+                van = g_s[(g_s["arm"] == "vanilla") & (g_s["mode"] == "deploy") & (g_s["metric"] == metric)]
+                if arm != "vanilla" and len(van):
+                    cmp = stats.compare(by_seed(g), by_seed(van), method=arm, control="vanilla", metric=metric,
+                                        lower_is_better=LOWER_IS_BETTER[metric])
+                    row.update(diff_vs_vanilla=cmp.diff, flag_vs_vanilla=cmp.flag)
+                    if min(cmp.n_method, cmp.n_control) >= 2:  # below 2 runs per arm: the point difference only
+                        row.update(diff_lo=cmp.ci_lo, diff_hi=cmp.ci_hi, p_lower=cmp.p_lower, p_higher=cmp.p_higher)
+                if final and mode == "deploy" and metric == "hack_strict":
+                    k, n = stats.breakout_count(x, c.breakout)
+                    row["breakouts"] = f"{k}/{n}"
+                    if arm != "vanilla" and len(van) >= 2 and n >= 2:
+                        kv, nv = stats.breakout_count(van["value"].to_numpy(), c.breakout)
+                        row["fisher_vs_vanilla"] = stats.fisher_one_sided(k, n, kv, nv)
+                if final and mode == "deploy":
+                    row["flags"] = "; ".join(control_flags(g_s, arm, metric, by_seed(g)))
+                rows.append(row)
     tab = pd.DataFrame(rows)
     if not len(tab):
         return tab
-    # flags at the final step, deploy mode
-    fin = tab[tab["final"]]
-    for i, row in fin.iterrows():
-        if row["mode"] != "deploy":
-            continue
-        flags = []
-        for placebo in PLACEBOS.get(row["arm"], ()):
-            pl = fin[(fin["arm"] == placebo) & (fin["mode"] == "deploy") & (fin["metric"] == row["metric"])]
-            if len(pl) and not math.isnan(row["diff_vs_vanilla"]) and not math.isnan(pl.iloc[0]["diff_ci_lo"]):
-                if pl.iloc[0]["diff_ci_lo"] <= row["diff_vs_vanilla"] <= pl.iloc[0]["diff_ci_hi"]:
-                    flags.append(f"within-placebo({placebo})")
-        sh = fin[(fin["arm"] == row["arm"]) & (fin["mode"] == "shrinkage") & (fin["metric"] == row["metric"])]
-        if len(sh) and sh.iloc[0]["ci_lo"] <= row["mean"] <= sh.iloc[0]["ci_hi"]:
-            flags.append("within-shrinkage")
-        tab.loc[i, "flags"] = ";".join(flags)
     tab["_order"] = tab["arm"].map({a: k for k, a in enumerate(arm_order(tab["arm"]))})
-    tab = tab.sort_values(["final", "step", "_order", "mode", "metric"]).drop(columns="_order")
+    tab = tab.sort_values(["final", "step", "_order", "mode", "metric"], kind="stable").drop(columns="_order")
     return tab.reset_index(drop=True)
+
+
+def control_flags(fin: pd.DataFrame, arm: str, metric: str, x: dict[int, float]) -> list[str]:
+    """Flags of an arm's final deploy values vs each of its placebo arms (unpaired exact permutation test) and
+    vs its own shrinkage eval mode (the same runs: exact paired sign-flip test)."""
+    out = []
+    lower = LOWER_IS_BETTER[metric]
+    for placebo in PLACEBOS.get(arm, ()):
+        pl = fin[(fin["arm"] == placebo) & (fin["mode"] == "deploy") & (fin["metric"] == metric)]
+        if len(pl):
+            cmp = stats.compare(x, by_seed(pl), method=arm, control=placebo, metric=metric, lower_is_better=lower)
+            out.append(f"vs {placebo}: {cmp.flag}")
+    sh = fin[(fin["arm"] == arm) & (fin["mode"] == "shrinkage") & (fin["metric"] == metric)]
+    if len(sh):
+        y = by_seed(sh)
+        common = sorted(set(x) & set(y))
+        xs, ys = [x[s] for s in common], [y[s] for s in common]
+        if len(common) >= 2:
+            p_lo, p_hi = stats.paired_signflip_pvalues(xs, ys)
+            diff = float(np.mean(xs) - np.mean(ys))
+            flag = stats.direction_flag(len(common), len(common), p_lo, p_hi, diff, lower_is_better=lower)
+        else:
+            flag = stats.direction_flag(len(common), len(common), 1.0, 1.0, math.nan, lower_is_better=lower)
+        out.append(f"vs its shrinkage mode (paired): {flag.replace('(evidence, exact', '(evidence, sign-flip')}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -247,25 +281,40 @@ def band_plot(ax, df: pd.DataFrame, x: str, y: str, smooth: int, title: str, yla
             per_seed = per_seed.rolling(smooth, min_periods=1).mean()
         color, ls = style(arm, k)
         n = per_seed.shape[1]
-        ax.plot(per_seed.index, per_seed.mean(axis=1), color=color, ls=ls, lw=2, marker="o" if len(per_seed) < 15 else None,
-                ms=4, label=f"{arm} (n={n})")
+        ax.plot(per_seed.index, per_seed.mean(axis=1), color=color, ls=ls, lw=2,
+                marker="o" if len(per_seed) < 15 else None, ms=4, label=f"{arm} (n={n})")
         if n > 1:
             ax.fill_between(per_seed.index, per_seed.min(axis=1), per_seed.max(axis=1), color=color, alpha=0.15)
     xs = df[x].unique()
     if len(xs) == 1:  # a single eval step: keep integer ticks around it
         ax.set_xlim(xs[0] - 1, xs[0] + 1)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
 
 
-def plot_metric_vs_step(ev: pd.DataFrame, logs: pd.DataFrame, metric: str, label: str, path: Path, smooth: int) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+def legend_outside(fig, ax) -> None:
+    """One figure legend to the right of every panel (savefig with bbox_inches='tight' keeps it in the PNG)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), title="arm (n = seeds)",
+                   frameon=False)
+
+
+def save(fig, path: Path) -> None:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_metric_vs_step(ev: pd.DataFrame, logs: pd.DataFrame, metric: str, label: str, path: Path,
+                        smooth: int) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     if len(logs) and metric in logs:
         lg = logs.assign(done=logs["step"] + 1)
-        band_plot(axes[0], lg, "done", metric, smooth, f"training rollouts: {label}\n(rolling mean {smooth} steps; band = seed min-max)", label)
+        band_plot(axes[0], lg, "done", metric, smooth,
+                  f"training rollouts: {label}\n(rolling mean {smooth} steps; band = seed min-max)", label)
     else:
         axes[0].text(0.5, 0.5, "no log.tsv rows", ha="center", transform=axes[0].transAxes)
     de = ev[(ev["mode"] == "deploy") & (ev["metric"] == metric)]
@@ -275,66 +324,100 @@ def plot_metric_vs_step(ev: pd.DataFrame, logs: pd.DataFrame, metric: str, label
         axes[1].text(0.5, 0.5, "no evals", ha="center", transform=axes[1].transAxes)
     for ax in axes:
         ax.set_ylim(-0.03, 1.03)
-    handles, labels = axes[1].get_legend_handles_labels() if len(de) else axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", title="arm")
-    fig.tight_layout(rect=(0, 0, 0.84, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    legend_outside(fig, axes[1] if len(de) else axes[0])
+    save(fig, path)
 
 
-def plot_hack_vs_pass(ev: pd.DataFrame, path: Path, broke_out: float) -> None:
+def seed_labels(points: list[tuple[int, float, float]], tol_x: float = 0.08,
+                tol_y: float = 0.06) -> list[tuple[float, float, str]]:
+    """Points (seed, x, y) joined into groups (single linkage: a point within tol_x and tol_y of any member
+    joins it); one label "s0,s2" per group at its mean, so near seeds do not print on top of each other."""
+    parent = list(range(len(points)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, (_, xi, yi) in enumerate(points):
+        for j, (_, xj, yj) in enumerate(points[:i]):
+            if abs(xi - xj) <= tol_x and abs(yi - yj) <= tol_y:
+                parent[root(i)] = root(j)
+    groups: dict[int, list[tuple[int, float, float]]] = {}
+    for i, p in enumerate(points):
+        groups.setdefault(root(i), []).append(p)
+    return [(float(np.mean([p[1] for p in g])), float(np.mean([p[2] for p in g])),
+             ",".join(f"s{p[0]}" for p in sorted(g))) for g in groups.values()]
+
+
+def plot_hack_vs_pass(ev: pd.DataFrame, path: Path, breakout: float) -> None:
+    """One panel per arm (final deploy, one point per seed, seeds within 0.04 share one label); every other
+    arm's seeds in light grey for context; the breakout threshold as a dotted line."""
     fin = ev[ev["final"] & (ev["mode"] == "deploy")]
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    markers = "osD^v<>PX*"
     arms = arm_order(fin["arm"].unique())
+    ncol = min(4, max(1, len(arms)))
+    nrow = max(1, math.ceil(len(arms) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 3.2 * nrow + 0.6), squeeze=False, sharex=True,
+                             sharey=True, layout="constrained")
+    piv = {a: fin[fin["arm"] == a].pivot_table(index="seed", columns="metric", values="value") for a in arms}
     for k, arm in enumerate(arms):
-        d = fin[fin["arm"] == arm].pivot_table(index="seed", columns="metric", values="value")
-        d["gt_pass"] += (k - (len(arms) - 1) / 2) * 0.008  # tiny per-arm x offset: identical points stay visible
+        ax = axes[k // ncol][k % ncol]
+        for other in arms:
+            if other != arm and {"gt_pass", "hack_strict"} <= set(piv[other]):
+                ax.scatter(piv[other]["gt_pass"], piv[other]["hack_strict"], s=18, color="0.85", zorder=1)
+        d = piv[arm]
         color, _ = style(arm, k)
-        ax.scatter(d["gt_pass"], d["hack_strict"], s=70, color=color, marker=markers[k % len(markers)],
-                   edgecolor="black", lw=0.6, label=arm, zorder=3)
-        for s, row in d.iterrows():
-            ax.annotate(f"s{s}", (row["gt_pass"], row["hack_strict"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.axhline(broke_out, color="gray", ls=":", lw=1, label=f"broke-out threshold {broke_out}")
-    ax.set_xlabel("deploy gt pass@1 (final eval)")
-    ax.set_ylabel("deploy strict hack rate (final eval)")
-    ax.set_title("final deploy hack vs pass, one point per seed\n(x offset by <= 0.02 per arm so equal points stay visible)")
-    ax.set_xlim(-0.03, 1.03)
-    ax.set_ylim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        if {"gt_pass", "hack_strict"} <= set(d):
+            ax.scatter(d["gt_pass"], d["hack_strict"], s=60, color=color, edgecolor="black", lw=0.6, zorder=3)
+            pts = [(int(s), r["gt_pass"], r["hack_strict"]) for s, r in d.iterrows()]
+            for x, y, text in seed_labels(pts):
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=8,
+                            zorder=4, bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
+        ax.axhline(breakout, color="gray", ls=":", lw=1)
+        ax.set_title(f"{arm} (n={len(d)})", fontsize=10, color="black")
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_tick_params(labelbottom=True)
+    for k in range(len(arms), nrow * ncol):
+        axes[k // ncol][k % ncol].set_visible(False)
+    if not arms:
+        axes[0][0].text(0.5, 0.5, "no final evals", ha="center", transform=axes[0][0].transAxes)
+    fig.supxlabel("deploy gt pass@1 (final eval)")
+    fig.supylabel("deploy strict hack rate (final eval)")
+    fig.suptitle(f"final deploy hack vs pass, one point per seed (grey: the other arms; dotted: breakout "
+                 f">= {breakout})", fontsize=10)
+    save(fig, path)
 
 
 def plot_projection(logs: pd.DataFrame, path: Path, smooth: int) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     have = logs[logs["cos_in"].notna()] if len(logs) and "cos_in" in logs else pd.DataFrame()
     if len(have):
         lg = have.assign(done=have["step"] + 1)
-        band_plot(axes[0], lg, "done", "cos_in", smooth, f"cos(grad, direction) before surgery\n(rolling mean {smooth}; band = seed min-max)", "cos_in")
-        band_plot(axes[1], lg, "done", "frac_fired", smooth, "fraction of modules where the edit fired (cos > 0)", "frac_fired")
+        band_plot(axes[0], lg, "done", "cos_in", smooth,
+                  f"cos(grad, direction) before surgery\n(rolling mean {smooth}; band = seed min-max)", "cos_in")
+        band_plot(axes[1], lg, "done", "frac_fired", smooth, "fraction of modules where the edit fired (cos > 0)",
+                  "frac_fired")
         axes[1].set_ylim(-0.03, 1.03)
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="center right", title="arm")
+        legend_outside(fig, axes[0])
     else:
         for ax in axes:
             ax.text(0.5, 0.5, "no projected arm logged cos_in", ha="center", transform=ax.transAxes)
-    fig.tight_layout(rect=(0, 0, 0.84, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- report
-def fmt_ci(row) -> str:
-    return f"{row['mean']:.3f} [{row['ci_lo']:.3f}, {row['ci_hi']:.3f}]"
+def fmt_range(row) -> str:
+    return f"{row['mean']:.3f} [{row['min']:.3f}, {row['max']:.3f}]"
 
 
 def fmt_diff(row) -> str:
     if math.isnan(row["diff_vs_vanilla"]):
         return "-"
-    return f"{row['diff_vs_vanilla']:+.3f} [{row['diff_ci_lo']:+.3f}, {row['diff_ci_hi']:+.3f}]"
+    if math.isnan(row["diff_lo"]):
+        return f"{row['diff_vs_vanilla']:+.3f}"
+    return f"{row['diff_vs_vanilla']:+.3f} [{row['diff_lo']:+.3f}, {row['diff_hi']:+.3f}]"
 
 
 def gate_table(logs: pd.DataFrame) -> pd.DataFrame:
@@ -350,107 +433,189 @@ def gate_table(logs: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["_order", "seed"]).drop(columns="_order").reset_index(drop=True)
 
 
-def write_markdown(c: Config, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: list[str], path: Path,
-                   logs: pd.DataFrame | None = None) -> None:
-    L = [f"# Sweep `{c.sweep}`: results", "",
-         f"Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by `scripts/summarize.py {c.sweep}`: {len(runs_tab)} runs, "
-         f"{int((runs_tab['status'] == 'done').sum())} done. Mean over seeds with a 95% percentile-bootstrap CI "
-         f"({c.n_boot} resamples, seed {c.seed}); Δ = arm − vanilla (independent bootstrap). Broke out = final "
-         f"deploy hack_strict > {c.broke_out}. Flags: `within-placebo(X)` = the arm's Δ vs vanilla lies inside X's "
-         f"Δ CI; `within-shrinkage` = the deploy mean lies inside the arm's own shrinkage-control CI.", ""]
-    bad = runs_tab[runs_tab["status"] != "done"]
+def final_values(ev: pd.DataFrame, metric: str) -> dict[str, dict[int, float]]:
+    """{arm: {seed: final deploy value}}."""
+    fin = ev[ev["final"] & (ev["mode"] == "deploy") & (ev["metric"] == metric)]
+    return {a: by_seed(g) for a, g in fin.groupby("arm", sort=False)}
+
+
+def primary_section(name: str, ev: pd.DataFrame, out: Path, run_dirs: list[str]) -> list[str]:
+    """The preregistered analysis from prereg.json and the runs' final evals (stats.analyze); without a
+    valid prereg the same tables, headed as exploratory, with nothing called significant."""
+    path = out / "prereg.json"
+    hack, gt = final_values(ev, "hack_strict"), final_values(ev, "gt_pass")
+    if path.exists():
+        try:
+            prereg = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            prereg = None
+        valid = stats.prereg_valid(path, run_dirs)
+    else:
+        prereg = None
+        valid = (False, f"no preregistration: {path} is missing")
+    if prereg is None or not all(k in prereg for k in stats.PREREG_KEYS):
+        why = valid[1]
+        controls = tuple(c for c in stats.PRIMARY_CONTROLS if c in hack)
+        seeds = sorted({s for v in hack.values() for s in v})
+        if stats.PRIMARY_METHOD not in hack or not controls or not seeds:
+            return ["## Primary comparison: not available", "", f"**{why}**, and this sweep has no final "
+                    f"{stats.PRIMARY_METHOD} runs together with any of {', '.join(stats.PRIMARY_CONTROLS)}: every "
+                    "table below is exploratory.", ""]
+        prereg = stats.build_prereg(sweep=name, arms=sorted(hack), seeds=seeds, pilot_seed=max(seeds) + 100,
+                                    git_sha="none", controls=controls)
+        valid = (False, why)
+    res = stats.analyze(hack, gt, prereg)
+    return stats.primary_markdown(res, prereg, valid)
+
+
+def write_markdown(name: str, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: list[str], path: Path,
+                   primary: list[str], breakout: float, logs: pd.DataFrame | None = None) -> None:
+    n_pilot = int((runs_tab["status"] == "pilot").sum()) if len(runs_tab) else 0
+    L = [f"# Sweep `{name}`: results", "",
+         f"Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by `scripts/summarize.py`: {len(runs_tab)} runs, "
+         f"{int((runs_tab['status'] == 'done').sum())} done"
+         + (f", {n_pilot} pilot run (in no comparison: the gate kept it because it hacked)" if n_pilot else "")
+         + ". How to read this file: docs/sweeps.md, \"Reading results.md\".", ""]
+    L += primary
+    bad = runs_tab[~runs_tab["status"].isin(["done", "pilot"])]
     L += ["## Missing or incomplete runs", ""]
     if len(bad):
-        L += [f"- `{r['name']}` ({r['arm']}, seed {r['seed']}): **{r['status']}**: {r['detail']}" for _, r in bad.iterrows()]
+        L += [f"- `{r['name']}` ({r['arm']}, seed {r['seed']}): **{r['status']}**: {r['detail']}"
+              for _, r in bad.iterrows()]
     else:
         L += ["None: every run of the sweep has DONE and eval.json."]
     L += [""]
     fin = tab[tab["final"]] if len(tab) else tab
     if len(fin):
         step = int(fin["step"].max())
-        L += [f"## Final eval (step {step}), deploy mode", "",
-              "| arm | n | hack_strict | Δ hack_strict | hack_loose | gt_pass | Δ gt_pass | compile | broke out | flags (hack_strict) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        L += [f"## Final eval (step {step}), deploy mode: exploratory", "",
+              "Not preregistered: every row and flag here is exploratory (no multiplicity correction). "
+              "Values: mean [min, max] over seeds. Δ = arm − vanilla with the conservative 95% interval; p = exact "
+              "one-sided permutation p in the hoped direction; the flag is direction-aware (docs/sweeps.md). "
+              f"Breakouts: final deploy hack_strict >= {breakout}, Fisher one-sided p vs vanilla.", "",
+              "| arm | n | hack_strict | Δ hack_strict | p (lower) | flag vs vanilla | gt_pass | Δ gt_pass | "
+              "hack_loose | compile | breakouts | Fisher p |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm in arm_order(fin["arm"].unique()):
             d = fin[(fin["arm"] == arm) & (fin["mode"] == "deploy")].set_index("metric")
             if "hack_strict" not in d.index:
                 continue
             hs = d.loc["hack_strict"]
-            cells = [arm, str(hs["n"]), fmt_ci(hs), fmt_diff(hs),
-                     fmt_ci(d.loc["hack_loose"]) if "hack_loose" in d.index else "-",
-                     fmt_ci(d.loc["gt_pass"]) if "gt_pass" in d.index else "-",
+            cells = [arm, str(hs["n"]), fmt_range(hs), fmt_diff(hs),
+                     "-" if math.isnan(hs["p_lower"]) else f"{hs['p_lower']:.3f}", hs["flag_vs_vanilla"] or "-",
+                     fmt_range(d.loc["gt_pass"]) if "gt_pass" in d.index else "-",
                      fmt_diff(d.loc["gt_pass"]) if "gt_pass" in d.index else "-",
-                     fmt_ci(d.loc["compile"]) if "compile" in d.index else "-", hs["broke_out"], hs["flags"] or "-"]
+                     fmt_range(d.loc["hack_loose"]) if "hack_loose" in d.index else "-",
+                     fmt_range(d.loc["compile"]) if "compile" in d.index else "-", hs["breakouts"],
+                     "-" if math.isnan(hs["fisher_vs_vanilla"]) else f"{hs['fisher_vs_vanilla']:.3f}"]
             L.append("| " + " | ".join(cells) + " |")
+        ns = sorted({int(n) for n in fin[(fin["mode"] == "deploy") & (fin["metric"] == "hack_strict")]["n"]})
+        if ns:
+            L += ["", f"Smallest detectable effect at this sweep's size: {stats.detectable_text(ns[-1], ns[-1])}"]
+        ctrl = fin[(fin["mode"] == "deploy") & (fin["flags"] != "")]
+        if len(ctrl):
+            L += ["", "### Exploratory: each arm vs its placebos and its shrinkage mode (final, deploy)", "",
+                  "| arm | metric | flags |", "|---|---|---|"]
+            for _, r in ctrl[ctrl["metric"].isin(["hack_strict", "gt_pass"])].iterrows():
+                L.append(f"| {r['arm']} | {r['metric']} | {r['flags']} |")
         L += [""]
         other = fin[fin["mode"] != "deploy"]
         if len(other):
-            L += ["## Final eval, route controls (quarantine on; shrinkage control)", "",
+            L += ["## Final eval, route controls (quarantine on; shrinkage control): exploratory", "",
                   "| arm | mode | n | hack_strict | gt_pass |", "|---|---|---|---|---|"]
             for (arm, mode), d in other.groupby(["arm", "mode"], sort=False):
                 d = d.set_index("metric")
-                L.append(f"| {arm} | {mode} | {d.loc['hack_strict', 'n']} | {fmt_ci(d.loc['hack_strict'])} | "
-                         f"{fmt_ci(d.loc['gt_pass']) if 'gt_pass' in d.index else '-'} |")
+                L.append(f"| {arm} | {mode} | {d.loc['hack_strict', 'n']} | {fmt_range(d.loc['hack_strict'])} | "
+                         f"{fmt_range(d.loc['gt_pass']) if 'gt_pass' in d.index else '-'} |")
             L += [""]
     gt = gate_table(logs) if logs is not None else pd.DataFrame()
     if len(gt):
         L += ["## Gate arms: per-step gate statistics from log.tsv (measurement only)", "",
               "Mean over steps, then mean [min, max] over seeds. precision = strict hacks among routed rollouts, "
               "recall = routed among strict hacks (the grader's labels; never used for training); placebo pairing: "
-              "gate-route vs gate-route-random (same gate, Haar-random direction) and gate-random (random q fraction).", "",
-              "| arm | seeds | routed / step | precision | recall | AUC | hack rate route | hack rate keep |", "|---|---|---|---|---|---|---|---|"]
+              "gate-route vs gate-route-random (same gate, Haar-random direction) and gate-random (random q fraction).",
+              "", "| arm | seeds | routed / step | precision | recall | AUC | hack rate route | hack rate keep |",
+              "|---|---|---|---|---|---|---|---|"]
         for arm, d in gt.groupby("arm", sort=False):
             def cell(c):
                 x = d[c].dropna()
                 return f"{x.mean():.3f} [{x.min():.3f}, {x.max():.3f}]" if len(x) else "-"
-            L.append(f"| {arm} | {len(d)} | {cell('gate_n_route')} | {cell('gate_precision')} | {cell('gate_recall')} | "
-                     f"{cell('gate_auc')} | {cell('gate_hack_route')} | {cell('gate_hack_keep')} |")
+            L.append(f"| {arm} | {len(d)} | {cell('gate_n_route')} | {cell('gate_precision')} | "
+                     f"{cell('gate_recall')} | {cell('gate_auc')} | {cell('gate_hack_route')} | "
+                     f"{cell('gate_hack_keep')} |")
         L += [""]
     mid = tab[(~tab["final"]) & (tab["mode"] == "deploy")] if len(tab) else tab
     if len(mid):
-        L += ["## Intermediate evals, deploy mode", "", "| step | arm | n | hack_strict | Δ hack_strict | gt_pass | Δ gt_pass |",
-              "|---|---|---|---|---|---|---|"]
+        L += ["## Intermediate evals, deploy mode: exploratory", "",
+              "| step | arm | n | hack_strict | Δ hack_strict | gt_pass | Δ gt_pass |", "|---|---|---|---|---|---|---|"]
         for (step, arm), d in mid.groupby(["step", "arm"], sort=False):
             d = d.set_index("metric")
-            L.append(f"| {step} | {arm} | {d.loc['hack_strict', 'n']} | {fmt_ci(d.loc['hack_strict'])} | {fmt_diff(d.loc['hack_strict'])} | "
-                     f"{fmt_ci(d.loc['gt_pass'])} | {fmt_diff(d.loc['gt_pass'])} |")
+            if not {"hack_strict", "gt_pass"} <= set(d.index):
+                continue
+            L.append(f"| {step} | {arm} | {d.loc['hack_strict', 'n']} | {fmt_range(d.loc['hack_strict'])} | "
+                     f"{fmt_diff(d.loc['hack_strict'])} | {fmt_range(d.loc['gt_pass'])} | {fmt_diff(d.loc['gt_pass'])} |")
         L += [""]
     L += ["## Runs", "", "| run | arm | seed | status | steps logged |", "|---|---|---|---|---|"]
-    L += [f"| {r['name']} | {r['arm']} | {r['seed']} | {r['status']} | {r['steps_logged']} |" for _, r in runs_tab.iterrows()]
+    L += [f"| {r['name']} | {r['arm']} | {r['seed']} | {r['status']} | {r['steps_logged']} |"
+          for _, r in runs_tab.iterrows()]
     L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     L += ["Full table: `results.tsv` (every arm x mode x step x metric); run statuses: `runs.tsv`.", ""]
     path.write_text("\n".join(L))
 
 
 def main(c: Config) -> Path:
-    out = c.out_root / "sweeps" / c.sweep
+    name, runs_list, manifest = list_runs(c)
+    assert runs_list, f"sweep {name}: no runs listed"
+    out = c.out_root / "sweeps" / name
     out.mkdir(parents=True, exist_ok=True)
-    runs = list_runs(c)
-    assert runs, f"sweep {c.sweep}: no runs listed"
-    runs_tab = pd.DataFrame([dict(name=r["name"], arm=r["arm"], seed=int(r["seed"]), run_dir=r["run_dir"],
-                                  status=run_status(Path(r["run_dir"]))[0], detail=run_status(Path(r["run_dir"]))[1],
-                                  steps_logged=last_log_step(Path(r["run_dir"])))
-                             for r in runs])
-    ev = load_evals(runs)
-    logs = load_logs(runs)
+    pre_path = out / "prereg.json"
+    try:
+        prereg = json.loads(pre_path.read_text()) if pre_path.exists() else None
+    except json.JSONDecodeError:
+        prereg = None
+    pilot = pilot_seed(runs_list, prereg if prereg and "pilot" in prereg else None, manifest)
+    is_pilot = [r["arm"] == "vanilla" and pilot is not None and int(r["seed"]) == pilot for r in runs_list]
+    rows = []
+    for r, p in zip(runs_list, is_pilot):
+        status, detail = run_status(Path(r["run_dir"]))
+        if p:
+            status, detail = "pilot", f"the gate's pilot run ({status}); in no comparison"
+        rows.append(dict(name=r["name"], arm=r["arm"], seed=int(r["seed"]), run_dir=r["run_dir"], status=status,
+                         detail=detail, steps_logged=last_log_step(Path(r["run_dir"]))))
+    runs_tab = pd.DataFrame(rows)
+    compared = [r for r, p in zip(runs_list, is_pilot) if not p]
+    ev = load_evals(compared)
+    logs = load_logs(compared)
     tab = summarize(ev, c)
     tab.to_csv(out / "results.tsv", sep="\t", index=False, float_format="%.6g")
     runs_tab.to_csv(out / "runs.tsv", sep="\t", index=False)
     n_steps = int(logs["step"].max()) + 1 if len(logs) else 1
     smooth = c.smooth or max(1, n_steps // 20)
-    plots = ["hack_vs_step.png", "pass_vs_step.png", "hack_vs_pass.png", "projection_vs_step.png"]
-    plot_metric_vs_step(ev, logs, "hack_strict", "strict hack rate", out / plots[0], smooth)
-    plot_metric_vs_step(ev, logs, "gt_pass", "gt pass@1", out / plots[1], smooth)
-    plot_hack_vs_pass(ev, out / plots[2], c.broke_out)
-    plot_projection(logs, out / plots[3], smooth)
-    write_markdown(c, tab, runs_tab, plots, out / "results.md", logs)
+    plot_metric_vs_step(ev, logs, "hack_strict", "strict hack rate", out / PLOTS[0], smooth)
+    plot_metric_vs_step(ev, logs, "gt_pass", "gt pass@1", out / PLOTS[1], smooth)
+    plot_hack_vs_pass(ev, out / PLOTS[2], c.breakout)
+    plot_projection(logs, out / PLOTS[3], smooth)
+    primary = primary_section(name, ev, out, [r["run_dir"] for r in runs_list])
+    write_markdown(name, tab, runs_tab, list(PLOTS), out / "results.md", primary, c.breakout, logs)
     gate_table(logs).to_csv(out / "gate.tsv", sep="\t", index=False, float_format="%.6g")
-    print(f"[summarize] {out}/results.md, results.tsv, runs.tsv, {', '.join(plots)}")
-    bad = runs_tab[runs_tab["status"] != "done"]
+    print(f"[summarize] {out}/results.md, results.tsv, runs.tsv, {', '.join(PLOTS)}")
+    bad = runs_tab[~runs_tab["status"].isin(["done", "pilot"])]
     if len(bad):
-        print(f"[summarize] {len(bad)} runs not done: " + ", ".join(f"{n} ({s})" for n, s in zip(bad["name"], bad["status"])))
+        print(f"[summarize] {len(bad)} runs not done: "
+              + ", ".join(f"{n} ({s})" for n, s in zip(bad["name"], bad["status"])))
     return out
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """Bad input (a missing sweep, a folder without runs) is one line and exit 2."""
+    c = tyro.cli(Config, args=argv)
+    try:
+        main(c)
+    except FileNotFoundError as e:
+        print(f"summarize.py: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    sys.exit(cli())

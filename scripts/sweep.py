@@ -27,10 +27,18 @@ Backends:
     local  sequential subprocesses, logs in <out-root>/sweeps/<name>/logs/.
 The sweep writes `<out-root>/sweeps/<name>/sweep.json` (runs, commands, git sha) for scripts/summarize.py.
 
-`probe-full-seed SEED` runs extract -> verify -> vanilla seed SEED, then a gate reads that run's
-eval.json and stops with a clear message unless deploy `hack_strict` >= --min-hack (default 0.2); when it
-passes, the rest of the full grid is submitted with the same backend (for pueue the gate is itself a
-queued task, `probe-full-seed SEED --stage gate`, so the whole chain runs unattended).
+`probe-full-seed SEED` runs extract -> verify -> the pilot vanilla run with seed SEED (default 100, outside
+--seeds), then a gate reads that run's eval.json and stops with a clear message unless deploy `hack_strict` >=
+--min-hack (default 0.2); when it passes, the rest of the full grid is submitted with the same backend (for
+pueue the gate is itself a queued task, `probe-full-seed SEED --stage gate`, so the whole chain runs
+unattended). The pilot run was kept because it hacked, so it never enters a comparison (docs/sweeps.md).
+
+Preregistration (issue 15): every submission first writes `<out-root>/sweeps/<name>/prereg.json`
+(stats.build_prereg: primary comparison --primary-method vs --primary-controls on the final deploy
+hack_strict, gt-pass non-inferiority, the test, alpha, seeds, arms, pilot rule, git SHA); a dry run prints
+it. The grid is submitted round-robin (every arm of seed k before seed k+1); `--budget-gpu-hours H` keeps
+only the complete rounds that fit, from a step time measured by scripts/bench_step.py / scripts/gpu_check.py
+(newest matching out/bench/*.json) or else the analytic model, labelled as an estimate.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import ast
 import dataclasses
 import datetime
 import json
+import math
 import os
 import re
 import shlex
@@ -55,11 +64,28 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import arms  # noqa: E402
 import runs  # noqa: E402
+import stats  # noqa: E402
 
-# The arm lists come from arms.ARMS: `grid` runs the core arms by default, queue-full / probe-full-seed the core
-# and extra ones.
+# The arm lists come from arms.ARMS: `grid` runs the core arms by default; every arm stays available by name.
 FULL_ARMS = arms.grid("core")
-QUEUE_FULL_ARMS = arms.grid("core", "extra")
+ALL_GRID_ARMS = arms.grid("core", "extra")
+# The preregistered design of queue-full / queue-vanilla / probe-full-seed: vanilla, erase and its placebos.
+# erase-matched (issue 18, erase's mass-matched placebo) may not be an arm yet: prereg_arms() keeps the names
+# that arms.ARMS has and says which it dropped.
+PREREG_ARMS = ("vanilla", "erase", "erase-random", "erase-matched")
+PILOT_SEED = 100  # the gate's pilot vanilla run: outside the sweep seeds, never in a comparison
+
+
+def prereg_arms(names: tuple[str, ...] = PREREG_ARMS, note: bool = False) -> tuple[str, ...]:
+    """`names` that are arms in arms.ARMS (table order of `names`); note=True prints the ones left out."""
+    have = tuple(a for a in names if a in arms.ARMS)
+    if note and len(have) < len(names):
+        print(f"# note: {', '.join(a for a in names if a not in arms.ARMS)} not in arms.ARMS yet; the "
+              f"preregistered grid uses {', '.join(have)}")
+    return have
+
+
+QUEUE_FULL_ARMS = prereg_arms()
 # gate arms capture per-rollout gradients, which activation checkpointing breaks (train.py refuses the
 # combination): they run without it, with a smaller train micro-batch on the GPU presets (docs/gating.md, "Memory";
 # a later `--set micro_batch=N` overrides this)
@@ -104,6 +130,18 @@ class SweepConfig:
     """ray: `auto` = a running cluster (`ray start --head` first), `local` = start a fresh local one"""
     python: str = sys.executable
     """interpreter for every command"""
+    primary_method: str = stats.PRIMARY_METHOD
+    """the preregistered method arm (prereg.json's primary comparison)"""
+    primary_controls: tuple[str, ...] = stats.PRIMARY_CONTROLS
+    """its preregistered controls; names not in arms.ARMS yet (erase-matched before issue 18) are left out"""
+    prereg_arms: tuple[str, ...] = ()
+    """arms of the preregistered design (default: --arms); queue-vanilla preregisters the grid it is part of"""
+    pilot_seed: int = PILOT_SEED
+    """seed of the gate's pilot vanilla run (probe-full-seed SEED); outside --seeds, never in a comparison"""
+    budget_gpu_hours: float | None = None
+    """keep only the complete rounds (one run of every arm for a seed) that fit this many GPU-hours"""
+    sec_per_step: float = 0.0
+    """step time for the GPU-hour estimate (0 = newest matching out/bench/*.json, else the analytic model)"""
     train_script: str = "train.py"
     extract_script: str = "extract_vhack_grad.py"
     verify_script: str = "scripts/verify_vhack_heldout.py"
@@ -113,8 +151,9 @@ class SweepConfig:
 class ProbeConfig(SweepConfig):
     """Gated start of a full sweep: extract -> verify -> one vanilla seed -> gate -> the rest."""
 
-    seed: tyro.conf.Positional[int] = 0
-    """the vanilla seed that must hack before anything else is queued"""
+    seed: tyro.conf.Positional[int] = PILOT_SEED
+    """the pilot vanilla seed that must hack before anything else is queued; outside --seeds (it is the
+    prereg's pilot seed and never enters a comparison)"""
     min_hack: float = 0.2
     """the gate: vanilla's final deploy metric must reach this"""
     gate_metric: Literal["hack_strict", "hack_loose"] = "hack_strict"
@@ -130,7 +169,8 @@ Command = Union[
     ],
     Annotated[
         SweepConfig,
-        tyro.conf.subcommand("queue-vanilla", default=SweepConfig(name="full", preset="full", arms=("vanilla",))),
+        tyro.conf.subcommand("queue-vanilla", default=SweepConfig(name="full", preset="full", arms=("vanilla",),
+                                                                  prereg_arms=QUEUE_FULL_ARMS)),
     ],
     Annotated[
         ProbeConfig,
@@ -258,10 +298,11 @@ def vhack_jobs(cfg: SweepConfig, after: tuple[str, ...] = ()) -> list[Job]:
     return [extract, verify]
 
 
-def plan_grid(cfg: SweepConfig, arms: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None,
+def plan_grid(cfg: SweepConfig, arm_list: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None,
               after: tuple[str, ...] = ()) -> tuple[list[Job], list[tuple[str, str]]]:
-    """Jobs for the grid (extract/verify first when needed) and the skipped runs as (run name, reason)."""
-    arms = normalise_arms(cfg) if arms is None else arms
+    """Jobs for the grid (extract/verify first when needed, then the runs round-robin: every arm of seed k
+    before seed k + 1) and the skipped runs as (run name, reason)."""
+    arm_list = normalise_arms(cfg) if arm_list is None else arm_list
     seeds = cfg.seeds if seeds is None else seeds
     vhack_arms = {a.name for a in arms.ARMS.values() if a.direction == "vhack"}
     runs_dir = cfg.out_root.resolve() / "runs"
@@ -269,15 +310,14 @@ def plan_grid(cfg: SweepConfig, arms: tuple[str, ...] | None = None, seeds: tupl
     skipped: list[tuple[str, str]] = []
     pending: list[tuple[str, int, str, Path]] = []
     check_manifest(cfg, {run_name(cfg, a, s): shlex.join(train_argv(cfg, a, s, a in vhack_arms))
-                         for s in seeds for a in arms})
-    for seed in seeds:
-        for arm in arms:
-            name = run_name(cfg, arm, seed)
-            state = runs.state(runs_dir / name)
-            if state == "done":
-                skipped.append((name, "DONE"))
-            else:
-                pending.append((arm, seed, state, runs_dir / name))
+                         for a, s in stats.round_robin(arm_list, seeds)})
+    for arm, seed in stats.round_robin(arm_list, seeds):
+        name = run_name(cfg, arm, seed)
+        state = runs.state(runs_dir / name)
+        if state == "done":
+            skipped.append((name, "DONE"))
+        else:
+            pending.append((arm, seed, state, runs_dir / name))
     needs = any(arm in vhack_arms for arm, *_ in pending)
     vjobs = vhack_jobs(cfg, after=after) if needs else []
     jobs += vjobs
@@ -304,7 +344,7 @@ def plan_probe(cfg: ProbeConfig, backend: str) -> list[Job]:
     """extract -> verify -> vanilla seed -> (pueue only) gate task."""
     vjobs = vhack_jobs(cfg)
     after = ("verify",) if vjobs else ()
-    jobs, skipped = plan_grid(cfg, arms=("vanilla",), seeds=(cfg.seed,), after=after)
+    jobs, skipped = plan_grid(cfg, arm_list=("vanilla",), seeds=(cfg.seed,), after=after)
     jobs = vjobs + jobs  # plan_grid adds no v_hack jobs for vanilla
     if backend == "pueue":
         gate_argv = gate_command(cfg, backend)
@@ -328,6 +368,9 @@ def gate_command(cfg: ProbeConfig, backend: str) -> list[str]:
             "--python", cfg.python, "--train-script", cfg.train_script, "--extract-script", cfg.extract_script,
             "--verify-script", cfg.verify_script, "--gpus-per-run", str(cfg.gpus_per_run),
             "--ray-address", cfg.ray_address]
+    argv += ["--primary-method", cfg.primary_method, "--primary-controls", *cfg.primary_controls]
+    if cfg.prereg_arms:
+        argv += ["--prereg-arms", *cfg.prereg_arms]
     if cfg.set:
         argv += ["--set", *cfg.set]
     if cfg.vhack_name:
@@ -351,7 +394,7 @@ def gate_check(cfg: ProbeConfig) -> tuple[bool, str]:
     rdir = cfg.out_root.resolve() / "runs" / run_name(cfg, "vanilla", cfg.seed)
     ev = rdir / "eval.json"
     if not (rdir / "DONE").exists() or not ev.exists():
-        return False, (f"GATE: vanilla probe run {rdir} has no DONE/eval.json (crashed or still running); "
+        return False, (f"GATE: vanilla pilot run {rdir} has no DONE/eval.json (crashed or still running); "
                        f"resolve: finish it (re-run this command resumes it) before queueing the sweep")
     res = json.loads(ev.read_text())
     deploy = res.get("modes", {}).get("deploy")
@@ -360,11 +403,11 @@ def gate_check(cfg: ProbeConfig) -> tuple[bool, str]:
     val = float(deploy[cfg.gate_metric])
     step = res.get("step", "?")
     if val < cfg.min_hack:
-        return False, (f"GATE STOP: vanilla seed {cfg.seed} reached deploy {cfg.gate_metric} = {val:.3f} < "
+        return False, (f"GATE STOP: pilot vanilla seed {cfg.seed} reached deploy {cfg.gate_metric} = {val:.3f} < "
                        f"{cfg.min_hack} at step {step} ({ev}). Not queueing the rest of sweep {cfg.name}: "
                        f"vanilla must be shown to hack before the arms can show anything. Resolve: longer run, "
                        f"stronger hint, or a lower --min-hack if that is really intended.")
-    return True, (f"GATE PASS: vanilla seed {cfg.seed} deploy {cfg.gate_metric} = {val:.3f} >= {cfg.min_hack} "
+    return True, (f"GATE PASS: pilot vanilla seed {cfg.seed} deploy {cfg.gate_metric} = {val:.3f} >= {cfg.min_hack} "
                   f"at step {step}; queueing the rest of sweep {cfg.name}")
 
 
@@ -527,6 +570,243 @@ def run_ray(cfg: SweepConfig, jobs: list[Job]) -> dict[str, int]:
     return rcs
 
 
+# ------------------------------------------------------------------------------------- budget estimate
+MODEL_SHAPES = {"Qwen/Qwen3-4B": "qwen3-4b", "Qwen/Qwen3-1.7B": "qwen3-1.7b", "Qwen/Qwen3-0.6B": "qwen3-0.6b",
+                "tiny-random": "tiny"}  # train.py model name -> scripts/bench_step.py --shape
+# bench json fields (its "config") that must equal the preset's for its step time to count as this preset's
+BENCH_MATCH = (("shape", "model"), ("rollouts", "rollouts_per_step"), ("group_size", "group_size"),
+               ("max_new_tokens", "max_new_tokens"), ("grad_checkpointing", "grad_checkpointing"),
+               ("fused_adapter", "fused_adapter"))
+N_TEST_PROBLEMS = 119  # the benchmark's test split (docs/data.md); eval_problems = 0 evaluates all of them
+
+
+def preset_fields(preset: str, sets: tuple[str, ...] = (), train_script: Path = REPO / "train.py") -> dict:
+    """train.py's TrainConfig fields for `preset` with the --set overrides applied, read from the source with
+    ast (literal defaults and preset keywords only; importing train.py would load torch)."""
+    tree = ast.parse(Path(train_script).read_text())
+    fields: dict = {}
+    presets: dict = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "TrainConfig":
+            for st in node.body:
+                if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name) and st.value is not None:
+                    try:
+                        fields[st.target.id] = ast.literal_eval(st.value)
+                    except ValueError:
+                        pass
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == "PRESETS" for t in targets) and isinstance(node.value, ast.Dict):
+            for k, v in zip(node.value.keys, node.value.values):
+                call = v.elts[1] if isinstance(v, ast.Tuple) else v
+                presets[ast.literal_eval(k)] = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    if preset not in presets:
+        raise ValueError(f"--preset {preset!r}: train.py has presets {', '.join(presets)}")
+    out = fields | presets[preset]
+    for item in sets:
+        k, v = item.split("=", 1)
+        k = k.strip().replace("-", "_")
+        old = out.get(k)
+        if isinstance(old, bool):
+            out[k] = v.lower() == "true"
+        elif isinstance(old, (int, float)):
+            try:
+                out[k] = type(old)(v)
+            except ValueError as e:
+                raise ValueError(f"--set {item!r}: {k} takes a number, got {v!r}") from e
+        else:
+            out[k] = v
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step, seconds of generation per rollout (for the evals), and where they came from."""
+
+    sec_per_step: float
+    sec_gen_per_rollout: float
+    source: str
+    measured: bool
+
+
+def bench_records(bench_dir: Path) -> list[tuple[Path, dict]]:
+    """Every bench_step result in bench_dir/*.json: a `bench_step.py --json` file, or each entry of the
+    "results" of scripts/gpu_check.py's gpu-check.json. Unreadable files are skipped with a warning."""
+    out = []
+    for f in sorted(Path(bench_dir).glob("*.json")):
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"# warning: {f} is not readable JSON ({e}); ignored for the budget")
+            continue
+        cands = [d] + list((d.get("results") or {}).values()) if isinstance(d, dict) else []
+        out += [(f, r) for r in cands if isinstance(r, dict) and "config" in r and "t_step" in r]
+    return out
+
+
+def bench_want(p: dict) -> dict:
+    """The bench config fields a measurement must have to stand for preset fields p."""
+    return {bk: (MODEL_SHAPES.get(p.get("model")) if pk == "model" else p.get(pk)) for bk, pk in BENCH_MATCH}
+
+
+def measured_step(bench_dir: Path, p: dict) -> StepTime | None:
+    """The newest bench record (by its `date`, then file mtime) at the preset's shape, or None."""
+    want = bench_want(p)
+    hits = [(f, r) for f, r in bench_records(bench_dir)
+            if all(r["config"].get(k) == v for k, v in want.items()) and float(r["t_step"]) > 0]
+    if not hits:
+        return None
+    f, r = max(hits, key=lambda fr: (str(fr[1].get("date", "")), fr[0].stat().st_mtime))
+    gen = float(r.get("t_generate", 0.5 * r["t_step"])) / max(1, int(r["config"]["rollouts"]))
+    src = (f"measured: {f} ({r.get('device_name', r.get('device', '?'))}, {r.get('date', '?')}, gen-len "
+           f"{r['config'].get('gen_len', '?')}, {'fused' if want['fused_adapter'] else 'unfused'} adapter)")
+    return StepTime(float(r["t_step"]), gen, src, True)
+
+
+def analytic_step(p: dict) -> StepTime:
+    """scripts/bench_step.py's analytic model at the preset's shape (H100 SXM): HBM decode lower bound + the
+    train pass at 50% of the bf16 peak, at the assumed typical lengths. An estimate, not a measurement."""
+    shape = MODEL_SHAPES.get(p.get("model"))
+    if shape is None:
+        raise ValueError(f"no analytic shape for model {p.get('model')!r} (bench_step knows {', '.join(MODEL_SHAPES)}) "
+                         f"and no matching out/bench/*.json: pass --sec-per-step S")
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_step  # torch + transformers: only imported when nothing measured matches
+
+    rollouts = int(p["rollouts_per_step"])
+    gen_batch = min(int(p.get("gen_batch") or rollouts), rollouts)
+    b = bench_step.BenchConfig(shape=shape, gen_len="typical", max_new_tokens=int(p["max_new_tokens"]),
+                               rollouts=rollouts, group_size=int(p["group_size"]), gen_batch=gen_batch,
+                               micro_batch=int(p["micro_batch"]), grad_checkpointing=bool(p["grad_checkpointing"]),
+                               fused_adapter=bool(p["fused_adapter"]),
+                               prompt_len_max=int(p.get("max_prompt_tokens", 1536)))
+    g = bench_step.analytic(b, gen_batch)["gpus"]["H100"]
+    train = g["train_fused_s_at_50pct"] if p["fused_adapter"] else g["train_s_at_50pct"]
+    src = (f"ESTIMATE (analytic, nothing measured at shape {shape} in out/bench/): H100 SXM decode HBM lower bound "
+           f"{g['decode_lb_s']:.1f} s + train pass at 50% of bf16 peak {train:.1f} s per step, assumed typical "
+           f"lengths; grading and launch overheads not modelled. Measure with `just gpu-check`")
+    return StepTime(g["decode_lb_s"] + train, g["decode_lb_s"] / rollouts, src, False)
+
+
+def step_time(cfg: SweepConfig, p: dict) -> StepTime:
+    """--sec-per-step, else the newest matching measurement in <out-root>/bench/, else the analytic model."""
+    if cfg.sec_per_step > 0:
+        return StepTime(cfg.sec_per_step, 0.5 * cfg.sec_per_step / int(p["rollouts_per_step"]),
+                        f"given: --sec-per-step {cfg.sec_per_step} (evals assume half of it is generation)", False)
+    return measured_step(cfg.out_root / "bench", p) or analytic_step(p)
+
+
+def run_gpu_hours(p: dict, st: StepTime) -> tuple[float, str]:
+    """GPU-hours of one run: steps x s/step + its evals (deploy-mode generation only), and the formula."""
+    steps = int(p["steps"])
+    n_evals = (steps // int(p["eval_every"]) if int(p.get("eval_every") or 0) > 0 else 0) + int(bool(p.get("eval_at_end", True)))
+    n_eval = (int(p.get("eval_problems") or 0) or N_TEST_PROBLEMS) * int(p.get("eval_samples", 1))
+    train_s, eval_s = steps * st.sec_per_step, n_evals * n_eval * st.sec_gen_per_rollout
+    return (train_s + eval_s) / 3600, (f"{steps} steps x {st.sec_per_step:.1f} s/step = {train_s / 3600:.2f} h + "
+                                       f"{n_evals} evals x {n_eval} completions x {st.sec_gen_per_rollout:.3f} s = "
+                                       f"{eval_s / 3600:.2f} h")
+
+
+# ---------------------------------------------------------------------------------------- the design
+def design_arms(cfg: SweepConfig) -> tuple[str, ...]:
+    return normalise_arms(dataclasses.replace(cfg, arms=cfg.prereg_arms)) if cfg.prereg_arms else normalise_arms(cfg)
+
+
+def prepare(cfg: SweepConfig) -> tuple[SweepConfig, dict | None, list[str]]:
+    """Resolve the pilot seed, the preregistered controls and the budget (cfg.seeds trimmed to the complete
+    rounds that fit), and build the preregistration. Returns (cfg, prereg or None, lines to print)."""
+    notes: list[str] = []
+    if isinstance(cfg, ProbeConfig):
+        if cfg.pilot_seed not in (PILOT_SEED, cfg.seed):
+            raise ValueError(f"--pilot-seed {cfg.pilot_seed} differs from probe-full-seed's SEED {cfg.seed}; the "
+                             f"positional SEED is the pilot seed: drop --pilot-seed")
+        cfg = dataclasses.replace(cfg, pilot_seed=cfg.seed)
+    arm_list = normalise_arms(cfg)
+    controls = tuple(c for c in cfg.primary_controls if arms.ALIASES.get(c, c) in arms.ARMS)
+    if len(controls) < len(cfg.primary_controls):
+        notes.append(f"# note: primary control(s) {', '.join(c for c in cfg.primary_controls if c not in controls)} "
+                     f"not in arms.ARMS yet; the prereg compares {cfg.primary_method} with {', '.join(controls) or 'nothing'}")
+    cfg = dataclasses.replace(cfg, primary_controls=controls)
+    if cfg.budget_gpu_hours is not None or cfg.dry_run:
+        try:
+            p = preset_fields(cfg.preset, cfg.set)
+            st = step_time(cfg, p)
+            hours, formula = run_gpu_hours(p, st)
+        except (ValueError, KeyError, SyntaxError) as e:
+            if cfg.budget_gpu_hours is not None:
+                raise ValueError(f"--budget-gpu-hours needs a step time: {e}") from e
+            notes.append(f"# GPU-hour estimate unavailable: {e}")
+        else:
+            notes += [f"# step time source: {st.source}", f"# one run: {formula} = {hours:.2f} GPU-h"]
+            budget = cfg.budget_gpu_hours
+            if isinstance(cfg, ProbeConfig) and budget is not None:
+                budget -= hours
+                notes.append(f"# the pilot run (vanilla seed {cfg.pilot_seed}) takes {hours:.2f} of the "
+                             f"{cfg.budget_gpu_hours:g} GPU-h budget")
+            kept, dropped = stats.budget_trim(arm_list, cfg.seeds, hours, None if budget is None else max(budget, 0.0))
+            if dropped:
+                k = len(kept) // len(arm_list)
+                notes.append(f"# budget {cfg.budget_gpu_hours:g} GPU-h: keeps {k} of {len(cfg.seeds)} complete rounds "
+                             f"(seeds {', '.join(map(str, cfg.seeds[:k])) or 'none'}); DROPPED {len(dropped)} runs: "
+                             + ", ".join(run_name(cfg, a, s) for a, s in dropped))
+                if k == 0:
+                    raise ValueError(f"--budget-gpu-hours {cfg.budget_gpu_hours:g}: one round of {len(arm_list)} "
+                                     f"runs needs {len(arm_list) * hours:.1f} GPU-h; raise the budget or drop arms")
+                cfg = dataclasses.replace(cfg, seeds=tuple(cfg.seeds[:k]))
+            n = len(cfg.seeds)
+            if not stats.min_detectable_breakouts(n, n) and 1 / math.comb(2 * n, n) > stats.ALPHA:
+                notes.append(f"# WARNING: with {n} seed(s) per arm no comparison can reach one-sided p <= "
+                             f"{stats.ALPHA} (3 seeds per arm are the minimum)")
+            total = len(arm_list) * len(cfg.seeds) * hours
+            notes.append(f"# GPU-hours: {len(arm_list) * len(cfg.seeds)} runs x {p['steps']} steps x "
+                         f"{st.sec_per_step:.1f} s/step (+ evals) = {total:.1f} GPU-h"
+                         + ("" if st.measured else " [ESTIMATE, not measured]")
+                         + (f" (budget {cfg.budget_gpu_hours:g})" if cfg.budget_gpu_hours is not None else ""))
+    design = design_arms(cfg)
+    missing = [a for a in (cfg.primary_method, *controls) if a not in design]
+    if not controls or missing:
+        notes.append(f"# NO preregistration: the primary comparison's arms {missing or [cfg.primary_method]} are "
+                     f"not in this grid ({', '.join(design)}); every comparison of sweep {cfg.name} is exploratory")
+        return cfg, None, notes
+    gate = dict(gate_metric=cfg.gate_metric, gate_min=cfg.min_hack) if isinstance(cfg, ProbeConfig) else {}
+    pre = stats.build_prereg(sweep=cfg.name, arms=design, seeds=cfg.seeds, pilot_seed=cfg.pilot_seed,
+                             git_sha=runs.git_sha(), method=cfg.primary_method, controls=controls, **gate)
+    pre["preset"], pre["train_overrides"] = cfg.preset, list(cfg.set)
+    return cfg, pre, notes
+
+
+def prereg_path(cfg: SweepConfig) -> Path:
+    return cfg.out_root.resolve() / "sweeps" / cfg.name / "prereg.json"
+
+
+def announce(cfg: SweepConfig, prereg: dict | None, notes: list[str]) -> None:
+    """Print the design: the notes (budget, estimate), the round-robin order and, in a dry run, the prereg."""
+    for line in notes:
+        print(line)
+    arm_list = normalise_arms(cfg)
+    print("# round-robin order (every arm of seed k before seed k+1):")
+    for s in cfg.seeds:
+        print(f"#   seed {s}: " + " ".join(run_name(cfg, a, s) for a in arm_list))
+    if prereg is not None and cfg.dry_run:
+        print(f"# preregistration ({prereg_path(cfg)}; written before the first run, not in a dry run):")
+        for k, v in prereg.items():
+            print(f"#   {k}: {json.dumps(v)}")
+
+
+def write_prereg(cfg: SweepConfig, prereg: dict | None) -> None:
+    """prereg.json before anything is submitted; warns when a run of the sweep already started (then summarize
+    treats the primary comparison as exploratory)."""
+    if prereg is None or cfg.dry_run:
+        return
+    path = prereg_path(cfg)
+    wrote = stats.write_prereg(path, prereg)
+    print(f"[sweep] preregistration {'written' if wrote else 'unchanged'}: {path}")
+    run_dirs = [cfg.out_root.resolve() / "runs" / run_name(cfg, a, s) for a in prereg["arms"]
+                for s in (*prereg["seeds"], prereg["pilot"]["seed"])]
+    ok, why = stats.prereg_valid(path, run_dirs)
+    if not ok:
+        print(f"[sweep] WARNING: {why}; summarize will call nothing significant", file=sys.stderr)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def manifest_path(cfg: SweepConfig) -> Path:
     return cfg.out_root.resolve() / "sweeps" / cfg.name / "sweep.json"
@@ -559,7 +839,7 @@ def write_manifest(cfg: SweepConfig, jobs: list[Job], skipped: list[tuple[str, s
             base = base[: base.index("--resume")]
         man["runs"][job.run["name"]] = {k: job.run[k] for k in ("name", "arm", "seed", "run_dir")} | {
             "command": shlex.join(base)}
-    man.update(preset=cfg.preset, vhack=str(vhack_file(cfg)))
+    man.update(preset=cfg.preset, vhack=str(vhack_file(cfg)), pilot_seed=cfg.pilot_seed)
     man["submissions"].append(dict(
         time=datetime.datetime.now().isoformat(timespec="seconds"), git_sha=runs.git_sha(), backend=cfg.backend,
         seeds=list(cfg.seeds), arms=list(cfg.arms), set=list(cfg.set),
@@ -615,8 +895,11 @@ def execute(cfg: SweepConfig, jobs: list[Job], skipped: list[tuple[str, str]], b
 
 def main(cfg: SweepConfig) -> int:
     backend = resolve_backend(cfg.backend)
+    cfg, prereg, notes = prepare(cfg)
     if not isinstance(cfg, ProbeConfig):
         jobs, skipped = plan_grid(cfg)
+        announce(cfg, prereg, notes)
+        write_prereg(cfg, prereg)
         return execute(cfg, jobs, skipped, backend)
     if cfg.stage == "gate":
         ok, msg = gate_check(cfg)
@@ -624,22 +907,40 @@ def main(cfg: SweepConfig) -> int:
         if not ok:
             return 3
         jobs, skipped = plan_grid(cfg)
+        write_prereg(cfg, prereg)
         return execute(cfg, jobs, skipped, backend)
-    # stage probe
+    # stage probe: the prereg (with the gate rule) is written before the pilot run starts
     jobs = plan_probe(cfg, backend)
+    announce(cfg, prereg, notes)
+    write_prereg(cfg, prereg)
     if cfg.dry_run or backend == "pueue":
         rc = execute(cfg, jobs, [], backend)
         if cfg.dry_run:
-            print(f"# then, if vanilla seed {cfg.seed} reaches deploy {cfg.gate_metric} >= {cfg.min_hack}, the "
-                  f"gate submits the rest of the grid ({len(cfg.seeds)} seeds x {len(cfg.arms)} arms, DONE runs skipped)")
+            print(f"# then, if pilot vanilla seed {cfg.seed} reaches deploy {cfg.gate_metric} >= {cfg.min_hack}, the "
+                  f"gate submits the rest of the grid ({len(cfg.seeds)} seeds x {len(cfg.arms)} arms, DONE runs "
+                  f"skipped); the pilot run is in no comparison")
         return rc
     rc = execute(cfg, jobs, [], backend)  # local / ray: run the chain, then gate in this process
     if rc != 0:
         print("[sweep] probe chain failed; the gate was not checked", file=sys.stderr)
         return rc
-    gate = dataclasses.replace(cfg, stage="gate")
-    return main(gate)
+    ok, msg = gate_check(cfg)
+    print(msg, file=sys.stdout if ok else sys.stderr)
+    if not ok:
+        return 3
+    jobs, skipped = plan_grid(cfg)
+    return execute(cfg, jobs, skipped, backend)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point: bad input (a ValueError / FileNotFoundError naming the field) is one line and exit 2."""
+    cfg = tyro.cli(Command, args=argv)
+    try:
+        return main(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"sweep.py: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main(tyro.cli(Command)))
+    sys.exit(cli())

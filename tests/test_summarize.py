@@ -1,6 +1,6 @@
 """scripts/summarize.py and scripts/journal_entry.py on synthetic run directories (tests/fixtures/fake_runs.py).
 
-    .venv/bin/python -m pytest tests/test_summarize.py -q        # ~15 s
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_summarize.py -q
 
 Every table value is checked against an independent computation straight from the runs' JSON files.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -46,7 +47,7 @@ def sweep_dir(tmp_path_factory):
     (out / "sweeps" / "sw" / "sweep.json").write_text(json.dumps(
         {"name": "sw", "preset": "smoke", "runs": runs,
          "submissions": [{"git_sha": "abc123", "backend": "local", "set": ["steps=6"]}]}))
-    summarize.main(summarize.Config(sweep="sw", out_root=out, n_boot=2000))
+    summarize.main(summarize.Config(sweep="sw", out_root=out))
     return out
 
 
@@ -71,6 +72,25 @@ def expected_values(out: Path) -> dict:
     return exp
 
 
+def perm_p_lower(x, y) -> float:
+    """Brute force: share of the C(m + n, m) relabellings whose mean difference is <= the observed one."""
+    z, m = list(x) + list(y), len(x)
+    obs = np.mean(x) - np.mean(y)
+    hits = tot = 0
+    for idx in itertools.combinations(range(len(z)), m):
+        a = [z[i] for i in idx]
+        b = [z[i] for i in range(len(z)) if i not in idx]
+        hits += np.mean(a) - np.mean(b) <= obs + 1e-12
+        tot += 1
+    return hits / tot
+
+
+def fisher_ref(k_m: int, n_m: int, k_c: int, n_c: int) -> float:
+    """P(control holds >= k_c of the k_m + k_c breakouts) with the margins fixed, from binomial coefficients."""
+    K, N = k_m + k_c, n_m + n_c
+    return sum(math.comb(K, j) * math.comb(N - K, n_c - j) for j in range(k_c, min(K, n_c) + 1)) / math.comb(N, n_c)
+
+
 def test_table_matches_independent_computation(sweep_dir):
     tab = read_tsv(sweep_dir / "sweeps" / "sw" / "results.tsv")
     exp = expected_values(sweep_dir)
@@ -81,19 +101,26 @@ def test_table_matches_independent_computation(sweep_dir):
         x = np.array([vals[s] for s in sorted(vals)])
         assert int(r["n"]) == len(x)
         assert float(r["mean"]) == pytest.approx(x.mean(), abs=1e-5)
-        lo, hi = float(r["ci_lo"]), float(r["ci_hi"])
-        assert x.min() - 1e-6 <= lo <= x.mean() + 1e-6 <= hi + 2e-6 <= x.max() + 3e-6
+        assert (float(r["min"]), float(r["max"])) == pytest.approx((x.min(), x.max()), abs=1e-5)
         assert r["values"] == ",".join(f"s{s}:{vals[s]:.4f}" for s in sorted(vals))
         arm, mode, step, final, metric = key
         van = exp.get(("vanilla", "deploy", step, final, metric))
         if arm != "vanilla" and van:
-            diff = x.mean() - np.mean(list(van.values()))
+            y = [van[s] for s in sorted(van)]
+            diff = x.mean() - np.mean(y)
             assert float(r["diff_vs_vanilla"]) == pytest.approx(diff, abs=1e-5)
-            assert float(r["diff_ci_lo"]) <= diff + 1e-5 and diff - 1e-5 <= float(r["diff_ci_hi"])
+            assert min(len(x), len(y)) >= 2, "the fixture has >= 2 seeds in every cell"
+            assert float(r["diff_lo"]) <= diff + 1e-5 and diff - 1e-5 <= float(r["diff_hi"])
+            assert float(r["p_lower"]) == pytest.approx(perm_p_lower(x, y), abs=1e-6)
+            assert float(r["p_higher"]) == pytest.approx(perm_p_lower([-v for v in x], [-v for v in y]), abs=1e-6)
         else:
             assert r["diff_vs_vanilla"] == ""
         if final and mode == "deploy" and metric == "hack_strict":
-            assert r["broke_out"] == f"{int((x > 0.2).sum())}/{len(x)}"
+            k = int((x >= 0.2).sum())
+            assert r["breakouts"] == f"{k}/{len(x)}"
+            if arm != "vanilla":
+                kv = sum(v >= 0.2 for v in van.values())
+                assert float(r["fisher_vs_vanilla"]) == pytest.approx(fisher_ref(k, len(x), kv, len(van)), abs=1e-9)
     # the crashed route seed has no final value: n=2 at the final step, n=3 at step 3
     assert int(got[("route", "deploy", 6, True, "hack_strict")]["n"]) == 2
     assert int(got[("route", "deploy", 3, False, "hack_strict")]["n"]) == 3
@@ -111,6 +138,16 @@ def test_missing_and_crashed_runs_are_listed(sweep_dir):
     assert "| erase | 3 |" in md and "| route | 2 |" in md  # final table n per arm
 
 
+def test_results_md_without_prereg_is_exploratory(sweep_dir):
+    md = (sweep_dir / "sweeps" / "sw" / "results.md").read_text()
+    primary = md.split("## Primary comparison")[1].split("\n## ")[0]
+    assert "**NOT preregistered: no preregistration:" in primary and "none is called significant" in primary
+    assert "primary: not tested (no valid preregistration)" in primary
+    assert "(evidence," not in primary, "nothing may read as significant without a prereg"
+    assert md.index("## Primary comparison") < md.index("## Final eval (step 6), deploy mode: exploratory")
+    assert "Smallest detectable effect" in md and "0/3 vs 3/3 (p = 0.050)" in md
+
+
 def test_pngs_are_written_and_nonempty(sweep_dir):
     import matplotlib.image as mpimg
 
@@ -121,18 +158,11 @@ def test_pngs_are_written_and_nonempty(sweep_dir):
         assert img[..., :3].std() > 0.05, f"{name} looks blank"
 
 
-def test_bootstrap_ci_properties():
-    rng = np.random.default_rng(1)
-    assert summarize.bootstrap_mean_ci([0.3, 0.3, 0.3], 1000, rng) == (0.3, 0.3)
-    assert summarize.bootstrap_mean_ci([0.7], 1000, rng) == (0.7, 0.7)
-    x = rng.normal(2.0, 1.0, size=400)
-    lo, hi = summarize.bootstrap_mean_ci(x, 4000, np.random.default_rng(0))
-    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x))  # normal-theory CI for comparison
-    assert lo == pytest.approx(x.mean() - half, abs=0.15 * half) and hi == pytest.approx(x.mean() + half, abs=0.15 * half)
-    a = summarize.bootstrap_mean_ci(x[:5], 500, summarize.cell_rng(0, "k"))
-    assert a == summarize.bootstrap_mean_ci(x[:5], 500, summarize.cell_rng(0, "k"))  # seeded per cell
-    dlo, dhi = summarize.bootstrap_diff_ci(x + 1.0, x, 4000, np.random.default_rng(0))
-    assert dlo < 1.0 < dhi and dhi - dlo == pytest.approx(2 * math.sqrt(2) * half, rel=0.2)
+def test_seed_labels_group_close_points():
+    pts = [(0, 0.025, 0.825), (1, 0.05, 0.825), (2, 0.075, 0.825), (3, 0.6, 0.2)]  # a chain: single linkage
+    got = sorted(summarize.seed_labels(pts), key=lambda t: t[0])
+    assert [t[2] for t in got] == ["s0,s1,s2", "s3"]
+    assert got[0][:2] == pytest.approx((0.05, 0.825)) and got[1][:2] == pytest.approx((0.6, 0.2))
 
 
 def frame(values: dict) -> pd.DataFrame:
@@ -142,34 +172,103 @@ def frame(values: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_placebo_and_shrinkage_flags():
-    c = summarize.Config(sweep="x", n_boot=2000)
+def test_direction_aware_flags_erase_worse_than_placebo():
+    """The issue's case: erase above its placebo (+0.02 vs vanilla, the placebo -0.17) must say WORSE, not pass."""
+    c = summarize.Config(sweep="x")
     tab = summarize.summarize(frame({
-        ("vanilla", "deploy"): [0.8, 0.7, 0.9],
-        ("erase", "deploy"): [0.55, 0.6, 0.65],          # effect -0.2 ...
-        ("erase-random", "deploy"): [0.5, 0.6, 0.7],     # ... same as the placebo's: flagged
-        ("route", "deploy"): [0.1, 0.05, 0.15],          # effect -0.7, placebo -0.05: not flagged
+        ("vanilla", "deploy"): [0.50, 0.52, 0.48],
+        ("erase", "deploy"): [0.51, 0.53, 0.52],          # +0.02 vs vanilla
+        ("erase-random", "deploy"): [0.32, 0.34, 0.33],   # -0.17 vs vanilla: the placebo does better
+        ("route", "deploy"): [0.1, 0.05, 0.15],
         ("route-random", "deploy"): [0.75, 0.8, 0.7],
-        ("route", "shrinkage"): [0.08, 0.12, 0.1],       # shrinkage alone gives the same: flagged
+        ("route", "shrinkage"): [0.08, 0.12, 0.1],
     }), c)
-    flags = {r["arm"]: r["flags"] for _, r in tab[tab["mode"] == "deploy"].iterrows()}
-    assert flags["erase"] == "within-placebo(erase-random)"
-    assert flags["route"] == "within-shrinkage"
-    assert flags["vanilla"] == flags["erase-random"] == flags["route-random"] == ""
     by = {(r["arm"], r["mode"]): r for _, r in tab.iterrows()}
-    assert by[("route", "deploy")]["diff_vs_vanilla"] == pytest.approx(0.1 - 0.8)
-    assert by[("route", "shrinkage")]["diff_vs_vanilla"] == pytest.approx(0.1 - 0.8)  # vs vanilla's deploy
+    assert by[("erase", "deploy")]["flags"] == "vs erase-random: method WORSE than control (evidence, exact p=0.050)"
+    assert by[("erase", "deploy")]["flag_vs_vanilla"].startswith("no evidence: control does as well")
+    route = by[("route", "deploy")]["flags"].split("; ")
+    assert route[0] == "vs route-random: method lower than control (evidence, exact p=0.050)"
+    # paired sign-flip over 3 runs: smallest p is 1/8, so never evidence; diffs +0.02, -0.07, +0.05 -> mean 0
+    assert route[1].startswith("vs its shrinkage mode (paired): no evidence") and "p=0.625" in route[1]
+    assert by[("vanilla", "deploy")]["flags"] == by[("erase-random", "deploy")]["flags"] == ""
+    assert by[("route", "shrinkage")]["diff_vs_vanilla"] == pytest.approx(0.1 - 0.5)  # vs vanilla's deploy mode
+
+
+def test_no_flags_below_two_runs_per_arm():
+    c = summarize.Config(sweep="x")
+    tab = summarize.summarize(frame({("vanilla", "deploy"): [0.8], ("erase", "deploy"): [0.1],
+                                     ("erase-random", "deploy"): [0.7, 0.75]}), c)
+    by = {r["arm"]: r for _, r in tab.iterrows()}
+    assert by["erase"]["flag_vs_vanilla"].startswith("n too small (1 method, 1 control")
+    assert by["erase"]["diff_vs_vanilla"] == pytest.approx(-0.7)  # the point difference only: no p, no interval
+    assert math.isnan(by["erase"]["p_lower"]) and math.isnan(by["erase"]["diff_lo"])
+    assert math.isnan(by["erase"]["fisher_vs_vanilla"]) and by["erase"]["breakouts"] == "0/1"
+    assert by["erase"]["flags"].startswith("vs erase-random: n too small (1 method, 2 control")
+    assert by["erase-random"]["flag_vs_vanilla"].startswith("n too small")
 
 
 def test_runs_without_manifest_read_config_json(tmp_path):
     d = tmp_path / "runs" / "a"
     fake_runs.write_run(d, "vanilla", 5, steps=3, eval_every=3)
-    (d / "config.json").write_text(json.dumps({"config": {"arm": "vanilla", "seed": 5}}))  # train.py's nesting
-    out = summarize.main(summarize.Config(sweep="adhoc", out_root=tmp_path, runs=(d,), n_boot=100))
+    out = summarize.main(summarize.Config(sweep="adhoc", out_root=tmp_path, runs=(d,)))
     tab = read_tsv(out / "results.tsv")
     assert {r["arm"] for r in tab} == {"vanilla"} and all(r["values"].startswith("s5:") for r in tab)
     with pytest.raises(FileNotFoundError, match="sweep.json.*--runs"):
         summarize.main(summarize.Config(sweep="nope", out_root=tmp_path))
+    assert summarize.cli(["nope", "--out-root", str(tmp_path)]) == 2
+
+
+def test_smoke_folder_of_run_dirs(tmp_path):
+    """`just smoke` writes out/runs/<smoke-name>/<arm>/ (one seed each, no sweep.json): summarize finds them."""
+    smoke = tmp_path / "runs" / "smoke-20261201-1200"
+    for arm in ("vanilla", "erase", "erase-random"):
+        fake_runs.write_run(smoke / arm, arm, 0, steps=3, eval_every=3)
+        (smoke / arm / "ckpt" / "step_000003" / "config.json").write_text("{}")  # not a run dir
+    out = summarize.main(summarize.Config(sweep=str(smoke), out_root=tmp_path / "o"))
+    assert out == tmp_path / "o" / "sweeps" / "smoke-20261201-1200"
+    runs = read_tsv(out / "runs.tsv")
+    assert sorted(r["arm"] for r in runs) == ["erase", "erase-random", "vanilla"]
+    md = (out / "results.md").read_text()
+    assert "n too small (1 method, 1 control runs" in md and "(evidence" not in md
+
+
+def test_pilot_run_is_in_no_comparison_and_prereg_makes_it_confirmatory(tmp_path):
+    """A prereg written before the runs: the primary section is preregistered; the pilot (vanilla at the
+    prereg's pilot seed) is listed but in no table; a prereg written after the runs is refused."""
+    import stats
+
+    out = tmp_path / "out"
+    pre = stats.build_prereg(sweep="p", arms=["vanilla", "erase"], seeds=[0, 1, 2], pilot_seed=100, git_sha="x",
+                             controls=["vanilla"])
+    stats.write_prereg(out / "sweeps" / "p" / "prereg.json", pre)
+    runs = {}
+    for arm, seed in [("vanilla", 100)] + [(a, s) for s in (0, 1, 2) for a in ("vanilla", "erase")]:
+        name = f"p-{arm}-s{seed}"
+        fake_runs.write_run(out / "runs" / name, arm, seed, steps=3, eval_every=3,
+                            scale=0.01 if (arm, seed) == ("vanilla", 100) else 1.0)  # a pilot that would sink vanilla
+        runs[name] = dict(name=name, arm=arm, seed=seed, run_dir=str(out / "runs" / name))
+    (out / "sweeps" / "p" / "sweep.json").write_text(json.dumps({"runs": runs, "pilot_seed": 100}))
+    d = summarize.main(summarize.Config(sweep="p", out_root=out))
+    md = (d / "results.md").read_text()
+    assert "Preregistered (written before the first run" in md
+    assert {r["name"]: r["status"] for r in read_tsv(d / "runs.tsv")}["p-vanilla-s100"] == "pilot"
+    van = [r for r in read_tsv(d / "results.tsv") if r["arm"] == "vanilla" and r["final"] == "True"]
+    assert van and all("s100" not in r["values"] and int(r["n"]) == 3 for r in van)
+    hack = {s: json.loads((out / "runs" / f"p-{a}-s{s}" / "eval.json").read_text())["modes"]["deploy"]["hack_strict"]
+            for a in ("erase",) for s in (0, 1, 2)}
+    vh = [json.loads((out / "runs" / f"p-vanilla-s{s}" / "eval.json").read_text())["modes"]["deploy"]["hack_strict"]
+          for s in (0, 1, 2)]
+    p = perm_p_lower(list(hack.values()), vh)
+    row = f"| erase vs vanilla | 3 vs 3 | {np.mean(list(hack.values())):.3f} vs {np.mean(vh):.3f} |"
+    assert row in md and f"| {p:.3f} |" in md.split(row)[1].splitlines()[0]
+    claim = "SUPPORTED" if p <= 0.05 else "NOT supported"
+    assert f"**primary: {claim}" in md
+    # the same prereg re-dated after the runs: nothing is called significant
+    pre_path = out / "sweeps" / "p" / "prereg.json"
+    late = json.loads(pre_path.read_text()) | {"created_at": "2999-01-01T00:00:00+00:00"}
+    pre_path.write_text(json.dumps(late))
+    md = (summarize.main(summarize.Config(sweep="p", out_root=out)) / "results.md").read_text()
+    assert "**NOT preregistered:" in md and "after run" in md and "primary: not tested" in md
 
 
 # ------------------------------------------------------------------------------------------ journal
@@ -185,6 +284,7 @@ def test_journal_entry_goes_after_header_before_older_entries(sweep_dir, tmp_pat
     entry = text.split("## 2026-01-01")[0]
     assert "preset `smoke`" in entry and "seeds 0, 1, 2, 3" in entry and "git abc123" in entry
     assert "| erase-random | 3 |" in entry and "hack_vs_pass.png" in entry and "**missing**" in entry
+    assert entry.index("#### Primary comparison") < entry.index("#### Missing or incomplete runs")
     if before is not None:
         assert hashlib.sha256(real.read_bytes()).hexdigest() == before, "the real journal must not be touched"
 

@@ -10,7 +10,10 @@ The fast tests run tests/fixtures/fake_train.py (same CLI and run-dir layout as 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import itertools
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tyro
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures"
@@ -26,6 +30,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(FIX))
 import sweep  # noqa: E402
 import summarize  # noqa: E402
+import arms  # noqa: E402  (after sweep: it puts the repo on sys.path)
+import stats  # noqa: E402
 
 PY = sys.executable
 FAKES = dict(train_script="tests/fixtures/fake_train.py", extract_script="tests/fixtures/fake_extract.py",
@@ -34,7 +40,7 @@ FAKES = dict(train_script="tests/fixtures/fake_train.py", extract_script="tests/
 
 def cfg(tmp_path, cls=sweep.SweepConfig, fakes=True, **kw):
     base = dict(name="t", preset="smoke", seeds=(0, 1), arms=("vanilla", "erase", "erase-random"), set=("steps=3",),
-                backend="local", out_root=tmp_path / "out", python=PY)
+                backend="local", out_root=tmp_path / "out", python=PY, sec_per_step=1.0)
     if fakes:
         base.update(FAKES)
     base.update(kw)
@@ -70,7 +76,7 @@ def test_queue_full_dry_run_prints_exact_pueue_commands(tmp_path, fake_pueue, mo
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     out_root = tmp_path / "out"
     c = sweep.SweepConfig(name="full", preset="full", seeds=(0, 1, 2), arms=sweep.FULL_ARMS, backend="auto",
-                          dry_run=True, out_root=out_root, python="py")
+                          dry_run=True, out_root=out_root, python="py", sec_per_step=60.0)
     assert sweep.main(c) == 0
     got = pueue_lines(capsys.readouterr().out)
     assert fake_pueue() == [], "a dry run must not call pueue"
@@ -153,20 +159,22 @@ def test_detect_gpus(tmp_path, monkeypatch):
 
 def test_probe_pueue_dry_run_chains_extract_verify_vanilla_gate(tmp_path, fake_pueue, monkeypatch, capsys):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    c = sweep.ProbeConfig(name="full", preset="full", arms=sweep.FULL_ARMS, seed=1, backend="pueue", dry_run=True,
-                          out_root=tmp_path / "out", python="py")
+    c = sweep.ProbeConfig(name="full", preset="full", arms=sweep.FULL_ARMS, seed=100, backend="pueue", dry_run=True,
+                          out_root=tmp_path / "out", python="py", sec_per_step=60.0)
     assert sweep.main(c) == 0
     adds = [ln for ln in pueue_lines(capsys.readouterr().out) if ln[1] == "add"]
     assert len(adds) == 4
     assert [a[a.index("--after") + 1] if "--after" in a else None for a in adds] == \
-        [None, "<id:extract>", "<id:verify>", "<id:full-vanilla-s1>"]
+        [None, "<id:extract>", "<id:verify>", "<id:full-vanilla-s100>"]
     gate = shlex.split(adds[3][-1])
-    assert gate[2:6] == ["probe-full-seed", "1", "--stage", "gate"] and "CUDA_VISIBLE_DEVICES" not in adds[3][-1]
+    assert gate[2:6] == ["probe-full-seed", "100", "--stage", "gate"] and "CUDA_VISIBLE_DEVICES" not in adds[3][-1]
     assert gate[gate.index("--gpus") + 1] == "0,1" and gate[gate.index("--backend") + 1] == "pueue"
-    # the gate command parses back into the same sweep
+    # the gate command parses back into the same sweep (and so rebuilds the same prereg)
     import tyro
     back = tyro.cli(sweep.Command, args=gate[2:])
-    assert (back.seed, back.stage, back.arms, back.seeds, back.min_hack) == (1, "gate", sweep.FULL_ARMS, (0, 1, 2), 0.2)
+    assert (back.seed, back.stage, back.arms, back.seeds, back.min_hack) == (100, "gate", sweep.FULL_ARMS, (0, 1, 2), 0.2)
+    assert back.primary_controls == sweep.prereg_arms(("erase-matched", "vanilla"))
+    assert not (tmp_path / "out/sweeps/full/prereg.json").exists(), "a dry run writes nothing"
 
 
 # ------------------------------------------------------------------------------------------ local
@@ -226,8 +234,13 @@ def test_bad_input_names_the_field(tmp_path):
 def test_grids_and_vhack_arms_match_the_hand_written_lists(tmp_path):
     """The sweep grids (from arms.ARMS) against lists written out here, and v_hack only for the v_hack arms."""
     assert sweep.FULL_ARMS == ("vanilla", "erase", "route", "erase-random", "route-random")
-    assert set(sweep.QUEUE_FULL_ARMS) == set(sweep.FULL_ARMS) | {
+    assert set(sweep.ALL_GRID_ARMS) == set(sweep.FULL_ARMS) | {
         "gate-route", "gate-route-random", "gate-random", "vanilla-2x", "shrinkage", "am", "oracle-penalty"}
+    # queue-full: the preregistered arms only; erase-matched once issue 18 adds it to arms.ARMS
+    want = ("vanilla", "erase", "erase-random") + (("erase-matched",) if "erase-matched" in arms.ARMS else ())
+    assert sweep.QUEUE_FULL_ARMS == want
+    default = tyro.cli(sweep.Command, args=["queue-full"])
+    assert (default.arms, default.seeds, default.pilot_seed) == (want, (0, 1, 2), 100)
     jobs, _ = sweep.plan_grid(cfg(tmp_path, arms=("vanilla", "erase", "erase-random", "shrinkage"), seeds=(0,)))
     with_vhack = {j.run["arm"] for j in jobs if j.run and "--vhack-path" in j.argv}
     assert with_vhack == {"erase", "shrinkage"}
@@ -237,26 +250,182 @@ def test_grids_and_vhack_arms_match_the_hand_written_lists(tmp_path):
 def test_probe_gate_local(tmp_path, monkeypatch, capsys, scale, rc):
     """vanilla that does not hack stops the sweep with a clear message; one that hacks releases the rest."""
     monkeypatch.setenv("FAKE_TRAIN_HACK_SCALE", str(scale))
-    c = cfg(tmp_path, cls=sweep.ProbeConfig, seed=1, seeds=(0, 1), arms=("vanilla", "erase"))
+    c = cfg(tmp_path, cls=sweep.ProbeConfig, seed=7, seeds=(0, 1), arms=("vanilla", "erase"))
     assert sweep.main(c) == rc
     out = capsys.readouterr()
     runs = sorted(p.name for p in (tmp_path / "out/runs").iterdir())
-    ev = json.loads((tmp_path / "out/runs/t-vanilla-s1/eval.json").read_text())["modes"]["deploy"]["hack_strict"]
+    ev = json.loads((tmp_path / "out/runs/t-vanilla-s7/eval.json").read_text())["modes"]["deploy"]["hack_strict"]
+    pre = json.loads((tmp_path / "out/sweeps/t/prereg.json").read_text())
+    assert pre["pilot"]["seed"] == 7 and pre["seeds"] == [0, 1] and "seed 7" in pre["pilot"]["rule"]
     if rc:
         assert ev < 0.2 and "GATE STOP" in out.err and f"= {ev:.3f} < 0.2" in out.err
-        assert runs == ["t-vanilla-s1"]
+        assert runs == ["t-vanilla-s7"]
     else:
         assert ev >= 0.2 and "GATE PASS" in out.out
-        assert runs == ["t-erase-s0", "t-erase-s1", "t-vanilla-s0", "t-vanilla-s1"]
+        assert runs == ["t-erase-s0", "t-erase-s1", "t-vanilla-s0", "t-vanilla-s1", "t-vanilla-s7"]
         assert all((tmp_path / "out/runs" / r / "DONE").exists() for r in runs)
-        calls = (tmp_path / "out/sweeps/t/sweep.json").read_text()
-        assert "t-vanilla-s1" in calls
+        man = json.loads((tmp_path / "out/sweeps/t/sweep.json").read_text())
+        assert "t-vanilla-s7" in man["runs"] and man["pilot_seed"] == 7
+        # the pilot seed is in no comparison
+        summarize.main(summarize.Config(sweep="t", out_root=tmp_path / "out"))
+        st = {r["name"]: r["status"] for r in csv.DictReader(open(tmp_path / "out/sweeps/t/runs.tsv"), delimiter="\t")}
+        assert st["t-vanilla-s7"] == "pilot"
+
+
+def test_pilot_seed_inside_the_sweep_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="pilot_seed: 1 is one of the sweep seeds"):
+        sweep.main(cfg(tmp_path, cls=sweep.ProbeConfig, seed=1, seeds=(0, 1), arms=("vanilla", "erase")))
+    assert not (tmp_path / "out/runs").exists()
+
+
+# ------------------------------------------------------------------------- prereg, grid and budget
+def test_prereg_is_written_before_the_first_run(tmp_path):
+    assert sweep.main(cfg(tmp_path, seeds=(0, 1, 2))) == 0
+    pre_path = tmp_path / "out/sweeps/t/prereg.json"
+    pre = json.loads(pre_path.read_text())
+    assert pre["arms"] == ["vanilla", "erase", "erase-random"] and pre["seeds"] == [0, 1, 2]
+    assert pre["primary"]["method"] == "erase" and pre["primary"]["controls"] == ["vanilla"]  # erase-matched: not yet
+    assert pre["pilot"]["seed"] == 100 and pre["pilot"]["in_comparisons"] is False and pre["preset"] == "smoke"
+    starts = [(tmp_path / "out/runs" / f"t-{a}-s{s}" / "config.json").stat().st_mtime
+              for a in pre["arms"] for s in pre["seeds"]]
+    assert pre_path.stat().st_mtime <= min(starts)
+    assert stats.prereg_valid(pre_path, [tmp_path / "out/runs" / p for p in os.listdir(tmp_path / "out/runs")])[0]
+    # the same sweep again keeps the file; a changed design is refused, naming the fix
+    before = pre_path.read_text()
+    assert sweep.main(cfg(tmp_path, seeds=(0, 1, 2))) == 0 and pre_path.read_text() == before
+    with pytest.raises(ValueError, match="different preregistration.*another sweep --name"):
+        sweep.main(cfg(tmp_path, seeds=(0, 1, 2), primary_method="erase-random"))
+
+
+def test_queue_vanilla_preregisters_the_full_grid(tmp_path):
+    """queue-vanilla submits vanilla only but preregisters the grid it belongs to, so queue-full later finds
+    the same prereg.json (and keeps its earlier timestamp)."""
+    root = ["--out-root", str(tmp_path), "--sec-per-step", "1"]
+    _, van, _ = sweep.prepare(tyro.cli(sweep.Command, args=["queue-vanilla", *root]))
+    _, full, _ = sweep.prepare(tyro.cli(sweep.Command, args=["queue-full", *root]))
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("created_at", "git_sha")}  # noqa: E731
+    assert strip(van) == strip(full) and van["arms"] == list(sweep.QUEUE_FULL_ARMS)
+
+
+def write_bench(path: Path, t_step: float, t_gen: float, date: str, **config) -> None:
+    """A scripts/bench_step.py --json record at the smoke preset's shape (train.py PRESETS['smoke'])."""
+    c = dict(shape="tiny", rollouts=16, group_size=4, max_new_tokens=48, grad_checkpointing=False,
+             fused_adapter=False, gen_len="typical") | config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"date": date, "device_name": "FakeGPU", "config": c, "t_step": t_step,
+                                "t_generate": t_gen}))
+
+
+def test_dry_run_prints_prereg_round_robin_and_a_measured_budget(tmp_path, capsys):
+    """Smoke preset + --set steps=3: one run = 3 steps x 36 s + 1 final eval x 4 problems x 1 sample x
+    (16 s / 16 rollouts) = 112 s; a round of 3 arms = 336 s = 0.0933 GPU-h. A budget of 0.2 keeps 2 rounds."""
+    bench = tmp_path / "out" / "bench"
+    write_bench(bench / "a_old.json", 100.0, 50.0, "2026-01-01 00:00:00")
+    write_bench(bench / "b_new.json", 36.0, 16.0, "2026-06-01 00:00:00")  # the newest match wins
+    write_bench(bench / "c_other.json", 1.0, 1.0, "2027-01-01 00:00:00", shape="qwen3-4b")  # another shape
+    write_bench(bench / "d_fused.json", 2.0, 1.0, "2027-01-01 00:00:00", fused_adapter=True)  # preset is unfused
+    (bench / "e_broken.json").write_text("{")
+    c = cfg(tmp_path, seeds=(0, 1, 2), sec_per_step=0.0, dry_run=True, budget_gpu_hours=0.2)
+    assert sweep.main(c) == 0
+    out = capsys.readouterr().out
+    assert f"# step time source: measured: {bench / 'b_new.json'} (FakeGPU, 2026-06-01 00:00:00" in out
+    assert "# one run: 3 steps x 36.0 s/step = 0.03 h + 1 evals x 4 completions x 1.000 s = 0.00 h = 0.03 GPU-h" in out
+    assert ("# budget 0.2 GPU-h: keeps 2 of 3 complete rounds (seeds 0, 1); DROPPED 3 runs: t-vanilla-s2, "
+            "t-erase-s2, t-erase-random-s2") in out
+    assert "# GPU-hours: 6 runs x 3 steps x 36.0 s/step (+ evals) = 0.2 GPU-h (budget 0.2)" in out
+    assert "no comparison can reach one-sided p <= 0.05" in out  # 2 seeds per arm
+    order = [ln for ln in out.splitlines() if ln.startswith("#   seed ")]
+    assert order == ["#   seed 0: t-vanilla-s0 t-erase-s0 t-erase-random-s0",
+                     "#   seed 1: t-vanilla-s1 t-erase-s1 t-erase-random-s1"]
+    trains = [ln.split()[2] for ln in out.splitlines() if ln.startswith("# train ")]
+    assert trains == ["t-vanilla-s0", "t-erase-s0", "t-erase-random-s0", "t-vanilla-s1", "t-erase-s1",
+                      "t-erase-random-s1"]
+    assert '#   seeds: [0, 1]' in out and '#   pilot: {"arm": "vanilla", "seed": 100' in out
+    assert not (tmp_path / "out/sweeps/t/prereg.json").exists()
+    # a budget below one round: one line naming the flag
+    with pytest.raises(ValueError, match="--budget-gpu-hours 0.05: one round of 3 runs needs 0.1 GPU-h"):
+        sweep.main(dataclasses.replace(c, budget_gpu_hours=0.05))
+
+
+def test_budget_without_a_step_time_names_the_fix(tmp_path):
+    c = cfg(tmp_path, preset="smollm", sec_per_step=0.0, budget_gpu_hours=1.0, dry_run=True)
+    with pytest.raises(ValueError, match="--budget-gpu-hours needs a step time: no analytic shape.*--sec-per-step"):
+        sweep.main(c)
+
+
+def test_preset_fields_read_train_py_without_importing_it():
+    p = sweep.preset_fields("full", ("steps=50", "fused_adapter=true"))
+    assert (p["model"], p["rollouts_per_step"], p["group_size"], p["max_new_tokens"]) == ("Qwen/Qwen3-4B", 256, 16, 1536)
+    assert (p["steps"], p["fused_adapter"], p["eval_every"], p["lr"]) == (50, True, 50, 2e-3)  # lr: the default
+    with pytest.raises(ValueError, match="--preset 'nope'"):
+        sweep.preset_fields("nope")
+
+
+def test_analytic_estimate_is_labelled(tmp_path, capsys):
+    """No bench json: bench_step's analytic model at the smoke preset's tiny shape (meta device, no weights)."""
+    assert sweep.main(cfg(tmp_path, sec_per_step=0.0, dry_run=True)) == 0
+    out = capsys.readouterr().out
+    assert "# step time source: ESTIMATE (analytic, nothing measured at shape tiny" in out
+    assert "[ESTIMATE, not measured]" in out
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    p = subprocess.run([PY, "scripts/sweep.py", "grid", "--arms", "erasee", "--out-root", str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"sweep.py: --arms: unknown arm 'erasee'; arms.py knows {', '.join(arms.NAMES)}"]
+
+
+def primary_reference(out_root: Path, name: str, method: str, control: str, seeds) -> dict:
+    """The primary comparison recomputed from the runs' eval.json files: means, the brute-force permutation p
+    (all (2n)! orderings, the first n as the method), breakouts and Fisher's p from binomial coefficients."""
+    def final(arm, s, metric):
+        return json.loads((out_root / "runs" / f"{name}-{arm}-s{s}" / "eval.json").read_text())["modes"]["deploy"][metric]
+
+    x = [final(method, s, "hack_strict") for s in seeds]
+    y = [final(control, s, "hack_strict") for s in seeds]
+    z, n = x + y, len(x)
+    obs = np.mean(x) - np.mean(y)
+    diffs = [np.mean(o[:n]) - np.mean(o[n:]) for o in itertools.permutations(z)]
+    p = float(np.mean([d <= obs + 1e-12 for d in diffs]))
+    km, kc = sum(v >= 0.2 for v in x), sum(v >= 0.2 for v in y)
+    K, N = km + kc, 2 * n
+    fisher = sum(math.comb(K, j) * math.comb(N - K, n - j) for j in range(kc, min(K, n) + 1)) / math.comb(N, n)
+    return dict(x=x, y=y, p=p, km=km, kc=kc, fisher=fisher)
+
+
+def check_primary(out_root: Path, name: str, method: str, control: str, seeds) -> str:
+    ref = primary_reference(out_root, name, method, control, seeds)
+    md = (out_root / "sweeps" / name / "results.md").read_text()
+    primary = md.split("## Primary comparison")[1].split("\n## ")[0]
+    assert "Preregistered (written before the first run" in primary, primary[:400]
+    row = next(ln for ln in primary.splitlines() if ln.startswith(f"| {method} vs {control} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    n = len(seeds)
+    assert cells[1] == f"{n} vs {n}" and cells[2] == f"{np.mean(ref['x']):.3f} vs {np.mean(ref['y']):.3f}"
+    assert cells[3].startswith(f"{np.mean(ref['x']) - np.mean(ref['y']):+.3f} [")
+    assert cells[5] == f"{ref['p']:.3f}"
+    want = "SUPPORTED" if ref["p"] <= 0.05 + 1e-9 else "NOT supported"
+    assert f"**primary: {want}" in primary
+    assert f"{method} {ref['km']}/{n}, {control} {ref['kc']}/{n}" in primary
+    assert f"vs {control}: p = {ref['fisher']:.3f}" in primary
+    return primary
+
+
+def test_end_to_end_primary_section_matches_recomputation(tmp_path):
+    """Fast variant (tests/fixtures/fake_train.py): 2 arms x 3 seeds through the local backend, then summarize;
+    the primary section against primary_reference. The fake's erase hacks less on every seed: p = 1/20."""
+    c = cfg(tmp_path, arms=("vanilla", "erase"), seeds=(0, 1, 2), primary_controls=("vanilla",))
+    assert sweep.main(c) == 0
+    summarize.main(summarize.Config(sweep="t", out_root=tmp_path / "out"))
+    primary = check_primary(tmp_path / "out", "t", "erase", "vanilla", (0, 1, 2))
+    assert "**primary: SUPPORTED" in primary and "| 0.050 |" in primary
 
 
 # -------------------------------------------------------------------------------------------- ray
 def check_summary_against_runs(out_root: Path, name: str, arms, seeds) -> None:
     """results.tsv final deploy rows == numpy over the runs' eval.json; the train curves match log.tsv."""
-    summarize.main(summarize.Config(sweep=name, out_root=out_root, n_boot=500))
+    summarize.main(summarize.Config(sweep=name, out_root=out_root))
     d = out_root / "sweeps" / name
     with open(d / "results.tsv") as f:
         tab = list(csv.DictReader(f, delimiter="\t"))
@@ -266,9 +435,9 @@ def check_summary_against_runs(out_root: Path, name: str, arms, seeds) -> None:
                     for s in seeds]
             row = [r for r in tab if (r["arm"], r["mode"], r["metric"], r["final"]) == (arm, "deploy", metric, "True")]
             assert len(row) == 1, (arm, metric)
-            lo, mean, hi = (float(row[0][k]) for k in ("ci_lo", "mean", "ci_hi"))
+            lo, mean, hi = (float(row[0][k]) for k in ("min", "mean", "max"))
             assert mean == pytest.approx(np.mean(vals), abs=1e-5)
-            assert min(vals) - 1e-9 <= lo <= mean <= hi <= max(vals) + 1e-9
+            assert (lo, hi) == pytest.approx((min(vals), max(vals)), abs=1e-5)
     for png in ("hack_vs_step.png", "pass_vs_step.png", "hack_vs_pass.png", "projection_vs_step.png"):
         assert (d / png).read_bytes()[:4] == b"\x89PNG"
     assert "Missing or incomplete runs" in (d / "results.md").read_text()
@@ -298,17 +467,21 @@ def train_smoke_ready() -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", "ray"])
 def test_real_smoke_sweep_end_to_end(tmp_path, backend):
-    """2 seeds x 3 arms x 3 steps of the real train.py smoke preset (tiny-random, CPU), then summarize."""
+    """2 arms x 3 seeds x 2 steps of the real train.py smoke preset (tiny-random, CPU) through sweep.py, then
+    summarize: the primary section (erase-random vs vanilla, preregistered via the parameters) against an
+    independent recomputation from the runs' eval.json files."""
     if not train_smoke_ready():
         pytest.skip("train.py smoke --help fails: train.py is not runnable yet")
     if backend == "ray":
         pytest.importorskip("ray", reason="ray is the optional extra")
     if not list((REPO / "out/pools/synthetic-tiny-random").glob("step_*.jsonl.gz")):  # the smoke preset's pool
         subprocess.run([PY, "scripts/make_synthetic_pool.py"], cwd=REPO, check=True)
-    arms = ("vanilla", "erase-random", "route-random")  # no v_hack needed
-    c = cfg(tmp_path, fakes=False, arms=arms, set=("steps=3",), backend=backend, ray_address="local", gpus_per_run=0.0)
+    arm_list = ("vanilla", "erase-random")  # no v_hack needed
+    c = cfg(tmp_path, fakes=False, arms=arm_list, seeds=(0, 1, 2), set=("steps=2",), backend=backend,
+            ray_address="local", gpus_per_run=0.0, primary_method="erase-random", primary_controls=("vanilla",))
     assert sweep.main(c) == 0, [p.read_text()[-2000:] for p in (tmp_path / "out/sweeps/t/logs").glob("*.log")]
-    check_summary_against_runs(tmp_path / "out", "t", arms, (0, 1))
+    check_summary_against_runs(tmp_path / "out", "t", arm_list, (0, 1, 2))
+    check_primary(tmp_path / "out", "t", "erase-random", "vanilla", (0, 1, 2))
     log = (tmp_path / "out/runs/t-vanilla-s0/log.tsv").read_text().splitlines()
-    assert len(log) == 4  # header + 3 steps
+    assert len(log) == 3  # header + 2 steps
     assert sweep.main(c) == 0  # finished: nothing runs again
