@@ -40,7 +40,8 @@ FAKES = dict(train_script="tests/fixtures/fake_train.py", extract_script="tests/
 
 def cfg(tmp_path, cls=sweep.SweepConfig, fakes=True, **kw):
     base = dict(name="t", preset="smoke", seeds=(0, 1), arms=("vanilla", "erase", "erase-random"), set=("steps=3",),
-                backend="local", out_root=tmp_path / "out", python=PY, sec_per_step=1.0)
+                backend="local", out_root=tmp_path / "out", python=PY, sec_per_step=1.0,
+                primary_controls=("vanilla",))  # the control inside this small grid (erase-matched is not in it)
     if fakes:
         base.update(FAKES)
     base.update(kw)
@@ -93,13 +94,13 @@ def test_queue_full_dry_run_prints_exact_pueue_commands(tmp_path, fake_pueue, mo
                    "full.safetensors, re-run", "--after", "<id:extract>",
                    "--", pre + f"py scripts/verify_vhack_heldout.py full --vhack {vh}"]]
     for seed in (0, 1, 2):
-        for arm in ("vanilla", "erase", "route", "erase-random", "route-random"):
+        for arm in ("vanilla", "erase", "route", "erase-random", "erase-matched", "route-random"):
             name = f"full-{arm}-s{seed}"
             label = (f"why: sweep full, preset full, arm {arm}, seed {seed} (fresh); resolve: if it failed read "
                      f"`pueue log` / {runs / name}/log.tsv, fix, re-run the sweep command (it resumes from the last "
                      f"checkpoint)")
-            vflag = f" --vhack-path {vh}" if arm in ("erase", "route") else ""
-            after = ["--after", "<id:verify>"] if arm in ("erase", "route") else []
+            vflag = f" --vhack-path {vh}" if arm in ("erase", "route", "erase-matched") else ""
+            after = ["--after", "<id:verify>"] if arm in ("erase", "route", "erase-matched") else []
             cmd = f"py train.py full --arm {arm} --seed {seed} --run-name {name}{vflag} --out-dir {runs}"
             want.append(add + [label] + after + ["--", pre + cmd])
     assert got == want
@@ -233,11 +234,11 @@ def test_bad_input_names_the_field(tmp_path):
 
 def test_grids_and_vhack_arms_match_the_hand_written_lists(tmp_path):
     """The sweep grids (from arms.ARMS) against lists written out here, and v_hack only for the v_hack arms."""
-    assert sweep.FULL_ARMS == ("vanilla", "erase", "route", "erase-random", "route-random")
+    assert sweep.FULL_ARMS == ("vanilla", "erase", "route", "erase-random", "erase-matched", "route-random")
     assert set(sweep.ALL_GRID_ARMS) == set(sweep.FULL_ARMS) | {
-        "gate-route", "gate-route-random", "gate-random", "vanilla-2x", "shrinkage", "am", "oracle-penalty"}
-    # queue-full: the preregistered arms only; erase-matched once issue 18 adds it to arms.ARMS
-    want = ("vanilla", "erase", "erase-random") + (("erase-matched",) if "erase-matched" in arms.ARMS else ())
+        "gate-route", "gate-route-random", "gate-random", "vanilla-2x", "shrinkage", "am", "oracle-penalty",
+        "route-matched"}
+    want = ("vanilla", "erase", "erase-random", "erase-matched")  # queue-full: the preregistered arms only
     assert sweep.QUEUE_FULL_ARMS == want
     default = tyro.cli(sweep.Command, args=["queue-full"])
     assert (default.arms, default.seeds, default.pilot_seed) == (want, (0, 1, 2), 100)
