@@ -78,7 +78,8 @@ class Progress:
 
     def __init__(self, desc: str, total: int | None = None, every_s: float = 10.0):
         self.desc, self.total, self.every_s = desc, total, every_s
-        self.n, self.t0, self.t_last = 0, time.time(), 0.0
+        self.n, self.t0 = 0, time.time()
+        self.t_last = self.t0  # the first line after every_s (every_s=0: one line per item)
 
     def line(self) -> str:
         el = time.time() - self.t0

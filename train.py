@@ -262,7 +262,9 @@ RANGES = {"steps": ">=1", "lr": ">0", "weight_decay": ">=0", "betas": "[0,1)", "
           "max_prompt_tokens": ">=1", "rollouts_per_step": ">=1", "max_problems": ">=0", "rank": ">=0",
           "mix_ratio": "[0,1)", "grader_workers": ">=0", "grader_timeout_s": ">0", "vllm_gpu_memory_utilization": "(0,1]",
           "ckpt_every": ">=1", "keep_ckpts": ">=1", "eval_every": ">=0", "eval_samples": ">=1", "eval_problems": ">=0"}
-EVAL_FIELDS = ("eval_at_end", "eval_every", "eval_samples", "eval_problems", "eval_hint")  # free to differ in --eval-only
+# free to differ from the saved config in --eval-only (scripts/eval_run.py): what and how to evaluate
+EVAL_FIELDS = ("eval_at_end", "eval_every", "eval_samples", "eval_problems", "eval_hint", "gen_batch", "device",
+               "grader_workers")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -490,7 +492,7 @@ def main(cfg: TrainConfig) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, grpo.cosine_schedule(cfg.warmup_steps, cfg.steps))
-    run_dir = runs.setup_run_dir(cfg, RUN_CONTROL_FIELDS)
+    run_dir = runs.setup_run_dir(cfg, RUN_CONTROL_FIELDS + (EVAL_FIELDS if cfg.eval_only else ()))
     start = runs.load_checkpoint(run_dir, model, optimizer, scheduler, mid) if cfg.resume else 0
     logger.add(run_dir / "train.log", level="INFO")
     logger.info(f"run dir {run_dir} (start at step {start})")
