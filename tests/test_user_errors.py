@@ -231,3 +231,13 @@ def test_every_bad_input_subprocess(tmp_path, two_ckpt_run):
     for k, p in procs.items():
         check_one_line(p, cases[k][1], k)
     assert time.time() - t0 < 300, "the checks took minutes: something heavy ran before validation"
+
+
+def test_download_model_aliases_match_models():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import download_model
+    import models
+
+    for k, v in download_model.ALIASES.items():
+        assert models.ALIASES[k] == v, f"download_model.ALIASES[{k!r}] != models.ALIASES"
+    assert set(download_model.LOCAL) == set(models.ALIASES) - set(download_model.ALIASES)
