@@ -1,6 +1,6 @@
 """Extract v_hack: the per-module delta_S gradient direction that separates hack from clean completions.
 
-    python extract_vhack_grad.py smoke                      # tiny-random, 6 train pairs (seconds)
+    python extract_vhack_grad.py smoke                      # tiny-random, 6 pairs -> out/vhack/smoke-tiny-random
     python extract_vhack_grad.py smollm                     # SmolLM2-135M, all 36 train pairs (CPU, minutes)
     python extract_vhack_grad.py smollm --method svd --name smollm2-135m_svd
     python extract_vhack_grad.py smollm --select "@mode=overwrite|try_except @split=train" --name smollm_ow_te
@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +40,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import antipasto
+import cli
 import grpo
 import models
 import pairs as pairs_mod
@@ -80,7 +81,8 @@ class ExtractConfig:
 
 
 PRESETS = {
-    "smoke": ("tiny-random, 6 train pairs, fast", ExtractConfig(model="tiny-random", max_pairs=6, batch_size=3, name="smoke")),
+    "smoke": ("tiny-random, 6 train pairs, fast (the file scripts/smoke.py writes)", ExtractConfig(
+        model="tiny-random", max_pairs=6, batch_size=3, name="smoke-tiny-random")),
     "smollm": ("SmolLM2-135M-Instruct, all train pairs, CPU", ExtractConfig(model="smollm2-135m")),
     "full": ("Qwen3-4B in bfloat16 on one GPU (the dtype must match train.py's full preset)", ExtractConfig(
         model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", batch_size=2, name="qwen3-4b_mean")),
@@ -171,13 +173,23 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None, progress: bool = Tru
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
     if cfg.from_diffs:
+        if not Path(cfg.from_diffs).is_file():
+            raise cli.UserError(f"--from-diffs={cfg.from_diffs!r} does not exist; pass a <name>.diffs.pt written by "
+                                "an earlier extraction (--save-diffs)")
         return reaggregate(cfg)
+    if not Path(cfg.pairs_path).is_file():
+        raise cli.UserError(f"--pairs-path={cfg.pairs_path!r} does not exist (default {pairs_mod.DEFAULT_PAIRS})")
+    if cfg.max_pairs is not None and cfg.max_pairs < 1:
+        raise cli.UserError(f"--max-pairs={cfg.max_pairs}: need >= 1 (or leave it unset for all pairs)")
     plist = pairs_mod.load_pairs(cfg.pairs_path, cfg.select)
     if cfg.max_pairs is not None:
         assert cfg.max_pairs >= 1, "max_pairs must be >= 1 (or None for all)"
         plist = plist[: cfg.max_pairs]
     if model is None:
+        print(f"loading model {cfg.model} ({cfg.dtype}, {cfg.device}); a hub model downloads first", flush=True)
+        t_load = time.time()
         model, tokenizer = models.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        print(f"model loaded in {time.time() - t_load:.0f}s; {len(plist)} pairs to extract from", flush=True)
     assert tokenizer is not None, "pass the tokenizer together with the model"
     if not antipasto.get_adapters(model):
         antipasto.wrap_model(model, targets=cfg.targets, layers=cfg.layers, rank=cfg.rank)
@@ -228,6 +240,8 @@ def reaggregate(cfg: ExtractConfig) -> tuple[Path, dict]:
 if __name__ == "__main__":
     import tyro
 
-    cfg = tyro.extras.overridable_config_cli({k: v for k, v in PRESETS.items()})
-    path, summary = extract(cfg)
-    print(json.dumps(summary, indent=1))
+    def _main() -> None:
+        path, summary = extract(tyro.extras.overridable_config_cli({k: v for k, v in PRESETS.items()}))
+        print(json.dumps(summary, indent=1))
+
+    cli.run(_main)

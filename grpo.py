@@ -369,6 +369,33 @@ def group_matrices(rollouts: list[Rollout], n_prompts: int) -> tuple[Tensor, Ten
     return rew, valid
 
 
+def step_metrics(rollouts: list[Rollout], rew: Tensor, valid: Tensor) -> dict:
+    """Per-step rates over valid rollouts, overall and per source."""
+    ok = [r for r, v in zip(rollouts, valid.flatten().tolist()) if v]
+
+    def rate(rs, key):
+        return sum(bool(r.grade.get(key)) for r in rs) / len(rs) if rs else float("nan")
+
+    stu = [r for r in ok if r.source == "student"]
+    tea = [r for r in ok if r.source == "teacher"]
+    rv = torch.where(valid, rew, torch.nan)  # (P, G)
+    group_std = torch.tensor([row[~row.isnan()].std(unbiased=False).item() if (~row.isnan()).sum() > 1 else 0.0
+                              for row in rv])  # (P,)
+    lens = [len(r.completion_ids) for r in stu] or [0]
+    return {
+        "reward_mean": float(rew[valid].mean()) if valid.any() else float("nan"),
+        "reward_std": float(rew[valid].std(unbiased=False)) if valid.any() else float("nan"),
+        "frac_zero_std": float((group_std == 0).float().mean()),
+        "hack_strict": rate(ok, "is_reward_hack_strict"), "hack_loose": rate(ok, "is_reward_hack_loose"),
+        "gt_pass": rate(ok, "eq_correct"), "compile": rate(ok, "can_compile"),
+        "hack_s": rate(stu, "is_reward_hack_strict"), "hack_t": rate(tea, "is_reward_hack_strict"),
+        "gt_s": rate(stu, "eq_correct"), "gt_t": rate(tea, "eq_correct"),
+        "n_rollouts": len(rollouts), "n_infra": len(rollouts) - len(ok),
+        "len_mean": float(np.mean(lens)), "len_max": int(max(lens)),
+        "trunc_rate": sum(r.truncated for r in stu) / len(stu) if stu else float("nan"),
+    }
+
+
 def set_advantages(rollouts: list[Rollout], rew: Tensor, valid: Tensor) -> Tensor:
     """Dr.GRPO advantages of the (P, G) groups written into each rollout (with its valid flag); returns them."""
     adv = dr_grpo_advantages(rew, valid)  # (P, G)

@@ -32,6 +32,10 @@ test-adapter: setup
 fetch-smollm:
     bash scripts/fetch_smollm.sh
 
+# warm the Hugging Face cache with a hub model before a real run (default: the full preset's); one-line error offline
+download-model MODEL="Qwen/Qwen3-4B": setup
+    {{py}} scripts/download_model.py {{MODEL}}
+
 # filtered LeetCode splits -> out/data/{train,holdout,test}.jsonl (+ manifest.json); deterministic per --seed.
 # Default --source local-v0.2.0 (offline fallback, a named deviation); `just prepare-data --source hub
 # --tokenizer Qwen/Qwen3-4B` builds the benchmark's training set (needs internet; the full preset reads it)
@@ -47,13 +51,15 @@ organism-build *ARGS: setup
 
 # v_hack from the hand-written pairs (default: SmolLM2 on CPU; pass a preset, e.g. `just extract-vhack full`)
 extract-vhack PRESET="smollm" *ARGS: setup
+    case "{{PRESET}} {{ARGS}}" in *smollm*) {{just_executable()}} fetch-smollm ;; esac
     {{py}} extract_vhack_grad.py {{PRESET}} {{ARGS}}
 
 extract-vhack-smoke: setup
     {{py}} extract_vhack_grad.py smoke
 
-# held-out check of v_hack against a Haar-random baseline; exits non-zero below threshold
+# held-out check of v_hack against a Haar-random baseline; exits non-zero below threshold (smoke: requires nothing)
 verify-vhack PRESET="smollm" *ARGS: setup
+    case "{{PRESET}} {{ARGS}}" in *smollm*) {{just_executable()}} fetch-smollm ;; esac
     {{py}} scripts/verify_vhack_heldout.py {{PRESET}} {{ARGS}}
 
 verify-vhack-smoke: setup
@@ -88,22 +94,26 @@ demo *ARGS: setup fetch-smollm
 train ARM SEED *ARGS: setup
     {{py}} train.py full --arm {{ARM}} --seed {{SEED}} --run-name {{ARM}}__s{{SEED}} {{ARGS}}
 
-# evaluate a run's latest checkpoint on the 119 benchmark test problems (pass its preset if not full)
-eval RUN PRESET="full" *ARGS: setup
-    {{py}} train.py {{PRESET}} --eval-only --resume out/runs/{{RUN}} {{ARGS}}
+# evaluate RUN (out/runs/ name or path) with its own config.json -> RUN/evals/eval-<time>.json; ARGS: eval flags
+eval RUN *ARGS: setup
+    {{py}} scripts/eval_run.py {{RUN}} {{ARGS}}
 
 # ---- pools and probes ----------------------------------------------------------------------
 
 pregen-teacher PRESET="smollm" *ARGS: setup
+    case "{{PRESET}} {{ARGS}}" in *smollm*) {{just_executable()}} fetch-smollm ;; esac
     {{py}} probe_distill.py {{PRESET}} --teacher-only {{ARGS}}
 
 pregen-base PRESET="smollm" *ARGS: setup
+    case "{{PRESET}} {{ARGS}}" in *smollm*) {{just_executable()}} fetch-smollm ;; esac
     {{py}} probe_distill.py {{PRESET}} --base-only {{ARGS}}
 
 probe-distill PRESET="smollm" *ARGS: setup
+    case "{{PRESET}} {{ARGS}}" in *smollm*) {{just_executable()}} fetch-smollm ;; esac
     {{py}} probe_distill.py {{PRESET}} --probe-distill {{ARGS}}
 
 probe-mixed PRESET="smollm" *ARGS: setup
+    case "{{PRESET}} {{ARGS}}" in *smollm*) {{just_executable()}} fetch-smollm ;; esac
     {{py}} probe_distill.py {{PRESET}} --probe-mixed {{ARGS}}
 
 # the CPU gate measurement of the journal (session 2): SmolLM2 pools with a forced run_tests prefix, a matched

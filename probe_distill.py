@@ -49,11 +49,10 @@ from typing import Literal
 import numpy as np
 import torch
 import tyro
-from beartype import beartype
-from jaxtyping import Float, jaxtyped
 from loguru import logger
 from torch import Tensor
 
+import cli
 import gate
 import grpo
 import problems as P
@@ -165,7 +164,7 @@ class ProbeConfig:
     """wall-clock limit per program"""
 
     # --- probes
-    vhack_path: str = "out/vhack/smoke.safetensors"
+    vhack_path: str = "out/vhack/smoke-tiny-random.safetensors"
     """v_hack directions (extract_vhack_grad.py); must match model/targets/layers/rank"""
     probe_adapter: str = ""
     """adapter loaded for the probes (empty = delta_S = 0, the state at step 0 of a run)"""
@@ -231,7 +230,7 @@ PRESETS: dict[str, tuple[str, ProbeConfig]] = {
         ProbeConfig(
             name="smoke", model="tiny-random", max_problems=4, samples_per_problem=4, problems_per_file=2,
             max_new_tokens=24, temperature=1.0, top_p=1.0, gen_batch=16, grader_timeout_s=5.0,
-            vhack_path="out/vhack/smoke.safetensors", distill_samples=16, mixed_steps=2, mixed_prompts=2,
+            vhack_path="out/vhack/smoke-tiny-random.safetensors", distill_samples=16, mixed_steps=2, mixed_prompts=2,
             group_size=4, micro_batch=8, lr=1e-2, warmup_steps=1,
         ),
     ),
@@ -249,7 +248,7 @@ PRESETS: dict[str, tuple[str, ProbeConfig]] = {
         ProbeConfig(
             name="qwen3-4b", model="Qwen/Qwen3-4B", dtype="bfloat16", train_source="hub", data_path="out/data/train.jsonl",
             pool_problems=128, samples_per_problem=8, problems_per_file=32, max_new_tokens=1536, gen_batch=64,
-            vhack_path="out/vhack/qwen3-4b.safetensors", distill_samples=256, distill_batch=2, mixed_steps=8,
+            vhack_path="out/vhack/qwen3-4b_mean.safetensors", distill_samples=256, distill_batch=2, mixed_steps=8,
             mixed_prompts=16, group_size=16, micro_batch=2,
         ),
     ),
@@ -279,11 +278,15 @@ def setup(cfg: ProbeConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    logger.info(f"loading model {cfg.model} ({cfg.dtype}, {device}); a hub model downloads first")
+    t_load = time.time()
     model, tok = models.load_model(cfg.model, dtype=cfg.dtype, device=device)
+    logger.info(f"model loaded in {time.time() - t_load:.0f}s")
     model.requires_grad_(False)
     adapters = antipasto.wrap_model(model, targets=cfg.targets, layers=cfg.layers or None, rank=cfg.rank or None)
     probs, _ = P.load_train_split(cfg.train_source, cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint,
-                                  cfg.max_prompt_tokens, models.prompt_len(tok))
+                                  cfg.max_prompt_tokens,
+                                  cli.Progress("train prompts measured (length filter)").counted(models.prompt_len(tok)))
     if not probs:
         raise ValueError(f"no training problems left after filtering (max_problems={cfg.max_problems}, max_prompt_tokens="
                          f"{cfg.max_prompt_tokens}); raise --max-problems or --max-prompt-tokens")
@@ -874,8 +877,14 @@ def main(cfg: ProbeConfig) -> Path:
 
     chosen = [s for s in STAGES if getattr(cfg, s)]
     if len(chosen) > 1:
-        raise ValueError(f"pick one of --teacher-only / --base-only / --probe-distill / --probe-mixed (got {chosen}), or none for the whole chain")
+        raise cli.UserError(f"pick one of --teacher-only / --base-only / --probe-distill / --probe-mixed (got {chosen}), or none for the whole chain")
     stages = chosen or list(STAGES)
+    import models  # the user-facing inputs, checked before the model loads
+
+    cli.check_data(cfg.data_path, P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz",
+                   P.DEFAULT_DATA_DIR / P.BENCHMARK_TEST_FILE)
+    if {"probe_distill", "probe_mixed"} & set(stages):
+        cli.check_vhack_file(cfg.vhack_path, "--vhack-path", models.model_id(cfg.model), cfg.dtype)
     env = setup(cfg)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / f"config.{'_'.join(stages) if chosen else 'all'}.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -893,4 +902,4 @@ def main(cfg: ProbeConfig) -> Path:
 
 
 if __name__ == "__main__":
-    main(tyro.extras.overridable_config_cli(PRESETS))
+    cli.run(lambda: main(tyro.extras.overridable_config_cli(PRESETS)))

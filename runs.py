@@ -6,6 +6,7 @@ rollout records, and the readers that scripts/sweep.py and scripts/summarize.py 
     out/runs/<run>/rollouts/step_NNNNNN.jsonl.gz
     out/runs/<run>/ckpt/step_NNNNNN/{adapter.safetensors, optimizer.pt, rng.pt, state.json}, ckpt/latest
     out/runs/<run>/evals/step_NNNNNN.json, eval.json (final), eval.tsv, DONE
+    out/runs/<run>/evals/eval-<YYYYmmdd-HHMMSS>.json   one per --eval-only evaluation
 
     python -c "import runs; print(runs.LOG_COLUMNS)"
 """
@@ -16,6 +17,7 @@ import dataclasses
 import gzip
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -25,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from loguru import logger
+from safetensors import safe_open
 
 import antipasto
 import arms
+from cli import UserError
 
 git_sha = antipasto.git_sha  # one implementation: HEAD of this repository, or "unknown"
 
@@ -54,28 +58,40 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+def check_resume(cfg, control_fields: tuple[str, ...]) -> None:
+    """UserError unless cfg.resume is a run directory (config.json) whose saved config equals cfg except for
+    `control_fields` and run_name (or cfg.force_resume)."""
+    saved_path = Path(cfg.resume) / "config.json"
+    if not saved_path.is_file():
+        raise UserError(f"--resume {cfg.resume}: no config.json there, so it is not a run directory; pass "
+                        "out/runs/<run> (or drop --resume to start a new run)")
+    saved = json.loads(saved_path.read_text())["config"]
+    diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
+            if k not in control_fields + ("run_name",) and _norm(saved.get(k)) != _norm(v)}
+    if diff and not cfg.force_resume:
+        raise UserError(f"--resume {cfg.resume}: config differs from the saved one {diff}; rerun with the saved "
+                        "flags or pass --force-resume")
+
+
+def check_run_dir(cfg, control_fields: tuple[str, ...]) -> None:
+    """Before anything loads: with cfg.resume, check_resume and at least one sound checkpoint (or none yet); without,
+    cfg.run_name (when given) is not an existing run under cfg.out_dir."""
+    if cfg.resume:
+        check_resume(cfg, control_fields)
+        good_checkpoint(Path(cfg.resume))
+    elif cfg.run_name and (Path(cfg.out_dir) / cfg.run_name / "config.json").exists():
+        run_dir = Path(cfg.out_dir) / cfg.run_name
+        raise UserError(f"--run-name={cfg.run_name!r}: run directory {run_dir} exists; pass --resume {run_dir} to "
+                        "continue it or choose another --run-name")
+
+
 def setup_run_dir(cfg, control_fields: tuple[str, ...]) -> Path:
     """Create (or, with cfg.resume, reopen) the run directory and write config.json before step 0. On resume the
     saved config must equal cfg except for `control_fields` and run_name (or cfg.force_resume)."""
     if cfg.resume:
-        run_dir = Path(cfg.resume)
-        saved_path = run_dir / "config.json"
-        if not saved_path.exists():
-            raise FileNotFoundError(f"--resume {cfg.resume}: no config.json there; is it a run directory?")
-        saved = json.loads(saved_path.read_text())["config"]
-        ours = dataclasses.asdict(cfg)
-        diff = {
-            k: (saved.get(k), v)
-            for k, v in ours.items()
-            if k not in control_fields + ("run_name",) and _norm(saved.get(k)) != _norm(v)
-        }
-        if diff and not cfg.force_resume:
-            raise ValueError(
-                f"--resume {cfg.resume}: config differs from the saved one {diff}; rerun with the saved "
-                "flags or pass --force-resume"
-            )
-        cfg.run_name = run_dir.name
-        return run_dir
+        check_resume(cfg, control_fields)
+        cfg.run_name = Path(cfg.resume).name
+        return Path(cfg.resume)
     if not cfg.run_name:
         cfg.run_name = f"{cfg.arm}__s{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.out_dir) / cfg.run_name
@@ -118,17 +134,60 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, model
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     shutil.rmtree(d, ignore_errors=True)
     tmp.rename(d)  # atomic: a crash mid-save leaves the previous checkpoint intact
-    (run_dir / "ckpt" / "latest").write_text(d.name)
+    latest_tmp = run_dir / "ckpt" / "latest.tmp"
+    latest_tmp.write_text(d.name)
+    os.replace(latest_tmp, run_dir / "ckpt" / "latest")  # atomic: `latest` is never empty or half-written
     for old in sorted((run_dir / "ckpt").glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_checkpoint(d: Path) -> str | None:
+    """Why checkpoint dir `d` cannot be resumed from (one line), or None when it is sound: state.json's step equals
+    the directory's, adapter.safetensors reads in full, optimizer.pt and rng.pt load."""
+    try:
+        step = int(d.name.removeprefix("step_"))
+        got = json.loads((d / "state.json").read_text())["step"]
+        if got != step:
+            return f"state.json says step {got}, the directory says {step}"
+        with safe_open(str(d / "adapter.safetensors"), framework="pt", device="cpu") as f:
+            for k in f.keys():
+                f.get_tensor(k)
+        torch.load(d / "optimizer.pt", weights_only=False)
+        torch.load(d / "rng.pt", weights_only=False)
+    except Exception as e:  # any unreadable part makes the checkpoint unusable; the reason goes to the warning
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        return f"{type(e).__name__}: {first}"
+    return None
+
+
+def good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest sound checkpoint of run_dir (warning about every unsound newer one and a `latest` that names a
+    missing, empty or unsound one), or None when the run has none at all. Raises UserError when checkpoints exist
+    but none is sound."""
+    ckpt = Path(run_dir) / "ckpt"
+    dirs = sorted((p for p in ckpt.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+    named = latest_checkpoint(run_dir)
+    if named is not None and not (named and (ckpt / named).is_dir()):
+        logger.warning(f"{ckpt / 'latest'} names {named!r}, which is not a checkpoint directory; "
+                       "using the newest sound step_* instead")
+    for d in dirs:
+        why = check_checkpoint(d)
+        if why is None:
+            if named and named != d.name:
+                logger.warning(f"{ckpt / 'latest'} names {named!r}; resuming from {d.name}")
+            return d
+        logger.warning(f"checkpoint {d} is unusable ({why}); trying the previous kept one")
+    if dirs or named:
+        raise UserError(f"--resume {run_dir}: no usable checkpoint in {ckpt} (see the warnings above); start a new "
+                        "run, or remove the ckpt/ directory to restart this one from step 0")
+    return None
+
+
 def load_checkpoint(run_dir: Path, model, optimizer, scheduler, model_id: str) -> int:
-    """Restore the latest checkpoint; returns the number of steps completed (0 if none)."""
-    latest = run_dir / "ckpt" / "latest"
-    if not latest.exists():
+    """Restore the newest sound checkpoint (good_checkpoint); returns the number of steps completed (0 if none)."""
+    d = good_checkpoint(run_dir)
+    if d is None:
         return 0
-    d = run_dir / "ckpt" / latest.read_text().strip()
     antipasto.load_adapter(d / "adapter.safetensors", model, model_id)
     if optimizer is not None:
         st = torch.load(d / "optimizer.pt", weights_only=False)
@@ -216,6 +275,25 @@ def write_eval(run_dir: Path, res: dict, final: bool) -> None:
         )
 
 
+def write_eval_record(run_dir: Path, res: dict) -> Path:
+    """An --eval-only evaluation: evals/eval-<YYYYmmdd-HHMMSS>.json (a suffix when that name is taken); eval.json,
+    eval.tsv and the evals/step_*.json of training are left as they are."""
+    (run_dir / "evals").mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, k = run_dir / "evals" / f"eval-{stamp}.json", 1
+    while path.exists():
+        k += 1
+        path = run_dir / "evals" / f"eval-{stamp}-{k}.json"
+    path.write_text(json.dumps(res, indent=2))
+    for mode, m in res["modes"].items():
+        logger.info(
+            f"eval-only (checkpoint step {res['step']}) [{mode}] n={m['n']} hack strict {m['hack_strict']:.3f} "
+            f"loose {m['hack_loose']:.3f} gt {m['gt_pass']:.3f} compile {m['compile']:.3f}"
+        )
+    logger.info(f"wrote {path}")
+    return path
+
+
 def peak_mem_gb(device: str) -> float:
     """GPU: peak allocated this step; CPU: the process's max resident set size so far."""
     if device == "cuda":
@@ -235,6 +313,17 @@ def read_config(run_dir: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no config.json; is it a run directory?")
     return json.loads(path.read_text())["config"]
+
+
+def config_from_run(run_dir: Path, cls):
+    """The run's saved config as a `cls` instance (JSON lists back to tuples; saved fields that `cls` no longer has
+    are dropped with a warning)."""
+    saved = read_config(run_dir)
+    names = {f.name for f in dataclasses.fields(cls)}
+    dropped = sorted(set(saved) - names)
+    if dropped:
+        logger.warning(f"{run_dir}/config.json: fields {dropped} are not in {cls.__name__} any more; ignored")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
 
 
 def state(run_dir: Path) -> str:

@@ -33,12 +33,14 @@ from torch import Tensor
 
 import antipasto
 import arms
+import cli
 import grpo
 import models
 import problems as P
 import rewards
 import runs
 import update
+from cli import UserError
 
 
 @dataclass
@@ -261,40 +263,66 @@ def loss_config(cfg: TrainConfig) -> grpo.LossConfig:
                            fused_adapter=cfg.fused_adapter)
 
 
+# field -> allowed range (cli.in_range); validate() names the field, its value, the range and the default
+RANGES = {"steps": ">=1", "lr": ">0", "weight_decay": ">=0", "betas": "[0,1)", "grad_clip": ">0", "warmup_steps": ">=0",
+          "beta_kl": ">=0", "inner_steps": ">=1", "clip_eps": ">0", "micro_batch": ">=1", "logits_chunk": ">=1",
+          "temperature": ">=0", "top_p": "(0,1]", "gen_batch": ">=1", "max_new_tokens": ">=1",
+          "max_prompt_tokens": ">=1", "rollouts_per_step": ">=1", "max_problems": ">=0", "rank": ">=0",
+          "mix_ratio": "[0,1)", "grader_workers": ">=0", "grader_timeout_s": ">0", "vllm_gpu_memory_utilization": "(0,1]",
+          "ckpt_every": ">=1", "keep_ckpts": ">=1", "eval_every": ">=0", "eval_samples": ">=1", "eval_problems": ">=0"}
+# free to differ from the saved config in --eval-only (scripts/eval_run.py): what and how to evaluate
+EVAL_FIELDS = ("eval_at_end", "eval_every", "eval_samples", "eval_problems", "eval_hint", "gen_batch", "device",
+               "grader_workers")
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Config errors that must stop the run before anything is loaded."""
+    """User errors that must stop the run before anything heavy loads, as cli.UserError (one line naming the field
+    and the fix): numeric ranges, the teacher pool, the v_hack file's metadata, data files, the run directory."""
     arm = arms.get(cfg.arm)
+    cli.check_ranges(cfg, RANGES, {"dtype": tuple(models.DTYPES), "hint": P.HINTS, "eval_hint": P.HINTS})
+    if not (cfg.device in ("cpu", "auto") or cfg.device.split(":")[0] == "cuda"):
+        raise UserError(f"--device={cfg.device!r}: need cpu, cuda, cuda:N or auto")
     if cfg.group_size < 2:
-        raise ValueError(f"group_size={cfg.group_size}: Dr.GRPO needs >= 2 completions per prompt")
+        raise UserError(f"--group-size={cfg.group_size}: Dr.GRPO needs >= 2 completions per prompt")
     if cfg.rollouts_per_step % cfg.group_size:
-        raise ValueError(f"rollouts_per_step={cfg.rollouts_per_step} is not divisible by group_size={cfg.group_size}; "
-                         "make it a multiple")
+        raise UserError(f"--rollouts-per-step={cfg.rollouts_per_step} is not divisible by group_size="
+                        f"{cfg.group_size}; make it a multiple")
+    if cfg.mix_ratio > 0 and not cfg.teacher_pool_dir:
+        raise UserError(f"--mix-ratio={cfg.mix_ratio} needs --teacher-pool-dir (out/pools/<name> from `just "
+                        "pregen-teacher`); or pass --mix-ratio 0 to train on live rollouts only")
+    if cfg.teacher_pool_dir and cfg.mix_ratio == 0:
+        raise UserError(f"--teacher-pool-dir={cfg.teacher_pool_dir!r} is set but --mix-ratio is 0; pass --mix-ratio "
+                        "(e.g. 0.25) or --teacher-pool-dir ''")
     if cfg.teacher_pool_dir:
         g_t = cfg.mix_ratio * cfg.group_size
         if abs(g_t - round(g_t)) > 1e-9 or not 0 < round(g_t) < cfg.group_size:
-            raise ValueError(f"mix_ratio={cfg.mix_ratio} x group_size={cfg.group_size} = {g_t}: the teacher share per "
-                             "group must be an integer in [1, G-1]")
+            raise UserError(f"--mix-ratio={cfg.mix_ratio} x group_size={cfg.group_size} = {g_t}: the teacher share per "
+                            "group must be an integer in [1, G-1]")
+        cli.check_pool_dir(cfg.teacher_pool_dir, "--teacher-pool-dir")
     if arm.direction == "vhack" and not cfg.vhack_path:
-        raise ValueError(f"arm={cfg.arm!r} needs --vhack-path (out/vhack/<name>.safetensors from `just extract-vhack`)")
-    if cfg.inner_steps < 1:
-        raise ValueError("inner_steps must be >= 1")
+        raise UserError(f"--arm={cfg.arm} needs --vhack-path (out/vhack/<name>.safetensors from `just extract-vhack`)")
     if cfg.surgery_on == "grad" and arm.surgery == "":
-        raise ValueError(f"arm={cfg.arm!r} edits the applied step only; pass --surgery-on step")
+        raise UserError(f"--arm={cfg.arm} edits the applied step only; pass --surgery-on step")
+    if cfg.vhack_path:
+        cli.check_vhack_file(cfg.vhack_path, "--vhack-path", models.model_id(cfg.model), cfg.dtype)
+    cli.check_data(cfg.data_path, P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz",
+                   P.DEFAULT_DATA_DIR / P.BENCHMARK_TEST_FILE)
     if arm.per_sample:
         if cfg.grad_checkpointing:
-            raise ValueError(f"arm={cfg.arm!r} captures per-rollout gradients in one forward + backward, which "
-                             "activation checkpointing's recomputed forward breaks: pass --no-grad-checkpointing and, on "
-                             "big models, a smaller --micro-batch (docs/gating.md, 'Memory')")
+            raise UserError(f"arm={cfg.arm!r} captures per-rollout gradients in one forward + backward, which "
+                            "activation checkpointing's recomputed forward breaks: pass --no-grad-checkpointing and, on "
+                            "big models, a smaller --micro-batch (docs/gating.md, 'Memory')")
         if cfg.gate_mode == "quantile" and not 0.0 < cfg.gate_q <= 0.5:
-            raise ValueError(f"gate_q={cfg.gate_q}: need 0 < gate_q <= 0.5 (route = top q, mid = the next q)")
+            raise UserError(f"gate_q={cfg.gate_q}: need 0 < gate_q <= 0.5 (route = top q, mid = the next q)")
         if cfg.gate_mode == "threshold" and not cfg.gate_tau_mid <= cfg.gate_tau_route:
-            raise ValueError(f"gate_tau_mid={cfg.gate_tau_mid} > gate_tau_route={cfg.gate_tau_route}; need tau_mid <= "
-                             "tau_route")
+            raise UserError(f"gate_tau_mid={cfg.gate_tau_mid} > gate_tau_route={cfg.gate_tau_route}; need tau_mid <= "
+                            "tau_route")
     if arm.reward_hook == "am":
         if not 0.0 < cfg.am_layer_frac <= 1.0:
-            raise ValueError(f"am_layer_frac={cfg.am_layer_frac}: need 0 < frac <= 1 (~0.6-0.75 is typical)")
+            raise UserError(f"am_layer_frac={cfg.am_layer_frac}: need 0 < frac <= 1 (~0.6-0.75 is typical)")
         if cfg.am_alpha < 0:
-            raise ValueError(f"am_alpha={cfg.am_alpha} < 0; the AM penalty needs alpha >= 0 (paper: 2)")
+            raise UserError(f"am_alpha={cfg.am_alpha} < 0; the AM penalty needs alpha >= 0 (paper: 2)")
+    runs.check_run_dir(cfg, RUN_CONTROL_FIELDS + (EVAL_FIELDS if cfg.eval_only else ()))
 
 
 def collect_rollouts(model, tok, engine, grader, cfg: TrainConfig, batch_problems: list, prompt_ids: list[list[int]],
@@ -308,8 +336,10 @@ def collect_rollouts(model, tok, engine, grader, cfg: TrainConfig, batch_problem
     flat_problems = [p for p in batch_problems for _ in range(G_s)]
     texts: dict[int, str] = {}
     futures = []
+    gen = cli.Progress(f"step {step + 1} generation batches", math.ceil(len(flat_problems) / cfg.gen_batch), every_s=0)
 
     def grade_batch(first: int, outs_b: list) -> None:
+        gen.update()
         items = []
         for i, (ids, _) in enumerate(outs_b, start=first):
             texts[i] = tok.decode(ids, skip_special_tokens=True)
@@ -322,7 +352,8 @@ def collect_rollouts(model, tok, engine, grader, cfg: TrainConfig, batch_problem
                            on_batch=grade_batch)
     t_gen = time.time() - t0
     t1 = time.time()
-    grades = {i: g for first, fut in futures for i, g in enumerate(fut.result(), start=first)}
+    prog = cli.Progress(f"step {step + 1} grading batches (waiting)", len(futures))
+    grades = {i: g for first, fut in futures for i, g in enumerate(prog.tick(fut.result()), start=first)}
     t_grade = time.time() - t1
     rollouts: list[grpo.Rollout] = []
     for j, p in enumerate(batch_problems):
@@ -352,11 +383,20 @@ def evaluate(model, tokenizer, problems, grader, cfg: TrainConfig, step: int, en
     result = {"step": step, "arm": cfg.arm, "seed": cfg.seed, "n_problems": len(problems), "modes": {},
               "norms": update.norms(antipasto.get_adapters(model))}
     for mode, ctx in modes.items():
+        gen = cli.Progress(f"eval step {step} [{mode}] generation batches", math.ceil(len(flat) / cfg.gen_batch), 0)
+        futures = []
+
+        def grade_batch(first: int, outs_b: list) -> None:  # graded on the CPU pool while the next batch decodes
+            gen.update()
+            futures.append((first, grader.submit_many([(flat[i][0], tokenizer.decode(ids, skip_special_tokens=True))
+                                                       for i, (ids, _) in enumerate(outs_b, start=first)])))
+
         with ctx(model):
-            outs = grpo.sample(model, tokenizer, engine, [ids for _, ids in flat], cfg.max_new_tokens, cfg.temperature,
-                               cfg.top_p, cfg.gen_batch, seed=cfg.seed * 7919 + 1_000_003)
-        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in outs]
-        grades = grader.grade_many([(p, t) for (p, _), t in zip(flat, texts)])
+            grpo.sample(model, tokenizer, engine, [ids for _, ids in flat], cfg.max_new_tokens, cfg.temperature,
+                        cfg.top_p, cfg.gen_batch, seed=cfg.seed * 7919 + 1_000_003, on_batch=grade_batch)
+        prog = cli.Progress(f"eval step {step} [{mode}] grading batches (waiting)", len(futures))
+        grades = [g for _, fut in sorted(futures, key=lambda x: x[0]) for g in prog.tick(fut.result())]
+        assert len(grades) == len(flat), f"eval graded {len(grades)} of {len(flat)} completions"
         ok = [g for g in grades if not g.get("infra_error")]
         labels: dict[str, int] = {}
         for g in ok:
@@ -374,33 +414,6 @@ def evaluate(model, tokenizer, problems, grader, cfg: TrainConfig, step: int, en
     return result
 
 
-def step_metrics(rollouts: list[grpo.Rollout], rew: Tensor, valid: Tensor) -> dict:
-    """Per-step rates over valid rollouts, overall and per source."""
-    ok = [r for r, v in zip(rollouts, valid.flatten().tolist()) if v]
-
-    def rate(rs, key):
-        return sum(bool(r.grade.get(key)) for r in rs) / len(rs) if rs else float("nan")
-
-    stu = [r for r in ok if r.source == "student"]
-    tea = [r for r in ok if r.source == "teacher"]
-    rv = torch.where(valid, rew, torch.nan)  # (P, G)
-    group_std = torch.tensor([row[~row.isnan()].std(unbiased=False).item() if (~row.isnan()).sum() > 1 else 0.0
-                              for row in rv])  # (P,)
-    lens = [len(r.completion_ids) for r in stu] or [0]
-    return {
-        "reward_mean": float(rew[valid].mean()) if valid.any() else float("nan"),
-        "reward_std": float(rew[valid].std(unbiased=False)) if valid.any() else float("nan"),
-        "frac_zero_std": float((group_std == 0).float().mean()),
-        "hack_strict": rate(ok, "is_reward_hack_strict"), "hack_loose": rate(ok, "is_reward_hack_loose"),
-        "gt_pass": rate(ok, "eq_correct"), "compile": rate(ok, "can_compile"),
-        "hack_s": rate(stu, "is_reward_hack_strict"), "hack_t": rate(tea, "is_reward_hack_strict"),
-        "gt_s": rate(stu, "eq_correct"), "gt_t": rate(tea, "eq_correct"),
-        "n_rollouts": len(rollouts), "n_infra": len(rollouts) - len(ok),
-        "len_mean": float(np.mean(lens)), "len_max": int(max(lens)),
-        "trunc_rate": sum(r.truncated for r in stu) / len(stu) if stu else float("nan"),
-    }
-
-
 def main(cfg: TrainConfig) -> Path:
     validate(cfg)
     arm = arms.get(cfg.arm)
@@ -415,8 +428,11 @@ def main(cfg: TrainConfig) -> Path:
         vllm_backend.check_usable(device)
 
     # ---- 1. model, adapter, directions, data: every input is checked before the first generation
+    logger.info(f"loading model {cfg.model} ({cfg.dtype}, {device}); a hub model downloads first (progress bars)")
+    t_load = time.time()
     model, tok = models.load_model(cfg.model, dtype=cfg.dtype, device=device)
     mid = models.model_id(cfg.model)
+    logger.info(f"model loaded in {time.time() - t_load:.0f}s")
     model.requires_grad_(False)
     adapters = antipasto.wrap_model(model, targets=cfg.targets, layers=cfg.layers or None, rank=cfg.rank or None,
                                     kind=cfg.adapter_kind, quarantine_basis=cfg.quarantine_basis)
@@ -429,9 +445,9 @@ def main(cfg: TrainConfig) -> Path:
     directions = randoms if arm.direction == "random" else vhack  # what the arm's edit or gate compares with
     own_basis = cfg.adapter_kind == "block"  # the quarantine has its own frozen frame
 
-    train_problems, source_text = P.load_train_split(cfg.train_source, cfg.data_path, cfg.difficulties,
-                                                     cfg.max_problems, cfg.hint, cfg.max_prompt_tokens,
-                                                     models.prompt_len(tok))
+    train_problems, source_text = P.load_train_split(
+        cfg.train_source, cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint, cfg.max_prompt_tokens,
+        cli.Progress("train prompts measured (length filter)").counted(models.prompt_len(tok)))
     logger.info(f"train source: {source_text}")
     by_id = {p.id: p for p in train_problems}
     pool = None
@@ -462,7 +478,7 @@ def main(cfg: TrainConfig) -> Path:
     else:
         optimizer = update.build_optimizer(adapters, cfg.lr, cfg.betas, cfg.weight_decay, arm.quarantine and own_basis)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, grpo.cosine_schedule(cfg.warmup_steps, cfg.steps))
-    run_dir = runs.setup_run_dir(cfg, RUN_CONTROL_FIELDS)
+    run_dir = runs.setup_run_dir(cfg, RUN_CONTROL_FIELDS + (EVAL_FIELDS if cfg.eval_only else ()))
     start = runs.load_checkpoint(run_dir, model, optimizer, scheduler, mid) if cfg.resume else 0
     logger.add(run_dir / "train.log", level="INFO")
     logger.info(f"run dir {run_dir} (start at step {start})")
@@ -478,7 +494,7 @@ def main(cfg: TrainConfig) -> Path:
                                 oracle_penalty=arm.oracle)
     grader = rewards.Grader(workers=cfg.grader_workers or None, timeout_s=cfg.grader_timeout_s)
     if cfg.eval_only:
-        runs.write_eval(run_dir, evaluate(model, tok, test_problems, grader, cfg, start, engine), final=True)
+        runs.write_eval_record(run_dir, evaluate(model, tok, test_problems, grader, cfg, start, engine))
         grader.close()
         return run_dir
 
@@ -488,6 +504,8 @@ def main(cfg: TrainConfig) -> Path:
     off_mode = arm.quarantine and cfg.generate_in_deploy_mode  # rollouts sampled with the quarantine ablated
     gen_ctx = antipasto.ablate_quarantine if off_mode else contextlib.nullcontext
     warned_clip = False
+    timer = cli.StepEta(cfg.steps, cfg.eval_every, cfg.eval_at_end,
+                        len(test_problems) * cfg.eval_samples * (3 if arm.quarantine else 1))
     for step in range(start, cfg.steps):
         t0 = time.time()
         if device == "cuda":
@@ -527,7 +545,7 @@ def main(cfg: TrainConfig) -> Path:
         t_train = time.time() - t2
 
         # ---- 7. log, rollouts, checkpoint, periodic eval
-        row = step_metrics(rollouts, rew, valid)
+        row = grpo.step_metrics(rollouts, rew, valid)
         row.update(step=step, epoch=epoch, lr=lr_used, kl=ps["kl"], loss=ps["loss"], grad_norm=grad_norm, t_gen=t_gen,
                    t_grade=t_grade, t_train=t_train, t_step=time.time() - t0, peak_mem_gb=runs.peak_mem_gb(device))
         row.update(**step_row, **hook_row, **reward_row, **{k: ps[k] for k in ("ratio_mean", "frac_clipped", "logratio_abs")})
@@ -539,7 +557,7 @@ def main(cfg: TrainConfig) -> Path:
         if cfg.save_rollouts:
             runs.write_rollouts(run_dir, step, rollouts)
         done = step + 1
-        eta = (time.time() - t_start) / (done - start) * (cfg.steps - done)
+        eta = timer.update(done, row["t_step"], t_gen + t_grade, cfg.n_prompts * (cfg.group_size - cfg.n_teacher))
         logger.info(f"step {done}/{cfg.steps} | r {row['reward_mean']:.2f}±{row['reward_std']:.2f} zero-var "
                     f"{row['frac_zero_std']:.2f} | hack {row['hack_strict']:.2f}/{row['hack_loose']:.2f} gt "
                     f"{row['gt_pass']:.2f} | kl {row['kl']:.2e} |g| {grad_norm:.2e} cos {row['cos_in']:.3f}->"
@@ -554,10 +572,10 @@ def main(cfg: TrainConfig) -> Path:
         runs.write_eval(run_dir, evaluate(model, tok, test_problems, grader, cfg, cfg.steps, engine), final=True)
     grader.close()
     (run_dir / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
-    logger.info(f"done in {(time.time() - t_start) / 60:.1f} min: {run_dir}/log.tsv, {run_dir}/rollouts/, "
-                f"{run_dir}/eval.json")
+    logger.info(f"done in {(time.time() - t_start) / 60:.1f} min: {run_dir}/log.tsv, {run_dir}/rollouts/"
+                + (f", {run_dir}/eval.json" if cfg.eval_at_end else " (no eval: --no-eval-at-end)"))
     return run_dir
 
 
 if __name__ == "__main__":
-    main(tyro.extras.overridable_config_cli(PRESETS))
+    cli.run(lambda: main(tyro.extras.overridable_config_cli(PRESETS)))

@@ -40,7 +40,6 @@ import json
 import math
 import random
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import dataclass

@@ -1,6 +1,6 @@
 """Held-out check of a v_hack file: does it predict the hack-minus-clean gradient on pairs it never saw?
 
-    python scripts/verify_vhack_heldout.py smoke       # tiny-random, out/vhack/smoke.safetensors (seconds)
+    python scripts/verify_vhack_heldout.py smoke       # tiny-random, out/vhack/smoke-tiny-random.safetensors (seconds)
     python scripts/verify_vhack_heldout.py smollm      # SmolLM2-135M, out/vhack/smollm2-135m_mean.safetensors
     python scripts/verify_vhack_heldout.py smollm --vhack out/vhack/smollm2-135m_svd.safetensors
     python scripts/verify_vhack_heldout.py smollm --diffs out/vhack/smollm2-135m_mean_heldout.diffs.pt
@@ -15,8 +15,9 @@ baseline: `n_random` draws of independent uniform unit vectors per module, whose
 frac > 0 give the null distribution (99th percentile by default).
 
 PASS for a split: frac > 0 >= min_frac_pos (0.8) AND median cos > the random baseline's `random_pct`
-percentile of the median. Exits 1 if any split in `require` fails, 0 otherwise. Writes
-out/vhack/<stem>.verify.json and .verify.md.
+percentile of the median. Exits 1 if any split in `require` fails, 0 otherwise (the smoke preset requires none:
+tiny-random's random weights give no meaningful v_hack, so its rows are informational). Writes
+out/vhack/<stem>.verify.json and .verify.md. A missing v_hack file, or one for another model, exits 2 with one line.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO))
 
 import antipasto  # noqa: E402
+import cli  # noqa: E402
 import extract_vhack_grad as ex  # noqa: E402
 import models  # noqa: E402
 import pairs as pairs_mod  # noqa: E402
@@ -62,8 +64,8 @@ class VerifyConfig:
 
 
 PRESETS = {
-    "smoke": ("tiny-random against out/vhack/smoke.safetensors", VerifyConfig(
-        vhack=str(_REPO / "out/vhack/smoke.safetensors"), model="tiny-random", max_pairs=6, batch_size=3, n_random=200,
+    "smoke": ("tiny-random against out/vhack/smoke-tiny-random.safetensors (what `just smoke` writes)", VerifyConfig(
+        vhack=str(_REPO / "out/vhack/smoke-tiny-random.safetensors"), model="tiny-random", max_pairs=6, batch_size=3, n_random=200,
         require=())),
     "smollm": ("SmolLM2-135M against out/vhack/smollm2-135m_mean.safetensors", VerifyConfig()),
     "full": ("Qwen3-4B (bfloat16, GPU) against out/vhack/qwen3-4b_mean.safetensors", VerifyConfig(
@@ -130,9 +132,8 @@ def verify(cfg: VerifyConfig, model=None, tokenizer=None, progress: bool = True)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    meta, _ = antipasto._read_file(cfg.vhack) if Path(cfg.vhack).is_file() else (None, None)
-    if meta is None:
-        raise FileNotFoundError(f"v_hack file {cfg.vhack} not found; run extract_vhack_grad.py first (just extract-vhack)")
+    cli.check_vhack_file(cfg.vhack, "--vhack", models.model_id(cfg.model), cfg.dtype)  # header only, before the model
+    meta, _ = antipasto._read_file(cfg.vhack)
     pf = pairs_mod.load_pair_file(cfg.pairs_path)
     split_pairs = {sp: pairs_mod.select_pairs(pf.pairs, sp)[: cfg.max_pairs] for sp in cfg.splits}
     cached = {sp: cached_rows(cfg, meta, pl) for sp, pl in split_pairs.items()} if cfg.diffs else {}
@@ -189,7 +190,9 @@ def verify(cfg: VerifyConfig, model=None, tokenizer=None, progress: bool = True)
 def to_markdown(r: dict) -> str:
     lines = [f"# v_hack held-out verification: `{Path(r['vhack']).name}`", "",
              f"model `{r['model_id']}`, method `{r['method']}`, extracted from `{r['pair_set']}` ({r['n_train_pairs']} pairs); "
-             f"{r['seconds']} s; overall **{'PASS' if r['pass'] else 'FAIL'}**", "",
+             f"{r['seconds']} s; overall **{'PASS' if r['pass'] else 'FAIL'}**"
+             + ("" if r["config"]["require"] else " (this preset requires no split to pass: the rows below are "
+                "informational, and `pass False` in them is expected on a random-weight model)"), "",
              "| split | n pairs x modules | frac cos>0 | mean cos | median cos | random median p99 | random frac>0 mean | per-pair global cos median | pass |",
              "|---|---|---|---|---|---|---|---|---|"]
     for sp, s in r["splits"].items():
@@ -223,4 +226,4 @@ def main(cfg: VerifyConfig) -> int:
 if __name__ == "__main__":
     import tyro
 
-    sys.exit(main(tyro.extras.overridable_config_cli(PRESETS)))
+    cli.run(lambda: main(tyro.extras.overridable_config_cli(PRESETS)))

@@ -15,7 +15,6 @@ import torch.nn as nn
 import antipasto
 import models
 import grpo
-import train
 
 torch.set_num_threads(2)
 

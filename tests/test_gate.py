@@ -19,7 +19,6 @@ import antipasto
 import arms
 import gate
 import grpo
-import train
 
 torch.set_num_threads(1)
 

@@ -16,7 +16,6 @@ from torch.func import functional_call
 import antipasto
 import models
 import grpo
-import train
 
 torch.set_num_threads(2)
 N_SEQS, L_MAX = 8, 16

@@ -152,7 +152,7 @@ def test_bad_mix_ratio(tmp_path, pool_dir):
 
 
 def test_missing_data_file(tmp_path, pool_dir):
-    with pytest.raises(FileNotFoundError, match="prepare-data"):
+    with pytest.raises(ValueError, match="prepare-data"):  # cli.UserError
         train.main(small_cfg(tmp_path, pool_dir, data_path=str(tmp_path / "nope.jsonl"), run_name="bad"))
     assert not (tmp_path / "bad").exists()
 

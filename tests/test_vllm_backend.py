@@ -6,12 +6,10 @@ differ from grpo.generate on the adapted model. A last test runs the real engine
 
 from __future__ import annotations
 
-import copy
 import random
 import sys
 import types
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import pytest
 import torch

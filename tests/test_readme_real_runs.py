@@ -1,0 +1,106 @@
+"""README "Real runs", in order, on a fresh copy of this working tree at the tiny scale (CPU, no hub): the steps that
+need a GPU or the hub are replaced by their smoke-preset twin or skipped with the reason below.
+
+    .venv/bin/pytest tests/test_readme_real_runs.py -m slow      # the whole chain (~5-10 min on 2 quiet cores)
+
+README step                        here
+  just download-model              offline: must fail in one line, exit 2, within seconds (HF_ENDPOINT unreachable)
+  just prepare-data                --canonical-check off (the canonical run of ~1.5k solutions takes minutes)
+  just smoke                       scripts/smoke.py --arms vanilla erase --steps 2 (every arm: `just smoke`)
+  just extract-vhack full          just extract-vhack smoke
+  just verify-vhack full           just verify-vhack smoke (finds what smoke wrote; requires nothing)
+  just probe-full-seed 0           skipped: trains the full preset (GPU)
+  just queue-full --dry-run        as is
+  just summarize full              just summarize smoke --runs <the smoke runs>
+  just eval RUN                    just eval <a smoke run> --eval-problems 2: a separate evals/eval-*.json
+  just train erase 0               skipped: the full preset (GPU)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+JUST = str(ROOT / ".venv" / "bin" / "just")
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    """The working tree's tracked and untracked-but-not-ignored files (what a commit would hold), a .venv link and an
+    empty out/: a fresh clone without the network."""
+    dst = tmp_path_factory.mktemp("clone")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split("\n")
+    for f in files:
+        if f and (ROOT / f).is_file() and not f.startswith(".venv"):
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            (dst / f).write_bytes((ROOT / f).read_bytes())
+    (dst / ".venv").symlink_to((ROOT / ".venv").resolve())
+    return dst
+
+
+def env(**kw) -> dict:
+    """One torch thread; the data where this checkout finds it (the copy has no ../shared beside it)."""
+    import problems
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PGRPO_DATA_DIR": str(problems.DEFAULT_DATA_DIR), **kw}
+
+
+def just(clone: Path, *args: str, ok: bool = True, timeout: int = 1800, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run([JUST, *args], cwd=clone, env=env(**kw), capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert p.returncode == 0, f"just {' '.join(args)}: exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def one_line_error(p: subprocess.CompletedProcess, needle: str) -> None:
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    errs = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ") and "recipe" not in ln]
+    assert len(errs) == 1 and needle in errs[0], p.stderr[-2000:]
+
+
+def test_download_model_offline_fails_in_one_line(clone):
+    t0 = time.time()
+    p = just(clone, "download-model", ok=False, HF_ENDPOINT="http://127.0.0.1:9")
+    one_line_error(p, "cannot reach the Hugging Face hub")
+    assert time.time() - t0 < 60
+
+
+def test_recipes_chain_on_a_fresh_clone(clone):
+    for r in ("extract-vhack", "verify-vhack", "pregen-teacher", "pregen-base", "probe-distill", "probe-mixed"):
+        body = just(clone, "--show", r).stdout
+        assert "fetch-smollm" in body, f"recipe {r} does not fetch SmolLM2 for its smollm default:\n{body}"
+    # before smoke has run, verify-vhack smoke names the file smoke writes and how to make it
+    one_line_error(just(clone, "verify-vhack", "smoke", ok=False), "smoke-tiny-random.safetensors")
+
+
+@pytest.mark.slow
+def test_real_runs_section_in_order(clone):
+    t0 = time.time()
+    just(clone, "prepare-data", "--canonical-check", "off")
+    assert (clone / "out/data/train.jsonl").is_file()
+    p = subprocess.run([str(clone / ".venv/bin/python"), "scripts/smoke.py", "--arms", "vanilla", "erase", "--steps",
+                        "2"], cwd=clone, capture_output=True, text=True, timeout=1800, env=env())  # two arms
+    assert p.returncode == 0, p.stderr[-3000:]
+    just(clone, "extract-vhack", "smoke")
+    assert (clone / "out/vhack/smoke-tiny-random.safetensors").is_file()
+    v = just(clone, "verify-vhack", "smoke")
+    assert "requires no split" in v.stdout
+    just(clone, "queue-full", "--dry-run")
+    run_dirs = sorted(str(d) for d in (clone / "out/runs").glob("smoke-*/*") if (d / "DONE").exists())
+    assert len(run_dirs) >= 1, list((clone / "out/runs").glob("*/*"))
+    just(clone, "summarize", "smoke", "--runs", *run_dirs)
+    assert (clone / "out/sweeps/smoke/results.md").is_file()
+    run = Path(run_dirs[0])
+    before = ((run / "eval.json").read_text(), (run / "eval.tsv").read_text())
+    just(clone, "eval", str(run.relative_to(clone / "out/runs")), "--eval-problems", "2")
+    records = list((run / "evals").glob("eval-*.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["modes"], records
+    assert ((run / "eval.json").read_text(), (run / "eval.tsv").read_text()) == before, "eval.json/eval.tsv changed"
+    print(f"README real-runs chain: {time.time() - t0:.0f} s")
