@@ -190,7 +190,7 @@ def check_vhack_file(path: str | Path, flag: str, model_id: str, dtype: str | No
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    except Exception as e:  # not a safetensors file, truncated header, metadata that is not JSON
+    except Exception as e:  # noqa: BLE001 -- not a safetensors file, a truncated header, non-JSON metadata
         raise UserError(f"{flag}={str(path)!r} is not a readable v_hack file ({type(e).__name__}); re-extract it "
                         "with `just extract-vhack <preset>`") from None
     want = {"model_id": model_id, **({"dtype": dtype} if dtype else {})}

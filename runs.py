@@ -150,11 +150,11 @@ def check_checkpoint(d: Path) -> str | None:
         if got != step:
             return f"state.json says step {got}, the directory says {step}"
         with safe_open(str(d / "adapter.safetensors"), framework="pt", device="cpu") as f:
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 -- safe_open is not a dict
                 f.get_tensor(k)
         torch.load(d / "optimizer.pt", weights_only=False)
         torch.load(d / "rng.pt", weights_only=False)
-    except Exception as e:  # any unreadable part makes the checkpoint unusable; the reason goes to the warning
+    except Exception as e:  # noqa: BLE001 -- any unreadable part makes it unusable; the reason is warned
         first = (str(e).strip().splitlines() or [""])[0][:160]
         return f"{type(e).__name__}: {first}"
     return None

@@ -189,7 +189,7 @@ class TrainConfig:
     force_resume: bool = False
     """resume even if the config differs from the saved one"""
     eval_only: bool = False
-    """only evaluate (the --resume run's latest checkpoint, or the base model)"""
+    """only evaluate (the --resume run's newest sound checkpoint, or the base model) -> evals/eval-<time>.json"""
 
     # --- evaluation
     eval_at_end: bool = True
