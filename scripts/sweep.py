@@ -305,11 +305,14 @@ def plan_grid(cfg: SweepConfig, arm_list: tuple[str, ...] | None = None, seeds: 
     arm_list = normalise_arms(cfg) if arm_list is None else arm_list
     seeds = cfg.seeds if seeds is None else seeds
     vhack_arms = {a.name for a in arms.ARMS.values() if a.direction == "vhack"}
+    # when the grid has a v_hack arm, every arm gets the file: the others only measure with it (cos of the
+    # gradient and of the applied step with v_hack in an unedited run), which never changes their training
+    measure_all = any(a in vhack_arms for a in arm_list)
     runs_dir = cfg.out_root.resolve() / "runs"
     jobs: list[Job] = []
     skipped: list[tuple[str, str]] = []
     pending: list[tuple[str, int, str, Path]] = []
-    check_manifest(cfg, {run_name(cfg, a, s): shlex.join(train_argv(cfg, a, s, a in vhack_arms))
+    check_manifest(cfg, {run_name(cfg, a, s): shlex.join(train_argv(cfg, a, s, measure_all))
                          for a, s in stats.round_robin(arm_list, seeds)})
     for arm, seed in stats.round_robin(arm_list, seeds):
         name = run_name(cfg, arm, seed)
@@ -322,13 +325,12 @@ def plan_grid(cfg: SweepConfig, arm_list: tuple[str, ...] | None = None, seeds: 
     vjobs = vhack_jobs(cfg, after=after) if needs else []
     jobs += vjobs
     for arm, seed, state, rdir in pending:
-        needs_v = arm in vhack_arms
-        argv = train_argv(cfg, arm, seed, needs_v)
+        argv = train_argv(cfg, arm, seed, measure_all)
         action = "fresh"
         if state == "resume":
             argv += ["--resume", str(rdir)]
             action = "resume"
-        dep = ("verify",) if (needs_v and vjobs) else after
+        dep = (("verify",) if arm in vhack_arms else ("extract",)) if vjobs else after  # measuring needs no verify
         label = (
             f"why: sweep {cfg.name}, preset {cfg.preset}, arm {arm}, seed {seed} ({action}); "
             f"resolve: if it failed read `pueue log` / {rdir}/log.tsv, fix, re-run the sweep command "

@@ -99,8 +99,8 @@ def test_queue_full_dry_run_prints_exact_pueue_commands(tmp_path, fake_pueue, mo
             label = (f"why: sweep full, preset full, arm {arm}, seed {seed} (fresh); resolve: if it failed read "
                      f"`pueue log` / {runs / name}/log.tsv, fix, re-run the sweep command (it resumes from the last "
                      f"checkpoint)")
-            vflag = f" --vhack-path {vh}" if arm in ("erase", "route", "erase-matched") else ""
-            after = ["--after", "<id:verify>"] if arm in ("erase", "route", "erase-matched") else []
+            vflag = f" --vhack-path {vh}"  # every arm measures with v_hack; the vhack arms also edit with it
+            after = ["--after", "<id:verify>" if arm in ("erase", "route", "erase-matched") else "<id:extract>"]
             cmd = f"py train.py full --arm {arm} --seed {seed} --run-name {name}{vflag} --out-dir {runs}"
             want.append(add + [label] + after + ["--", pre + cmd])
     assert got == want
@@ -124,7 +124,9 @@ def test_pueue_submission_matches_dry_run_and_is_not_repeated(tmp_path, fake_pue
     verify = next(v for k, v in adds.items() if "fake_verify" in k)
     assert erase[erase.index("--after") + 1] == str(ids["verify"])
     assert verify[verify.index("--after") + 1] == str(ids["extract"])
-    assert not any("--after" in v for k, v in adds.items() if "--arm vanilla" in k)
+    for k, v in adds.items():  # vanilla only measures with v_hack: it waits for the extraction, not the verdict
+        if "--arm vanilla" in k:
+            assert v[v.index("--after") + 1] == str(ids["extract"]), v
     manifest = json.loads((tmp_path / "out/sweeps/t/sweep.json").read_text())
     assert sorted(manifest["runs"]) == sorted(f"t-{a}-s{s}" for a in ("vanilla", "erase", "erase-random") for s in (0, 1))
     # the same sweep again while its tasks are still queued: pueue is asked, nothing is added twice
@@ -233,7 +235,8 @@ def test_bad_input_names_the_field(tmp_path):
 
 
 def test_grids_and_vhack_arms_match_the_hand_written_lists(tmp_path):
-    """The sweep grids (from arms.ARMS) against lists written out here, and v_hack only for the v_hack arms."""
+    """The sweep grids (from arms.ARMS) against lists written out here; v_hack for every arm once the grid has a
+    v_hack arm (the others measure with it), waiting for verification only in the arms that edit with it."""
     assert sweep.FULL_ARMS == ("vanilla", "erase", "route", "erase-random", "erase-matched", "route-random")
     assert set(sweep.ALL_GRID_ARMS) == set(sweep.FULL_ARMS) | {
         "gate-route", "gate-route-random", "gate-random", "vanilla-2x", "shrinkage", "am", "oracle-penalty",
@@ -244,7 +247,11 @@ def test_grids_and_vhack_arms_match_the_hand_written_lists(tmp_path):
     assert (default.arms, default.seeds, default.pilot_seed) == (want, (0, 1, 2), 100)
     jobs, _ = sweep.plan_grid(cfg(tmp_path, arms=("vanilla", "erase", "erase-random", "shrinkage"), seeds=(0,)))
     with_vhack = {j.run["arm"] for j in jobs if j.run and "--vhack-path" in j.argv}
-    assert with_vhack == {"erase", "shrinkage"}
+    assert with_vhack == {"vanilla", "erase", "erase-random", "shrinkage"}
+    after_verify = {j.run["arm"] for j in jobs if j.run and j.after == ("verify",)}
+    assert after_verify == {"erase", "shrinkage"}
+    jobs, _ = sweep.plan_grid(cfg(tmp_path, arms=("vanilla", "erase-random"), seeds=(0,)))
+    assert not any("--vhack-path" in j.argv for j in jobs) and not any(j.kind == "extract" for j in jobs)
 
 
 @pytest.mark.parametrize("scale,rc", [(0.0, 3), (1.0, 0)])

@@ -98,6 +98,18 @@ def test_erase_planted_direction(tmp_path, pool_dir, vhack_file):
         assert float(r["removed_norm_frac"]) == 0.0
 
 
+def test_vhack_only_measures_in_vanilla(tmp_path, pool_dir, vhack_file):
+    """The sweep hands v_hack to every arm: in vanilla it must only measure (same parameters bit for bit as a
+    run without it) while logging finite cosines of the gradient and of the applied step with it."""
+    plain = train.main(small_cfg(tmp_path, pool_dir, steps=2, run_name="plain"))
+    meas = train.main(small_cfg(tmp_path, pool_dir, steps=2, run_name="meas", vhack_path=vhack_file))
+    a, b = adapter_state(plain), adapter_state(meas)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "v_hack changed vanilla's training"
+    for r, r0 in zip(read_tsv(meas / "log.tsv"), read_tsv(plain / "log.tsv")):
+        assert all(r[c] != "nan" for c in ("cos_in", "step_cos", "step_toward")), r
+        assert r0["step_cos"] == "nan" and float(r["removed_norm_frac"]) == 0.0
+
+
 def test_resume_is_bit_identical(tmp_path, pool_dir):
     full = train.main(small_cfg(tmp_path, pool_dir, steps=6, ckpt_every=3, run_name="full6"))
     cfg = small_cfg(tmp_path, pool_dir, steps=6, ckpt_every=3, run_name="part")
