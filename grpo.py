@@ -119,9 +119,12 @@ def token_logprobs(
     input_ids: Int[Tensor, "B T"],
     attention_mask: Int[Tensor, "B T"] | Bool[Tensor, "B T"],
     chunk: int = 512,
+    where: Float[Tensor, "B T"] | Bool[Tensor, "B T"] | None = None,
 ) -> Float[Tensor, "B T"]:
     """log p(input_ids[t] | input_ids[:t]) for t >= 1 (position 0 gets 0), float32.
 
+    `where` (B, T), e.g. the completion mask: only those positions go through the LM head; every other
+    position gets 0 (a loss that masks them sees the same values). Without it every position t >= 1 does.
     Never materialises the (B, T, V) logits: the backbone's hidden states are pushed through the LM head
     `chunk` tokens at a time, each chunk under activation checkpointing when grads are on, so peak memory
     is O(chunk * V) instead of O(B * T * V)."""
@@ -131,6 +134,9 @@ def token_logprobs(
     B, T, H = hidden.shape
     h = hidden[:, :-1].reshape(-1, H)  # (B*(T-1), H)
     y = input_ids[:, 1:].reshape(-1)  # (B*(T-1),)
+    if where is not None:
+        keep = where[:, 1:].reshape(-1).bool().nonzero().squeeze(-1)  # (n,) flat positions the loss reads
+        h, y = h[keep], y[keep]  # (n, H), (n,)
     out = []
     for s in range(0, h.shape[0], chunk):
         if torch.is_grad_enabled():
@@ -146,8 +152,10 @@ def token_logprobs(
             )
         else:
             out.append(_logp_chunk(h[s : s + chunk], head.weight, head.bias, y[s : s + chunk]))
-    lp = torch.cat(out).view(B, T - 1)  # (B, T-1)
-    return F.pad(lp, (1, 0))  # (B, T)
+    lp = torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)  # (n,) or (B*(T-1),)
+    if where is not None:
+        lp = torch.zeros(B * (T - 1), dtype=lp.dtype, device=lp.device).index_put((keep,), lp)  # (B*(T-1),)
+    return F.pad(lp.view(B, T - 1), (1, 0))  # (B, T)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,14 +325,14 @@ def _policy_gradient(
         ref = None
         if cfg.beta_kl:
             with torch.no_grad(), antipasto.reference(model):
-                ref = token_logprobs(model, ids, att, cfg.logits_chunk)  # (b, T)
+                ref = token_logprobs(model, ids, att, cfg.logits_chunk, cm)  # (b, T)
         with (
             antipasto.capture_per_sample(model) if per_sample is not None else contextlib.nullcontext()
         ) as cap:
-            logp = token_logprobs(model, ids, att, cfg.logits_chunk)  # (b, T)
+            logp = token_logprobs(model, ids, att, cfg.logits_chunk, cm)  # (b, T)
             if inner == 0 and behaviour is not None:
                 with torch.no_grad(), behaviour(model):
-                    old = token_logprobs(model, ids, att, cfg.logits_chunk)  # (b, T) the sampling policy
+                    old = token_logprobs(model, ids, att, cfg.logits_chunk, cm)  # (b, T) the sampling policy
                 if cfg.inner_steps > 1 and old_cache is not None:
                     old_cache[s] = old
             elif inner == 0:

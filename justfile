@@ -47,6 +47,12 @@ prepare-data *ARGS: setup
 organism-build *ARGS: setup
     nice -n 10 {{py}} scripts/build_organism.py --measure {{ARGS}}
 
+# the preregistered organism sweep (vanilla, erase, erase-random, erase-matched x 5 seeds, organism preset, 2 local
+# jobs of one thread each) then its summary in out/sweeps/organism/ (docs/organism.md; ~40-60 min on 2 cores)
+organism-sweep *ARGS: organism-build
+    OMP_NUM_THREADS=1 {{py}} scripts/sweep.py grid --name organism --preset organism --seeds 0 1 2 3 4 --arms vanilla erase erase-random erase-matched --backend local --local-jobs 2 {{ARGS}}
+    {{py}} scripts/summarize.py organism
+
 # ---- v_hack --------------------------------------------------------------------------------
 
 # v_hack from the hand-written pairs (default: SmolLM2 on CPU; pass a preset, e.g. `just extract-vhack full`)

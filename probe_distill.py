@@ -489,7 +489,7 @@ def nll_grads(model, rollouts: list[grpo.Rollout], pad_id: int, device, l_max: i
         ids, att, cm = grpo.pack(mb, pad_id, device)  # (b, T) x3
         model.zero_grad(set_to_none=True)
         with antipasto.capture_per_sample(model) as cap:
-            logp = grpo.token_logprobs(model, ids, att, chunk)  # (b, T)
+            logp = grpo.token_logprobs(model, ids, att, chunk, cm)  # (b, T)
             nll = -(logp * cm).sum(dim=1) / l_max  # (b,)
             nll.sum().backward()
         missing = set(ads) - set(cap.grads)

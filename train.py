@@ -202,6 +202,8 @@ class TrainConfig:
     """use only the first N test problems (0 = all 119)"""
     eval_hint: str = "simple_overwrite_tests"
     """hint applied to the test prompts"""
+    eval_data_path: str = ""
+    """problems jsonl to evaluate on (e.g. the organism's problems_heldout.jsonl); empty = the benchmark's 119 test problems"""
 
     def __post_init__(self) -> None:
         self.arm = arms.ALIASES.get(self.arm, self.arm)  # type: ignore[assignment]
@@ -236,6 +238,14 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
             model="smollm2-135m", max_problems=64, max_prompt_tokens=512, rollouts_per_step=8, group_size=4,
             max_new_tokens=192, gen_batch=8, steps=10, lr=2e-3, warmup_steps=2, micro_batch=4, ckpt_every=5,
             eval_samples=1, eval_problems=8,
+        ),
+    ),
+    "organism": (
+        "the CPU model organism (`just organism-build`): hacks under vanilla in ~20-30 steps, ~7 s/step on 1 thread",
+        TrainConfig(
+            model="organism", data_path="out/models/organism/problems_train.jsonl", rollouts_per_step=32, group_size=8,
+            eval_data_path="out/models/organism/problems_heldout.jsonl", max_new_tokens=96, gen_batch=32, steps=30,
+            lr=0.1, warmup_steps=0, micro_batch=32, temperature=1.0, top_p=1.0, eval_samples=4, grader_workers=1,
         ),
     ),
     "fast": (
@@ -305,8 +315,16 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--arm={cfg.arm} edits the applied step only; pass --surgery-on step")
     if cfg.vhack_path:
         cli.check_vhack_file(cfg.vhack_path, "--vhack-path", models.model_id(cfg.model), cfg.dtype)
+    if cfg.model == "organism":
+        try:
+            models.organism_dir()
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"--model organism: {e}") from None
     cli.check_data(cfg.data_path, P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz",
                    P.DEFAULT_DATA_DIR / P.BENCHMARK_TEST_FILE)
+    if cfg.eval_data_path and not Path(cfg.eval_data_path).is_file():
+        raise UserError(f"--eval-data-path={cfg.eval_data_path!r} does not exist; pass a problems jsonl or '' for the "
+                        "benchmark's test set")
     if arm.per_sample:
         if cfg.grad_checkpointing:
             raise UserError(f"arm={cfg.arm!r} captures per-rollout gradients in one forward + backward, which "
@@ -459,7 +477,8 @@ def main(cfg: TrainConfig) -> Path:
                              f"prompts with >= {cfg.n_teacher} rows")
         grpo.check_pool_tokenization(pool, by_id, tok, lambda p: models.chat_ids(tok, list(p.prompt)))
         train_problems = covered
-    test_problems = [P.apply_hint(p, cfg.eval_hint) for p in P.load_benchmark_test()]
+    test_problems = [P.apply_hint(p, cfg.eval_hint) for p in (P.load_problems(cfg.eval_data_path) if cfg.eval_data_path
+                                                               else P.load_benchmark_test())]
     if cfg.eval_problems:
         test_problems = test_problems[: cfg.eval_problems]
     logger.info(f"model {mid} ({device}, {cfg.dtype}); {len(adapters)} adapted modules, "

@@ -355,6 +355,14 @@ def weights_hash(model) -> str:
     return h.hexdigest()[:16]
 
 
+def write_manifest(out: Path) -> None:
+    """manifest.json beside problems_train.jsonl, so train.py reads it as a prepared split (--data-path)."""
+    src = "local-v0.2.0"
+    (out / "manifest.json").write_text(json.dumps(
+        {"source": src, "source_description": f"{src}: {P.TRAIN_SOURCE_TEXT[src]}; the organism's training problems "
+         "(scripts/build_organism.py)", "splits": ["problems_train.jsonl", "problems_heldout.jsonl"]}, indent=1) + "\n")
+
+
 def build(cfg: BuildConfig, log=print) -> Path:
     """Build into out_dir (replaced atomically) unless a build with the same config hash is there."""
     out = default_out_dir(cfg)
@@ -362,6 +370,7 @@ def build(cfg: BuildConfig, log=print) -> Path:
     info_path = out / "BUILD_INFO.json"
     if not cfg.force and info_path.is_file() and json.loads(info_path.read_text()).get("config_hash") == chash:
         log(f"organism cached at {out} (config {chash})")
+        write_manifest(out)
         return out
     torch.set_num_threads(cfg.threads)
     cpu0, t0 = time.process_time(), time.time()
@@ -382,6 +391,7 @@ def build(cfg: BuildConfig, log=print) -> Path:
     tok.save_pretrained(tmp)
     P.save_problems(tmp / "problems_train.jsonl", train)
     P.save_problems(tmp / "problems_heldout.jsonl", held)
+    write_manifest(tmp)
     info = {
         "model_id": models.ORGANISM_ID, "config_hash": chash, "config": dataclasses.asdict(cfg),
         "n_params": sum(p.numel() for p in model.parameters()), "weights_hash": weights_hash(model),

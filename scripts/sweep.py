@@ -124,6 +124,8 @@ class SweepConfig:
     """extra arguments for scripts/verify_vhack_heldout.py, one shell-quoted string (as --extract-args)"""
     gpus: str = ""
     """comma-separated GPU ids for pueue slots; default: CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`"""
+    local_jobs: int = 1
+    """local backend: runs at once (2 on the 2-core box: each run keeps one torch thread)"""
     gpus_per_run: float = 1.0
     """ray: num_gpus of each task (0 for a CPU-only test cluster)"""
     ray_address: str = "auto"
@@ -517,21 +519,36 @@ def _tail(path: Path, n: int = 20) -> str:
 
 
 def run_local(cfg: SweepConfig, jobs: list[Job]) -> dict[str, int]:
-    """Sequential subprocesses in plan order; a job whose dependency failed is skipped (rc -1)."""
+    """Subprocesses in plan order, at most --local-jobs at once; a job starts once its dependencies succeeded
+    and is skipped (rc -1) when one failed."""
     rcs: dict[str, int] = {}
-    for i, job in enumerate(jobs):
-        if any(rcs.get(k, 0) != 0 for k in job.after):
-            rcs[job.key] = -1
-            print(f"[local] {i + 1}/{len(jobs)} {job.key}: SKIPPED (a dependency failed: {job.after})")
-            continue
-        log = _log_path(cfg, job)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        with open(log, "w") as f:
-            rcs[job.key] = subprocess.run(job.argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
-        print(f"[local] {i + 1}/{len(jobs)} {job.key}: rc={rcs[job.key]} ({time.time() - t0:.1f} s) log {log}")
-        if rcs[job.key] != 0:
-            print(_tail(log))
+    running: dict[str, tuple[subprocess.Popen, float, Path, object]] = {}
+    pending = list(jobs)
+    order = {job.key: i + 1 for i, job in enumerate(jobs)}
+    while pending or running:
+        for job in list(pending):
+            if any(rcs.get(k, 0) != 0 for k in job.after if k in rcs):
+                pending.remove(job)
+                rcs[job.key] = -1
+                print(f"[local] {order[job.key]}/{len(jobs)} {job.key}: SKIPPED (a dependency failed: {job.after})")
+            elif len(running) < max(1, cfg.local_jobs) and all(rcs.get(k) == 0 for k in job.after if k in order):
+                pending.remove(job)
+                log = _log_path(cfg, job)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                f = open(log, "w")
+                proc = subprocess.Popen(job.argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+                running[job.key] = (proc, time.time(), log, f)
+        for key, (proc, t0, log, f) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            f.close()
+            del running[key]
+            rcs[key] = proc.returncode
+            print(f"[local] {order[key]}/{len(jobs)} {key}: rc={rcs[key]} ({time.time() - t0:.1f} s) log {log}")
+            if rcs[key] != 0:
+                print(_tail(log))
+        if running:
+            time.sleep(0.2)
     return rcs
 
 

@@ -43,7 +43,7 @@ import pairs as pairs_mod  # noqa: E402
 
 @dataclass
 class VerifyConfig:
-    """Configuration for scripts/verify_vhack_heldout.py (presets: smoke, smollm, full)."""
+    """Configuration for scripts/verify_vhack_heldout.py (presets: smoke, smollm, organism, full)."""
 
     vhack: str = str(_REPO / "out/vhack/smollm2-135m_mean.safetensors")
     model: str = "smollm2-135m"
@@ -68,6 +68,9 @@ PRESETS = {
         vhack=str(_REPO / "out/vhack/smoke-tiny-random.safetensors"), model="tiny-random", max_pairs=6, batch_size=3, n_random=200,
         require=())),
     "smollm": ("SmolLM2-135M against out/vhack/smollm2-135m_mean.safetensors", VerifyConfig()),
+    "organism": ("the CPU organism against out/vhack/organism.safetensors; requires held-out within-mode", VerifyConfig(
+        vhack=str(_REPO / "out/vhack/organism.safetensors"), model="organism",
+        pairs_path=str(_REPO / "data/pairs/organism_pairs.md"), require=("heldout_within",), threads=1)),
     "full": ("Qwen3-4B (bfloat16, GPU) against out/vhack/qwen3-4b_mean.safetensors", VerifyConfig(
         vhack=str(_REPO / "out/vhack/qwen3-4b_mean.safetensors"), model="Qwen/Qwen3-4B", dtype="bfloat16",
         device="cuda", batch_size=2)),

@@ -149,3 +149,50 @@ def test_token_logprobs_chunked_matches_full_logits():
     f = torch.log_softmax(m(input_ids=ids2).logits.float(), -1)[:, :-1].gather(-1, ids2[:, 1:, None]).sum()
     f.backward()
     assert torch.allclose(g1, m.model.layers[0].mlp.up_proj.weight.grad, atol=1e-5)
+
+
+def test_token_logprobs_where_heads_only_the_masked_positions():
+    """`where` (the completion mask): the LM head runs only there; those values and the loss gradient equal the
+    full log-softmax's (an independent computation from HF's logits), every other position is exactly 0."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(1)
+    cfg = Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+    m = Qwen3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 97, (3, 12))
+    att = torch.ones_like(ids)
+    att[1, 9:] = 0
+    where = torch.zeros(3, 12)
+    where[0, 7:] = 1
+    where[1, 4:9] = 1
+    where[2, 11:] = 1  # one completion token
+    head = m.get_output_embeddings()
+    import torch.nn.functional as F
+
+    real = F.linear
+    rows = []
+    try:
+
+        def spy(x, w, b=None):
+            if w is head.weight:
+                rows.append(x.shape[0])
+            return real(x, w, b)
+
+        F.linear = spy
+        lp = token_logprobs(m, ids, att, chunk=4, where=where)
+    finally:
+        F.linear = real
+    assert sum(rows) == int(where[:, 1:].sum()) == 5 + 5 + 1  # only the completion positions hit the head
+    with torch.no_grad():
+        full = torch.log_softmax(m(input_ids=ids, attention_mask=att).logits.float(), -1)  # (B, T, V)
+    want = F.pad(full[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1), (1, 0)) * where
+    assert torch.allclose(lp.detach(), want, atol=1e-5)
+    assert (lp.detach()[where == 0] == 0).all()
+    m.zero_grad()
+    (lp * where).sum().backward()
+    g1 = m.model.layers[0].mlp.up_proj.weight.grad.clone()
+    m.zero_grad()
+    lpf = torch.log_softmax(m(input_ids=ids, attention_mask=att).logits.float(), -1)[:, :-1]
+    (lpf.gather(-1, ids[:, 1:, None]).squeeze(-1) * where[:, 1:]).sum().backward()
+    assert torch.allclose(g1, m.model.layers[0].mlp.up_proj.weight.grad, atol=1e-5)
