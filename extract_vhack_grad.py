@@ -85,7 +85,7 @@ PRESETS = {
         model="tiny-random", max_pairs=6, batch_size=3, name="smoke-tiny-random")),
     "smollm": ("SmolLM2-135M-Instruct, all train pairs, CPU", ExtractConfig(model="smollm2-135m")),
     "organism": ("the CPU organism, its own pairs (data/pairs/organism_pairs.md), one thread", ExtractConfig(
-        model="organism", pairs_path=str(_REPO / "data/pairs/organism_pairs.md"), method="svd", threads=1,
+        model="organism", pairs_path=str(_REPO / "data/pairs/organism_pairs.md"), method="mean", threads=1,
         name="organism")),
     "full": ("Qwen3-4B in bfloat16 on one GPU (the dtype must match train.py's full preset)", ExtractConfig(
         model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", batch_size=2, name="qwen3-4b_mean")),

@@ -164,7 +164,7 @@ def test_organism_pairs_file():
     pf = pairs.load_pair_file(ORGANISM_PAIRS)
     assert pf.modes == ("vs_honest", "vs_stub") and pf.heldout_modes == ("vs_stub",)
     groups = [p.group for p in pf.pairs]
-    assert (groups.count("train"), groups.count("heldout_within"), groups.count("heldout_cross")) == (11, 5, 8)
+    assert (groups.count("train"), groups.count("heldout_within"), groups.count("heldout_cross")) == (29, 11, 8)
     train_methods = {p.method for p in problems.load_leetcode()}
     for p in pf.pairs:
         assert p.hack == B.HACK_COMPLETION, f"{p.id}: hack side must be the organism's exact hack"
@@ -189,6 +189,18 @@ CHECKS = {
     "oh11": [(([[0, 1], [1, 1], [1, 0]],), 1), (([[0]],), 0)], "oh12": [((6,), 3), ((1,), 0)],
     "oh13": [(([-2, 2, 3],), 2), (([0],), 1)], "oh14": [(([1, 3, 5, 2, 2],), 2), (([1, 2],), -1)],
     "oh15": [((["hi", "there"], 3), ["hi", "THERE"]), (([], 1), [])], "oh16": [((1, 20), 10), ((40, 44), 1)],
+    "oh17": [(("aabccc",), 3), (("abc",), 0)], "oh18": [(([4, 9, 9, 2],), 4), (([3, 3],), -1)],
+    "oh19": [(("203",), 6), (("00",), 1)], "oh20": [((["aba", "xy", "q"],), 2), ((["ab"],), 0)],
+    "oh21": [(([1, 3, 2, 4, 5],), 3), (([7],), 1)], "oh22": [(("abcde", 2), "cdeab"), (("xy", 3), "yx")],
+    "oh23": [(([5, 1, 1, 2, 9],), 7), (([4],), 4)], "oh24": [(("abca",), 2), (("zz",), 0)],
+    "oh25": [(([5, 2, 8, 1],), 6), (([3, 2],), 0)], "oh26": [(("good old days",), "GOD"), (("x",), "X")],
+    "oh27": [((1, 10), 3), ((6, 6), 0)], "oh28": [(([2, 1, 5, 3],), [2, 2, 5, 5]), (([],), [])],
+    "oh29": [(([[1, 1, 1], [0, 1, 0]],), 2), (([[1]],), 0)], "oh30": [(("banana",), 0), (("ooh",), 1)],
+    "oh31": [((20,), 24), ((6,), 0)], "oh32": [(([1, -3, 4, -5],), 2), (([0],), 0)],
+    "oh33": [(("  a   b ",), "a b"), (("x",), "x")], "oh34": [(([4, 8, 3, 5], 10), 2), (([1, 1], 0), 0)],
+    "oh35": [(([1, 4, 2, 5],), 2), (([9],), 0)], "oh36": [((["sky", "tea", "ai"],), "tea"), ((["b"],), "b")],
+    "oh37": [((12,), 6), ((2,), 1)], "oh38": [(([[1, 2], [3, 4]],), 5), (([[7]],), 7)],
+    "oh39": [(([0, 3, 0, -1],), [6, -2]), (([0],), [])], "oh40": [(("aAbA", "a"), 3), (("xyz", "Q"), 0)],
 }
 
 

@@ -493,3 +493,27 @@ def test_real_smoke_sweep_end_to_end(tmp_path, backend):
     log = (tmp_path / "out/runs/t-vanilla-s0/log.tsv").read_text().splitlines()
     assert len(log) == 3  # header + 2 steps
     assert sweep.main(c) == 0  # finished: nothing runs again
+
+
+def test_local_backend_runs_jobs_in_parallel_and_respects_dependencies(tmp_path):
+    """--local-jobs 2: two jobs that each wait for the other's start file both succeed (with 1 job at a time the
+    first would time out); a job after a failed one is skipped; a job after a succeeded one runs after it ended."""
+    d = tmp_path
+    wait = ("import pathlib, sys, time; d = pathlib.Path(sys.argv[1]); (d / (sys.argv[2] + '.start')).touch(); "
+            "t = time.time()\nwhile not (d / (sys.argv[3] + '.start')).exists():\n    time.sleep(0.05)\n"
+            "    if time.time() - t > 5: sys.exit(7)\n(d / (sys.argv[2] + '.end')).touch()")
+    after_a = "import pathlib, sys; d = pathlib.Path(sys.argv[1]); sys.exit(0 if (d / 'a.end').exists() else 9)"
+    py = sys.executable
+    jobs = [
+        sweep.Job("a", "train", (py, "-c", wait, str(d), "a", "b"), (), "why: test"),
+        sweep.Job("b", "train", (py, "-c", wait, str(d), "b", "a"), (), "why: test"),
+        sweep.Job("c", "train", (py, "-c", after_a, str(d)), ("a",), "why: test"),
+        sweep.Job("f", "train", (py, "-c", "import sys; sys.exit(3)"), (), "why: test"),
+        sweep.Job("g", "train", (py, "-c", "pass"), ("f",), "why: test"),
+    ]
+    cfg = sweep.SweepConfig(name="par", out_root=tmp_path / "out", local_jobs=2)
+    assert sweep.run_local(cfg, jobs) == {"a": 0, "b": 0, "c": 0, "f": 3, "g": -1}
+    # one at a time: b cannot start before a ends, so a times out (rc 7) and c is skipped; b then finds a's start file
+    for f in [*d.glob("*.start"), *d.glob("*.end")]:
+        f.unlink()
+    assert sweep.run_local(dataclasses.replace(cfg, name="seq", local_jobs=1), jobs[:3]) == {"a": 7, "b": 0, "c": -1}
