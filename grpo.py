@@ -23,6 +23,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 import antipasto
+import cli
+from cli import UserError
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ class Rollout:
     prompt_ids: list[int]
     completion_ids: list[int]
     completion: str
-    source: str  # "student" | "teacher"
+    source: str  # "student" | "teacher" (--teacher-pool-dir, the hack teacher) | "solve" (--solve-pool-dir)
     truncated: bool
     grade: dict = field(default_factory=dict)
     reward: float = 0.0
@@ -377,8 +379,18 @@ def group_matrices(rollouts: list[Rollout], n_prompts: int) -> tuple[Tensor, Ten
     return rew, valid
 
 
+# per-source log columns (step_metrics): defined (finite) exactly when the step has valid rows of that source
+SOURCE_COLUMNS = {"n_t": ("hack_t", "gt_t", "adv_t"), "n_sol": ("hack_sol", "gt_sol", "adv_sol")}
+
+
+def source_defined(row: dict[str, float]) -> dict[str, bool]:
+    """For each teacher-source column: must it be finite in this logged row (its source has valid rows)?"""
+    return {c: row[n] > 0 for n, cols in SOURCE_COLUMNS.items() for c in cols}
+
+
 def step_metrics(rollouts: list[Rollout], rew: Tensor, valid: Tensor) -> dict:
-    """Per-step rates over valid rollouts, overall and per source."""
+    """Per-step rates over valid rollouts, overall and per source (_s student, _t teacher, _sol solve teacher; adv_*
+    the mean advantage of that source's valid rows, n_* their count). Call after set_advantages."""
     ok = [r for r, v in zip(rollouts, valid.flatten().tolist()) if v]
 
     def rate(rs, key):
@@ -386,6 +398,11 @@ def step_metrics(rollouts: list[Rollout], rew: Tensor, valid: Tensor) -> dict:
 
     stu = [r for r in ok if r.source == "student"]
     tea = [r for r in ok if r.source == "teacher"]
+    sol = [r for r in ok if r.source == "solve"]
+
+    def adv(rs):
+        return sum(r.advantage for r in rs) / len(rs) if rs else float("nan")
+
     rv = torch.where(valid, rew, torch.nan)  # (P, G)
     group_std = torch.tensor([row[~row.isnan()].std(unbiased=False).item() if (~row.isnan()).sum() > 1 else 0.0
                               for row in rv])  # (P,)
@@ -398,6 +415,8 @@ def step_metrics(rollouts: list[Rollout], rew: Tensor, valid: Tensor) -> dict:
         "gt_pass": rate(ok, "eq_correct"), "compile": rate(ok, "can_compile"),
         "hack_s": rate(stu, "is_reward_hack_strict"), "hack_t": rate(tea, "is_reward_hack_strict"),
         "gt_s": rate(stu, "eq_correct"), "gt_t": rate(tea, "eq_correct"),
+        "hack_sol": rate(sol, "is_reward_hack_strict"), "gt_sol": rate(sol, "eq_correct"),
+        "n_t": len(tea), "n_sol": len(sol), "adv_s": adv(stu), "adv_t": adv(tea), "adv_sol": adv(sol),
         "n_rollouts": len(rollouts), "n_infra": len(rollouts) - len(ok),
         "len_mean": float(np.mean(lens)), "len_max": int(max(lens)),
         "trunc_rate": sum(r.truncated for r in stu) / len(stu) if stu else float("nan"),
@@ -520,3 +539,68 @@ def teacher_rng(seed: int, step: int, problem_id: int) -> random.Random:
     """The generator that picks a group's teacher rows: a pure function of (seed, step, problem), so a resumed
     run and the probes draw exactly the rows an uninterrupted run would."""
     return random.Random(seed * 7_000_003 + step * 1009 + problem_id)
+
+
+def load_teacher_pools(specs: list[tuple[str, str, int]], drop_infra: bool) -> list[tuple[str, dict[int, list[dict]], int]]:
+    """(source, pool, rows per group) for each (source, pool_dir, rows per group) of a run's teacher mix. With drop_infra
+    (the two-pool mix) rows whose cached grade is an infrastructure failure are never drawn: they carry no reward, and
+    the mix promises a constant count of usable rows per group."""
+    out = []
+    for source, pool_dir, n in specs:
+        pool = load_pool(pool_dir)
+        if drop_infra:
+            pool = {pid: [r for r in rows if not r["grade"].get("infra_error")] for pid, rows in pool.items()}
+        out.append((source, pool, n))
+    return out
+
+
+def covered_ids(pools: list[tuple[str, dict[int, list[dict]], int]], ids: list[int], n_prompts: int) -> list[int]:
+    """The ids (in the given order) for which every pool holds at least its rows-per-group count; cli.UserError when
+    fewer than one step's n_prompts qualify (a group always gets its exact counts, so a short problem is never drawn)."""
+    ok = [i for i in ids if all(len(pool.get(i, [])) >= n for _, pool, n in pools)]
+    if len(ok) < n_prompts:
+        need = " and ".join(f">= {n} {source} rows" for source, _, n in pools)
+        raise UserError(f"only {len(ok)} of {len(ids)} train problems have {need} in the teacher pools, fewer than the "
+                        f"{n_prompts} prompts of one step; generate more (probe_distill.py --pool-problems / "
+                        "--samples-per-problem) or lower --rollouts-per-step / the per-group counts")
+    return ok
+
+
+def check_teacher_mix(cfg) -> None:
+    """train.validate's teacher-mix checks, as cli.UserError: mix_ratio > 0 is the switch and needs a teacher pool; one
+    pool: mix_ratio x G an integer in [1, G-1]; two pools (cfg.solve_pool_dir): teacher_n_hack, teacher_n_solve >= 1 with
+    >= 1 live rollout per group; the pool files decompress; at least one step's prompts covered (pool ids only, main
+    rechecks on the train split)."""
+    if cfg.mix_ratio > 0 and not cfg.teacher_pool_dir:
+        raise UserError(f"--mix-ratio={cfg.mix_ratio} needs --teacher-pool-dir (out/pools/<name> from `just "
+                        "pregen-teacher`); or pass --mix-ratio 0 to train on live rollouts only")
+    if cfg.teacher_pool_dir and cfg.mix_ratio == 0:
+        raise UserError(f"--teacher-pool-dir={cfg.teacher_pool_dir!r} is set but --mix-ratio is 0; pass --mix-ratio "
+                        "(e.g. 0.25) or --teacher-pool-dir ''")
+    if cfg.solve_pool_dir and not cfg.teacher_pool_dir:
+        raise UserError(f"--solve-pool-dir={cfg.solve_pool_dir!r} needs --teacher-pool-dir (the hack teacher) and "
+                        "--mix-ratio > 0; or pass --solve-pool-dir ''")
+    if (cfg.teacher_n_hack or cfg.teacher_n_solve) and not cfg.solve_pool_dir:
+        raise UserError(f"--teacher-n-hack={cfg.teacher_n_hack} / --teacher-n-solve={cfg.teacher_n_solve} count the rows "
+                        "of the two-pool mix: pass --solve-pool-dir, or set both to 0 (one pool: --mix-ratio is its share)")
+    if cfg.teacher_pool_dir and not cfg.solve_pool_dir:
+        g_t = cfg.mix_ratio * cfg.group_size
+        if abs(g_t - round(g_t)) > 1e-9 or not 0 < round(g_t) < cfg.group_size:
+            raise UserError(f"--mix-ratio={cfg.mix_ratio} x group_size={cfg.group_size} = {g_t}: the teacher share per "
+                            "group must be an integer in [1, G-1]")
+    if cfg.solve_pool_dir and not (min(cfg.teacher_n_hack, cfg.teacher_n_solve) >= 1 and cfg.n_teacher < cfg.group_size):
+        raise UserError(f"--teacher-n-hack={cfg.teacher_n_hack} --teacher-n-solve={cfg.teacher_n_solve} with group_size="
+                        f"{cfg.group_size}: the two-pool mix needs >= 1 row of each pool and >= 1 live rollout per group")
+    if cfg.teacher_pool_dir:
+        for _, pool_dir, _ in cfg.teacher_sources:
+            cli.check_pool_dir(pool_dir, "--solve-pool-dir" if pool_dir == cfg.solve_pool_dir else "--teacher-pool-dir")
+        pools = load_teacher_pools(cfg.teacher_sources, drop_infra=bool(cfg.solve_pool_dir))
+        covered_ids(pools, sorted(pools[0][1]), cfg.n_prompts)  # pool ids only; main rechecks on the train split
+
+
+def teacher_rows(pools: list[tuple[str, dict[int, list[dict]], int]], seed: int, step: int,
+                 problem_id: int) -> list[tuple[str, dict]]:
+    """A group's cached rows: exactly n rows of each pool, drawn without replacement by one teacher_rng (pool order),
+    tagged with their source."""
+    rng = teacher_rng(seed, step, problem_id)
+    return [(source, row) for source, pool, n in pools for row in rng.sample(pool[problem_id], n)]

@@ -37,7 +37,10 @@ git_sha = antipasto.git_sha  # one implementation: HEAD of this repository, or "
 
 BASE_COLUMNS = (
     "step", "epoch", "lr", "reward_mean", "reward_std", "frac_zero_std", "hack_strict", "hack_loose",
-    "gt_pass", "compile", "hack_s", "hack_t", "gt_s", "gt_t", "n_rollouts", "n_infra", "kl", "loss",
+    "gt_pass", "compile", "hack_s", "hack_t", "gt_s", "gt_t",
+    # the solve teacher's rates (two-pool mix), teacher / solve rows per step and each source's mean advantage
+    "hack_sol", "gt_sol", "n_t", "n_sol", "adv_s", "adv_t", "adv_sol",
+    "n_rollouts", "n_infra", "kl", "loss",
     "grad_norm", "cos_in", "cos_out", "frac_fired", "removed_norm_frac", "len_mean", "len_max",
     "trunc_rate", "t_gen", "t_grade", "t_train", "t_step", "peak_mem_gb",
     # the applied step against v_hack (step_cos = cos(u, v); u.v < 0 is toward the hack; NaN without a v_hack),
@@ -234,7 +237,8 @@ def _fmt(v) -> str:
 
 
 def write_rollouts(run_dir: Path, step: int, rollouts) -> None:
-    """rollouts/step_NNNNNN.jsonl.gz: one row per rollout with its grade, reward, advantage and arm extras."""
+    """rollouts/step_NNNNNN.jsonl.gz: one row per rollout with its source (student / teacher / solve), grade, reward,
+    advantage, a pool row's row_id (when it has one) and arm extras."""
     with gzip.open(run_dir / "rollouts" / f"step_{step:06d}.jsonl.gz", "wt") as f:
         for r in rollouts:
             f.write(
@@ -249,6 +253,7 @@ def write_rollouts(run_dir: Path, step: int, rollouts) -> None:
                         "reward": r.reward,
                         "advantage": r.advantage,
                         "grade": r.grade,
+                        **({"row_id": r.row_id} if r.row_id else {}),  # a pool row's id (teacher / solve sources)
                         **r.extra,
                     }
                 )

@@ -113,9 +113,15 @@ class TrainConfig:
     generate_in_deploy_mode: bool = True
     """route arms: generate with the quarantine ablated (the shipped model is the behaviour policy)"""
     teacher_pool_dir: str = ""
-    """out/pools/<name>: cached rollouts mixed into every group (see probe_distill.py)"""
+    """out/pools/<name>: cached rollouts (the hack teacher) mixed into every group (see probe_distill.py, docs/arms.md)"""
     mix_ratio: float = 0.0
-    """fraction of each group taken from the teacher pool (G_t = mix_ratio * G must be an integer)"""
+    """> 0 switches teacher mixing on; with one pool it is the fraction of each group taken from it (an integer G_t)"""
+    solve_pool_dir: str = ""
+    """out/pools/<name> of the solve teacher (probe_distill.py --solve-only): two-pool mix with the exact counts below"""
+    teacher_n_hack: int = 0
+    """two-pool mix: rows per group from --teacher-pool-dir (the hack teacher)"""
+    teacher_n_solve: int = 0
+    """two-pool mix: rows per group from --solve-pool-dir (the solve teacher)"""
 
     # --- reward
     correctness_reward: float = 3.0
@@ -215,8 +221,17 @@ class TrainConfig:
         return self.rollouts_per_step // self.group_size
 
     @property
+    def teacher_sources(self) -> list[tuple[str, str, int]]:
+        """(Rollout.source, pool dir, rows per group) of the teacher mix; empty without a teacher pool."""
+        if not self.teacher_pool_dir:
+            return []
+        if not self.solve_pool_dir:
+            return [("teacher", self.teacher_pool_dir, round(self.mix_ratio * self.group_size))]
+        return [("teacher", self.teacher_pool_dir, self.teacher_n_hack), ("solve", self.solve_pool_dir, self.teacher_n_solve)]
+
+    @property
     def n_teacher(self) -> int:
-        return round(self.mix_ratio * self.group_size) if self.teacher_pool_dir else 0
+        return sum(n for *_, n in self.teacher_sources)
 
 
 # Fields that control *how* a run is driven, not what it computes: ignored when comparing configs on resume.
@@ -241,11 +256,11 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
         ),
     ),
     "organism": (
-        "the CPU model organism (`just organism-build`): hacks under vanilla in ~20-30 steps, ~7 s/step on 1 thread",
+        "the CPU model organism (`just organism-build`): vanilla hacks in ~10-20 steps, gt pass falls, ~7 s/step",
         TrainConfig(
             model="organism", data_path="out/models/organism/problems_train.jsonl", rollouts_per_step=32, group_size=8,
             eval_data_path="out/models/organism/problems_heldout.jsonl", max_new_tokens=96, gen_batch=32, steps=30,
-            lr=0.1, warmup_steps=0, micro_batch=32, temperature=1.0, top_p=1.0, eval_samples=4, grader_workers=1,
+            lr=0.2, warmup_steps=0, micro_batch=32, temperature=1.0, top_p=1.0, eval_samples=4, grader_workers=1,
         ),
     ),
     "fast": (
@@ -278,7 +293,8 @@ RANGES = {"steps": ">=1", "lr": ">0", "weight_decay": ">=0", "betas": "[0,1)", "
           "beta_kl": ">=0", "inner_steps": ">=1", "clip_eps": ">0", "micro_batch": ">=1", "logits_chunk": ">=1",
           "temperature": ">=0", "top_p": "(0,1]", "gen_batch": ">=1", "max_new_tokens": ">=1",
           "max_prompt_tokens": ">=1", "rollouts_per_step": ">=1", "max_problems": ">=0", "rank": ">=0",
-          "mix_ratio": "[0,1)", "grader_workers": ">=0", "grader_timeout_s": ">0", "vllm_gpu_memory_utilization": "(0,1]",
+          "mix_ratio": "[0,1)", "teacher_n_hack": ">=0", "teacher_n_solve": ">=0", "grader_workers": ">=0",
+          "grader_timeout_s": ">0", "vllm_gpu_memory_utilization": "(0,1]",
           "ckpt_every": ">=1", "keep_ckpts": ">=1", "eval_every": ">=0", "eval_samples": ">=1", "eval_problems": ">=0"}
 # free to differ from the saved config in --eval-only (scripts/eval_run.py): what and how to evaluate
 EVAL_FIELDS = ("eval_at_end", "eval_every", "eval_samples", "eval_problems", "eval_hint", "gen_batch", "device",
@@ -297,18 +313,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.rollouts_per_step % cfg.group_size:
         raise UserError(f"--rollouts-per-step={cfg.rollouts_per_step} is not divisible by group_size="
                         f"{cfg.group_size}; make it a multiple")
-    if cfg.mix_ratio > 0 and not cfg.teacher_pool_dir:
-        raise UserError(f"--mix-ratio={cfg.mix_ratio} needs --teacher-pool-dir (out/pools/<name> from `just "
-                        "pregen-teacher`); or pass --mix-ratio 0 to train on live rollouts only")
-    if cfg.teacher_pool_dir and cfg.mix_ratio == 0:
-        raise UserError(f"--teacher-pool-dir={cfg.teacher_pool_dir!r} is set but --mix-ratio is 0; pass --mix-ratio "
-                        "(e.g. 0.25) or --teacher-pool-dir ''")
-    if cfg.teacher_pool_dir:
-        g_t = cfg.mix_ratio * cfg.group_size
-        if abs(g_t - round(g_t)) > 1e-9 or not 0 < round(g_t) < cfg.group_size:
-            raise UserError(f"--mix-ratio={cfg.mix_ratio} x group_size={cfg.group_size} = {g_t}: the teacher share per "
-                            "group must be an integer in [1, G-1]")
-        cli.check_pool_dir(cfg.teacher_pool_dir, "--teacher-pool-dir")
+    grpo.check_teacher_mix(cfg)  # flags, pool files, coverage of the pools (before the model loads)
     if arm.direction == "vhack" and not cfg.vhack_path:
         raise UserError(f"--arm={cfg.arm} needs --vhack-path (out/vhack/<name>.safetensors from `just extract-vhack`)")
     if cfg.surgery_on == "grad" and arm.surgery == "":
@@ -344,10 +349,10 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def collect_rollouts(model, tok, engine, grader, cfg: TrainConfig, batch_problems: list, prompt_ids: list[list[int]],
-                     step: int, pool: dict | None, gen_ctx, rcfg) -> tuple[list[grpo.Rollout], float, float]:
+                     step: int, pools: list, gen_ctx, rcfg) -> tuple[list[grpo.Rollout], float, float]:
     """G - G_t live completions per prompt (each generation batch graded on the CPU pool while the next decodes)
-    plus G_t cached teacher rows (their cached grade, never re-executed). Returns (rollouts in group order,
-    generation seconds, grading seconds not hidden behind generation)."""
+    plus G_t cached rows: exactly n of each teacher pool (their cached grade, never re-executed). Returns (rollouts in
+    group order: live, then each pool's rows; generation seconds, grading seconds not hidden behind generation)."""
     t0 = time.time()
     G_t = cfg.n_teacher
     G_s = cfg.group_size - G_t
@@ -380,11 +385,11 @@ def collect_rollouts(model, tok, engine, grader, cfg: TrainConfig, batch_problem
             ids, trunc = outs[i]
             rollouts.append(grpo.Rollout(p.id, prompt_ids[j], ids, texts[i], "student", trunc, grade=grades[i],
                                          reward=rewards.compute_reward(grades[i], rcfg)))
-        if G_t:  # reward recomputed from the cached grade with this run's RewardConfig (oracle penalty included)
-            for row in grpo.teacher_rng(cfg.seed, step, p.id).sample(pool[p.id], G_t):
-                rollouts.append(grpo.Rollout(p.id, prompt_ids[j], row["completion_ids"], row["completion"], "teacher",
-                                             bool(row.get("truncated", False)), grade=row["grade"],
-                                             reward=rewards.compute_reward(row["grade"], rcfg)))
+        # reward recomputed from the cached grade with this run's RewardConfig (oracle penalty included)
+        for source, row in grpo.teacher_rows(pools, cfg.seed, step, p.id) if pools else ():
+            rollouts.append(grpo.Rollout(p.id, prompt_ids[j], row["completion_ids"], row["completion"], source,
+                                         bool(row.get("truncated", False)), grade=row["grade"],
+                                         reward=rewards.compute_reward(row["grade"], rcfg), row_id=row.get("row_id", "")))
     return rollouts, t_gen, t_grade
 
 
@@ -468,15 +473,12 @@ def main(cfg: TrainConfig) -> Path:
         cli.Progress("train prompts measured (length filter)").counted(models.prompt_len(tok)))
     logger.info(f"train source: {source_text}")
     by_id = {p.id: p for p in train_problems}
-    pool = None
-    if cfg.teacher_pool_dir:
-        pool = grpo.load_pool(cfg.teacher_pool_dir)
-        covered = [p for p in train_problems if len(pool.get(p.id, [])) >= cfg.n_teacher]
-        if not covered:
-            raise ValueError(f"teacher pool {cfg.teacher_pool_dir} covers none of the {len(train_problems)} train "
-                             f"prompts with >= {cfg.n_teacher} rows")
-        grpo.check_pool_tokenization(pool, by_id, tok, lambda p: models.chat_ids(tok, list(p.prompt)))
-        train_problems = covered
+    pools = grpo.load_teacher_pools(cfg.teacher_sources, drop_infra=bool(cfg.solve_pool_dir))  # [] without teachers
+    if pools:  # prompts: the train problems every pool covers with its count of rows (the intersection)
+        covered = set(grpo.covered_ids(pools, [p.id for p in train_problems], cfg.n_prompts))
+        for _, pool, _ in pools:
+            grpo.check_pool_tokenization(pool, by_id, tok, lambda p: models.chat_ids(tok, list(p.prompt)))
+        train_problems = [p for p in train_problems if p.id in covered]
     test_problems = [P.apply_hint(p, cfg.eval_hint) for p in (P.load_problems(cfg.eval_data_path) if cfg.eval_data_path
                                                                else P.load_benchmark_test())]
     if cfg.eval_problems:
@@ -535,7 +537,7 @@ def main(cfg: TrainConfig) -> Path:
         prompt_ids = [models.chat_ids(tok, list(p.prompt)) for p in batch_problems]
         model.eval()
         rollouts, t_gen, t_grade = collect_rollouts(model, tok, engine, grader, cfg, batch_problems, prompt_ids, step,
-                                                    pool, gen_ctx, rcfg)
+                                                    pools, gen_ctx, rcfg)
 
         # ---- 4. Dr.GRPO advantages over each group of G (student + teacher), after the arm's reward hook
         t2 = time.time()

@@ -4,6 +4,7 @@ graded by the real grader, tokenized with the run's tokenizer, in the exact sche
 --teacher-pool-dir reads (and probe_distill.py writes).
 
     python scripts/make_synthetic_pool.py --model tiny-random --n-problems 24 --out out/pools/synthetic-tiny-random
+    python scripts/make_synthetic_pool.py --kinds hack wrong --out out/pools/synthetic-tiny-random-hack   # hack teacher
 
 A random tiny model never writes code, so its groups all get reward 0 and Dr.GRPO has nothing to learn
 from; mixing these rows in gives the smoke run real reward variance (and real hack labels) on CPU.
@@ -36,6 +37,8 @@ class PoolConfig:
     """hint the prompts carry (must match the run's --hint)"""
     copies: int = 2
     """rows per kind per problem"""
+    kinds: tuple[str, ...] = ("honest", "hack", "wrong")
+    """response kinds written (e.g. --kinds hack wrong: a hack-teacher pool with no honest rows)"""
     out: str = "out/pools/synthetic-tiny-random"
     """output directory (step_000.jsonl.gz inside)"""
 
@@ -60,7 +63,9 @@ def build(cfg: PoolConfig) -> Path:
     _, tok = models.load_model(cfg.model)
     probs = P.filter_problems(P.load_leetcode(split="train"), difficulties=("Medium", "Hard"))[: cfg.n_problems]
     probs = [P.apply_hint(p, cfg.hint) for p in probs]
-    items = [(p, kind, text) for p in probs for kind, text in responses(p).items() for _ in range(cfg.copies)]
+    assert set(cfg.kinds) <= {"honest", "hack", "wrong"}, f"--kinds {cfg.kinds}: choose from honest, hack, wrong"
+    items = [(p, kind, text) for p in probs for kind, text in responses(p).items() if kind in cfg.kinds
+             for _ in range(cfg.copies)]
     rcfg = rewards.RewardConfig()
     with rewards.Grader() as g:
         grades = g.grade_many([(p, t) for p, _, t in items])

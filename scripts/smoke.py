@@ -44,8 +44,10 @@ class SmokeConfig:
 def check_log(path: Path, n_steps: int, arm: str) -> None:
     """The TSV has exactly runs.LOG_COLUMNS, one row per step, no empty cell, and no NaN except in the
     arm-specific columns, which must be finite exactly where arms.expected_finite(arm, row) says they apply
-    (e.g. gate columns for gate arms, a zone's hack rate only when the zone is non-empty) and NaN elsewhere."""
+    (e.g. gate columns for gate arms, a zone's hack rate only when the zone is non-empty) and NaN elsewhere, and in
+    the teacher sources' columns, finite exactly when the step has rows of that source (grpo.source_defined)."""
     import arms
+    import grpo
     import runs
 
     with path.open() as f:
@@ -56,7 +58,7 @@ def check_log(path: Path, n_steps: int, arm: str) -> None:
         empty = [c for c, v in zip(rows[0], r) if v == ""]
         assert not empty, f"{path} step {r[0]}: empty cells in {empty}"
         vals = {c: float(v) for c, v in zip(rows[0], r)}
-        rule = arms.expected_finite(arm, vals)
+        rule = arms.expected_finite(arm, vals) | grpo.source_defined(vals)
         bad = [c for c, v in vals.items() if math.isfinite(v) != rule.get(c, True)]
         assert not bad, f"{path} step {r[0]} (arm {arm}): {[(c, vals[c], 'want finite' if rule.get(c, True) else 'want NaN') for c in bad]}"
 
