@@ -3,17 +3,23 @@
     python probe_distill.py smoke                                   # whole chain on tiny-random (CPU, 1-3 min)
     python probe_distill.py smoke --teacher-only                    # only the teacher pool
     python probe_distill.py smollm --base-only                      # only the base pool (SmolLM2, CPU)
+    python probe_distill.py smollm --solve-only --solve-source canonical   # the solve teacher's pool (docs/probes.md)
+    python probe_distill.py organism --solve-only                   # the organism's own correct no-hint rollouts
     python probe_distill.py smollm --probe-distill                  # NLL-gradient cosines of the pools' rows
     python probe_distill.py smollm --probe-mixed                    # Dr.GRPO-gradient cosines on mixed groups
     python probe_distill.py full --teacher-only --adapter out/runs/<run>/ckpt/step_000100/adapter.safetensors
     python probe_distill.py full --help                             # every field, with its docstring
 
-Exactly one of --teacher-only / --base-only / --probe-distill / --probe-mixed runs that stage; none runs
-all four in that order. Every probe stage rewrites out/probes/<name>/report.md from what exists there.
+Exactly one of --teacher-only / --base-only / --solve-only / --probe-distill / --probe-mixed runs that stage;
+none runs the teacher, base and probe stages in that order (the solve pool only on request). Every probe stage rewrites out/probes/<name>/report.md from what exists there.
 
 1. Pools (out/pools/<pool>/step_NNN.jsonl.gz, the schema train.py --teacher-pool-dir reads):
    teacher = the model (+ optional --adapter checkpoint) prompted WITH the loophole hint (--teacher-hint);
    base    = the unadapted model (antipasto.reference) prompted WITHOUT it (--base-hint none).
+   solve   = the solve teacher of train.py --solve-pool-dir: the unadapted model's completions of the prompt WITHOUT
+             any hint (--solve-source model) or the dataset's canonical solutions (--solve-source canonical), kept
+             only when the environment's reward on the hint-free problem is the full correctness reward. With no
+             loophole in the prompt that means the ground-truth tests passed; no hack label is ever read.
    Every row's `prompt_ids` is the TRAINING prompt (train.py's hint, --hint), which is what train.py checks
    and conditions the loss on; the prompt actually sampled from is `gen_prompt_ids`. Every row is graded
    against the training problem, so cached rewards mean what live rewards mean in train.py (docs/probes.md).
@@ -59,9 +65,10 @@ import problems as P
 import runs
 
 ROOT = Path(__file__).resolve().parent
-STAGES = ("teacher_only", "base_only", "probe_distill", "probe_mixed")
+STAGES = ("teacher_only", "base_only", "solve_only", "probe_distill", "probe_mixed")
+DEFAULT_STAGES = ("teacher_only", "base_only", "probe_distill", "probe_mixed")  # no stage flag: these, in order
 LABELS = ("hack", "correct", "other")
-POOL_KINDS = ("teacher", "base")
+POOL_KINDS = ("teacher", "base", "solve")
 # fields whose values must equal train.py's for the probe to measure the gradient a run would see
 SHARED_TRAIN_FIELDS = (
     "model", "dtype", "targets", "layers", "rank", "train_source", "data_path", "difficulties", "max_problems", "hint",
@@ -80,6 +87,8 @@ class ProbeConfig:
     """generate the teacher pool only"""
     base_only: bool = False
     """generate the base pool only"""
+    solve_only: bool = False
+    """generate the solve teacher's pool only (train.py --solve-pool-dir)"""
     probe_distill: bool = False
     """run the NLL-gradient probe only (pools must exist)"""
     probe_mixed: bool = False
@@ -126,6 +135,10 @@ class ProbeConfig:
     """teacher pool name under pools_dir (or a path); empty = <model>-teacher"""
     base_pool: str = ""
     """base pool name under pools_dir (or a path); empty = <model>-base"""
+    solve_pool: str = ""
+    """solve pool name under pools_dir (or a path); empty = <model>-solve"""
+    solve_source: Literal["model", "canonical"] = "model"
+    """solve pool rows: the unadapted model's hint-free samples, or the dataset's canonical solutions (one per problem)"""
     adapter: str = ""
     """adapter checkpoint for the teacher (e.g. out/runs/<run>/ckpt/step_000100/adapter.safetensors); empty = base model"""
     adapter_mode: Literal["full", "deploy"] = "full"
@@ -213,7 +226,7 @@ class ProbeConfig:
 
     def pool_dir(self, kind: str) -> Path:
         assert kind in POOL_KINDS, f"pool kind must be one of {POOL_KINDS}, got {kind!r}"
-        name = self.teacher_pool if kind == "teacher" else self.base_pool
+        name = {"teacher": self.teacher_pool, "base": self.base_pool, "solve": self.solve_pool}[kind]
         return resolve_pool(name or f"{Path(self.model).name}-{kind}", self.pools_dir)
 
     @property
@@ -241,6 +254,16 @@ PRESETS: dict[str, tuple[str, ProbeConfig]] = {
             problems_per_file=4, max_new_tokens=192, gen_batch=16, vhack_path="out/vhack/smollm2-135m_mean.safetensors",
             distill_samples=16, distill_batch=4, mixed_steps=2, mixed_prompts=2, group_size=4, micro_batch=4,
             warmup_steps=2,
+        ),
+    ),
+    "organism": (
+        "the CPU model organism (`just organism-build`): its train problems x 8 samples, 96 new tokens, T = 1 (as train.py organism); "
+        "the teacher is forced to open with a run_tests stub",
+        ProbeConfig(
+            name="organism", model="organism", data_path="out/models/organism/problems_train.jsonl", problems_per_file=32,
+            samples_per_problem=8, max_new_tokens=96, temperature=1.0, top_p=1.0, gen_batch=64, grader_workers=1,
+            teacher_prefix="```python\ndef run_tests():", vhack_path="out/vhack/organism.safetensors",
+            distill_samples=32, mixed_steps=2, mixed_prompts=4, group_size=8, micro_batch=32, lr=0.2, warmup_steps=0,
         ),
     ),
     "full": (
@@ -357,6 +380,28 @@ def pool_summary(rows: list[dict]) -> dict:
     }
 
 
+def fenced(code: str) -> str:
+    """A solution in the answer format every prompt asks for (problems.py): one ```python block."""
+    return "```python\n" + code.strip("\n") + "\n```"
+
+
+def end_of_turn_id(tok) -> int:
+    """The token a chat completion ends with (<|im_end|> for the repo's chat models), else the tokenizer's EOS."""
+    i = tok.convert_tokens_to_ids("<|im_end|>")
+    return i if isinstance(i, int) and i >= 0 and i != tok.unk_token_id else tok.eos_token_id
+
+
+def solve_keeps(env_grade: dict, rcfg) -> bool:
+    """The solve pool's selection rule: the environment's reward of the completion on the HINT-FREE problem is the full
+    correctness reward. With no loophole in the prompt (eq_hinted is False) that means the ground-truth tests passed.
+    Only rewards.compute_reward with rcfg (no oracle penalty) is consulted: never a hack label."""
+    assert not rcfg.oracle_penalty, "the solve pool's rule uses the environment's reward only (no oracle penalty)"
+    assert env_grade.get("hint", "none") == "none", f"solve rows are selected on the hint-free problem, got {env_grade.get('hint')!r}"
+    import rewards
+
+    return not env_grade["infra_error"] and rewards.compute_reward(env_grade, rcfg) >= rcfg.correctness_reward
+
+
 def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
     """Write out/pools/<pool>/step_NNN.jsonl.gz (+ meta.json); returns the pool dir. See docs/probes.md."""
     import antipasto
@@ -367,7 +412,8 @@ def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
     model, tok = env["model"], env["tok"]
     out = cfg.pool_dir(kind)
     out.mkdir(parents=True, exist_ok=True)
-    gen_hint = cfg.teacher_hint if kind == "teacher" else cfg.base_hint
+    gen_hint = {"teacher": cfg.teacher_hint, "base": cfg.base_hint, "solve": "none"}[kind]
+    canonical = kind == "solve" and cfg.solve_source == "canonical"
     if gen_hint not in P.HINTS:
         raise ValueError(f"--{kind}-hint {gen_hint!r} is not a hint; use one of {', '.join(P.HINTS)}")
     probs = env["problems"][: cfg.pool_problems or None]
@@ -377,7 +423,7 @@ def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
         mode_ctx = antipasto.ablate_quarantine if cfg.adapter_mode == "deploy" else contextlib.nullcontext
     else:
         mode_ctx = antipasto.reference  # the unadapted model, whatever adapter is loaded
-    meta = {"kind": kind, "model_id": env["mid"], "adapter": cfg.adapter if kind == "teacher" else "",
+    meta = {"kind": kind, "model_id": env["mid"], "solve_source": cfg.solve_source if kind == "solve" else "", "adapter": cfg.adapter if kind == "teacher" else "",
             "adapter_mode": cfg.adapter_mode if kind == "teacher" else "", "gen_hint": gen_hint, "train_hint": cfg.hint,
             "samples_per_problem": cfg.samples_per_problem, "max_new_tokens": cfg.max_new_tokens,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "git_sha": runs.git_sha(),
@@ -395,22 +441,33 @@ def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
         gen_probs = [P.apply_hint(p, gen_hint) for p in chunk]
         train_ids = [models.chat_ids(tok, list(p.prompt)) for p in chunk]  # what train.py conditions on
         gen_ids = [models.chat_ids(tok, list(p.prompt)) for p in gen_probs]  # what we sample from
-        flat = [j for j in range(len(chunk)) for _ in range(cfg.samples_per_problem)]
+        flat = [j for j in range(len(chunk)) for _ in range(1 if canonical else cfg.samples_per_problem)]
         t0 = time.time()
         seed = (cfg.seed * 1_000_003 + zlib.crc32(kind.encode()) + k * 7919) % 2**31
         prefix = cfg.teacher_prefix if kind == "teacher" else ""
         pre_ids = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []  # forced start of the answer
-        with mode_ctx(model):
-            outs = grpo.sample(model, tok, None, [gen_ids[j] + pre_ids for j in flat], cfg.max_new_tokens,
-                               cfg.temperature, cfg.top_p, cfg.gen_batch, seed=seed)
+        if canonical:  # the dataset's solution as a completion that ended (end-of-turn), never sampled
+            outs = [(tok(fenced(chunk[j].canonical_solution), add_special_tokens=False)["input_ids"] + [end_of_turn_id(tok)],
+                     False) for j in flat]
+        else:
+            with mode_ctx(model):
+                outs = grpo.sample(model, tok, None, [gen_ids[j] + pre_ids for j in flat], cfg.max_new_tokens,
+                                   cfg.temperature, cfg.top_p, cfg.gen_batch, seed=seed)
         if pre_ids:  # the row's completion is prefix + continuation (what the grader sees and the loss trains on)
             outs = [(pre_ids + ids, trunc) for ids, trunc in outs]
         texts = [tok.decode(ids, skip_special_tokens=True) for ids, _ in outs]
         t_gen = time.time() - t0
         grades = grader.grade_many([(chunk[j], t) for j, t in zip(flat, texts)])  # graded as train.py grades: training hint
+        keep = [True] * len(flat)
+        if kind == "solve":  # selected on the hint-free problem by the environment's reward alone (solve_keeps)
+            env_rcfg = rewards.RewardConfig(correctness_reward=cfg.correctness_reward, compile_reward=cfg.compile_reward)
+            env_grades = grader.grade_many([(gen_probs[j], t) for j, t in zip(flat, texts)])
+            keep = [solve_keeps(g, env_rcfg) for g in env_grades]
         rows = []
         for i, (j, (ids, trunc), text, g) in enumerate(zip(flat, outs, texts, grades)):
             p = chunk[j]
+            if not keep[i]:
+                continue
             comp = canonical_ids(tok, text, ids, trunc)
             row = {
                 "problem_id": p.id, "row_id": f"{kind}-{p.id}-{i % cfg.samples_per_problem}", "kind": kind,
@@ -428,7 +485,7 @@ def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
                 f.write(json.dumps(r) + "\n")
         os.replace(tmp, path)  # atomic: a killed run never leaves a half file that train.py would read
         s = pool_summary(rows)
-        logger.info(f"{path}: {len(rows)} rows, gen {t_gen:.1f}s, hack {s['hack_strict']:.2f} correct {s['correct']:.2f} reward {s['reward_mean']:.2f}")
+        logger.info(f"{path}: {len(rows)} rows (of {len(flat)} {'canonical solutions' if canonical else 'samples'}), gen {t_gen:.1f}s, hack {s['hack_strict']:.2f} correct {s['correct']:.2f} reward {s['reward_mean']:.2f}")
     rows = [r for rs in grpo.load_pool(str(out)).values() for r in rs]
     summ = pool_summary(rows)
     summ.update(pool=str(out), kind=kind, gen_hint=gen_hint, adapter=meta["adapter"])
@@ -877,8 +934,9 @@ def main(cfg: ProbeConfig) -> Path:
 
     chosen = [s for s in STAGES if getattr(cfg, s)]
     if len(chosen) > 1:
-        raise cli.UserError(f"pick one of --teacher-only / --base-only / --probe-distill / --probe-mixed (got {chosen}), or none for the whole chain")
-    stages = chosen or list(STAGES)
+        raise cli.UserError(f"pick one of --teacher-only / --base-only / --solve-only / --probe-distill / --probe-mixed (got "
+                            f"{chosen}), or none for the teacher, base and probe chain")
+    stages = chosen or list(DEFAULT_STAGES)
     import models  # the user-facing inputs, checked before the model loads
 
     cli.check_data(cfg.data_path, P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz",
@@ -888,9 +946,9 @@ def main(cfg: ProbeConfig) -> Path:
     env = setup(cfg)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / f"config.{'_'.join(stages) if chosen else 'all'}.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    if "teacher_only" in stages or "base_only" in stages:
+    if {"teacher_only", "base_only", "solve_only"} & set(stages):
         with rewards.Grader(workers=cfg.grader_workers or None, timeout_s=cfg.grader_timeout_s) as grader:
-            for kind, stage in (("teacher", "teacher_only"), ("base", "base_only")):
+            for kind, stage in (("teacher", "teacher_only"), ("base", "base_only"), ("solve", "solve_only")):
                 if stage in stages:
                     generate_pool(cfg, env, kind, grader)
     dirs = load_directions(cfg, env) if {"probe_distill", "probe_mixed"} & set(stages) else None
