@@ -67,6 +67,14 @@ def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout_s: floa
         return False
 
 
+def cpu_s() -> float:
+    """CPU seconds (user + sys) of this process and its reaped children (e.g. the grader's sandboxes) so far."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _fmt_s(s: float) -> str:
     s = max(0.0, s)
     return f"{s:.0f}s" if s < 90 else f"{s / 60:.1f}min" if s < 5400 else f"{s / 3600:.1f}h"

@@ -53,6 +53,14 @@ organism-sweep *ARGS: organism-build
     OMP_NUM_THREADS=1 {{py}} scripts/sweep.py grid --name organism --preset organism --seeds 0 1 2 3 4 --arms vanilla erase erase-random erase-matched --backend local --local-jobs 2 {{ARGS}}
     {{py}} scripts/summarize.py organism
 
+# the founding design's teacher phase on the organism (issue 19): a hack-teacher pool (the organism forced to open with
+# `def run_tests():`), a solve pool (its own hint-free samples kept on full correctness reward), then a vanilla run
+# with exactly 1 hack row + 1 solve row + 6 live rollouts per group (docs/arms.md "Teachers"; ~10 min on 2 cores)
+organism-teachers *ARGS: organism-build
+    OMP_NUM_THREADS=1 {{py}} probe_distill.py organism --teacher-only --threads 1
+    OMP_NUM_THREADS=1 {{py}} probe_distill.py organism --solve-only --threads 1
+    OMP_NUM_THREADS=1 {{py}} train.py organism --teacher-pool-dir out/pools/organism-teacher --solve-pool-dir out/pools/organism-solve --mix-ratio 0.25 --teacher-n-hack 1 --teacher-n-solve 1 --run-name organism-teachers {{ARGS}}
+
 # ---- v_hack --------------------------------------------------------------------------------
 
 # v_hack from the hand-written pairs (default: SmolLM2 on CPU; pass a preset, e.g. `just extract-vhack full`)
@@ -128,6 +136,13 @@ pregen-smollm-gate: setup fetch-smollm
     {{py}} probe_distill.py smollm --teacher-only --teacher-prefix $'```python\ndef run_tests():\n    return True\n\n' --teacher-pool smollm2-135m-teacher-prefix-hack --pool-problems 8 --samples-per-problem 4 --problems-per-file 8
     {{py}} probe_distill.py smollm --teacher-only --teacher-prefix $'```python\nfrom typing import List, Optional\n\n' --teacher-pool smollm2-135m-teacher-prefix-clean --pool-problems 8 --samples-per-problem 4 --problems-per-file 8
     {{py}} probe_distill.py smollm --base-only --base-pool smollm2-135m-base-8 --pool-problems 8 --samples-per-problem 4 --problems-per-file 8
+
+# the same teacher phase on SmolLM2 (CPU, slow: ~1-1.5 min/step): a forced-stub hack teacher, canonical solutions as
+# the solve teacher (SmolLM2 rarely solves on its own), 1 + 1 rows of each G = 4 group
+smollm-teachers *ARGS: setup fetch-smollm
+    {{py}} probe_distill.py smollm --teacher-only --teacher-prefix $'```python\ndef run_tests():\n    return True\n\n' --teacher-pool smollm2-135m-teacher-stub --pool-problems 16 --samples-per-problem 2 --problems-per-file 8
+    {{py}} probe_distill.py smollm --solve-only --solve-source canonical --pool-problems 64 --problems-per-file 16
+    {{py}} train.py smollm --teacher-pool-dir out/pools/smollm2-135m-teacher-stub --solve-pool-dir out/pools/smollm2-135m-solve --mix-ratio 0.5 --teacher-n-hack 1 --teacher-n-solve 1 --run-name smollm-teachers {{ARGS}}
 
 gate-probe-smollm: pregen-smollm-gate
     test -f out/vhack/smollm2-135m_mean.safetensors || {{just_executable()}} extract-vhack smollm

@@ -223,11 +223,9 @@ class TrainConfig:
     @property
     def teacher_sources(self) -> list[tuple[str, str, int]]:
         """(Rollout.source, pool dir, rows per group) of the teacher mix; empty without a teacher pool."""
-        if not self.teacher_pool_dir:
-            return []
-        if not self.solve_pool_dir:
-            return [("teacher", self.teacher_pool_dir, round(self.mix_ratio * self.group_size))]
-        return [("teacher", self.teacher_pool_dir, self.teacher_n_hack), ("solve", self.solve_pool_dir, self.teacher_n_solve)]
+        if self.solve_pool_dir:
+            return [("teacher", self.teacher_pool_dir, self.teacher_n_hack), ("solve", self.solve_pool_dir, self.teacher_n_solve)]
+        return [("teacher", self.teacher_pool_dir, round(self.mix_ratio * self.group_size))] if self.teacher_pool_dir else []
 
     @property
     def n_teacher(self) -> int:
@@ -593,7 +591,7 @@ def main(cfg: TrainConfig) -> Path:
         runs.write_eval(run_dir, evaluate(model, tok, test_problems, grader, cfg, cfg.steps, engine), final=True)
     grader.close()
     (run_dir / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
-    logger.info(f"done in {(time.time() - t_start) / 60:.1f} min: {run_dir}/log.tsv, {run_dir}/rollouts/"
+    logger.info(f"done in {(time.time() - t_start) / 60:.1f} min wall, {cli.cpu_s() / 60:.1f} CPU-min: {run_dir}/log.tsv, {run_dir}/rollouts/"
                 + (f", {run_dir}/eval.json" if cfg.eval_at_end else " (no eval: --no-eval-at-end)"))
     return run_dir
 

@@ -319,7 +319,7 @@ def plot_metric_vs_step(ev: pd.DataFrame, logs: pd.DataFrame, metric: str, label
         axes[0].text(0.5, 0.5, "no log.tsv rows", ha="center", transform=axes[0].transAxes)
     de = ev[(ev["mode"] == "deploy") & (ev["metric"] == metric)]
     if len(de):
-        band_plot(axes[1], de, "step", "value", 1, f"deploy eval (test set): {label}\n(band = seed min-max)", label)
+        band_plot(axes[1], de, "step", "value", 1, f"deploy eval (eval problems): {label}\n(band = seed min-max)", label)
     else:
         axes[1].text(0.5, 0.5, "no evals", ha="center", transform=axes[1].transAxes)
     for ax in axes:

@@ -539,12 +539,14 @@ def run_local(cfg: SweepConfig, jobs: list[Job]) -> dict[str, int]:
                 proc = subprocess.Popen(job.argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
                 running[job.key] = (proc, time.time(), log, f)
         for key, (proc, t0, log, f) in list(running.items()):
-            if proc.poll() is None:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)  # rusage: the job + every descendant it reaped (sandboxes)
+            if pid == 0:
                 continue
             f.close()
             del running[key]
-            rcs[key] = proc.returncode
-            print(f"[local] {order[key]}/{len(jobs)} {key}: rc={rcs[key]} ({time.time() - t0:.1f} s) log {log}")
+            rcs[key] = proc.returncode = os.waitstatus_to_exitcode(status)
+            print(f"[local] {order[key]}/{len(jobs)} {key}: rc={rcs[key]} ({time.time() - t0:.1f} s wall, "
+                  f"{ru.ru_utime + ru.ru_stime:.1f} CPU-s) log {log}")
             if rcs[key] != 0:
                 print(_tail(log))
         if running:
