@@ -367,6 +367,47 @@ def allowed_packages() -> tuple[dict[str, str], tuple[str, ...]]:
     return inits, tuple(dirs)
 
 
+# Package folders of the system and the interpreter that the sandbox must never read (only ALLOWED_PACKAGES are).
+_PACKAGE_GLOBS = ("lib/python3*/site-packages", "lib/python3*/dist-packages", "lib/python3/dist-packages",
+                  "local/lib/python3*/site-packages", "local/lib/python3*/dist-packages", "lib64/python3*/site-packages")
+
+
+def split_grant(root: str, excluded: list[str]) -> tuple[list[str], list[str]]:
+    """(readable paths, list-only dirs) that cover `root` minus every path in `excluded`: Landlock grants are whole
+    subtrees, so each directory on the way to an excluded path is granted READ_DIR only (Python's importer lists
+    it) and its other entries are granted whole; an excluded subtree gets nothing (its files cannot be read)."""
+    root = os.path.realpath(root)
+    if any(e == root for e in excluded):
+        return [], []
+    if not any(e.startswith(root + os.sep) for e in excluded):
+        return [root], []
+    ro, list_only = [], [root]
+    for name in sorted(os.listdir(root)):
+        r, lo = split_grant(os.path.join(root, name), excluded)
+        ro += r
+        list_only += lo
+    return ro, list_only
+
+
+# /lib and /lib64 unless they are links into /usr (merged /usr), whose package folders must stay unreadable
+_OUTSIDE_USR = tuple(p for p in ("/lib", "/lib64") if not os.path.realpath(p).startswith("/usr/"))
+
+
+@functools.lru_cache(maxsize=4)
+def readable_roots(base_prefix: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Landlock's read-only grants for the interpreter install and /usr, minus their package folders:
+    (readable, list-only). The ALLOWED_PACKAGES dirs are granted on top (allowed_packages)."""
+    import glob
+
+    ro, list_only = [], []
+    for root in (os.path.realpath(base_prefix), "/usr"):
+        excluded = sorted({os.path.realpath(p) for g in _PACKAGE_GLOBS for p in glob.glob(os.path.join(root, g))})
+        r, lo = split_grant(root, excluded)
+        ro += r
+        list_only += lo
+    return tuple(dict.fromkeys(ro)), tuple(dict.fromkeys(list_only))
+
+
 # ---------------------------------------------------------------------------------------------------
 # One program run
 # ---------------------------------------------------------------------------------------------------
@@ -816,8 +857,9 @@ class Grader:
                        "cpu_s": int(math.ceil(self.timeout_s * (len(phases) + 1))) + 2,
                        "fsize_mb": 16, "nofile": 64, "nproc": 0 if os.geteuid() == 0 else 64},
             "cgroups": [os.path.join(d, "cgroup.procs") for d in self._cgroups.get(slot, [])],
-            "landlock": {"ro": [os.path.realpath(sys.base_prefix), "/usr", "/lib", "/lib64", "/etc/localtime",
+            "landlock": {"ro": [*readable_roots(sys.base_prefix)[0], *_OUTSIDE_USR, "/etc/localtime",
                                 "/etc/ld.so.cache", "/dev/null", "/dev/urandom", "/dev/zero", *pkg_dirs],
+                         "list_only": list(readable_roots(sys.base_prefix)[1]),
                          "rw": [tmp], "net": True, "scope": True} if caps.landlock_abi else None,
         }
         out = {"phases": {}, "compiled": None, "infra": None, "next": None, "seconds": 0.0, "forged": 0}

@@ -29,8 +29,8 @@ import signal
 import time
 
 
-def _landlock(allow_ro: list, allow_rw: list, want_net: bool, want_scope: bool) -> int:
-    """Restrict this process (and its children) to read `allow_ro`, read/write `allow_rw`.
+def _landlock(allow_ro: list, allow_rw: list, want_net: bool, want_scope: bool, list_only: list = ()) -> int:
+    """Restrict this process (and its children) to read `allow_ro`, read/write `allow_rw`, only list `list_only`.
 
     Returns the ABI used (0 = unavailable). Trusted code; runs before the program."""
     import ctypes
@@ -63,13 +63,16 @@ def _landlock(allow_ro: list, allow_rw: list, want_net: bool, want_scope: bool) 
     file_ro = (1 << 0) | (1 << 2)  # EXECUTE | READ_FILE
     dir_ro = file_ro | (1 << 3)  # + READ_DIR
     file_rw_extra = (1 << 1) | ((1 << 14) if abi >= 3 else 0)  # WRITE_FILE | TRUNCATE
-    for path, rw in [(p, False) for p in allow_ro] + [(p, True) for p in allow_rw]:
+    for path, rw in [(p, None) for p in list_only] + [(p, False) for p in allow_ro] + [(p, True) for p in allow_rw]:
         try:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         except OSError:
             continue
         is_dir = os.path.isdir(path)
-        allowed = (fs_all if rw else dir_ro) if is_dir else (file_ro | (file_rw_extra if rw else 0))
+        if rw is None and not is_dir:
+            os.close(fd)
+            continue
+        allowed = (1 << 3) if rw is None else (fs_all if rw else dir_ro) if is_dir else (file_ro | (file_rw_extra if rw else 0))
         rule = PathBeneath(allowed, fd)
         r = libc.syscall(445, rfd, 1, ctypes.byref(rule), 0)
         os.close(fd)
@@ -233,7 +236,7 @@ def main() -> None:
             f.write("0")  # move this process into the slot's cgroup (pids / memory caps)
     ll = spec.get("landlock")
     if ll:
-        _landlock(ll["ro"], ll["rw"], ll["net"], ll["scope"])
+        _landlock(ll["ro"], ll["rw"], ll["net"], ll["scope"], ll.get("list_only", []))
     emit({"ev": "start", "pid": os.getpid()})
 
     # ---- compile everything trusted before the program runs -----------------------------------

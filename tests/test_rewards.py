@@ -5,6 +5,7 @@
 """
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 
@@ -302,3 +303,21 @@ def test_train_canonicals_pass_at_least_99_percent(grader):
     rs = grader.grade_many([(p, wrap(p.canonical_solution)) for p in train])
     bad = [(p.id, r["status"], (r["error"] or "")[:120]) for p, r in zip(train, rs) if not r["eq_correct"]]
     assert len(bad) <= 0.01 * len(train), bad
+
+
+def test_split_grant_covers_the_tree_minus_the_excluded_folders(tmp_path):
+    """Landlock grants whole subtrees: the folders on the way to an excluded one are list-only, their other
+    entries readable whole, the excluded subtree absent (hand-built tree)."""
+    for p in ("lib/python3.11/site-packages/requests", "lib/python3.11/json", "lib/libpython.so", "bin/python",
+              "share/x"):
+        (tmp_path / p).mkdir(parents=True) if "." not in Path(p).name else None
+    (tmp_path / "lib/libpython.so").parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "lib/libpython.so").write_text("")
+    (tmp_path / "lib/python3.11/os.py").write_text("")
+    root = str(tmp_path.resolve())
+    ro, list_only = rewards.split_grant(root, [root + "/lib/python3.11/site-packages"])
+    assert sorted(list_only) == [root, root + "/lib", root + "/lib/python3.11"]
+    assert sorted(ro) == sorted([root + "/bin", root + "/share", root + "/lib/libpython.so",
+                                 root + "/lib/python3.11/json", root + "/lib/python3.11/os.py"])
+    assert rewards.split_grant(root, []) == ([root], [])
+    assert rewards.split_grant(root, [root]) == ([], [])

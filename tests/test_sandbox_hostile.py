@@ -6,7 +6,10 @@ Each case runs twice where it matters: with the in-process audit guard (the norm
 without it (guard=False), so the OS layer (PID namespace, Landlock, rlimits, cgroups) is tested on its own.
 After the suite: no process carrying the sandbox marker is alive and no file was written outside temp dirs.
 """
+import glob
 import os
+import site
+import sys
 import time
 from pathlib import Path
 
@@ -38,26 +41,37 @@ def wrap(code: str) -> str:
 
 
 SITE = Path(rewards.allowed_packages()[0]["numpy"]).parents[1]  # the trainer's site-packages
+# every other package folder a program could put on sys.path: the base interpreter's and the system's
+OTHER_SITES = sorted({str(SITE), *site.getsitepackages([sys.base_prefix]), site.getusersitepackages(),
+                      *glob.glob("/usr/lib/python3*/dist-packages"), *glob.glob("/usr/lib/python3/dist-packages"),
+                      *glob.glob("/usr/local/lib/python3*/dist-packages"), *glob.glob("/usr/local/lib/python3*/site-packages")})
+
+
+def _site_modules(d: Path) -> set[str]:
+    names = set()
+    for e in d.iterdir() if d.is_dir() else ():
+        stem = e.name.split(".")[0]
+        if not stem.isidentifier() or stem in rewards.ALLOWED_PACKAGES or e.name.endswith((".dist-info", ".pth")):
+            continue
+        if (e.is_dir() and (e / "__init__.py").exists()) or e.suffix in (".py", ".so"):
+            names.add(stem)
+    return names
 
 
 def _other_site_modules() -> list[str]:
-    """Top-level importable names in the trainer's site-packages other than the allow-listed ones."""
-    names = set()
-    for d in SITE.iterdir():
-        stem = d.name.split(".")[0]
-        if not stem.isidentifier() or stem in rewards.ALLOWED_PACKAGES or d.name.endswith((".dist-info", ".pth")):
-            continue
-        if (d.is_dir() and (d / "__init__.py").exists()) or d.suffix in (".py", ".so"):
-            names.add(stem)
+    """Top-level importable names in every package folder of this machine other than the allow-listed ones."""
+    names = _site_modules(SITE)
     assert {"requests", "torch", "yaml"} <= names, sorted(names)[:20]  # installed by the project's deps
+    for d in OTHER_SITES:
+        names |= _site_modules(Path(d))
     return sorted(names)
 
 
 def _import_others_program() -> str:
-    """Tries every other site-package plainly, then again with site-packages put on sys.path; exits 1 if any
-    import works (Landlock grants only the allow-listed package directories)."""
+    """Tries every other package of every package folder on the machine plainly, then again with all those folders
+    put on sys.path; exits 1 if any import works (Landlock grants only the allow-listed package directories)."""
     return (f"import sys, importlib\nnames = {_other_site_modules()!r}\ngot = []\n"
-            f"for attempt in range(2):\n    if attempt:\n        sys.path.insert(0, {str(SITE)!r})\n"
+            f"for attempt in range(2):\n    if attempt:\n        sys.path[:0] = {OTHER_SITES!r}\n"
             "        importlib.invalidate_caches()\n    for n in names:\n        try:\n            __import__(n)\n"
             "            got.append(n)\n        except BaseException:\n            pass\n"
             "if got:\n    raise SystemExit('imported: ' + ' '.join(got))\n" + GOOD)
