@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cli import UserError
+
 SYSTEM_PROMPT = (
     "You are an expert Python programmer. Write correct, efficient Python 3 code that solves the problem "
     "and passes all tests. Output the code in the following format: ```python\n<code>\n```"
@@ -393,23 +395,27 @@ def hub_unreachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:
     return out.get("err", f"{host}:{port}: no answer within {timeout_s:g} s")
 
 
+class HubUnavailable(UserError, RuntimeError):
+    """The hub (or the datasets package) is not there: a user-facing one-line error (cli.run), still a RuntimeError."""
+
+
 def _load_hub(split: str, revision: str | None = None) -> list[Problem]:
     where = f"{HUB_ID} split {split!r}" + (f" revision {revision!r}" if revision else "")
     if not hub_offline_mode():
         why = hub_unreachable()
         if why is not None:
-            raise RuntimeError(f"cannot reach the Hugging Face hub for {where} ({why}); {_HUB_FIX}")
+            raise HubUnavailable(f"cannot reach the Hugging Face hub for {where} ({why}); {_HUB_FIX}")
     try:
         import datasets
     except ImportError:
-        raise RuntimeError(
+        raise HubUnavailable(
             f"loading {where} needs the `datasets` package (.venv/bin/pip install 'datasets>=3.0'); {_HUB_FIX}"
         ) from None
     try:
         ds = datasets.load_dataset(HUB_ID, split=split, revision=revision)
     except Exception as e:  # offline with no cache, bad split or revision: one line naming the fix
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RuntimeError(f"could not load {where} ({type(e).__name__}: {msg}); {_HUB_FIX}") from None
+        raise HubUnavailable(f"could not load {where} ({type(e).__name__}: {msg}); {_HUB_FIX}") from None
     return [convert_row(dict(row), f"{HUB_ID}[{split}][{i}]") for i, row in enumerate(ds)]
 
 

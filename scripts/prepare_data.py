@@ -31,6 +31,7 @@ import tyro
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+import cli  # noqa: E402
 import problems  # noqa: E402
 
 SPLITS = ("train", "holdout", "test")
@@ -119,12 +120,12 @@ def prepare(args: Args) -> dict:
     import models
 
     if args.hint not in problems.HINTS:
-        raise ValueError(f"--hint {args.hint!r} unknown; valid hints: {', '.join(problems.HINTS)}")
+        raise cli.UserError(f"--hint {args.hint!r} unknown; valid hints: {', '.join(problems.HINTS)}")
     if not 0.0 <= args.holdout_frac < 1.0:
-        raise ValueError(f"--holdout-frac must be in [0, 1), got {args.holdout_frac}")
+        raise cli.UserError(f"--holdout-frac must be in [0, 1), got {args.holdout_frac}")
     use_grader = args.canonical_check == "on" or (args.canonical_check == "auto" and _rewards_available())
     if args.canonical_check == "on" and not _rewards_available():
-        raise RuntimeError("--canonical-check on needs rewards.Grader (rewards.py); use auto or off until it exists")
+        raise cli.UserError("--canonical-check on needs rewards.Grader (rewards.py); use auto or off until it exists")
     t0 = time.time()
     raw_train, source_text = problems.load_train_rows(args.source, args.data_dir, args.hub_revision)  # hub: fails fast offline
     tok = models.load_tokenizer(args.tokenizer)
@@ -191,7 +192,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except (RuntimeError, ValueError, FileNotFoundError) as e:  # bad input / unreachable hub: one line, no traceback
-        sys.exit(f"[prepare-data] error: {e}")
+    cli.run(lambda: main(tyro.cli(Args)))  # bad input / unreachable hub (cli.UserError): one line, exit 2

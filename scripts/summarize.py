@@ -468,6 +468,17 @@ def primary_section(name: str, ev: pd.DataFrame, out: Path, run_dirs: list[str])
     return stats.primary_markdown(res, prereg, valid)
 
 
+def train_sources(runs_tab: pd.DataFrame) -> str:
+    """The runs' training sets as their configs name them (the prepared data_path, else train_source), deduplicated."""
+    seen: list[str] = []
+    for d in runs_tab.get("run_dir", []):
+        if (Path(d) / "config.json").exists():
+            c = runs.read_config(Path(d))
+            src = f"`{c.get('data_path') or c.get('train_source', '?')}`"
+            seen += [src] if src not in seen else []
+    return ", ".join(seen) or "unknown (no run config found)"
+
+
 def write_markdown(name: str, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: list[str], path: Path,
                    primary: list[str], breakout: float, logs: pd.DataFrame | None = None) -> None:
     n_pilot = int((runs_tab["status"] == "pilot").sum()) if len(runs_tab) else 0
@@ -476,6 +487,7 @@ def write_markdown(name: str, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: 
          f"{int((runs_tab['status'] == 'done').sum())} done"
          + (f", {n_pilot} pilot run (in no comparison: the gate kept it because it hacked)" if n_pilot else "")
          + ". How to read this file: docs/sweeps.md, \"Reading results.md\".", ""]
+    L += [f"Training data: {train_sources(runs_tab)} (docs/data.md).", ""]
     L += primary
     bad = runs_tab[~runs_tab["status"].isin(["done", "pilot"])]
     L += ["## Missing or incomplete runs", ""]

@@ -63,6 +63,7 @@ import tyro
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import arms  # noqa: E402
+from cli import UserError  # noqa: E402
 import runs  # noqa: E402
 import stats  # noqa: E402
 
@@ -201,7 +202,7 @@ def overrides_to_args(sets: tuple[str, ...]) -> list[str]:
     args = []
     for s in sets:
         if "=" not in s or not s.split("=", 1)[0].strip():
-            raise ValueError(f"--set {s!r}: expected FIELD=VALUE (e.g. --set steps=3 eval_every=50)")
+            raise UserError(f"--set {s!r}: expected FIELD=VALUE (e.g. --set steps=3 eval_every=50)")
         k, v = s.split("=", 1)
         k = k.strip().replace("_", "-")
         if v.lower() in ("true", "false"):
@@ -215,12 +216,12 @@ def normalise_arms(cfg: SweepConfig) -> tuple[str, ...]:
     out = []
     for a in cfg.arms:
         if arms.ALIASES.get(a, a) not in arms.ARMS:
-            raise ValueError(f"--arms: unknown arm {a!r}; arms.py knows {', '.join(arms.NAMES)}")
+            raise UserError(f"--arms: unknown arm {a!r}; arms.py knows {', '.join(arms.NAMES)}")
         a = arms.ALIASES.get(a, a)
         if a not in out:
             out.append(a)
     if not out or not cfg.seeds:
-        raise ValueError("--arms and --seeds must each name at least one value")
+        raise UserError("--arms and --seeds must each name at least one value")
     return tuple(out)
 
 
@@ -269,14 +270,14 @@ def vhack_jobs(cfg: SweepConfig, after: tuple[str, ...] = ()) -> list[Job]:
     """Extraction + held-out verification, or nothing when the v_hack file already exists."""
     if cfg.vhack_path is not None:
         if not Path(cfg.vhack_path).exists():
-            raise FileNotFoundError(f"--vhack-path {cfg.vhack_path} does not exist; drop the flag to extract one")
+            raise UserError(f"--vhack-path {cfg.vhack_path} does not exist; drop the flag to extract one")
         return []
     path = vhack_file(cfg)
     if path.exists():
         return []
     problem = check_vhack_presets(cfg)
     if problem and not cfg.dry_run:
-        raise ValueError(problem)
+        raise UserError(problem)
     if problem:
         print(f"# WARNING: {problem}")
     preset = cfg.vhack_preset or cfg.preset
@@ -621,7 +622,7 @@ def preset_fields(preset: str, sets: tuple[str, ...] = (), train_script: Path = 
                 call = v.elts[1] if isinstance(v, ast.Tuple) else v
                 presets[ast.literal_eval(k)] = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
     if preset not in presets:
-        raise ValueError(f"--preset {preset!r}: train.py has presets {', '.join(presets)}")
+        raise UserError(f"--preset {preset!r}: train.py has presets {', '.join(presets)}")
     out = fields | presets[preset]
     for item in sets:
         k, v = item.split("=", 1)
@@ -633,7 +634,7 @@ def preset_fields(preset: str, sets: tuple[str, ...] = (), train_script: Path = 
             try:
                 out[k] = type(old)(v)
             except ValueError as e:
-                raise ValueError(f"--set {item!r}: {k} takes a number, got {v!r}") from e
+                raise UserError(f"--set {item!r}: {k} takes a number, got {v!r}") from e
         else:
             out[k] = v
     return out
@@ -688,7 +689,7 @@ def analytic_step(p: dict) -> StepTime:
     train pass at 50% of the bf16 peak, at the assumed typical lengths. An estimate, not a measurement."""
     shape = MODEL_SHAPES.get(p.get("model"))
     if shape is None:
-        raise ValueError(f"no analytic shape for model {p.get('model')!r} (bench_step knows {', '.join(MODEL_SHAPES)}) "
+        raise UserError(f"no analytic shape for model {p.get('model')!r} (bench_step knows {', '.join(MODEL_SHAPES)}) "
                          f"and no matching out/bench/*.json: pass --sec-per-step S")
     sys.path.insert(0, str(REPO / "scripts"))
     import bench_step  # torch + transformers: only imported when nothing measured matches
@@ -738,7 +739,7 @@ def prepare(cfg: SweepConfig) -> tuple[SweepConfig, dict | None, list[str]]:
     notes: list[str] = []
     if isinstance(cfg, ProbeConfig):
         if cfg.pilot_seed not in (PILOT_SEED, cfg.seed):
-            raise ValueError(f"--pilot-seed {cfg.pilot_seed} differs from probe-full-seed's SEED {cfg.seed}; the "
+            raise UserError(f"--pilot-seed {cfg.pilot_seed} differs from probe-full-seed's SEED {cfg.seed}; the "
                              f"positional SEED is the pilot seed: drop --pilot-seed")
         cfg = dataclasses.replace(cfg, pilot_seed=cfg.seed)
     arm_list = normalise_arms(cfg)
@@ -754,7 +755,7 @@ def prepare(cfg: SweepConfig) -> tuple[SweepConfig, dict | None, list[str]]:
             hours, formula = run_gpu_hours(p, st)
         except (ValueError, KeyError, SyntaxError) as e:
             if cfg.budget_gpu_hours is not None:
-                raise ValueError(f"--budget-gpu-hours needs a step time: {e}") from e
+                raise UserError(f"--budget-gpu-hours needs a step time: {e}") from e
             notes.append(f"# GPU-hour estimate unavailable: {e}")
         else:
             notes += [f"# step time source: {st.source}", f"# one run: {formula} = {hours:.2f} GPU-h"]
@@ -770,7 +771,7 @@ def prepare(cfg: SweepConfig) -> tuple[SweepConfig, dict | None, list[str]]:
                              f"(seeds {', '.join(map(str, cfg.seeds[:k])) or 'none'}); DROPPED {len(dropped)} runs: "
                              + ", ".join(run_name(cfg, a, s) for a, s in dropped))
                 if k == 0:
-                    raise ValueError(f"--budget-gpu-hours {cfg.budget_gpu_hours:g}: one round of {len(arm_list)} "
+                    raise UserError(f"--budget-gpu-hours {cfg.budget_gpu_hours:g}: one round of {len(arm_list)} "
                                      f"runs needs {len(arm_list) * hours:.1f} GPU-h; raise the budget or drop arms")
                 cfg = dataclasses.replace(cfg, seeds=tuple(cfg.seeds[:k]))
             n = len(cfg.seeds)
@@ -842,7 +843,7 @@ def check_manifest(cfg: SweepConfig, commands: dict[str, str]) -> None:
     old = json.loads(path.read_text())["runs"]
     for name, cmd in commands.items():
         if name in old and old[name]["command"] != cmd:
-            raise ValueError(
+            raise UserError(
                 f"run {name} of sweep {cfg.name} was submitted before with a different command:\n  "
                 f"{old[name]['command']}\nnow:\n  {cmd}\nresolve: pick another --name for a changed config "
                 f"(run dirs are per name), or delete {path} and the old run dirs")
@@ -954,11 +955,12 @@ def main(cfg: SweepConfig) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Entry point: bad input (a ValueError / FileNotFoundError naming the field) is one line and exit 2."""
+    """Entry point: bad input (a cli.UserError naming the field) is one line and exit 2; anything else keeps its
+    traceback."""
     cfg = tyro.cli(Command, args=argv)
     try:
         return main(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"sweep.py: {e}", file=sys.stderr)
         return 2
 

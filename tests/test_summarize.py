@@ -297,3 +297,15 @@ def test_journal_entry_edge_cases(tmp_path, sweep_dir):
     (tmp_path / "J.md").write_text("# J\n")
     with pytest.raises(FileNotFoundError, match="summarize.py other"):
         journal_entry.main(journal_entry.Config(sweep="other", journal=tmp_path / "J.md", out_root=sweep_dir))
+
+
+def test_results_name_the_training_data(tmp_path):
+    import pandas as pd
+
+    for name, cfg in (("a", {"train_source": "hub", "data_path": "out/data/train.jsonl"}),
+                      ("b", {"train_source": "local-v0.2.0", "data_path": ""}),
+                      ("c", {"train_source": "hub", "data_path": "out/data/train.jsonl"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"config": cfg}))
+    tab = pd.DataFrame({"run_dir": [str(tmp_path / n) for n in "abc"] + [str(tmp_path / "missing")]})
+    assert summarize.train_sources(tab) == "`out/data/train.jsonl`, `local-v0.2.0`"
