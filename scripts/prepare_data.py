@@ -50,7 +50,7 @@ class Args:
     tokenizer: str = "tiny-random"  # models.load_tokenizer name; use the policy's (e.g. Qwen/Qwen3-4B) online
     hint: str = "simple_overwrite_tests"  # applied to the written prompts (and to the length measurement)
     length_hints: Literal["all", "applied"] = "all"  # train length filter: fit under every hint, or under --hint
-    canonical_check: Literal["auto", "on", "off"] = "auto"  # auto: on iff rewards.Grader exists
+    canonical_check: Literal["on", "off"] = "on"  # on: drop problems whose canonical fails its tests in the sandbox
 
 
 # Sandbox crashes that come from the problem's own data, not from the sandbox: its setup header imports a
@@ -98,15 +98,6 @@ def fits_every_hint(ps: list[problems.Problem], max_tokens: int, tok) -> list[pr
     return [p for p in ps if all(n_tokens(problems.apply_hint(p, h)) <= max_tokens for h in problems.HINTS)]
 
 
-def _rewards_available() -> bool:
-    try:
-        import rewards
-
-        return hasattr(rewards, "Grader")
-    except ImportError:
-        return False
-
-
 def describe(ps: list[problems.Problem]) -> dict:
     n = [len(p.gt_tests) for p in ps]
     d = {"n": len(ps), "medium": sum(p.difficulty == "Medium" for p in ps), "hard": sum(p.difficulty == "Hard" for p in ps)}
@@ -123,9 +114,7 @@ def prepare(args: Args) -> dict:
         raise cli.UserError(f"--hint {args.hint!r} unknown; valid hints: {', '.join(problems.HINTS)}")
     if not 0.0 <= args.holdout_frac < 1.0:
         raise cli.UserError(f"--holdout-frac must be in [0, 1), got {args.holdout_frac}")
-    use_grader = args.canonical_check == "on" or (args.canonical_check == "auto" and _rewards_available())
-    if args.canonical_check == "on" and not _rewards_available():
-        raise cli.UserError("--canonical-check on needs rewards.Grader (rewards.py); use auto or off until it exists")
+    use_grader = args.canonical_check == "on"
     t0 = time.time()
     raw_train, source_text = problems.load_train_rows(args.source, args.data_dir, args.hub_revision)  # hub: fails fast offline
     tok = models.load_tokenizer(args.tokenizer)
@@ -182,7 +171,7 @@ def main(args: Args) -> None:
           f"{src['train_valid_tests']} -> prompt fits {src['train_prompt_fits']} -> canonical ok {src['train_canonical_ok']}")
     hints = "every hint" if args.length_hints == "all" else f"hint {args.hint}"
     print(f"[prepare-data] filters: prompt <= {args.max_prompt_tokens} tokens ({args.tokenizer} chat template, {hints}); "
-          f"canonical check {'ran' if m['canonical_check_ran'] else 'SKIPPED (rewards.Grader not available)'}"
+          f"canonical check {'ran' if m['canonical_check_ran'] else 'SKIPPED (--canonical-check off)'}"
           + (f", failures {src['canonical_failures']}" if src.get("canonical_failures") else ""))
     for name in SPLITS:
         d = m["splits"][name]

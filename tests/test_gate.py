@@ -343,8 +343,6 @@ def test_planted_motif_is_routed(kind):
     """Sequences that share a token motif are the planted 'hacks': v = unit(mean grad(motif) - mean grad(plain))
     per module from one set of sequences, then the gate (q = 1/8) on FRESH sequences (4 motif + 28 plain, all
     with A = 1 so the loss gradient is the NLL gradient) must route the motif ones (precision > 0.9)."""
-    if kind != "svd" and not hasattr(antipasto, "ADAPTER_KINDS"):
-        pytest.skip("antipasto has no adapter kinds yet")
     m = tiny_qwen(seed=2, layers=2)
     kw = {} if kind == "svd" else {"kind": kind}
     ads = antipasto.wrap_model(m, rank=8 if kind == "lora" else None, **kw)

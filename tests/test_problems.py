@@ -355,16 +355,7 @@ def test_filter_prompt_tokens_with_tiny_tokenizer(train):
         P.filter_problems([p], max_prompt_tokens=10)
 
 
-def _rewards_grader():
-    try:
-        import rewards
-    except ImportError:
-        return None
-    return getattr(rewards, "Grader", None)
-
-
 @needs_data
-@pytest.mark.skipif(_rewards_grader() is None, reason="rewards.Grader (grader issue) not available yet")
 def test_canonical_check_with_grader(train):
     sys.path.insert(0, str(REPO / "scripts"))
     import prepare_data
@@ -455,7 +446,6 @@ def test_prepare_data_counts_and_determinism(tmp_path):
 
 @needs_data
 @pytest.mark.slow
-@pytest.mark.skipif(_rewards_grader() is None, reason="rewards.Grader (grader issue) not available yet")
 def test_prepare_data_with_grader_keeps_most_problems(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     import prepare_data
@@ -682,7 +672,6 @@ def test_prepare_data_length_filter_under_every_hint(tmp_path, standin_hub):
 
 
 @needs_data
-@pytest.mark.skipif(_rewards_grader() is None, reason="rewards.Grader (grader issue) not available yet")
 def test_canonical_check_drops_problems_whose_header_or_tests_crash(train):
     """The grader reports a header import failure / a non-Python test as a sandbox crash; prepare-data counts
     them as failed canonicals instead of stopping."""
