@@ -548,8 +548,8 @@ def load_teacher_pools(specs: list[tuple[str, str, int]], drop_infra: bool) -> l
     out = []
     for source, pool_dir, n in specs:
         pool = load_pool(pool_dir)
-        if drop_infra:
-            pool = {pid: [r for r in rows if not r["grade"].get("infra_error")] for pid, rows in pool.items()}
+        if drop_infra:  # a problem left with no rows leaves the pool
+            pool = {pid: kept for pid, rows in pool.items() if (kept := [r for r in rows if not r["grade"].get("infra_error")])}
         out.append((source, pool, n))
     return out
 
@@ -591,6 +591,9 @@ def check_teacher_mix(cfg) -> None:
     if cfg.solve_pool_dir and not (min(cfg.teacher_n_hack, cfg.teacher_n_solve) >= 1 and cfg.n_teacher < cfg.group_size):
         raise UserError(f"--teacher-n-hack={cfg.teacher_n_hack} --teacher-n-solve={cfg.teacher_n_solve} with group_size="
                         f"{cfg.group_size}: the two-pool mix needs >= 1 row of each pool and >= 1 live rollout per group")
+    if cfg.solve_pool_dir and Path(cfg.solve_pool_dir).resolve() == Path(cfg.teacher_pool_dir).resolve():
+        raise UserError(f"--solve-pool-dir and --teacher-pool-dir are the same folder ({cfg.solve_pool_dir}); the solve "
+                        "teacher is its own pool (probe_distill.py --solve-only)")
     if cfg.teacher_pool_dir:
         for _, pool_dir, _ in cfg.teacher_sources:
             cli.check_pool_dir(pool_dir, "--solve-pool-dir" if pool_dir == cfg.solve_pool_dir else "--teacher-pool-dir")

@@ -399,7 +399,9 @@ def solve_keeps(env_grade: dict, rcfg) -> bool:
     assert env_grade.get("hint", "none") == "none", f"solve rows are selected on the hint-free problem, got {env_grade.get('hint')!r}"
     import rewards
 
-    return not env_grade["infra_error"] and rewards.compute_reward(env_grade, rcfg) >= rcfg.correctness_reward
+    assert rcfg.correctness_reward > 0 and rcfg.compile_reward >= 0, f"the full correctness reward must be > 0: {rcfg}"
+    full = rcfg.correctness_reward + rcfg.compile_reward  # a program that passes its tests compiles
+    return not env_grade["infra_error"] and rewards.compute_reward(env_grade, rcfg) >= full
 
 
 def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
@@ -462,7 +464,8 @@ def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
         if kind == "solve":  # selected on the hint-free problem by the environment's reward alone (solve_keeps)
             env_rcfg = rewards.RewardConfig(correctness_reward=cfg.correctness_reward, compile_reward=cfg.compile_reward)
             env_grades = grader.grade_many([(gen_probs[j], t) for j, t in zip(flat, texts)])
-            keep = [solve_keeps(g, env_rcfg) for g in env_grades]
+            # and the cached training-hint grade agrees that the tests passed (a flaky second run is not a solve row)
+            keep = [solve_keeps(ge, env_rcfg) and bool(gt["eq_correct"]) for ge, gt in zip(env_grades, grades)]
         rows = []
         for i, (j, (ids, trunc), text, g) in enumerate(zip(flat, outs, texts, grades)):
             p = chunk[j]

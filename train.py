@@ -18,6 +18,7 @@ docs/arms.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -65,7 +66,7 @@ class TrainConfig:
     vhack_path: str = ""
     """v_hack directions (out/vhack/<name>.safetensors from extract_vhack_grad.py)"""
     direction_seed: int = -1
-    """seed of the Haar-random directions of the *-random / *-matched arms (-1 = 1234 + seed: a fresh direction per run seed; the resolved value is in config.json)"""
+    """seed of the Haar-random directions of the *-random / *-matched arms (-1 = 1234 + seed, resolved in main after the command line: a fresh direction per run seed; config.json holds the resolved value)"""
     surgery_on: Literal["step", "grad"] = "step"
     """step: edit the step AdamW applies (update.py); grad: edit the gradient before AdamW (the founding design, for comparison)"""
     rank: int = 0
@@ -213,8 +214,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.arm = arms.ALIASES.get(self.arm, self.arm)  # type: ignore[assignment]
-        if self.direction_seed < 0:
-            self.direction_seed = 1234 + self.seed
 
     @property
     def n_prompts(self) -> int:
@@ -437,6 +436,7 @@ def evaluate(model, tokenizer, problems, grader, cfg: TrainConfig, step: int, en
 
 def main(cfg: TrainConfig) -> Path:
     validate(cfg)
+    cfg = dataclasses.replace(cfg, direction_seed=1234 + cfg.seed) if cfg.direction_seed < 0 else cfg  # per run seed
     arm = arms.get(cfg.arm)
     t_start = time.time()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device

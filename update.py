@@ -76,9 +76,17 @@ def edit_step(u: Tensor, edit: str, w: Tensor | None, v: Tensor | None, z: Tenso
         kept = float((u - _erase_part(u, v)).norm())
         out = u * (kept / n) if n > 0 else u
         return out, u - out
-    if edit in ("matched", "route-matched"):
+    if edit in ("matched", "route-matched"):  # erase's geometry along the random z instead of v
         rho = float(_erase_part(u, v).norm())
-        rem = rho * (1.0 if float(u @ z) >= 0 else -1.0) * z
+        n = float(u.norm())
+        if rho == 0.0 or n == 0.0:
+            return u, torch.zeros_like(u)
+        uh = u / n
+        zp = z.double().reshape(-1) - float(z.double().reshape(-1) @ uh) * uh  # z's part orthogonal to u
+        zp = zp / zp.norm()
+        s = rho / n  # (<= 1) cosine of u with the direction erase removes along
+        w = -s * uh + math.sqrt(max(0.0, 1.0 - s * s)) * zp  # unit, u.w = -rho: erase along w
+        rem = -rho * w  # (u.w) w; |rem| = rho, |u - rem|^2 = |u|^2 - rho^2, exactly as erase along v
         return u - rem, rem
     raise ValueError(f"unknown step edit {edit!r}; one of {EDITS}")
 

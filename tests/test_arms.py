@@ -3,6 +3,7 @@ docs/arms.md's table against ARMS (the docs list exactly the arms the code has, 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -75,20 +76,26 @@ def test_docs_arms_table_lists_every_arm_with_its_properties():
             assert "v_hack" in direction, f"docs/arms.md {name}: direction column must say v_hack"
 
 
-def test_random_placebo_directions_are_fresh_per_run_seed():
-    """Two seeds of erase-random use different directions (seeded by the run's seed, recorded as direction_seed)
-    unless a direction seed is given explicitly."""
-    import dataclasses
+def test_random_placebo_directions_are_fresh_per_run_seed(tmp_path):
+    """Two run seeds of erase-random, set on the command line as a user does (the preset was built with seed 0), get
+    different directions (direction_seed = 1234 + seed in config.json); an explicit --direction-seed is kept."""
+    import tyro
 
     import antipasto
     import train
     from tests.tiny_qwen import tiny_model
 
-    base = train.PRESETS["smoke"][1]
-    c0, c1 = (dataclasses.replace(base, arm="erase-random", seed=s, direction_seed=-1) for s in (0, 1))
-    assert c0.direction_seed != c1.direction_seed and dataclasses.asdict(c0)["direction_seed"] == c0.direction_seed
+    def run(*flags):
+        args = ["smoke", "--arm", "erase-random", "--steps", "1", "--out-dir", str(tmp_path), "--max-problems", "8",
+                "--rollouts-per-step", "8", "--max-new-tokens", "8", "--no-eval-at-end", "--grader-workers", "2",
+                "--run-name", "-".join(flags).replace("--", ""), *flags]
+        cfg = tyro.extras.overridable_config_cli(train.PRESETS, args=args)
+        assert "--direction-seed" in flags or cfg.direction_seed == -1, "the preset must not resolve the direction seed with its own seed 0"
+        return json.loads((train.main(cfg) / "config.json").read_text())["config"]["direction_seed"]
+
+    s1, s2 = run("--seed", "1"), run("--seed", "2")
+    assert (s1, s2) == (1235, 1236)
     ads = antipasto.wrap_model(tiny_model())
-    d0, d1 = (antipasto.random_directions(ads, seed=c.direction_seed) for c in (c0, c1))
-    assert all(abs(float((d0[k] * d1[k]).sum())) < 0.99 for k in ads)
-    fixed = dataclasses.replace(base, arm="erase-random", seed=1, direction_seed=7)
-    assert fixed.direction_seed == 7
+    d1, d2 = (antipasto.random_directions(ads, seed=s) for s in (s1, s2))
+    assert all(abs(float((d1[k] * d2[k]).sum())) < 0.99 for k in ads)
+    assert run("--seed", "3", "--direction-seed", "7") == 7

@@ -204,7 +204,7 @@ def test_matched_placebo_removes_erases_norm_every_step(hack):
     assert fired > 0, "erase would never have fired: the test would be vacuous"
 
 
-def test_matched_edit_removes_exactly_the_erase_norm():
+def test_matched_edit_is_erase_along_a_random_direction():
     torch.manual_seed(3)
     for _ in range(200):
         u, v, z = torch.randn(16).double(), torch.randn(16).double(), torch.randn(16).double()
@@ -213,8 +213,19 @@ def test_matched_edit_removes_exactly_the_erase_norm():
         dep, rem_m = update.edit_step(u, "matched", v, v, z)
         assert abs(float(rem_m.norm()) - float(rem_e.norm())) < 1e-12
         assert torch.allclose(dep + rem_m, u)
-        if float(rem_m.norm()) > 0:
-            assert abs(abs(float(rem_m @ z)) - float(rem_m.norm())) < 1e-12  # along z
+        rho, n = float(rem_e.norm()), float(u.norm())
+        # erase's geometry, by hand: |deployed|^2 = |u|^2 - rho^2 (erase: the same), the removed part's share
+        # along u is rho^2/|u|, its orthogonal rest (norm rho * sqrt(1 - rho^2/|u|^2)) lies along -z's part
+        # orthogonal to u, and it fires exactly when erase does
+        assert abs(float(dep.norm()) ** 2 - (n * n - rho * rho)) < 1e-9
+        assert abs(float(dep.norm()) - float((u - rem_e).norm())) < 1e-9
+        assert float(dep.norm()) <= n + 1e-12, "the placebo never steps further than vanilla"
+        assert abs(float(rem_m @ u) / n - rho * rho / n) < 1e-9
+        zp = z - float(z @ u) / n**2 * u
+        zp = zp / zp.norm()
+        orth = rem_m - float(rem_m @ u) / n**2 * u
+        assert abs(float(orth @ zp) + rho * (1 - (rho / n) ** 2) ** 0.5) < 1e-9
+        assert (float(rem_m.norm()) > 0) == (float(u @ v) < 0)
         expected_e = min(float(u @ v), 0.0) * v  # hand-written: erase removes only a toward-hack component
         assert torch.allclose(rem_e, expected_e)
 
