@@ -202,21 +202,25 @@ def bounded_diff_interval(method, control, level: float = LEVEL,
 
 # ----------------------------------------------------------------------------------------------- flags
 def direction_flag(n_method: int, n_control: int, p_lower: float, p_higher: float, diff: float,
-                   alpha: float = ALPHA, lower_is_better: bool = True) -> str:
+                   alpha: float = ALPHA, lower_is_better: bool = True,
+                   ci: tuple[float, float] = (float("nan"), float("nan"))) -> str:
     """The verdict of one comparison, in words; never empty, so an absent flag cannot read as a pass.
     'n too small'                    fewer than 2 runs in either arm
     'method lower/higher than control (evidence, exact p=..)'  the preregistered one-sided test at alpha
     'method WORSE than control (evidence, exact p=..)'         the same test in the other direction at alpha
     'no evidence: control does as well (...)'                  point difference not in the hoped direction
-    'no evidence: interval includes 0 (...)'                   hoped direction, test not at alpha"""
+    'no evidence: interval includes 0 (...)'                   hoped direction, test not at alpha
+    An 'evidence' flag whose conservative interval `ci` still includes 0 says so: the test finds a difference,
+    its size is not pinned down (at n = 3-5 with nearly binary runs the two often disagree)."""
     if n_method < 2 or n_control < 2:
         return f"n too small ({n_method} method, {n_control} control runs; need >= 2 each)"
     p_good, p_bad = (p_lower, p_higher) if lower_is_better else (p_higher, p_lower)
     good_word = "lower" if lower_is_better else "higher"
+    wide = ", but the conservative 95% interval includes 0: size uncertain" if ci[0] <= 0 <= ci[1] else ""
     if _sig(p_good, alpha):
-        return f"method {good_word} than control (evidence, exact p={p_good:.3f})"
+        return f"method {good_word} than control (evidence, exact p={p_good:.3f}{wide})"
     if _sig(p_bad, alpha):
-        return f"method WORSE than control (evidence, exact p={p_bad:.3f})"
+        return f"method WORSE than control (evidence, exact p={p_bad:.3f}{wide})"
     hoped = diff < 0 if lower_is_better else diff > 0
     if not hoped:
         return f"no evidence: control does as well (diff {diff:+.3f}, p={p_good:.3f})"
@@ -269,7 +273,7 @@ def compare(method_values, control_values, *, method: str = "method", control: s
     pi = perm_interval(x, y, level, bounds)
     return Comparison(method, control, metric, len(x), len(y), float(x.mean()), float(y.mean()), diff,
                       ci[0], ci[1], pi[0], pi[1], p_lo, p_hi, level, alpha,
-                      direction_flag(len(x), len(y), p_lo, p_hi, diff, alpha, lower_is_better), lower_is_better)
+                      direction_flag(len(x), len(y), p_lo, p_hi, diff, alpha, lower_is_better, ci), lower_is_better)
 
 
 def noninferiority(method_values, control_values, margin: float = NI_MARGIN, alpha: float = ALPHA,
@@ -421,7 +425,7 @@ def primary_markdown(res: Mapping, prereg: Mapping, valid: tuple[bool, str]) -> 
     ok, why = valid
     head = (f"Preregistered ({why})." if ok else
             f"**NOT preregistered: {why}.** The comparisons below are exploratory; none is called significant.")
-    cols = ["| comparison | n | means | diff [conservative 95%] | exact 95% (shift) | one-sided p (hoped "
+    cols = ["| comparison | n | means | diff [conservative 95%] | exact 95% if a pure shift | one-sided p (hoped "
             "direction) | flag |",
             "|---|---|---|---|---|---|---|"]
     claim = res["claim"] if ok else "primary: not tested (no valid preregistration)"

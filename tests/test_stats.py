@@ -362,3 +362,14 @@ def test_p_one_sided_follows_the_hoped_direction():
     hi, lo = [0.6, 0.61, 0.62], [0.3, 0.31, 0.32]
     assert stats.compare(hi, lo, lower_is_better=False).p_one_sided == pytest.approx(0.05)
     assert stats.compare(hi, lo).p_one_sided == pytest.approx(1.0)
+
+
+def test_evidence_flag_says_when_the_conservative_interval_includes_zero():
+    """3 + 3 runs at 0.02 vs 0.5 (hand: every relabelling but the observed one is less extreme, p = 1/20): the test
+    finds the difference, the conservative interval at n = 3 still spans 0, and the flag says both."""
+    c = stats.compare([0.02] * 3, [0.5] * 3)
+    assert c.p_lower == pytest.approx(1 / 20)
+    assert c.ci_lo <= 0 <= c.ci_hi
+    assert c.flag == "method lower than control (evidence, exact p=0.050, but the conservative 95% interval includes 0: size uncertain)"
+    far = stats.compare([0.0] * 5, [1.0] * 5)  # 5 + 5 runs at the extremes: the conservative interval excludes 0
+    assert far.ci_hi < 0 and far.flag == "method lower than control (evidence, exact p=0.004)"

@@ -184,10 +184,10 @@ def test_direction_aware_flags_erase_worse_than_placebo():
         ("route", "shrinkage"): [0.08, 0.12, 0.1],
     }), c)
     by = {(r["arm"], r["mode"]): r for _, r in tab.iterrows()}
-    assert by[("erase", "deploy")]["flags"] == "vs erase-random: method WORSE than control (evidence, exact p=0.050)"
+    assert by[("erase", "deploy")]["flags"].startswith("vs erase-random: method WORSE than control (evidence, exact p=0.050")
     assert by[("erase", "deploy")]["flag_vs_vanilla"].startswith("no evidence: control does as well")
     route = by[("route", "deploy")]["flags"].split("; ")
-    assert route[0] == "vs route-random: method lower than control (evidence, exact p=0.050)"
+    assert route[0].startswith("vs route-random: method lower than control (evidence, exact p=0.050")
     # paired sign-flip over 3 runs: smallest p is 1/8, so never evidence; diffs +0.02, -0.07, +0.05 -> mean 0
     assert route[1].startswith("vs its shrinkage mode (paired): no evidence") and "p=0.625" in route[1]
     assert by[("vanilla", "deploy")]["flags"] == by[("erase-random", "deploy")]["flags"] == ""
