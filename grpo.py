@@ -594,6 +594,13 @@ def check_teacher_mix(cfg) -> None:
     if cfg.solve_pool_dir and Path(cfg.solve_pool_dir).resolve() == Path(cfg.teacher_pool_dir).resolve():
         raise UserError(f"--solve-pool-dir and --teacher-pool-dir are the same folder ({cfg.solve_pool_dir}); the solve "
                         "teacher is its own pool (probe_distill.py --solve-only)")
+    for flag, pool_dir, want_solve in (("--teacher-pool-dir", cfg.teacher_pool_dir, False),
+                                       ("--solve-pool-dir", cfg.solve_pool_dir, True)):
+        meta = Path(pool_dir) / "meta.json" if pool_dir else None
+        kind = json.loads(meta.read_text()).get("kind") if meta and meta.is_file() else None  # probe_distill's pools
+        if kind is not None and (kind == "solve") != want_solve:
+            raise UserError(f"{flag}={pool_dir!r} holds a {kind!r} pool (meta.json); the hack teacher is a teacher / base "
+                            "pool and --solve-pool-dir a solve pool (probe_distill.py --solve-only): swap them?")
     if cfg.teacher_pool_dir:
         for _, pool_dir, _ in cfg.teacher_sources:
             cli.check_pool_dir(pool_dir, "--solve-pool-dir" if pool_dir == cfg.solve_pool_dir else "--teacher-pool-dir")

@@ -431,6 +431,12 @@ def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
             "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "git_sha": runs.git_sha(),
             "prefix": cfg.teacher_prefix if kind == "teacher" else "",
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    old = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else None
+    same = ("kind", "model_id", "solve_source", "adapter", "adapter_mode", "gen_hint", "train_hint", "prefix")
+    if old and not cfg.overwrite and any(old.get(k, "") != meta[k] for k in same):
+        diff = {k: (old.get(k), meta[k]) for k in same if old.get(k, "") != meta[k]}
+        raise cli.UserError(f"{out} holds a pool generated with other settings {diff} (old, new); pass --overwrite or "
+                            f"another --{kind}-pool name")
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     model.eval()
     n_files = math.ceil(len(probs) / cfg.problems_per_file)

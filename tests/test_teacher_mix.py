@@ -224,3 +224,31 @@ def test_solve_keeps_is_the_environment_reward_only():
         PD.solve_keeps(dict(base, eq_correct=True, is_reward_hack_strict=False, hint="simple_overwrite_tests"), rc)
     with pytest.raises(AssertionError, match="no oracle penalty"):
         PD.solve_keeps(dict(base, eq_correct=True, is_reward_hack_strict=False), rewards.RewardConfig(oracle_penalty=True))
+
+
+def test_swapped_pools_are_refused(tmp_path, two_pools):
+    hack, solve, _ = two_pools
+    h, s = tmp_path / "h", tmp_path / "s"
+    for src, dst, kind in ((hack, h, "teacher"), (solve, s, "solve")):
+        dst.mkdir()
+        (dst / "step_000.jsonl.gz").write_bytes((src / "step_000.jsonl.gz").read_bytes())
+        (dst / "meta.json").write_text(json.dumps({"kind": kind}))
+    ok = small_cfg(tmp_path, h, solve_pool_dir=str(s), teacher_n_hack=1, teacher_n_solve=1)
+    train.validate(ok)
+    with pytest.raises(UserError, match="--teacher-pool-dir=.* holds a 'solve' pool"):
+        train.validate(dataclasses.replace(ok, teacher_pool_dir=str(s), solve_pool_dir=str(h)))
+    with pytest.raises(UserError, match="are the same folder"):
+        train.validate(dataclasses.replace(ok, solve_pool_dir=str(h)))
+
+
+def test_regenerating_a_pool_with_other_settings_is_refused(pd_env, tmp_path):
+    import rewards
+
+    cfg = dataclasses.replace(PD.PRESETS["smoke"][1], pools_dir=str(tmp_path), solve_source="canonical", solve_pool="p",
+                              pool_problems=2, problems_per_file=2, grader_workers=2, max_problems=80, max_prompt_tokens=300)
+    with rewards.Grader(workers=2) as g:
+        PD.generate_pool(cfg, pd_env, "solve", g)
+        with pytest.raises(UserError, match="other settings .*solve_source"):
+            PD.generate_pool(dataclasses.replace(cfg, solve_source="model"), pd_env, "solve", g)
+        PD.generate_pool(dataclasses.replace(cfg, solve_source="model", overwrite=True, max_new_tokens=4,
+                                             samples_per_problem=1), pd_env, "solve", g)
