@@ -435,8 +435,8 @@ def evaluate(model, tokenizer, problems, grader, cfg: TrainConfig, step: int, en
 
 
 def main(cfg: TrainConfig) -> Path:
-    validate(cfg)
     cfg = dataclasses.replace(cfg, direction_seed=1234 + cfg.seed) if cfg.direction_seed < 0 else cfg  # per run seed
+    validate(cfg)  # (after the seed's resolution: --resume compares with the saved, resolved config)
     arm = arms.get(cfg.arm)
     t_start = time.time()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device

@@ -88,6 +88,7 @@ def test_random_placebo_directions_are_fresh_per_run_seed(tmp_path):
     def run(*flags):
         args = ["smoke", "--arm", "erase-random", "--steps", "1", "--out-dir", str(tmp_path), "--max-problems", "8",
                 "--rollouts-per-step", "8", "--max-new-tokens", "8", "--no-eval-at-end", "--grader-workers", "2",
+                "--teacher-pool-dir", "", "--mix-ratio", "0",
                 "--run-name", "-".join(flags).replace("--", ""), *flags]
         cfg = tyro.extras.overridable_config_cli(train.PRESETS, args=args)
         assert "--direction-seed" in flags or cfg.direction_seed == -1, "the preset must not resolve the direction seed with its own seed 0"
