@@ -14,6 +14,7 @@ rollout records, and the readers that scripts/sweep.py and scripts/summarize.py 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import gzip
 import json
 import math
@@ -111,6 +112,7 @@ def setup_run_dir(cfg, control_fields: tuple[str, ...]) -> Path:
                 "git_sha": git_sha(),
                 "argv": sys.argv,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
             },
             indent=2,
         )

@@ -530,10 +530,21 @@ def write_prereg(path: str | Path, prereg: Mapping) -> bool:
 
 
 def config_json_start(run_dir: Path) -> float | None:
-    """A run's start time in epoch seconds: the mtime of its config.json (train.py writes it before step 0 and
-    does not rewrite it on --resume); None when the run never started."""
+    """A run's start time in epoch seconds: config.json's "started_at" (UTC, written by runs.setup_run_dir before
+    step 0 and kept on --resume), else the file's mtime (older runs); None when the run never started. The
+    recorded time survives a copy that resets mtimes, which would otherwise make a run look later than it was."""
     p = Path(run_dir) / "config.json"
-    return p.stat().st_mtime if p.exists() else None
+    if not p.exists():
+        return None
+    try:
+        started = json.loads(p.read_text()).get("started_at")
+        if started:
+            t = datetime.datetime.fromisoformat(started)
+            if t.tzinfo is not None:
+                return t.timestamp()
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+        pass
+    return p.stat().st_mtime
 
 
 def prereg_valid(prereg_path: str | Path, run_dirs: Sequence[str | Path],

@@ -313,6 +313,29 @@ def test_prereg_write_and_valid(tmp_path):
     assert not stats.prereg_valid(path, runs)[0]
 
 
+def test_run_start_is_the_recorded_started_at_not_the_mtime(tmp_path):
+    """config.json's started_at (UTC) decides; a copy that resets mtimes changes nothing. Hand-set times."""
+    t0 = datetime.datetime.now(datetime.timezone.utc).timestamp() - 1000
+    iso = lambda t: datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()  # noqa: E731
+    path = tmp_path / "prereg.json"
+    stats.write_prereg(path, prereg_for(created_at=iso(t0)))
+    os.utime(path, (t0, t0))
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    cfg = run / "config.json"
+    cfg.write_text(json.dumps({"config": {}, "started_at": iso(t0 + 10)}))
+    os.utime(cfg, (t0 - 50, t0 - 50))  # mtime says "before the prereg"; the record says after
+    assert stats.config_json_start(run) == pytest.approx(t0 + 10)
+    assert stats.prereg_valid(path, [run])[0]
+    cfg.write_text(json.dumps({"config": {}, "started_at": iso(t0 - 10)}))
+    os.utime(cfg, (t0 + 500, t0 + 500))  # mtime says after; the record says the run started first
+    ok, why = stats.prereg_valid(path, [run])
+    assert not ok and "recorded at" in why, why
+    cfg.write_text(json.dumps({"config": {}, "started_at": "2026-01-01T00:00:00"}))  # no timezone: mtime
+    os.utime(cfg, (t0 + 5, t0 + 5))
+    assert stats.config_json_start(run) == pytest.approx(t0 + 5)
+
+
 # ----------------------------------------------------------------------------------------------- grid
 def test_round_robin_and_budget_trim():
     arms, seeds = ("vanilla", "erase", "erase-matched"), (0, 1, 2)
