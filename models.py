@@ -254,17 +254,18 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return _prepare_tokenizer(tok)
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model in eval mode on `device`, tokenizer with padding_side left and a pad token)."""
+def load_model(name: str, dtype: str = "float32", device: str = "cpu",
+               tok: PreTrainedTokenizerBase | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model in eval mode on `device`, tokenizer with padding_side left and a pad token); `tok` from
+    load_tokenizer(name) is reused rather than loaded again."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} not supported; use one of {', '.join(DTYPES)}")
     path = resolve_path(name)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = tok if tok is not None else _prepare_tokenizer(AutoTokenizer.from_pretrained(path))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except OSError as e:
         raise _not_found(name, e) from None
-    tok = _prepare_tokenizer(tok)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(device).eval(), tok

@@ -448,10 +448,22 @@ def main(cfg: TrainConfig) -> Path:
 
         vllm_backend.check_usable(device)
 
-    # ---- 1. model, adapter, directions, data: every input is checked before the first generation
+    # ---- 1. tokenizer and data (the pools' coverage after the length filter, before the model loads), model, adapter
+    tok = models.load_tokenizer(cfg.model)
+    train_problems, source_text = P.load_train_split(
+        cfg.train_source, cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint, cfg.max_prompt_tokens,
+        cli.Progress("train prompts measured (length filter)").counted(models.prompt_len(tok)))
+    logger.info(f"train source: {source_text}")
+    by_id = {p.id: p for p in train_problems}
+    pools = grpo.load_teacher_pools(cfg.teacher_sources, drop_infra=bool(cfg.solve_pool_dir))  # [] without teachers
+    if pools:  # prompts: the train problems every pool covers with its count of rows (the intersection)
+        covered = set(grpo.covered_ids(pools, [p.id for p in train_problems], cfg.n_prompts))
+        for _, pool, _ in pools:
+            grpo.check_pool_tokenization(pool, by_id, tok, lambda p: models.chat_ids(tok, list(p.prompt)))
+        train_problems = [p for p in train_problems if p.id in covered]
     logger.info(f"loading model {cfg.model} ({cfg.dtype}, {device}); a hub model downloads first (progress bars)")
     t_load = time.time()
-    model, tok = models.load_model(cfg.model, dtype=cfg.dtype, device=device)
+    model, tok = models.load_model(cfg.model, dtype=cfg.dtype, device=device, tok=tok)
     mid = models.model_id(cfg.model)
     logger.info(f"model loaded in {time.time() - t_load:.0f}s")
     model.requires_grad_(False)
@@ -465,18 +477,6 @@ def main(cfg: TrainConfig) -> Path:
     randoms = antipasto.random_directions(adapters, seed=cfg.direction_seed)  # placebos' directions (cheap)
     directions = randoms if arm.direction == "random" else vhack  # what the arm's edit or gate compares with
     own_basis = cfg.adapter_kind == "block"  # the quarantine has its own frozen frame
-
-    train_problems, source_text = P.load_train_split(
-        cfg.train_source, cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint, cfg.max_prompt_tokens,
-        cli.Progress("train prompts measured (length filter)").counted(models.prompt_len(tok)))
-    logger.info(f"train source: {source_text}")
-    by_id = {p.id: p for p in train_problems}
-    pools = grpo.load_teacher_pools(cfg.teacher_sources, drop_infra=bool(cfg.solve_pool_dir))  # [] without teachers
-    if pools:  # prompts: the train problems every pool covers with its count of rows (the intersection)
-        covered = set(grpo.covered_ids(pools, [p.id for p in train_problems], cfg.n_prompts))
-        for _, pool, _ in pools:
-            grpo.check_pool_tokenization(pool, by_id, tok, lambda p: models.chat_ids(tok, list(p.prompt)))
-        train_problems = [p for p in train_problems if p.id in covered]
     test_problems = [P.apply_hint(p, cfg.eval_hint) for p in (P.load_problems(cfg.eval_data_path) if cfg.eval_data_path
                                                                else P.load_benchmark_test())]
     if cfg.eval_problems:

@@ -130,6 +130,21 @@ def test_two_pool_refuses_when_the_intersection_is_too_small(tmp_path, two_pools
         train.validate(cfg)
 
 
+def test_coverage_after_the_length_filter_is_refused_before_the_model_loads(tmp_path, two_pools, monkeypatch):
+    """The pools cover enough problem ids (validate passes), but the prompt-length filter drops all but
+    n_prompts - 1 of them: main refuses after the tokenizer, before the model loads."""
+    hack, solve, allowed = two_pools
+    cfg = small_cfg(tmp_path, hack, solve_pool_dir=str(solve), teacher_n_hack=1, teacher_n_solve=1, mix_ratio=0.5)
+    keep = set(sorted(allowed)[: cfg.n_prompts - 1])
+    assert len(allowed) >= cfg.n_prompts > len(keep)
+    train.validate(cfg)
+    monkeypatch.setattr(train.models, "prompt_len", lambda tok: lambda p: 1 if p.id in keep else 10**9)
+    monkeypatch.setattr(train.models, "load_model", lambda *a, **k: pytest.fail("the model loaded before the error"))
+    with pytest.raises(UserError, match=f"only {len(keep)} of {len(keep)} train problems .* fewer than the "
+                                        f"{cfg.n_prompts} prompts"):
+        train.main(cfg)
+
+
 # ---- the solve pool builder (probe_distill.py --solve-only)
 
 class PoisonGrader:
