@@ -33,8 +33,8 @@ Gradient surgery (`surgery`) edits the deployed grad after backward() and before
 Adam interaction (decided here, see docs/adapter.md): the EDITED gradient is what enters the
 optimizer; Adam's moments are not projected separately. The first moment is a positive
 combination of edited gradients, so m.v <= 0 holds, but Adam's per-coordinate preconditioner
-(m / sqrt(v_hat)) can rotate the actual step so that step.v > 0 is possible. Use `snapshot` +
-`step_stats` to log the component of the actual parameter step along v.
+(m / sqrt(v_hat)) can rotate the actual step toward the hack. update.apply_step (the default,
+`--surgery-on step`) edits the applied step instead and logs its cosine with v (step_cos).
 
 See docs/interfaces.md for the contract and docs/adapter.md for the design notes.
 """
@@ -865,34 +865,6 @@ def random_directions(adapters: dict[str, Adapter], seed: int) -> dict[str, Tens
         v = torch.randn(ad.dep.numel(), generator=gen, dtype=torch.float64)  # (n,)
         out[k] = (v / v.norm()).float().reshape(ad.dep.shape).to(ad.dep.device)
     return out
-
-
-def snapshot(adapters: dict[str, Adapter]) -> dict[str, Tensor]:
-    """Copy of every deployed tensor (call before optimizer.step(); pair with step_stats)."""
-    return {k: a.dep.detach().float().clone() for k, a in adapters.items()}
-
-
-def step_stats(adapters: dict[str, Adapter], directions: dict[str, Tensor], before: dict[str, Tensor]) -> dict:
-    """How the actual optimizer step lines up with v: the Adam side of surgery.
-
-    Uses u = before - dep (minus the step), i.e. the step in the gradient's sign convention, so
-    it compares directly with cos_in / cos_out: u.v > 0 means the actual step moved to the side that
-    erase forbids for the gradient (with v = +grad(NLL_hack - NLL_clean): toward the hack).
-    Returns step_cos (mean over modules of cos(u, v)), step_cos_global (concatenated), frac_step_positive.
-    """
-    cos, dots, sq, pos = [], 0.0, 0.0, 0
-    for k, a in adapters.items():
-        d = (before[k] - a.dep.detach().float()).double().reshape(-1)  # (n,) minus the step
-        v = directions[k].double().to(d.device).reshape(-1)
-        v = v / v.norm()
-        dot, n = float(d @ v), float(d.norm())
-        cos.append(dot / n if n > 0 else 0.0)
-        dots += dot
-        sq += n * n
-        pos += dot > 0
-    M = len(cos)
-    return {"step_cos": sum(cos) / M, "step_cos_global": dots / (math.sqrt(sq) * math.sqrt(M)) if sq > 0 else 0.0,
-            "frac_step_positive": pos / M}
 
 
 # ----------------------------------------------------------------------------------------------

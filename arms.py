@@ -439,5 +439,5 @@ def optimizer_step(cfg, arm: Arm, adapters: dict, optimizer, directions: dict | 
         cos = float(surg["cos_in"]) if "cos_in" in surg else float("nan")
         out = {"cos_in": cos, "cos_out": cos, "frac_fired": st["frac_fired"],
                "removed_norm_frac": st["removed_norm_frac"]}
-    out.update(step_cos=st["step_cos"], step_toward=st["step_toward"], quar_step_frac=st["quar_step_frac"])
+    out.update({k: st[k] for k in ("step_cos", "step_toward", "quar_step_frac", "erase_norm_frac")})
     return out, hook_row, grad_norm

@@ -45,9 +45,10 @@ BASE_COLUMNS = (
     "grad_norm", "cos_in", "cos_out", "frac_fired", "removed_norm_frac", "len_mean", "len_max",
     "trunc_rate", "t_gen", "t_grade", "t_train", "t_step", "peak_mem_gb",
     # the applied step against v_hack (step_cos = cos(u, v); u.v < 0 is toward the hack; NaN without a v_hack),
-    # the quarantine's step relative to the vanilla step, and the PPO ratio between the sampling and the
+    # the quarantine's step relative to the vanilla step, the share of the vanilla step erase with v_hack would
+    # remove (every arm on the same footing; NaN without a v_hack), and the PPO ratio between the sampling and the
     # train-pass policy over completion tokens (1, 0, 0 when they are the same policy)
-    "step_cos", "step_toward", "quar_step_frac", "ratio_mean", "frac_clipped", "logratio_abs",
+    "step_cos", "step_toward", "quar_step_frac", "erase_norm_frac", "ratio_mean", "frac_clipped", "logratio_abs",
 )  # fmt: skip
 # fixed header: the base columns, then every arm-specific group (NaN for the arms that do not log it)
 LOG_COLUMNS = BASE_COLUMNS + tuple(c for cols in arms.COLUMN_GROUPS.values() for c in cols)

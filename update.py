@@ -99,8 +99,9 @@ def apply_step(optimizer: torch.optim.AdamW, adapters: dict, edit: str, directio
 
     parts (gate only): module -> (deployed share g_d, quarantine share g_q) of the unclipped gradient, scaled here by
     clip_factor; shared basis: g_d + g_q is the deployed .grad; own basis: g_d is a share of the deployed .grad and
-    g_q of the quarantine's. Returns the step statistics (removed_norm_frac, frac_fired, step_cos, step_toward,
-    quar_step_frac)."""
+    g_q of the quarantine's. Returns the step statistics: removed_norm_frac, frac_fired, step_cos and step_toward
+    (of the deployed change the parameters made, after rounding), quar_step_frac and erase_norm_frac (the share
+    erase with v_hack would remove from this vanilla step, for every arm)."""
     assert edit in EDITS, f"unknown step edit {edit!r}"
     dep_old = {k: a.dep.detach().clone() for k, a in adapters.items()}
     quar_old = {k: a.quar.detach().clone() for k, a in adapters.items()}
@@ -151,6 +152,9 @@ def apply_step(optimizer: torch.optim.AdamW, adapters: dict, edit: str, directio
                 quar_step = a.quar.detach().double() - quar_old[k].double() if own_basis else u.reshape(a.quar.shape)
         if u_dep is not u:  # an edited step (the vanilla one is already in place, bit for bit)
             a.dep.copy_((dep_old[k].double() + u_dep.reshape(a.dep.shape)).to(a.dep.dtype))
+            applied = (a.dep.detach().double() - dep_old[k].double()).reshape(-1)  # (n,) after float32 rounding
+        else:
+            applied = u
         if quar_step is not None:
             a.quar.copy_((quar_old[k].double() + quar_step).to(a.quar.dtype))
             sq_q += float(quar_step.double().pow(2).sum())
@@ -160,9 +164,9 @@ def apply_step(optimizer: torch.optim.AdamW, adapters: dict, edit: str, directio
         if vhack is not None:
             vv = _unit(vhack[k])
             sq_er += float(_erase_part(u, vv).pow(2).sum())  # what erase with v_hack would remove from u
-            d, n = float(u_dep @ vv), float(u_dep.norm())
+            d, n = float(applied @ vv), float(applied.norm())  # of the change the parameters made
             cos.append(d / n if n > 0 else 0.0)
-            toward += d < -1e-6 * n  # beyond the float32 rounding of the parameters
+            toward += d < -1e-5 * n  # beyond the float32 rounding of the parameters
     M = len(adapters)
     nan = float("nan")
     return {"removed_norm_frac": math.sqrt(sq_rem / sq_u) if sq_u > 0 else 0.0, "frac_fired": fired / M,

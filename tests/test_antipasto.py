@@ -392,19 +392,6 @@ def test_random_directions():
     assert abs(sum(vals) / len(vals) - 1 / 64) < 0.006
 
 
-def test_step_stats_reports_adam_step_along_v():
-    ads, dirs = _hand_adapters()
-    before = ap.snapshot(ads)
-    with torch.no_grad():
-        ads["a"].delta_S -= torch.tensor([1.0, 0.0])  # a descent step on a gradient along +v for a
-        ads["b"].delta_S += torch.tensor([0.0, 1.0])  # orthogonal for b
-        ads["c"].delta_S += torch.tensor([0.6, 0.8])  # along +v for c: gradient-convention cos = -1
-    s = ap.step_stats(ads, dirs, before)
-    assert s["step_cos"] == pytest.approx((1 + 0 - 1) / 3, abs=1e-6)
-    assert s["frac_step_positive"] == pytest.approx(1 / 3)
-    assert s["step_cos_global"] == pytest.approx(0.0, abs=1e-6)
-
-
 # ------------------------------------------------------------------------------------------------
 # State: save / load / merge
 # ------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 import antipasto
 import update
@@ -265,3 +266,134 @@ def test_block_route_quarantine_follows_the_routed_share():
     quar = float(sum(a.quar.detach().norm() ** 2 for a in ads.values()) ** 0.5)
     assert quar < 0.6 * dep, (quar, dep)
     assert math.isfinite(sum(moved))
+
+
+# ---- the real block (own basis) and lora (shared basis, matrix-shaped A) adapters, hand-computed AdamW references
+
+def make_real(kind: str, n_mod: int = 3, d: int = 12, r: int = 4, seed: int = 0):
+    """Real antipasto adapters around random nn.Linear(d, d): block (own frame, quarantine in the optimizer) or
+    lora (A (r, d) shared frame); v_hack a unit random direction in the deployed tensor's shape."""
+    torch.manual_seed(seed)
+    cls = {"block": antipasto.BlockAdapter, "lora": antipasto.LoRAAdapter}[kind]
+    ads = {f"m{i}": cls(nn.Linear(d, d), rank=r, name=f"m{i}") for i in range(n_mod)}
+    for a in ads.values():
+        a.quar.requires_grad_(kind == "block")
+    v = {k: antipasto.random_directions({k: a}, seed=seed + 100)[k] for k, a in ads.items()}
+    return ads, v
+
+
+def adam_by_hand(gs: list[Tensor], ps: list[Tensor], wd: float) -> list[Tensor]:
+    """AdamW's step at each t from the gradient history gs and the parameters ps before it (float64, flat)."""
+    m = s = 0.0
+    out = []
+    for t, (g, p) in enumerate(zip(gs, ps), 1):
+        g = g.double().reshape(-1)
+        m, s = BETAS[0] * m + (1 - BETAS[0]) * g, BETAS[1] * s + (1 - BETAS[1]) * g * g
+        m_hat, s_hat = m / (1 - BETAS[0] ** t), s / (1 - BETAS[1] ** t)
+        out.append(-LR * wd * p.double().reshape(-1) - LR * m_hat / (s_hat.sqrt() + 1e-8))
+    return out
+
+
+def run_real(kind: str, edit: str, hack: float, share: float | None = None):
+    """STEPS steps of apply_step on real adapters; returns per module the lists of (applied deployed step,
+    applied quarantine step, deployed grad, quarantine grad, deployed params before), and v."""
+    ads, v = make_real(kind)
+    own = kind == "block"
+    opt = update.build_optimizer(ads, LR, BETAS, WD, quarantine_in_optimizer=own)
+    rng = torch.Generator().manual_seed(1)
+    rec: dict[str, list] = {k: [] for k in ads}
+    for t in range(STEPS):
+        g = grads(ads, v, t, hack, rng)
+        gq = {k: torch.randn(a.quar.shape, generator=rng) * 0.01 + 0.001 for k, a in ads.items()}  # its own frame
+        before = {k: (a.dep.detach().clone(), a.quar.detach().clone()) for k, a in ads.items()}
+        for k, a in ads.items():
+            a.dep.grad = g[k].clone()
+            if own:
+                a.quar.grad = gq[k].clone()
+        parts = None
+        if share is not None:  # own basis: g_q is a share of the quarantine's own gradient; shared: of g
+            parts = {k: ((1 - share) * g[k], share * (gq[k] if own else g[k])) for k in ads}
+        update.apply_step(opt, ads, edit, v, v, None, own, parts)
+        for k, a in ads.items():
+            rec[k].append(((a.dep.detach() - before[k][0]).double().reshape(-1),
+                           (a.quar.detach() - before[k][1]).double().reshape(-1), g[k], gq[k], before[k][0]))
+    return rec, {k: x.double().reshape(-1) for k, x in v.items()}
+
+
+@pytest.mark.parametrize("kind", ["block", "lora"])
+@pytest.mark.parametrize("hack", [0.0, 3.0])
+def test_real_adapters_erase_and_route_never_step_toward_the_hack(kind, hack):
+    for edit in ("erase", "route"):
+        rec, v = run_real(kind, edit, hack)
+        fired = 0
+        for k, steps in rec.items():
+            for ud, *_ in steps:
+                assert float(ud @ v[k]) > -1e-5 * float(ud.norm()), f"{kind} {edit} {k}: a deployed step toward the hack"
+            ref = adam_by_hand([s[2] for s in steps], [s[4] for s in steps], WD)
+            fired += sum(float(u @ v[k]) < 0 for u in ref)
+        assert fired > 0, "the vanilla step never pointed toward the hack: the test would be vacuous"
+
+
+@pytest.mark.parametrize("hack", [0.0, 3.0])
+def test_block_route_quarantine_step_is_the_removed_norm_along_its_own_adam_step(hack):
+    """Own basis, every step and module: |u_quar| = |[u.v < 0] (u.v)| of the hand-computed vanilla deployed step u,
+    along the quarantine's own hand-computed AdamW step (no weight decay); the deployed step is erase(u)."""
+    rec, v = run_real("block", "route", hack)
+    fired = 0
+    for k, steps in rec.items():
+        u_ref = adam_by_hand([s[2] for s in steps], [s[4] for s in steps], WD)
+        q_ref = adam_by_hand([s[3] for s in steps], [torch.zeros(1)] * len(steps), 0.0)
+        for t, (ud, uq, *_) in enumerate(steps):
+            u = u_ref[t]
+            rem = min(float(u @ v[k]), 0.0) * v[k]
+            assert close(ud, u - rem), f"step {t} {k}: deployed step is not erase(u)"
+            assert abs(float(uq.norm()) - float(rem.norm())) <= 1e-5 * float(u.norm()) + 1e-9, (t, k)
+            if float(rem.norm()) > 0:
+                fired += 1
+                cos = float(uq @ q_ref[t]) / (float(uq.norm()) * float(q_ref[t].norm()))
+                assert cos > 1 - 1e-5, f"step {t} {k}: quarantine step not along its own AdamW step (cos {cos})"
+    assert fired > 0
+
+
+def test_block_gate_quarantine_follows_the_routed_share():
+    """Own basis: a 1 % share of the quarantine's own gradient moves it 1 % of its own AdamW step (hand
+    reference: first moment of the share over the second moment of the whole gradient); the deployed step is
+    AdamW's from the deployed share's first moment, weight decay included. Gradient-space routing would move the
+    quarantine ~lr per coordinate (its own AdamW step, 100 %)."""
+    s = 0.01
+    rec, _ = run_real("block", "gate", 3.0, share=s)
+    for k, steps in rec.items():
+        n = len(steps)
+        q_full = adam_by_hand([st[3] for st in steps], [torch.zeros(1)] * n, 0.0)
+        u_ref = adam_by_hand([st[2] for st in steps], [st[4] for st in steps], WD)
+        m = 0.0
+        for t, (ud, uq, g, _, p) in enumerate(steps, 1):
+            assert close(uq, s * q_full[t - 1], rel=1e-4), f"step {t} {k}: quarantine step != share x its AdamW step"
+            m = BETAS[0] * m + (1 - BETAS[0]) * (1 - s) * g.double().reshape(-1)
+            adam_part = u_ref[t - 1] + LR * WD * p.double().reshape(-1)  # -lr m_hat / (sqrt(v_hat) + eps) of g
+            want = -LR * WD * p.double().reshape(-1) + (1 - s) * adam_part  # m of (1 - s) g is (1 - s) m
+            assert close(ud, want, rel=1e-4), f"step {t} {k}: deployed gate step"
+        moved_q = sum(st[1] for st in steps).norm()
+        full_q = sum(q_full).norm()
+        assert 0.005 * full_q < moved_q <= 0.02 * full_q, (float(moved_q), float(full_q))
+
+
+def test_lora_gate_and_route_split_the_vanilla_step():
+    """Shared basis, matrix-shaped A: route's parts sum to the hand-computed vanilla step with the quarantine's
+    part along v; a 1 % gate share moves the quarantine <= 2 % of the total movement."""
+    rec, v = run_real("lora", "route", 3.0)
+    for k, steps in rec.items():
+        u_ref = adam_by_hand([s[2] for s in steps], [s[4] for s in steps], WD)
+        for t, (ud, uq, *_) in enumerate(steps):
+            assert close(ud + uq, u_ref[t]), (t, k)
+            if float(uq.norm()) > 0:
+                assert abs(abs(float(uq @ v[k])) - float(uq.norm())) < 1e-5 * float(uq.norm())
+    rec, _ = run_real("lora", "gate", 3.0, share=0.01)
+    total = quar = 0.0
+    for k, steps in rec.items():
+        u_ref = adam_by_hand([s[2] for s in steps], [s[4] for s in steps], WD)
+        for t, (ud, uq, *_) in enumerate(steps):
+            assert close(ud + uq, u_ref[t]), (t, k)
+        total += float(sum(u_ref).norm()) ** 2
+        quar += float(sum(s[1] for s in steps).norm()) ** 2
+    assert 0.002 * total**0.5 < quar**0.5 <= 0.02 * total**0.5, (quar**0.5, total**0.5)
