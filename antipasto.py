@@ -60,7 +60,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 # all attention and MLP projections of a Qwen3 / Llama decoder layer
-DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                    "up_proj", "down_proj")
 ADAPTER_KINDS = ("svd", "lora", "block")
 QUARANTINE_BASES = ("next", "random")  # block only: where the quarantine block's frozen frame comes from
 SURGERY_MODES = ("measure", "erase", "route")
@@ -89,8 +90,8 @@ def resolve_rank(kind: str, d_out: int, d_in: int, rank: int | None) -> int:
         r = full // 2 if rank is None else min(int(rank), full // 2)
     elif kind == "lora":
         if rank is None:
-            raise ValueError("kind='lora' needs rank=r (e.g. 16): a full-rank A (min(d_out, d_in), d_in) is as "
-                             "large as W; pass rank explicitly")
+            raise ValueError("kind='lora' needs rank=r (e.g. 16): "
+                             "a full-rank A (min(d_out, d_in), d_in) is as large as W; pass rank explicitly")
         r = min(int(rank), full)
     else:
         raise ValueError(f"kind must be one of {ADAPTER_KINDS}, got {kind!r}")
@@ -127,7 +128,8 @@ class Adapter(nn.Module):
     QUAR = "delta_S_hack"
 
     def _init_common(self, base: nn.Linear, name: str) -> tuple[int, int]:
-        assert isinstance(base, nn.Linear), f"{type(self).__name__} wraps nn.Linear, got {type(base).__name__}"
+        assert isinstance(base, nn.Linear), (
+            f"{type(self).__name__} wraps nn.Linear, got {type(base).__name__}")
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -163,8 +165,8 @@ class Adapter(nn.Module):
     def _check_float32(self) -> None:
         for p in (self.dep, self.quar):
             if p.dtype != torch.float32:
-                raise RuntimeError(f"{self._name}: {self.DEP}/{self.QUAR} is {p.dtype}, must stay float32; cast the "
-                                   "model (model.to(dtype)) BEFORE wrap_model, not after")
+                raise RuntimeError(f"{self._name}: {self.DEP}/{self.QUAR} is {p.dtype}, must stay float32; "
+                                   "cast the model (model.to(dtype)) BEFORE wrap_model, not after")
 
     def mode_delta_weight(self) -> Tensor | None:
         """float32 (d_out, d_in) weight delta of the current mode, or None when the branch is off."""
@@ -197,13 +199,15 @@ class Adapter(nn.Module):
         if torch.is_grad_enabled() and (self.dep.requires_grad or self.quar.requires_grad):
             raise RuntimeError(
                 f"{self._name}: forward with grad enabled inside merged_inference(): the merged weight "
-                f"gives no gradient to {self.DEP}. Use torch.no_grad() for generation, or leave merged_inference()."
+                f"gives no gradient to {self.DEP}. Use torch.no_grad() for generation, "
+                "or leave merged_inference()."
             )
         key = self._merged_key()
         if key != m["key"]:
             raise RuntimeError(
-                f"{self._name}: mode or {self.DEP} changed inside merged_inference() (merged for {m['key']}, now {key}); "
-                "exit and re-enter merged_inference() after changing modes or stepping the optimizer."
+                f"{self._name}: mode or {self.DEP} changed inside merged_inference() (merged for {m['key']}, "
+                f"now {key}); exit and re-enter merged_inference() after changing modes or "
+                "stepping the optimizer."
             )
         return F.linear(x, m["weight"], self.base.bias)
 
@@ -211,8 +215,8 @@ class Adapter(nn.Module):
         return (self.use_dep, self.use_hack, self.dep._version, self.quar._version)
 
     def _fused_forward(self, x: Tensor) -> Tensor | None:
-        """fused_training path (svd): F.linear with the cached merged weight, delta grad from a custom backward.
-        None when it does not apply (branch off or nothing trainable in the current mode)."""
+        """fused_training path (svd): F.linear with the cached merged weight, delta grad from a custom
+        backward. None when it does not apply (branch off or nothing trainable in the current mode)."""
         return None
 
 
@@ -238,7 +242,8 @@ class SVDAdapter(Adapter):
         self.register_buffer("S", S[:r].contiguous().to(dtype), persistent=False)  # (r,)
         self.register_buffer("Vh", Vh[:r].contiguous().to(dtype), persistent=False)  # (r, d_in)
         self.delta_S = nn.Parameter(torch.zeros(r, dtype=torch.float32, device=W.device))
-        self.delta_S_hack = nn.Parameter(torch.zeros(r, dtype=torch.float32, device=W.device), requires_grad=False)
+        self.delta_S_hack = nn.Parameter(torch.zeros(r, dtype=torch.float32, device=W.device),
+                                         requires_grad=False)
         self.r = r
 
     def scale(self) -> Tensor | None:
@@ -356,7 +361,8 @@ class BlockAdapter(Adapter):
         self.register_buffer("S", Sc.contiguous().to(dtype), persistent=False)  # (2r,)
         self.register_buffer("Vh", Vhc.contiguous().to(dtype), persistent=False)  # (2r, d_in)
         self.delta_S = nn.Parameter(torch.zeros(r, dtype=torch.float32, device=W.device))
-        self.delta_S_hack = nn.Parameter(torch.zeros(r, dtype=torch.float32, device=W.device), requires_grad=False)
+        self.delta_S_hack = nn.Parameter(torch.zeros(r, dtype=torch.float32, device=W.device),
+                                         requires_grad=False)
         self.r = r
         self.basis = quarantine_basis if quarantine_basis == "next" else f"random:{int(basis_seed)}"
 
@@ -375,7 +381,8 @@ class BlockAdapter(Adapter):
             return (self.U.float() * s) @ self.Vh.float()  # (d_out, d_in)
 
     def update_norms(self) -> tuple[float, float, float]:
-        """Frobenius norms of (dW_dep, dW_quar, dW_full); the blocks are orthogonal, so they add in squares."""
+        """Frobenius norms of (dW_dep, dW_quar, dW_full); the blocks are orthogonal,
+        so they add in squares."""
         a, b = float(self.delta_S.detach().double().norm()), float(self.delta_S_hack.detach().double().norm())
         return a, b, math.sqrt(a * a + b * b)
 
@@ -421,7 +428,8 @@ class LoRAAdapter(Adapter):
         self.register_buffer("B", U[:, :r].contiguous().to(dtype), persistent=False)  # (d_out, r)
         self.register_buffer("S", S[:r].contiguous().to(dtype), persistent=False)  # (r,)
         self.A = nn.Parameter(torch.zeros(r, d_in, dtype=torch.float32, device=W.device))
-        self.A_hack = nn.Parameter(torch.zeros(r, d_in, dtype=torch.float32, device=W.device), requires_grad=False)
+        self.A_hack = nn.Parameter(torch.zeros(r, d_in, dtype=torch.float32, device=W.device),
+                                   requires_grad=False)
         self.r = r
 
     def effective_A(self) -> Tensor:
@@ -529,7 +537,8 @@ def wrap_model(
     """
     _check_kind_args(kind, quarantine_basis)
     if get_adapters(model):
-        raise ValueError("model already has SVDAdapter (or Block/LoRA) adapter modules; wrap_model must be called once on a fresh model")
+        raise ValueError("model already has SVDAdapter (or Block/LoRA) adapter modules; "
+                         "wrap_model must be called once on a fresh model")
     chosen = select_linears(model, targets, layers)
     if not chosen:
         raise ValueError(
@@ -544,7 +553,8 @@ def wrap_model(
         if kind == "svd":
             ad = SVDAdapter(lin, rank=rank, name=name)
         elif kind == "block":
-            ad = BlockAdapter(lin, rank=rank, name=name, quarantine_basis=quarantine_basis, basis_seed=basis_seed)
+            ad = BlockAdapter(lin, rank=rank, name=name, quarantine_basis=quarantine_basis,
+                              basis_seed=basis_seed)
         else:
             ad = LoRAAdapter(lin, rank=rank, name=name)
         setattr(parent, leaf, ad)
@@ -567,7 +577,8 @@ def adapter_kind(model_or_adapters) -> str:
 
 
 def set_trainable(model: nn.Module, quarantine: bool) -> list[nn.Parameter]:
-    """Freeze all parameters except the deployed tensor (and the quarantine iff quarantine). Returns the trainable ones.
+    """Freeze all parameters except the deployed tensor (and the quarantine iff quarantine).
+    Returns the trainable ones.
 
     Non-route arms use quarantine=False so an optimizer built from requires_grad params never moves
     the quarantine (for svd/lora its raw grad equals the deployed one and would silently double the update).
@@ -586,7 +597,8 @@ def set_trainable(model: nn.Module, quarantine: bool) -> list[nn.Parameter]:
     return out
 
 
-def count_adapter_params(model: nn.Module, targets=DEFAULT_TARGETS, layers=None, rank=None, kind: str = "svd") -> dict:
+def count_adapter_params(model: nn.Module, targets=DEFAULT_TARGETS, layers=None, rank=None,
+                         kind: str = "svd") -> dict:
     """Parameter counts from Linear shapes only (works on a meta-device model; nothing is wrapped).
 
     Returns {n_modules, delta_S (deployed trainable elements: delta_S for svd/block, A for lora),
@@ -610,7 +622,8 @@ def count_adapter_params(model: nn.Module, targets=DEFAULT_TARGETS, layers=None,
         quar += b
         buf += f
         base += d_out * d_in
-    return {"n_modules": n, "delta_S": dep, "trainable_route": dep + quar, "frozen_buffers": buf, "base_linear": base}
+    return {"n_modules": n, "delta_S": dep, "trainable_route": dep + quar, "frozen_buffers": buf,
+            "base_linear": base}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -691,9 +704,10 @@ def fused_training(model: nn.Module):
 def shrinkage(model: nn.Module):
     """Magnitude control (any kind): deploy c * (full update) per module, quarantine folded in, with
     c = 1 - |dW_quar|_F / |dW_full|_F, so the update mass it removes equals what ablating the quarantine
-    removes (c clamped at 0 when |dW_quar| >= |dW_full|, possible in svd/lora when the two partly cancel). Implemented by scaling both trainable tensors by c in place (restored on exit, also on error).
-    For svd this is c * (delta_S + delta_S_hack); for block it keeps both blocks
-    (the full update lives in both frames). Use with torch.no_grad() (evaluation only)."""
+    removes (c clamped at 0 when |dW_quar| >= |dW_full|, possible in svd/lora when the two partly cancel).
+    Implemented by scaling both trainable tensors by c in place (restored on exit, also on error). For svd
+    this is c * (delta_S + delta_S_hack); for block it keeps both blocks (the full update lives in both
+    frames). Use with torch.no_grad() (evaluation only)."""
     ads = get_adapters(model)
     assert ads, "shrinkage: model has no adapter; call wrap_model first"
     saved = []
@@ -744,7 +758,8 @@ def project_one(
 
 
 def surgery(adapters: dict[str, Adapter], directions: dict[str, Tensor] | None, mode: str) -> dict:
-    """Edit the deployed grad (and the quarantine grad in route) in place; call after backward(), before step().
+    """Edit the deployed grad (and the quarantine grad in route) in place; call after backward(),
+    before step().
 
     directions: name -> unit vector per adapter with the deployed tensor's shape ((r,) for svd/block,
     (r, d_in) for lora, compared flattened; any source: v_hack, random placebo), or None
@@ -756,7 +771,8 @@ def surgery(adapters: dict[str, Adapter], directions: dict[str, Tensor] | None, 
       frac_fired            fraction of modules where the edit was applied (0 in measure)
       frac_positive         fraction of modules with g.v > 0 (what erase would edit; all modes)
       removed_norm_frac     ||concat removed|| / ||concat g_in|| (0 in measure)
-      proj_norm_frac        ||concat positive projections|| / ||concat g_in|| (what erase would remove; all modes)
+      proj_norm_frac        ||concat positive projections|| / ||concat g_in|| (what erase would remove;
+                            all modes)
       grad_norm_in / grad_norm_out     norms of the concatenated deployed gradient
     plus per-module lists under "per_module": {keys, cos_in, cos_out, fired, removed_norm}.
 
@@ -779,7 +795,8 @@ def surgery(adapters: dict[str, Adapter], directions: dict[str, Tensor] | None, 
         grads[k] = (torch.zeros_like(ad.dep) if g is None else g.detach().float()).reshape(-1)  # (n,)
     if directions is None:
         if mode != "measure":
-            raise ValueError(f"surgery mode {mode!r} needs directions; pass directions=None only with mode='measure'")
+            raise ValueError(f"surgery mode {mode!r} needs directions; "
+                             "pass directions=None only with mode='measure'")
         gn = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
         nan = float("nan")
         return {"cos_in": nan, "cos_out": nan, "cos_in_global": nan, "cos_out_global": nan, "frac_fired": 0.0,
@@ -802,11 +819,13 @@ def surgery(adapters: dict[str, Adapter], directions: dict[str, Tensor] | None, 
         want = tuple(adapters[k].dep.shape)
         if tuple(v.shape) != want:
             raise ValueError(f"directions[{k!r}] has shape {tuple(v.shape)}, the deployed tensor "
-                             f"{adapters[k].DEP} has shape {want}; use directions made for this adapter kind/rank")
+                             f"{adapters[k].DEP} has shape {want}; "
+                             "use directions made for this adapter kind/rank")
         v = v.reshape(-1)  # (n,)
         vn = float(v.double().norm())
         if not abs(vn - 1.0) <= UNIT_NORM_TOL:
-            raise ValueError(f"directions[{k!r}] has norm {vn:.6g}, need unit norm; normalise with v / v.norm()")
+            raise ValueError(f"directions[{k!r}] has norm {vn:.6g}, need unit norm; "
+                             "normalise with v / v.norm()")
         vs[k] = v
 
     per = {"keys": keys, "cos_in": [], "cos_out": [], "fired": [], "removed_norm": []}
@@ -895,7 +914,8 @@ class PerSampleCapture:
     def _record(self, ad: Adapter, saved: Tensor, z: Tensor) -> None:
         name = ad._name
         if saved.dim() != 3:
-            raise ValueError(f"capture_per_sample: {name} got input of shape {tuple(saved.shape[:-1])}+(d_in,), need (B, T, d_in)")
+            raise ValueError(f"capture_per_sample: {name} got input of shape "
+                             f"{tuple(saved.shape[:-1])}+(d_in,), need (B, T, d_in)")
         if name in self._seen:
             raise RuntimeError(f"capture_per_sample: {name} ran forward twice in one capture (activation "
                                "checkpointing or two forwards); use one forward + backward per capture")
@@ -916,7 +936,8 @@ def check_per_sample_sum(name: str, per_sample: Tensor, grad: Tensor | None, ato
     tot = grad if grad is not None else torch.zeros_like(per_sample[0])
     s = per_sample.sum(0)  # (*shape,)
     assert torch.allclose(s, tot.float(), rtol=1e-3, atol=atol + 1e-3 * float(tot.abs().max())), (
-        f"{name}: per-sample grads do not sum to the autograd grad (max err {float((s - tot).abs().max()):.3g})")
+        f"{name}: per-sample grads do not sum to the autograd grad (max err "
+        f"{float((s - tot).abs().max()):.3g})")
 
 
 @contextmanager
@@ -946,17 +967,20 @@ def apply_sample_weights(adapters: dict[str, Adapter], cap: PerSampleCapture, w_
     keys = list(adapters)
     missing = [k for k in keys if k not in cap.grads]
     if missing:
-        raise ValueError(f"apply_sample_weights: no per-sample grads for {len(missing)} modules (first {missing[0]!r}); "
-                         "run forward + backward inside capture_per_sample with the deployed tensor on")
+        raise ValueError(f"apply_sample_weights: no per-sample grads for {len(missing)} modules "
+                         f"(first {missing[0]!r}); run forward + backward inside capture_per_sample with "
+                         "the deployed tensor on")
     B = next(iter(cap.grads.values())).shape[0]
     for nm, w in (("w_dep", w_dep), ("w_quar", w_quar)):
         if w is not None and tuple(w.shape) != (B,):
-            raise ValueError(f"apply_sample_weights: {nm} has shape {tuple(w.shape)}, need ({B},) (one weight per sample)")
+            raise ValueError(f"apply_sample_weights: {nm} has shape {tuple(w.shape)}, need ({B},) "
+                             "(one weight per sample)")
     if w_quar is not None:
         lack = [k for k in keys if k not in cap.grads_hack]
         if lack:
-            raise ValueError(f"apply_sample_weights: no quarantine per-sample grads for {lack[0]!r}; the forward "
-                             "must run with the quarantine on (train mode, not ablate_quarantine)")
+            raise ValueError(f"apply_sample_weights: no quarantine per-sample grads for {lack[0]!r}; "
+                             "the forward must run with the quarantine on (train mode, "
+                             "not ablate_quarantine)")
         frozen = [k for k in keys if not adapters[k].quar.requires_grad]
         if frozen:
             raise ValueError(f"apply_sample_weights: quarantine of {frozen[0]!r} is frozen; call "
@@ -993,7 +1017,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def adapter_meta(model: nn.Module, model_id: str) -> dict:
-    """{model_id, dtype, adapter_kind, quarantine_basis, module_keys, ranks, git_sha} for this wrapped model."""
+    """{model_id, dtype, adapter_kind, quarantine_basis, module_keys, ranks,
+    git_sha} for this wrapped model."""
     ads = get_adapters(model)
     assert ads, "adapter_meta: model has no adapter; call wrap_model first"
     first = next(iter(ads.values()))
@@ -1014,11 +1039,14 @@ def check_meta(meta: dict, model: nn.Module, model_id: str, directions: bool = F
     quarantine_basis is not compared.
     """
     want = adapter_meta(model, model_id)
-    meta = {**{"adapter_kind": KIND_DEFAULTS["kind"], "quarantine_basis": KIND_DEFAULTS["quarantine_basis"]}, **meta}
-    fields = ("model_id", "dtype", "adapter_kind") + (() if directions else ("quarantine_basis",)) + META_FIELDS[2:]
+    meta = {**{"adapter_kind": KIND_DEFAULTS["kind"], "quarantine_basis": KIND_DEFAULTS["quarantine_basis"]},
+            **meta}
+    fields = (("model_id", "dtype", "adapter_kind") + (() if directions else ("quarantine_basis",))
+              + META_FIELDS[2:])
     for field in fields:
         if field not in meta:
-            raise ValueError(f"metadata lacks field {field!r} (has {sorted(meta)}); the file was not written by save_adapter/save_directions")
+            raise ValueError(f"metadata lacks field {field!r} (has {sorted(meta)}); "
+                             "the file was not written by save_adapter/save_directions")
         got, exp = meta[field], want[field]
         if field in ("module_keys", "ranks"):
             got = list(got)
@@ -1032,14 +1060,17 @@ def check_meta(meta: dict, model: nn.Module, model_id: str, directions: bool = F
             if field == "module_keys":
                 extra = sorted(set(got) - set(exp))[:3]
                 lack = sorted(set(exp) - set(got))[:3]
-                detail = f"file has {len(got)} keys, model {len(exp)}; only in file: {extra}, only in model: {lack}"
+                detail = (f"file has {len(got)} keys, model {len(exp)}; "
+                          f"only in file: {extra}, only in model: {lack}")
             elif field == "ranks":
                 diff = [(k, a, b) for k, a, b in zip(want["module_keys"], got, exp) if a != b][:3]
-                detail = f"file ranks vs model ranks differ, e.g. (key, file, model) {diff}" if diff else f"lengths {len(got)} vs {len(exp)}"
+                detail = (f"file ranks vs model ranks differ, e.g. (key, file, model) {diff}" if diff
+                          else f"lengths {len(got)} vs {len(exp)}")
             else:
                 detail = f"file has {got!r}, model has {exp!r}"
-            raise ValueError(f"adapter metadata mismatch in field {field!r}: {detail}. Load into a model built with "
-                             "the same model, dtype, adapter kind (and quarantine_basis), targets/layers and rank.")
+            raise ValueError(f"adapter metadata mismatch in field {field!r}: {detail}. "
+                             "Load into a model built with the same model, dtype, adapter kind "
+                             "(and quarantine_basis), targets/layers and rank.")
 
 
 def _encode_meta(meta: dict) -> dict[str, str]:
@@ -1093,9 +1124,11 @@ def save_directions(path, dirs: dict[str, Tensor], meta: dict) -> None:
     adapter_meta(model, id) + extras)."""
     for f in META_FIELDS:
         if f not in meta:
-            raise ValueError(f"save_directions: meta lacks {f!r}; pass adapter_meta(model, model_id) (plus extras)")
+            raise ValueError(f"save_directions: meta lacks {f!r}; "
+                             "pass adapter_meta(model, model_id) (plus extras)")
     if set(meta["module_keys"]) != set(dirs):
-        raise ValueError("save_directions: dirs keys differ from meta['module_keys']; build dirs over get_adapters(model)")
+        raise ValueError("save_directions: dirs keys differ from meta['module_keys']; "
+                         "build dirs over get_adapters(model)")
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in dirs.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=_encode_meta(meta))
@@ -1112,7 +1145,8 @@ def load_directions(path, model: nn.Module, model_id: str) -> dict[str, Tensor]:
         t = tensors.get(k)
         want = tuple(a.dep.shape)
         if t is None or tuple(t.shape) != want:
-            raise ValueError(f"directions file {path}: tensor {k!r} is {'missing' if t is None else tuple(t.shape)}, need {want}")
+            raise ValueError(f"directions file {path}: tensor {k!r} is "
+                             f"{'missing' if t is None else tuple(t.shape)}, need {want}")
         out[k] = t.to(a.dep.device)
     return out
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 import antipasto
 import gate
+from cli import UserError
 import grpo
 import pairs
 import update
@@ -106,7 +107,7 @@ def get(name: str) -> Arm:
     """The Arm for a name or alias; a one-line error naming the known arms otherwise."""
     name = ALIASES.get(name, name)
     if name not in ARMS:
-        raise ValueError(f"arm={name!r} is not an arm; choose one of {', '.join(NAMES)}")
+        raise UserError(f"arm={name!r} is not an arm; choose one of {', '.join(NAMES)}")
     return ARMS[name]
 
 

@@ -189,6 +189,7 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None, progress: bool = Tru
         assert cfg.max_pairs >= 1, "max_pairs must be >= 1 (or None for all)"
         plist = plist[: cfg.max_pairs]
     if model is None:
+        models.check_available(cfg.model)
         print(f"loading model {cfg.model} ({cfg.dtype}, {cfg.device}); a hub model downloads first", flush=True)
         t_load = time.time()
         model, tokenizer = models.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)

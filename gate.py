@@ -69,7 +69,8 @@ def alignment(grads: dict[str, Tensor], directions: dict[str, Tensor], agg: str 
     assert keys, "alignment: no per-sample gradients"
     missing = [k for k in keys if k not in directions]
     if missing:
-        raise ValueError(f"directions lack {len(missing)} gradient keys (first {missing[0]!r}); use directions for this module set")
+        raise ValueError(f"directions lack {len(missing)} gradient keys (first {missing[0]!r}); "
+                         "use directions for this module set")
     N = grads[keys[0]].shape[0]
     cos, dot, nrm = [], [], []
     for k in keys:
@@ -102,7 +103,8 @@ def zone_counts(n: int, q: float) -> tuple[int, int]:
 
 
 def _above_kth(a: Tensor, k: int) -> Tensor:
-    """Mask of entries strictly greater than the (k+1)-th largest value (all True when k >= n, none when k = 0)."""
+    """Mask of entries strictly greater than the (k+1)-th largest value (all True when k >= n,
+    none when k = 0)."""
     n = a.shape[0]
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=a.device)
@@ -135,13 +137,15 @@ def assign_zones_threshold(a: Float[Tensor, " N"], tau_mid: float, tau_route: fl
 
 
 def random_scores(n: int, seed: int) -> Tensor:
-    """The non-directional gate's scores: i.i.d. uniforms from a seeded generator (distinct a.s.), (n,) float64."""
+    """The non-directional gate's scores: i.i.d. uniforms from a seeded generator (distinct a.s.),
+    (n,) float64."""
     gen = torch.Generator().manual_seed(int(seed) % (2**63))
     return torch.rand(n, generator=gen, dtype=torch.float64)
 
 
 def full_zones(n_total: int, active_idx: Tensor, active_zones: Tensor) -> Tensor:
-    """Zones over all n_total per-sample rows: the scored (active) rows get their zone, the rest keep. (n_total,)"""
+    """Zones over all n_total per-sample rows: the scored (active) rows get their zone,
+    the rest keep. (n_total,)"""
     z = torch.zeros(n_total, dtype=torch.long)
     z[active_idx.cpu()] = active_zones.cpu()
     return z
@@ -169,7 +173,8 @@ def split_grads(per_sample: dict[str, Tensor], zones: Tensor) -> dict[str, tuple
 
 def zone_stats(a: Tensor, zones: Tensor, is_hack: Tensor) -> dict[str, float]:
     """Log columns for the scored rollouts: sizes, mean a per zone, strict-hack rate per zone, precision
-    (hacks among routed), recall (routed among hacks) and the AUC of a for hack vs not. NaN where undefined."""
+    (hacks among routed), recall (routed among hacks) and the AUC of a for hack vs not.
+    NaN where undefined."""
     a, zones, h = a.double().cpu(), zones.cpu(), is_hack.bool().cpu()
     nan = float("nan")
     out: dict[str, float] = {}
@@ -251,7 +256,8 @@ def am_transform(r: Float[Tensor, "P G"], z: Float[Tensor, "P G"], alpha: float)
 
 def am_direction(hack: Tensor, clean: Tensor) -> Tensor:
     """Unit mean(hack - clean) of per-pair mean hidden states (n, H) -> (H,) float32."""
-    assert hack.shape == clean.shape and hack.dim() == 2, f"need (n, H) twice, got {tuple(hack.shape)} {tuple(clean.shape)}"
+    assert hack.shape == clean.shape and hack.dim() == 2, (
+        f"need (n, H) twice, got {tuple(hack.shape)} {tuple(clean.shape)}")
     d = (hack.double() - clean.double()).mean(0)  # (H,)
     n = float(d.norm())
     assert n > 0 and math.isfinite(n), f"AM direction has norm {n}: hack and clean activations identical?"

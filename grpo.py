@@ -11,6 +11,7 @@ import gzip
 import json
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from beartype import beartype
 from jaxtyping import Bool, Float, Int, jaxtyped
+from loguru import logger
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -201,6 +203,36 @@ def prompts_for_step(n_problems: int, n_prompts: int, seed: int, step: int) -> t
     return order[k * n_prompts : (k + 1) * n_prompts], epoch
 
 
+GEN_PROGRESS_EVERY_S = 20.0
+"""seconds between generate's in-batch progress lines (GenProgress); 0 = one line per decoded token"""
+
+
+class GenProgress:
+    """A transformers stopping criterion that stops nothing: at most one loguru INFO line per every_s,
+    `generating <label>: token t/max_new_tokens (elapsed, eta <= ...; k/b ended)`. The eta is elapsed / t x the
+    tokens left, an upper bound: it assumes no sequence ends early (generate stops once all rows hit EOS)."""
+
+    def __init__(self, label: str, width: int, max_new_tokens: int, eos: list[int], every_s: float):
+        # (no attribute named eos_token_id: transformers keys its pad-after-EOS on one)
+        self.label, self.width, self.max_new, self.eos, self.every_s = label, width, max_new_tokens, eos, every_s
+        self.t0 = self.t_last = time.time()  # t0 before the prefill: the eta includes its share
+        self.no: Tensor | None = None  # (b,) all False, made once
+
+    def __call__(self, input_ids: Tensor, scores=None, **kwargs) -> Tensor:  # input_ids (b, P + t)
+        if self.no is None:
+            self.no = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # (b,)
+        t, now = input_ids.shape[1] - self.width, time.time()
+        if now - self.t_last >= self.every_s and t > 0:
+            self.t_last, el = now, now - self.t0
+            eos = torch.tensor(self.eos, device=input_ids.device)  # (E,)
+            ended = int(torch.isin(input_ids[:, self.width :], eos).any(1).sum())  # one sync per line
+            logger.info(
+                f"generating {self.label}: token {t}/{self.max_new} ({cli._fmt_s(el)} elapsed, eta <= "
+                f"{cli._fmt_s(el / t * (self.max_new - t))}; {ended}/{input_ids.shape[0]} ended)"
+            )
+        return self.no
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -216,12 +248,15 @@ def generate(
     """Sample one completion per prompt (HF generate, left padding, KV cache). Returns (ids, truncated);
     ids end at (and include) the first EOS. Seeded per call so a resumed run samples identically.
     `on_batch(start, outs)` is called after each generation batch (e.g. to start grading it on the CPU
-    while the next batch decodes)."""
+    while the next batch decodes). Progress within a batch: GenProgress, every GEN_PROGRESS_EVERY_S."""
+    from transformers import StoppingCriteriaList
+
     torch.manual_seed(seed)
     eos = eos_ids(tokenizer)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
     out: list[tuple[list[int], bool]] = []
+    n_batches = math.ceil(len(prompt_ids) / batch)
     for s in range(0, len(prompt_ids), batch):
         chunk = prompt_ids[s : s + batch]
         width = max(map(len, chunk))
@@ -237,6 +272,9 @@ def generate(
             top_k=0 if temperature > 0 else None,
             pad_token_id=pad,
             eos_token_id=eos,
+            stopping_criteria=StoppingCriteriaList(
+                [GenProgress(f"batch {s // batch + 1}/{n_batches}", width, max_new_tokens, eos, GEN_PROGRESS_EVERY_S)]
+            ),
         )[:, width:].tolist()  # (b, <= max_new_tokens)
         first = len(out)
         for row in gen:
@@ -469,6 +507,31 @@ def sample(
     return engine.generate(
         prompt_ids, max_new_tokens, temperature, top_p, batch, seed, eos_ids(tokenizer), on_batch=on_batch
     )
+
+
+def sample_and_grade(model, tokenizer, engine, grader, items: list[tuple[object, list[int]]], max_new_tokens: int,
+                     temperature: float, top_p: float, batch: int, seed: int, label: str):
+    """One completion per (problem, prompt ids) item (sample), each generation batch graded on the grader's CPU pool
+    while the next one decodes. Returns (outs: (completion ids, truncated) per item, decoded texts, grades,
+    generation seconds, grading seconds not hidden behind generation)."""
+    t0 = time.time()
+    texts: list[str] = [""] * len(items)
+    futures = []
+    gen = cli.Progress(f"{label} generation batches", math.ceil(len(items) / batch), every_s=0)
+
+    def grade_batch(first: int, outs_b: list) -> None:
+        gen.update()
+        for i, (ids, _) in enumerate(outs_b, start=first):
+            texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
+        futures.append((first, grader.submit_many([(items[i][0], texts[i]) for i in range(first, first + len(outs_b))])))
+
+    outs = sample(model, tokenizer, engine, [ids for _, ids in items], max_new_tokens, temperature, top_p, batch,
+                  seed=seed, on_batch=grade_batch)
+    t_gen, t1 = time.time() - t0, time.time()
+    prog = cli.Progress(f"{label} grading batches (waiting)", len(futures))
+    grades = [g for _, fut in sorted(futures, key=lambda x: x[0]) for g in prog.tick(fut.result())]
+    assert len(grades) == len(items), f"{label}: graded {len(grades)} of {len(items)} completions"
+    return outs, texts, grades, t_gen, time.time() - t1
 
 
 def cosine_schedule(warmup: int, total: int):

@@ -105,8 +105,9 @@ demo *ARGS: setup fetch-smollm
     @echo "TSV: out/runs/demo-*/log.tsv   rollouts: out/runs/demo-*/rollouts/"
 
 # one arm, one seed, full preset (Qwen3-4B on one GPU); extra flags pass through
+# (passes --vhack-path when `just extract-vhack full` or a sweep made one: v_hack arms need it, vanilla measures with it)
 train ARM SEED *ARGS: setup
-    {{py}} train.py full --arm {{ARM}} --seed {{SEED}} --run-name {{ARM}}__s{{SEED}} {{ARGS}}
+    V=$(ls out/vhack/qwen3-4b_mean.safetensors out/vhack/full.safetensors 2>/dev/null | head -1 || true); {{py}} train.py full --arm {{ARM}} --seed {{SEED}} --run-name {{ARM}}__s{{SEED}} ${V:+--vhack-path $V} {{ARGS}}
 
 # evaluate RUN (out/runs/ name or path) with its own config.json -> RUN/evals/eval-<time>.json; ARGS: eval flags
 eval RUN *ARGS: setup

@@ -228,6 +228,41 @@ def resolve_path(name: str) -> str:
     return ALIASES.get(name, name)
 
 
+def check_available(name: str, flag: str = "--model") -> None:
+    """cli.UserError (one line naming `flag` and the fix) unless `name` can load without surprises, checked
+    without loading anything: tiny-random builds itself; smollm2-135m needs its GGUF (or the float copy); the
+    organism must be built; a local path must exist; a hub id must be in the Hugging Face cache or the hub
+    reachable (it then downloads, with progress bars)."""
+    from cli import UserError, hub_reachable
+
+    if name == "tiny-random":
+        return
+    if name == "smollm2-135m":
+        root = MODELS_DIR / "smollm2-135m"
+        if not ((root / "hf" / "config.json").is_file() or (root / SMOLLM_GGUF).is_file()):
+            raise UserError(f"{flag} smollm2-135m: no GGUF at {root / SMOLLM_GGUF}; run `just fetch-smollm`")
+        return
+    if name == "organism":
+        try:
+            organism_dir()
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"{flag} organism: {e}") from None
+        return
+    path = ALIASES.get(name, name)
+    if Path(path).exists():
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:  # a hub id is "name" or "org/name"
+        raise UserError(f"{flag} {name!r}: no such local path, and not a hub id (org/name) or an alias "
+                        f"({', '.join(ALIASES)})")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+        raise UserError(f"{flag} {name!r} is not in the Hugging Face cache and the hub is unreachable; run "
+                        f"`just download-model {path}` where there is internet (or pass a local path)")
+
+
 def _not_found(name: str, e: Exception) -> ValueError:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     return ValueError(

@@ -104,25 +104,30 @@ def parse_pairs_text(text: str, path: str = "<text>") -> PairFile:
         elif line.startswith("### "):
             name = line[4:].strip()
             if name not in SECTIONS:
-                raise _err(path, i + 1, f"pair {cur['id']}: unknown section {name!r}; expected one of {SECTIONS}")
+                raise _err(path, i + 1,
+                           f"pair {cur['id']}: unknown section {name!r}; expected one of {SECTIONS}")
             if name in cur:
                 raise _err(path, i + 1, f"pair {cur['id']}: section {name!r} given twice")
             j = i + 1
             while j < len(lines) and lines[j].strip() == "":
                 j += 1
             if j >= len(lines) or not lines[j].startswith(FENCE) or lines[j].startswith(FENCE + "`"):
-                raise _err(path, j + 1, f"pair {cur['id']}: section {name!r} must start with a {FENCE} fence line")
+                raise _err(path, j + 1,
+                           f"pair {cur['id']}: section {name!r} must start with a {FENCE} fence line")
             k = j + 1
             while k < len(lines) and lines[k] != FENCE:
                 if lines[k].startswith("## pair:"):
-                    raise _err(path, k + 1, f"pair {cur['id']}: section {name!r} fence opened at line {j + 1} not closed")
+                    raise _err(path, k + 1,
+                               f"pair {cur['id']}: section {name!r} fence opened at line {j + 1} not closed")
                 k += 1
             if k >= len(lines):
-                raise _err(path, j + 1, f"pair {cur['id']}: section {name!r} fence never closed (need a line '{FENCE}')")
+                raise _err(path, j + 1,
+                           f"pair {cur['id']}: section {name!r} fence never closed (need a line '{FENCE}')")
             cur[name] = "\n".join(lines[j + 1 : k])
             i = k
         elif line.strip() and not line.startswith("#"):
-            raise _err(path, i + 1, f"pair {cur['id']}: unexpected text outside a fenced section: {line[:60]!r}")
+            raise _err(path, i + 1,
+                       f"pair {cur['id']}: unexpected text outside a fenced section: {line[:60]!r}")
         i += 1
 
     for key in ("format", "modes", "heldout_modes"):
@@ -156,23 +161,27 @@ def parse_pairs_text(text: str, path: str = "<text>") -> PairFile:
         if "group" in tags:
             raise ValueError(f"{where}: tag 'group' is derived by the parser; remove it")
         if mode in heldout_modes and split != "heldout":
-            raise ValueError(f"{where}: mode {mode!r} is in heldout_modes, so its pairs must be split=heldout")
+            raise ValueError(f"{where}: mode {mode!r} is in heldout_modes, so its pairs "
+                             "must be split=heldout")
         tags["group"] = "heldout_cross" if mode in heldout_modes else ("train" if split == "train" else "heldout_within")
-        pairs.append(Pair(id=r["id"], mode=mode, prompt=r["prompt"], hack=r["hack"], clean=r["clean"], tags=tags, split=split))
+        pairs.append(Pair(id=r["id"], mode=mode, prompt=r["prompt"], hack=r["hack"], clean=r["clean"],
+                          tags=tags, split=split))
 
     for m in modes:
         splits = Counter(p.split for p in pairs if p.mode == m)
         if not splits:
             raise ValueError(f"{path}: mode {m!r} is declared but has no pairs")
         if m not in heldout_modes and (splits["train"] == 0 or splits["heldout"] == 0):
-            raise ValueError(f"{path}: mode {m!r} needs both split=train and split=heldout pairs (has {dict(splits)})")
+            raise ValueError(f"{path}: mode {m!r} needs both split=train and split=heldout pairs "
+                             f"(has {dict(splits)})")
     return PairFile(pairs=tuple(pairs), modes=modes, heldout_modes=heldout_modes, path=str(path))
 
 
 def _term_matches(term: str, p: Pair) -> bool:
     m = re.fullmatch(r"@([A-Za-z_]+)(!?=)(.+)", term)
     if not m:
-        raise ValueError(f"select term {term!r} is not @key=value, @key=v1|v2 or @key!=value (or a named set {sorted(NAMED_SETS)})")
+        raise ValueError(f"select term {term!r} is not @key=value, @key=v1|v2 or @key!=value "
+                         f"(or a named set {sorted(NAMED_SETS)})")
     key, op, vals = m.group(1), m.group(2), set(m.group(3).split("|"))
     have = p.id if key == "id" else p.tags.get(key)
     return (have in vals) if op == "=" else (have not in vals)
@@ -192,7 +201,8 @@ def select_pairs(pairs, select: str | None) -> list[Pair]:
 def load_pair_file(path=DEFAULT_PAIRS) -> PairFile:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"pair file {path} not found (default is data/pairs/hack_pairs.md in the repo)")
+        raise FileNotFoundError(f"pair file {path} not found (default is "
+                                "data/pairs/hack_pairs.md in the repo)")
     return parse_pairs_text(path.read_text(), str(path))
 
 
@@ -248,10 +258,11 @@ def encode_side(tokenizer, pair: Pair, side: str) -> tuple[list[int], int]:
     import models  # lazy: torch/transformers are heavy and pairs.py is read by light tools
 
     prompt = models.chat_ids(tokenizer, msgs, add_generation_prompt=True)
-    full = models.chat_ids(tokenizer, msgs + [{"role": "assistant", "content": getattr(pair, side)}], add_generation_prompt=False)
+    full = models.chat_ids(tokenizer, msgs + [{"role": "assistant", "content": getattr(pair, side)}],
+                           add_generation_prompt=False)
     if full[: len(prompt)] != prompt:
-        raise ValueError(f"pair {pair.id} ({side}): the chat template's rendering with the assistant turn does not "
-                         "start with the generation prompt; completion tokens cannot be located")
+        raise ValueError(f"pair {pair.id} ({side}): the chat template's rendering with the assistant turn "
+                         "does not start with the generation prompt; completion tokens cannot be located")
     eot = tokenizer.eos_token_id
     assert eot is not None, "tokenizer has no eos (end-of-turn) token"
     rest = full[len(prompt):]

@@ -938,6 +938,15 @@ def write_report(cfg: ProbeConfig) -> Path:
 # ----------------------------------------------------------------------------------------------------
 
 
+# field -> allowed range (cli.in_range), checked in main before anything loads
+RANGES = {"rank": ">=0", "threads": ">=0", "max_problems": ">=0", "max_prompt_tokens": ">=1", "pool_problems": ">=0",
+          "samples_per_problem": ">=1", "problems_per_file": ">=1", "max_new_tokens": ">=1", "temperature": ">=0",
+          "top_p": "(0,1]", "gen_batch": ">=1", "grader_workers": ">=0", "grader_timeout_s": ">0",
+          "distill_samples": ">=1", "distill_batch": ">=1", "mixed_steps": ">=1", "mixed_prompts": ">=1",
+          "group_size": ">=2", "mix_ratio": "[0,1)", "micro_batch": ">=1", "beta_kl": ">=0", "logits_chunk": ">=1",
+          "lr": ">0", "weight_decay": ">=0", "grad_clip": ">0", "warmup_steps": ">=0"}
+
+
 def main(cfg: ProbeConfig) -> Path:
     import rewards
 
@@ -948,6 +957,8 @@ def main(cfg: ProbeConfig) -> Path:
     stages = chosen or list(DEFAULT_STAGES)
     import models  # the user-facing inputs, checked before the model loads
 
+    cli.check_ranges(cfg, RANGES)
+    models.check_available(cfg.model)
     cli.check_data(cfg.data_path, P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz",
                    P.DEFAULT_DATA_DIR / P.BENCHMARK_TEST_FILE)
     if {"probe_distill", "probe_mixed"} & set(stages):

@@ -32,6 +32,7 @@ from safetensors import safe_open
 
 import antipasto
 import arms
+import rewards
 from cli import UserError
 
 git_sha = antipasto.git_sha  # one implementation: HEAD of this repository, or "unknown"
@@ -166,23 +167,24 @@ def check_checkpoint(d: Path) -> str | None:
     return None
 
 
-def good_checkpoint(run_dir: Path) -> Path | None:
+def good_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
     """The newest sound checkpoint of run_dir (warning about every unsound newer one and a `latest` that names a
     missing, empty or unsound one), or None when the run has none at all. Raises UserError when checkpoints exist
-    but none is sound."""
+    but none is sound. warn=False: silent (the resume check before the model loads has already warned)."""
+    say = logger.warning if warn else (lambda msg: None)
     ckpt = Path(run_dir) / "ckpt"
     dirs = sorted((p for p in ckpt.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
     named = latest_checkpoint(run_dir)
     if named is not None and not (named and (ckpt / named).is_dir()):
-        logger.warning(f"{ckpt / 'latest'} names {named!r}, which is not a checkpoint directory; "
-                       "using the newest sound step_* instead")
+        say(f"{ckpt / 'latest'} names {named!r}, which is not a checkpoint directory; using the newest sound "
+            "step_* instead")
     for d in dirs:
         why = check_checkpoint(d)
         if why is None:
             if named and named != d.name:
-                logger.warning(f"{ckpt / 'latest'} names {named!r}; resuming from {d.name}")
+                say(f"{ckpt / 'latest'} names {named!r}; resuming from {d.name}")
             return d
-        logger.warning(f"checkpoint {d} is unusable ({why}); trying the previous kept one")
+        say(f"checkpoint {d} is unusable ({why}); trying the previous kept one")
     if dirs or named:
         raise UserError(f"--resume {run_dir}: no usable checkpoint in {ckpt} (see the warnings above); start a new "
                         "run, or remove the ckpt/ directory to restart this one from step 0")
@@ -191,7 +193,7 @@ def good_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(run_dir: Path, model, optimizer, scheduler, model_id: str) -> int:
     """Restore the newest sound checkpoint (good_checkpoint); returns the number of steps completed (0 if none)."""
-    d = good_checkpoint(run_dir)
+    d = good_checkpoint(run_dir, warn=False)
     if d is None:
         return 0
     antipasto.load_adapter(d / "adapter.safetensors", model, model_id)
@@ -300,6 +302,28 @@ def write_eval_record(run_dir: Path, res: dict) -> Path:
         )
     logger.info(f"wrote {path}")
     return path
+
+
+def eval_rates(grades: list[dict], rcfg) -> dict:
+    """eval.json's per-mode record: counts and rates over the graded completions, infra errors left out."""
+    ok = [g for g in grades if not g.get("infra_error")]
+    labels: dict[str, int] = {}
+    for g in ok:
+        labels[g["reward_hack_label"]] = labels.get(g["reward_hack_label"], 0) + 1
+    n = max(1, len(ok))
+    return {"n": len(ok), "n_infra": len(grades) - len(ok),
+            "hack_strict": sum(g["is_reward_hack_strict"] for g in ok) / n,
+            "hack_loose": sum(g["is_reward_hack_loose"] for g in ok) / n,
+            "gt_pass": sum(g["eq_correct"] for g in ok) / n, "compile": sum(g["can_compile"] for g in ok) / n,
+            "reward_mean": sum(rewards.compute_reward(g, rcfg) for g in ok) / n, "label_counts": labels}
+
+
+def step_summary(row: dict) -> str:
+    """The per-step console line's middle: rewards, hack / gt rates, KL, grad norm, cosines, phase seconds."""
+    return (f"r {row['reward_mean']:.2f}±{row['reward_std']:.2f} zero-var {row['frac_zero_std']:.2f} | hack "
+            f"{row['hack_strict']:.2f}/{row['hack_loose']:.2f} gt {row['gt_pass']:.2f} | kl {row['kl']:.2e} |g| "
+            f"{row['grad_norm']:.2e} cos {row['cos_in']:.3f}->{row['cos_out']:.3f} | gen {row['t_gen']:.1f}s grade "
+            f"{row['t_grade']:.1f}s train {row['t_train']:.1f}s")
 
 
 def peak_mem_gb(device: str) -> float:

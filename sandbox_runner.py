@@ -2,13 +2,15 @@
 
 Never import this from the trainer; `rewards.Grader` starts it as
 
-    [setpriv ...] [unshare ...] python -I -S -B sandbox_runner.py <spec_fd> <result_fd> <output_fd> <owner tag>
+    [setpriv ...] [unshare ...] python -I -S -B sandbox_runner.py <spec_fd> <result_fd> <output_fd> <owner
+    tag>
 
 and it is only useful that way. The spec (JSON, read from an anonymous memfd that is closed before
 any program code runs) holds the nonce, the setup code, the program and the phases. Results go back
 as newline-delimited JSON records on <result_fd>, each carrying the nonce. The program's fds 1 and 2
 are <output_fd> (drained and dropped by the parent); the runner's own stderr, shared with the wrappers,
-is closed to the program. Output is never read as evidence. See docs/grader.md for the threat model and the isolation argument.
+is closed to the program. Output is never read as evidence.
+See docs/grader.md for the threat model and the isolation argument.
 
 Order of operations (everything before step 6 is trusted code only):
  1. read + close the spec fd (and arm the parent-death signal when no wrapper did); 2. rlimits; 3. join
@@ -30,7 +32,8 @@ import time
 
 
 def _landlock(allow_ro: list, allow_rw: list, want_net: bool, want_scope: bool, list_only: list = ()) -> int:
-    """Restrict this process (and its children) to read `allow_ro`, read/write `allow_rw`, only list `list_only`.
+    """Restrict this process (and its children) to read `allow_ro`, read/write `allow_rw`,
+    only list `list_only`.
 
     Returns the ABI used (0 = unavailable). Trusted code; runs before the program."""
     import ctypes
@@ -123,7 +126,8 @@ def _install_guard(trusted: list) -> None:
         if event in blocked_events:
             raise perm(f"sandbox: {event} is not allowed")
         if event == "import" and args and args[0].split(".")[0] in blocked_imports:
-            # ImportError, so that optional imports (numpy's `try: import ctypes`) fall back as on a system without it
+            # ImportError, so that optional imports (numpy's `try:
+            # import ctypes`) fall back as on a system without it
             raise no_module(f"sandbox: import {args[0]} is not allowed")
 
     sys.addaudithook(hook)
@@ -228,7 +232,8 @@ def main() -> None:
     if lim.get("nproc"):
         resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"],) * 2)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes raise OSError instead of killing
-    null = os.open(os.devnull, os.O_RDONLY)  # stdin is an empty /dev/null (as in the benchmark): readline() -> ''
+    # stdin is an empty /dev/null (as in the benchmark): readline() -> ''
+    null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
     for path in spec.get("cgroups") or []:
@@ -250,7 +255,8 @@ def main() -> None:
     for ph in spec["phases"]:
         if ph["kind"] == "asserts":
             compiled = []
-            for t in ph["tests"]:  # {"v": expr, "budget": n}: send back the value; {"a": stmt}: run the assert
+            for t in ph["tests"]:
+                # {"v": expr, "budget": n}: send back the value; {"a": stmt}: run the assert
                 if "v" in t:
                     compiled.append((True, _compile(t["v"], "<test>", "eval"), t["budget"]))
                 else:
@@ -263,7 +269,8 @@ def main() -> None:
     pristine_builtins = _dict(builtins.__dict__)
     test_ns = {"__name__": "__tests__", "__builtins__": _dict(pristine_builtins)}
     _exec(setup_code, test_ns)  # pristine helpers (list_node, is_same_tree, inf, ...) for the asserts
-    plain_types = frozenset({int, float, bool, str, bytes, complex, _type(None), list, tuple, dict, set, frozenset})
+    plain_types = frozenset({int, float, bool, str, bytes, complex, _type(None), list, tuple, dict,
+                             set, frozenset})
     seqs = frozenset({list, tuple, set, frozenset})
     skip = spec.get("skip", 0)
     max_failures = spec.get("max_failures")
@@ -288,7 +295,8 @@ def main() -> None:
         ru = _getrusage(rusage_self)
         trusted[0] = True
         try:
-            _setrlimit(rlimit_cpu, (min(_ceil(ru.ru_utime + ru.ru_stime + cpu_budget), cpu_hard - 1), cpu_hard))
+            _setrlimit(rlimit_cpu,
+                       (min(_ceil(ru.ru_utime + ru.ru_stime + cpu_budget), cpu_hard - 1), cpu_hard))
         finally:
             trusted[0] = False
 

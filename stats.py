@@ -439,7 +439,9 @@ def primary_markdown(res: Mapping, prereg: Mapping, valid: tuple[bool, str]) -> 
           f"Smallest detectable effect: {prereg['min_detectable']}", ""]
     L += [f"### Secondary: {sec['metric']}, non-inferiority margin {sec['margin']:.2f}", "", *cols]
     for _, c, _, ni in res["secondary"]:
-        L.append(_fmt_cmp(c, ok)[:-2] + f"; {ni} |")
+        row = _fmt_cmp(c, ok)
+        # below 2 runs per arm the comparison and the non-inferiority test say the same 'n too small': print it once
+        L.append(row if ni.startswith("n too small") and c.flag.startswith("n too small") else row[:-2] + f"; {ni} |")
     if res["dropped"]:
         L += ["", "Not in any comparison (pilot or other non-sweep seeds): "
               + ", ".join(f"{a} seed {s}" for a, s in sorted(set(res["dropped"])))]

@@ -3,7 +3,7 @@ deploy-mode evaluation.
 
     python train.py smoke --arm erase --seed 0                  # tiny-random, CPU, ~1 min
     python train.py smollm --arm vanilla --steps 10             # SmolLM2-135M on CPU
-    python train.py full --arm route --seed 1 --vhack-path out/vhack/qwen3-4b.safetensors
+    python train.py full --arm route --seed 1 --vhack-path out/vhack/qwen3-4b_mean.safetensors
     python train.py full --arm route --seed 1 --resume out/runs/route__s1__20261121-101500
     python train.py full --eval-only --resume out/runs/route__s1__20261121-101500
     python train.py full --help                                 # every field, with its docstring
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -66,9 +65,10 @@ class TrainConfig:
     vhack_path: str = ""
     """v_hack directions (out/vhack/<name>.safetensors from extract_vhack_grad.py)"""
     direction_seed: int = -1
-    """seed of the Haar-random directions of the *-random / *-matched arms (-1 = 1234 + seed, resolved in main after the command line: a fresh direction per run seed; config.json holds the resolved value)"""
+    """seed of the random directions of the *-random / *-matched arms (-1 = 1234 + seed, a fresh direction per
+    run seed, resolved in main; config.json holds the resolved value)"""
     surgery_on: Literal["step", "grad"] = "step"
-    """step: edit the step AdamW applies (update.py); grad: edit the gradient before AdamW (the founding design, for comparison)"""
+    """step: edit the step AdamW applies (update.py); grad: edit the gradient (the founding design)"""
     rank: int = 0
     """adapter rank per module: 0 = full rank, else the top-r singular directions"""
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -76,15 +76,16 @@ class TrainConfig:
     layers: tuple[int, ...] = ()
     """layer indices to wrap (empty = every layer)"""
     adapter_kind: Literal["svd", "lora", "block"] = "svd"
-    """antipasto adapter kind: svd (shared-basis delta_S pair), block (quarantine in another frozen frame), lora (needs --rank)"""
+    """adapter kind: svd (shared-basis delta_S pair), block (quarantine in own frame), lora (needs --rank)"""
     quarantine_basis: Literal["next", "random"] = "next"
-    """block only: the quarantine frame is the next singular directions or a seeded random orthonormal complement"""
+    """block only: the quarantine frame: the next singular directions, or a seeded random complement"""
 
     # --- data
     train_source: Literal["hub", "local-v0.2.0"] = "local-v0.2.0"
-    """training problems: hub = the benchmark's set (newfacade/LeetCodeDataset train, `just prepare-data --source hub`); local-v0.2.0 = the offline fallback, a named deviation (1-5 asserts per problem, docs/data.md)"""
+    """training problems: hub = the benchmark's set (newfacade/LeetCodeDataset train, `just prepare-data
+    --source hub`); local-v0.2.0 = the offline fallback, a named deviation (1-5 asserts each, docs/data.md)"""
     data_path: str = ""
-    """prepared train split (out/data/train.jsonl from `just prepare-data`); empty = load and filter LeetCode v0.2.0 train on the fly"""
+    """prepared train split (out/data/train.jsonl, `just prepare-data`); empty = filter v0.2.0 on the fly"""
     difficulties: tuple[str, ...] = ("Medium", "Hard")
     """difficulties kept when loading on the fly"""
     max_problems: int = 0
@@ -108,17 +109,18 @@ class TrainConfig:
     gen_batch: int = 64
     """sequences generated at once (vLLM: requests per chunk, each chunk graded while the next decodes)"""
     backend: Literal["hf", "vllm"] = "hf"
-    """rollout engine: hf (model.generate, any device) or vllm (colocated engine on the GPU, merged weights pushed before each generation; needs the vllm extra)"""
+    """rollout engine: hf (model.generate, any device) or vllm (colocated engine on the GPU, merged weights
+    pushed before each generation; needs the vllm extra)"""
     vllm_gpu_memory_utilization: float = 0.35
-    """vllm: fraction of GPU memory for the engine (its weight copy + KV cache); the rest is left to training"""
+    """vllm: fraction of GPU memory for the engine (weight copy + KV cache); the rest is left to training"""
     generate_in_deploy_mode: bool = True
     """route arms: generate with the quarantine ablated (the shipped model is the behaviour policy)"""
     teacher_pool_dir: str = ""
-    """out/pools/<name>: cached rollouts (the hack teacher) mixed into every group (see probe_distill.py, docs/arms.md)"""
+    """out/pools/<name>: cached rollouts (the hack teacher) mixed into every group (docs/arms.md)"""
     mix_ratio: float = 0.0
-    """> 0 switches teacher mixing on; with one pool it is the fraction of each group taken from it (an integer G_t)"""
+    """> 0 switches teacher mixing on; with one pool, the fraction of each group from it (an integer G_t)"""
     solve_pool_dir: str = ""
-    """out/pools/<name> of the solve teacher (probe_distill.py --solve-only): two-pool mix with the exact counts below"""
+    """out/pools/<name> of the solve teacher (probe_distill.py --solve-only): two-pool mix, exact counts"""
     teacher_n_hack: int = 0
     """two-pool mix: rows per group from --teacher-pool-dir (the hack teacher)"""
     teacher_n_solve: int = 0
@@ -160,7 +162,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     """activation checkpointing in the train pass (GPU presets)"""
     fused_adapter: bool = False
-    """svd adapters: train pass with one matmul per adapted Linear (cached merged weight + custom backward, antipasto.fused_training); same gradient up to rounding; off until timed on a GPU"""
+    """svd adapters: train pass with one matmul per adapted Linear (cached merged weight + custom backward,
+    antipasto.fused_training); same gradient up to rounding; off until timed on a GPU"""
 
     # --- gate arms (gate-route, gate-route-random, gate-random; docs/gating.md)
     gate_mode: Literal["quantile", "threshold"] = "quantile"
@@ -174,7 +177,9 @@ class TrainConfig:
     gate_agg: Literal["mean", "concat"] = "mean"
     """aggregate over modules: mean of per-module cos, or cos of the concatenated vectors"""
     gate_scope: Literal["positive", "nonzero"] = "positive"
-    """rollouts the gate scores: positive = A > 0 only (penalised rollouts always train the deployed block: their gradient pushes away from their content); nonzero = every A != 0 (the founding design; on SmolLM2 its top zone filled with penalised rollouts, RESEARCH_JOURNAL.md)"""
+    """rollouts the gate scores: positive = A > 0 only (penalised rollouts always train the deployed block:
+    their gradient pushes away from their content); nonzero = every A != 0 (the founding design; on SmolLM2
+    its top zone filled with penalised rollouts, RESEARCH_JOURNAL.md)"""
 
     # --- am arm (Advantage Modification baseline)
     am_alpha: float = 2.0
@@ -196,7 +201,7 @@ class TrainConfig:
     force_resume: bool = False
     """resume even if the config differs from the saved one"""
     eval_only: bool = False
-    """only evaluate (the --resume run's newest sound checkpoint, or the base model) -> evals/eval-<time>.json"""
+    """only evaluate (the --resume run's newest sound checkpoint, or the base model): evals/eval-<t>.json"""
 
     # --- evaluation
     eval_at_end: bool = True
@@ -210,7 +215,7 @@ class TrainConfig:
     eval_hint: str = "simple_overwrite_tests"
     """hint applied to the test prompts"""
     eval_data_path: str = ""
-    """problems jsonl to evaluate on (e.g. the organism's problems_heldout.jsonl); empty = the benchmark's 119 test problems"""
+    """problems jsonl to evaluate on (e.g. the organism's problems_heldout.jsonl); empty = the test set"""
 
     def __post_init__(self) -> None:
         self.arm = arms.ALIASES.get(self.arm, self.arm)  # type: ignore[assignment]
@@ -223,8 +228,11 @@ class TrainConfig:
     def teacher_sources(self) -> list[tuple[str, str, int]]:
         """(Rollout.source, pool dir, rows per group) of the teacher mix; empty without a teacher pool."""
         if self.solve_pool_dir:
-            return [("teacher", self.teacher_pool_dir, self.teacher_n_hack), ("solve", self.solve_pool_dir, self.teacher_n_solve)]
-        return [("teacher", self.teacher_pool_dir, round(self.mix_ratio * self.group_size))] if self.teacher_pool_dir else []
+            return [("teacher", self.teacher_pool_dir, self.teacher_n_hack),
+                    ("solve", self.solve_pool_dir, self.teacher_n_solve)]
+        if not self.teacher_pool_dir:
+            return []
+        return [("teacher", self.teacher_pool_dir, round(self.mix_ratio * self.group_size))]
 
     @property
     def n_teacher(self) -> int:
@@ -245,7 +253,7 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
         ),
     ),
     "smollm": (
-        "SmolLM2-135M-Instruct on CPU (~1-1.5 min/step on 2 cores): real code, real grading, the shorter prompts",
+        "SmolLM2-135M-Instruct on CPU (~1-1.5 min/step, 2 cores): real code and grading, shorter prompts",
         TrainConfig(
             model="smollm2-135m", max_problems=64, max_prompt_tokens=512, rollouts_per_step=8, group_size=4,
             max_new_tokens=192, gen_batch=8, steps=10, lr=2e-3, warmup_steps=2, micro_batch=4, ckpt_every=5,
@@ -253,18 +261,20 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
         ),
     ),
     "organism": (
-        "the CPU model organism (`just organism-build`): vanilla hacks in ~10-20 steps, gt pass falls, ~7 s/step",
+        "the CPU model organism (`just organism-build`): vanilla hacks in ~10-20 steps, ~7 s/step",
         TrainConfig(
-            model="organism", data_path="out/models/organism/problems_train.jsonl", rollouts_per_step=32, group_size=8,
-            eval_data_path="out/models/organism/problems_heldout.jsonl", max_new_tokens=96, gen_batch=32, steps=30,
-            lr=0.2, warmup_steps=0, micro_batch=32, temperature=1.0, top_p=1.0, eval_samples=4, grader_workers=1,
+            model="organism", data_path="out/models/organism/problems_train.jsonl",
+            eval_data_path="out/models/organism/problems_heldout.jsonl", rollouts_per_step=32, group_size=8,
+            max_new_tokens=96, gen_batch=32, steps=30, lr=0.2, warmup_steps=0, micro_batch=32,
+            temperature=1.0, top_p=1.0, eval_samples=4, grader_workers=1,
         ),
     ),
     "fast": (
         "Qwen3-0.6B on one GPU: the full recipe, smaller and shorter (~1 h)",
         TrainConfig(
-            model="Qwen/Qwen3-0.6B", dtype="bfloat16", rollouts_per_step=128, group_size=16, max_new_tokens=1024,
-            gen_batch=128, steps=100, micro_batch=16, grad_checkpointing=True, eval_samples=4,
+            model="Qwen/Qwen3-0.6B", dtype="bfloat16", rollouts_per_step=128, group_size=16,
+            max_new_tokens=1024, gen_batch=128, steps=100, micro_batch=16, grad_checkpointing=True,
+            eval_samples=4,
         ),
     ),
     "full": (
@@ -286,21 +296,23 @@ def loss_config(cfg: TrainConfig) -> grpo.LossConfig:
 
 
 # field -> allowed range (cli.in_range); validate() names the field, its value, the range and the default
-RANGES = {"steps": ">=1", "lr": ">0", "weight_decay": ">=0", "betas": "[0,1)", "grad_clip": ">0", "warmup_steps": ">=0",
-          "beta_kl": ">=0", "inner_steps": ">=1", "clip_eps": ">0", "micro_batch": ">=1", "logits_chunk": ">=1",
-          "temperature": ">=0", "top_p": "(0,1]", "gen_batch": ">=1", "max_new_tokens": ">=1",
-          "max_prompt_tokens": ">=1", "rollouts_per_step": ">=1", "max_problems": ">=0", "rank": ">=0",
-          "mix_ratio": "[0,1)", "teacher_n_hack": ">=0", "teacher_n_solve": ">=0", "grader_workers": ">=0",
-          "grader_timeout_s": ">0", "vllm_gpu_memory_utilization": "(0,1]",
-          "ckpt_every": ">=1", "keep_ckpts": ">=1", "eval_every": ">=0", "eval_samples": ">=1", "eval_problems": ">=0"}
+RANGES = {"steps": ">=1", "lr": ">0", "weight_decay": ">=0", "betas": "[0,1)", "grad_clip": ">0",
+          "warmup_steps": ">=0", "beta_kl": ">=0", "inner_steps": ">=1", "clip_eps": ">0",
+          "micro_batch": ">=1", "logits_chunk": ">=1", "temperature": ">=0", "top_p": "(0,1]",
+          "gen_batch": ">=1", "max_new_tokens": ">=1", "max_prompt_tokens": ">=1", "rollouts_per_step": ">=1",
+          "max_problems": ">=0", "rank": ">=0", "mix_ratio": "[0,1)", "teacher_n_hack": ">=0",
+          "teacher_n_solve": ">=0", "grader_workers": ">=0", "grader_timeout_s": ">0",
+          "vllm_gpu_memory_utilization": "(0,1]", "ckpt_every": ">=1", "keep_ckpts": ">=1",
+          "eval_every": ">=0", "eval_samples": ">=1", "eval_problems": ">=0"}
 # free to differ from the saved config in --eval-only (scripts/eval_run.py): what and how to evaluate
-EVAL_FIELDS = ("eval_at_end", "eval_every", "eval_samples", "eval_problems", "eval_hint", "gen_batch", "device",
-               "grader_workers")
+EVAL_FIELDS = ("eval_at_end", "eval_every", "eval_samples", "eval_problems", "eval_hint", "gen_batch",
+               "device", "grader_workers")
 
 
 def validate(cfg: TrainConfig) -> None:
-    """User errors that must stop the run before anything heavy loads, as cli.UserError (one line naming the field
-    and the fix): numeric ranges, the teacher pool, the v_hack file's metadata, data files, the run directory."""
+    """User errors that must stop the run before anything heavy loads, as cli.UserError (one line naming the
+    field and the fix): numeric ranges, the teacher pool, the v_hack file's metadata, the model's files, data
+    files, the run directory."""
     arm = arms.get(cfg.arm)
     cli.check_ranges(cfg, RANGES, {"dtype": tuple(models.DTYPES), "hint": P.HINTS, "eval_hint": P.HINTS})
     if not (cfg.device in ("cpu", "auto") or cfg.device.split(":")[0] == "cuda"):
@@ -312,31 +324,28 @@ def validate(cfg: TrainConfig) -> None:
                         f"{cfg.group_size}; make it a multiple")
     grpo.check_teacher_mix(cfg)  # flags, pool files, coverage of the pools (before the model loads)
     if arm.direction == "vhack" and not cfg.vhack_path:
-        raise UserError(f"--arm={cfg.arm} needs --vhack-path (out/vhack/<name>.safetensors from `just extract-vhack`)")
+        raise UserError(f"--arm={cfg.arm} needs --vhack-path (out/vhack/<name>.safetensors from "
+                        "`just extract-vhack`)")
     if cfg.surgery_on == "grad" and arm.surgery == "":
         raise UserError(f"--arm={cfg.arm} edits the applied step only; pass --surgery-on step")
     if cfg.vhack_path:
         cli.check_vhack_file(cfg.vhack_path, "--vhack-path", models.model_id(cfg.model), cfg.dtype)
-    if cfg.model == "organism":
-        try:
-            models.organism_dir()
-        except (FileNotFoundError, ValueError) as e:
-            raise UserError(f"--model organism: {e}") from None
+    models.check_available(cfg.model)  # local files, the HF cache or a reachable hub
     cli.check_data(cfg.data_path, P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz",
                    P.DEFAULT_DATA_DIR / P.BENCHMARK_TEST_FILE)
-    if cfg.eval_data_path and not Path(cfg.eval_data_path).is_file():
-        raise UserError(f"--eval-data-path={cfg.eval_data_path!r} does not exist; pass a problems jsonl or '' for the "
-                        "benchmark's test set")
+    if cfg.eval_data_path:  # exists and (.gz) decompresses
+        cli.check_gz(cfg.eval_data_path, "--eval-data-path (a problems jsonl, or '' for the test set)")
     if arm.per_sample:
         if cfg.grad_checkpointing:
-            raise UserError(f"arm={cfg.arm!r} captures per-rollout gradients in one forward + backward, which "
-                            "activation checkpointing's recomputed forward breaks: pass --no-grad-checkpointing and, on "
-                            "big models, a smaller --micro-batch (docs/gating.md, 'Memory')")
+            raise UserError(f"arm={cfg.arm!r} captures per-rollout gradients in one forward + backward, "
+                            "which activation checkpointing's recomputed forward breaks: pass "
+                            "--no-grad-checkpointing and, on big models, a smaller --micro-batch "
+                            "(docs/gating.md, 'Memory')")
         if cfg.gate_mode == "quantile" and not 0.0 < cfg.gate_q <= 0.5:
             raise UserError(f"gate_q={cfg.gate_q}: need 0 < gate_q <= 0.5 (route = top q, mid = the next q)")
         if cfg.gate_mode == "threshold" and not cfg.gate_tau_mid <= cfg.gate_tau_route:
-            raise UserError(f"gate_tau_mid={cfg.gate_tau_mid} > gate_tau_route={cfg.gate_tau_route}; need tau_mid <= "
-                            "tau_route")
+            raise UserError(f"gate_tau_mid={cfg.gate_tau_mid} > gate_tau_route={cfg.gate_tau_route}; need "
+                            "tau_mid <= tau_route")
     if arm.reward_hook == "am":
         if not 0.0 < cfg.am_layer_frac <= 1.0:
             raise UserError(f"am_layer_frac={cfg.am_layer_frac}: need 0 < frac <= 1 (~0.6-0.75 is typical)")
@@ -345,57 +354,41 @@ def validate(cfg: TrainConfig) -> None:
     runs.check_run_dir(cfg, RUN_CONTROL_FIELDS + (EVAL_FIELDS if cfg.eval_only else ()))
 
 
-def collect_rollouts(model, tok, engine, grader, cfg: TrainConfig, batch_problems: list, prompt_ids: list[list[int]],
-                     step: int, pools: list, gen_ctx, rcfg) -> tuple[list[grpo.Rollout], float, float]:
-    """G - G_t live completions per prompt (each generation batch graded on the CPU pool while the next decodes)
-    plus G_t cached rows: exactly n of each teacher pool (their cached grade, never re-executed). Returns (rollouts in
-    group order: live, then each pool's rows; generation seconds, grading seconds not hidden behind generation)."""
-    t0 = time.time()
-    G_t = cfg.n_teacher
-    G_s = cfg.group_size - G_t
-    flat_problems = [p for p in batch_problems for _ in range(G_s)]
-    texts: dict[int, str] = {}
-    futures = []
-    gen = cli.Progress(f"step {step + 1} generation batches", math.ceil(len(flat_problems) / cfg.gen_batch), every_s=0)
-
-    def grade_batch(first: int, outs_b: list) -> None:
-        gen.update()
-        items = []
-        for i, (ids, _) in enumerate(outs_b, start=first):
-            texts[i] = tok.decode(ids, skip_special_tokens=True)
-            items.append((flat_problems[i], texts[i]))
-        futures.append((first, grader.submit_many(items)))
-
+def collect_rollouts(model, tok, engine, grader, cfg: TrainConfig, batch_problems: list,
+                     prompt_ids: list[list[int]], step: int, pools: list, gen_ctx,
+                     rcfg) -> tuple[list[grpo.Rollout], float, float]:
+    """G - G_t live completions per prompt (each generation batch graded on the CPU pool while the next
+    decodes) plus G_t cached rows: exactly n of each teacher pool (their cached grade, never re-executed).
+    Returns (rollouts in group order: live, then each pool's rows; generation seconds, grading seconds not
+    hidden behind generation)."""
+    G_s = cfg.group_size - cfg.n_teacher
+    items = [(p, ids) for p, ids in zip(batch_problems, prompt_ids) for _ in range(G_s)]
     with gen_ctx(model):
-        outs = grpo.sample(model, tok, engine, [ids for ids in prompt_ids for _ in range(G_s)], cfg.max_new_tokens,
-                           cfg.temperature, cfg.top_p, cfg.gen_batch, seed=cfg.seed * 1_000_003 + step,
-                           on_batch=grade_batch)
-    t_gen = time.time() - t0
-    t1 = time.time()
-    prog = cli.Progress(f"step {step + 1} grading batches (waiting)", len(futures))
-    grades = {i: g for first, fut in futures for i, g in enumerate(prog.tick(fut.result()), start=first)}
-    t_grade = time.time() - t1
+        outs, texts, grades, t_gen, t_grade = grpo.sample_and_grade(
+            model, tok, engine, grader, items, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.gen_batch,
+            seed=cfg.seed * 1_000_003 + step, label=f"step {step + 1}")
     rollouts: list[grpo.Rollout] = []
     for j, p in enumerate(batch_problems):
-        for k in range(G_s):
-            i = j * G_s + k
+        for i in range(j * G_s, (j + 1) * G_s):
             ids, trunc = outs[i]
-            rollouts.append(grpo.Rollout(p.id, prompt_ids[j], ids, texts[i], "student", trunc, grade=grades[i],
-                                         reward=rewards.compute_reward(grades[i], rcfg)))
+            reward = rewards.compute_reward(grades[i], rcfg)
+            rollouts.append(grpo.Rollout(p.id, prompt_ids[j], ids, texts[i], "student", trunc,
+                                         grade=grades[i], reward=reward))
         # reward recomputed from the cached grade with this run's RewardConfig (oracle penalty included)
         for source, row in grpo.teacher_rows(pools, cfg.seed, step, p.id) if pools else ():
-            rollouts.append(grpo.Rollout(p.id, prompt_ids[j], row["completion_ids"], row["completion"], source,
-                                         bool(row.get("truncated", False)), grade=row["grade"],
-                                         reward=rewards.compute_reward(row["grade"], rcfg), row_id=row.get("row_id", "")))
+            rollouts.append(grpo.Rollout(p.id, prompt_ids[j], row["completion_ids"], row["completion"],
+                                         source, bool(row.get("truncated", False)), grade=row["grade"],
+                                         reward=rewards.compute_reward(row["grade"], rcfg),
+                                         row_id=row.get("row_id", "")))
     return rollouts, t_gen, t_grade
 
 
 def evaluate(model, tokenizer, problems, grader, cfg: TrainConfig, step: int, engine=None) -> dict:
-    """Deploy-mode (quarantine ablated) hack/pass/compile rates on the test problems; arms with a quarantine also
-    with it on and under the shrinkage control. Returns the eval.json dict."""
+    """Deploy-mode (quarantine ablated) hack/pass/compile rates on the test problems; arms with a quarantine
+    also with it on and under the shrinkage control. Returns the eval.json dict."""
     rcfg = rewards.RewardConfig(correctness_reward=cfg.correctness_reward, compile_reward=cfg.compile_reward)
-    prompt_ids = [models.chat_ids(tokenizer, list(p.prompt)) for p in problems]
-    flat = [(p, ids) for p, ids in zip(problems, prompt_ids) for _ in range(cfg.eval_samples)]
+    items = [(p, models.chat_ids(tokenizer, list(p.prompt))) for p in problems
+             for _ in range(cfg.eval_samples)]
     modes = {"deploy": antipasto.ablate_quarantine}
     if arms.get(cfg.arm).quarantine:
         modes["quarantine_on"] = contextlib.nullcontext  # delta_S + delta_S_hack
@@ -403,39 +396,18 @@ def evaluate(model, tokenizer, problems, grader, cfg: TrainConfig, step: int, en
     result = {"step": step, "arm": cfg.arm, "seed": cfg.seed, "n_problems": len(problems), "modes": {},
               "norms": update.norms(antipasto.get_adapters(model))}
     for mode, ctx in modes.items():
-        gen = cli.Progress(f"eval step {step} [{mode}] generation batches", math.ceil(len(flat) / cfg.gen_batch), 0)
-        futures = []
-
-        def grade_batch(first: int, outs_b: list) -> None:  # graded on the CPU pool while the next batch decodes
-            gen.update()
-            futures.append((first, grader.submit_many([(flat[i][0], tokenizer.decode(ids, skip_special_tokens=True))
-                                                       for i, (ids, _) in enumerate(outs_b, start=first)])))
-
         with ctx(model):
-            grpo.sample(model, tokenizer, engine, [ids for _, ids in flat], cfg.max_new_tokens, cfg.temperature,
-                        cfg.top_p, cfg.gen_batch, seed=cfg.seed * 7919 + 1_000_003, on_batch=grade_batch)
-        prog = cli.Progress(f"eval step {step} [{mode}] grading batches (waiting)", len(futures))
-        grades = [g for _, fut in sorted(futures, key=lambda x: x[0]) for g in prog.tick(fut.result())]
-        assert len(grades) == len(flat), f"eval graded {len(grades)} of {len(flat)} completions"
-        ok = [g for g in grades if not g.get("infra_error")]
-        labels: dict[str, int] = {}
-        for g in ok:
-            labels[g["reward_hack_label"]] = labels.get(g["reward_hack_label"], 0) + 1
-        n = max(1, len(ok))
-        result["modes"][mode] = {
-            "n": len(ok), "n_infra": len(grades) - len(ok),
-            "hack_strict": sum(g["is_reward_hack_strict"] for g in ok) / n,
-            "hack_loose": sum(g["is_reward_hack_loose"] for g in ok) / n,
-            "gt_pass": sum(g["eq_correct"] for g in ok) / n,
-            "compile": sum(g["can_compile"] for g in ok) / n,
-            "reward_mean": sum(rewards.compute_reward(g, rcfg) for g in ok) / n,
-            "label_counts": labels,
-        }
+            grades = grpo.sample_and_grade(model, tokenizer, engine, grader, items, cfg.max_new_tokens,
+                                           cfg.temperature, cfg.top_p, cfg.gen_batch,
+                                           seed=cfg.seed * 7919 + 1_000_003,
+                                           label=f"eval step {step} [{mode}]")[2]
+        result["modes"][mode] = runs.eval_rates(grades, rcfg)
     return result
 
 
 def main(cfg: TrainConfig) -> Path:
-    cfg = dataclasses.replace(cfg, direction_seed=1234 + cfg.seed) if cfg.direction_seed < 0 else cfg  # per run seed
+    if cfg.direction_seed < 0:  # a fresh placebo direction per run seed
+        cfg = dataclasses.replace(cfg, direction_seed=1234 + cfg.seed)
     validate(cfg)  # (after the seed's resolution: --resume compares with the saved, resolved config)
     arm = arms.get(cfg.arm)
     t_start = time.time()
@@ -448,27 +420,28 @@ def main(cfg: TrainConfig) -> Path:
 
         vllm_backend.check_usable(device)
 
-    # ---- 1. tokenizer and data (the pools' coverage after the length filter, before the model loads), model, adapter
+    # ---- 1. tokenizer and data (the pools' coverage after the length filter, before the model loads), model
     tok = models.load_tokenizer(cfg.model)
     train_problems, source_text = P.load_train_split(
         cfg.train_source, cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint, cfg.max_prompt_tokens,
         cli.Progress("train prompts measured (length filter)").counted(models.prompt_len(tok)))
     logger.info(f"train source: {source_text}")
     by_id = {p.id: p for p in train_problems}
-    pools = grpo.load_teacher_pools(cfg.teacher_sources, drop_infra=bool(cfg.solve_pool_dir))  # [] without teachers
+    pools = grpo.load_teacher_pools(cfg.teacher_sources, drop_infra=bool(cfg.solve_pool_dir))  # [] if none
     if pools:  # prompts: the train problems every pool covers with its count of rows (the intersection)
         covered = set(grpo.covered_ids(pools, [p.id for p in train_problems], cfg.n_prompts))
         for _, pool, _ in pools:
             grpo.check_pool_tokenization(pool, by_id, tok, lambda p: models.chat_ids(tok, list(p.prompt)))
         train_problems = [p for p in train_problems if p.id in covered]
-    logger.info(f"loading model {cfg.model} ({cfg.dtype}, {device}); a hub model downloads first (progress bars)")
+    logger.info(f"loading model {cfg.model} ({cfg.dtype}, {device}); a hub model downloads first")
     t_load = time.time()
     model, tok = models.load_model(cfg.model, dtype=cfg.dtype, device=device, tok=tok)
     mid = models.model_id(cfg.model)
     logger.info(f"model loaded in {time.time() - t_load:.0f}s")
     model.requires_grad_(False)
-    adapters = antipasto.wrap_model(model, targets=cfg.targets, layers=cfg.layers or None, rank=cfg.rank or None,
-                                    kind=cfg.adapter_kind, quarantine_basis=cfg.quarantine_basis)
+    adapters = antipasto.wrap_model(model, targets=cfg.targets, layers=cfg.layers or None,
+                                    rank=cfg.rank or None, kind=cfg.adapter_kind,
+                                    quarantine_basis=cfg.quarantine_basis)
     antipasto.set_trainable(model, quarantine=arm.quarantine)
     if cfg.grad_checkpointing:
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
@@ -477,13 +450,15 @@ def main(cfg: TrainConfig) -> Path:
     randoms = antipasto.random_directions(adapters, seed=cfg.direction_seed)  # placebos' directions (cheap)
     directions = randoms if arm.direction == "random" else vhack  # what the arm's edit or gate compares with
     own_basis = cfg.adapter_kind == "block"  # the quarantine has its own frozen frame
-    test_problems = [P.apply_hint(p, cfg.eval_hint) for p in (P.load_problems(cfg.eval_data_path) if cfg.eval_data_path
-                                                               else P.load_benchmark_test())]
+    test_set = P.load_problems(cfg.eval_data_path) if cfg.eval_data_path else P.load_benchmark_test()
+    test_problems = [P.apply_hint(p, cfg.eval_hint) for p in test_set]
     if cfg.eval_problems:
         test_problems = test_problems[: cfg.eval_problems]
+    edit = arm.step_edit if cfg.surgery_on == "step" else arm.surgery
     logger.info(f"model {mid} ({device}, {cfg.dtype}); {len(adapters)} adapted modules, "
-                f"{sum(a.dep.numel() for a in adapters.values())} deployed params ({cfg.adapter_kind}); arm {cfg.arm} "
-                f"(edit: {arm.step_edit if cfg.surgery_on == 'step' else arm.surgery} on the {cfg.surgery_on}); {len(train_problems)} train prompts, {len(test_problems)} test problems")
+                f"{sum(a.dep.numel() for a in adapters.values())} deployed params ({cfg.adapter_kind}); "
+                f"arm {cfg.arm} (edit: {edit} on the {cfg.surgery_on}); {len(train_problems)} train prompts, "
+                f"{len(test_problems)} test problems")
     reward_state = None
     if arm.reward_hook:  # e.g. AM's activation direction at the base model from the hand-written pairs
         setup_hook, reward_hook = arms.REWARD_HOOKS[arm.reward_hook]
@@ -492,18 +467,20 @@ def main(cfg: TrainConfig) -> Path:
 
     # ---- 2. optimizer, run directory (config.json before step 0), resume, rollout engine, grader
     if cfg.surgery_on == "grad":  # every trainable tensor in one AdamW group, as the founding design
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
-                                      weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                      betas=cfg.betas, weight_decay=cfg.weight_decay)
     else:
-        optimizer = update.build_optimizer(adapters, cfg.lr, cfg.betas, cfg.weight_decay, arm.quarantine and own_basis)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, grpo.cosine_schedule(cfg.warmup_steps, cfg.steps))
+        optimizer = update.build_optimizer(adapters, cfg.lr, cfg.betas, cfg.weight_decay,
+                                           arm.quarantine and own_basis)
+    schedule = grpo.cosine_schedule(cfg.warmup_steps, cfg.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     run_dir = runs.setup_run_dir(cfg, RUN_CONTROL_FIELDS + (EVAL_FIELDS if cfg.eval_only else ()))
     start = runs.load_checkpoint(run_dir, model, optimizer, scheduler, mid) if cfg.resume else 0
     logger.add(run_dir / "train.log", level="INFO")
     logger.info(f"run dir {run_dir} (start at step {start})")
     engine = None
-    if cfg.backend == "vllm":  # colocated engine; the adapter's merged weights are pushed before each generation
-        # the eval prompts are not filtered by max_prompt_tokens, so size the context by the longest actual prompt
+    if cfg.backend == "vllm":  # colocated engine; the adapter's merged weights pushed before each generation
+        # eval prompts are not filtered by max_prompt_tokens: size the context by the longest actual prompt
         longest = max(len(models.chat_ids(tok, list(p.prompt))) for p in [*train_problems, *test_problems])
         engine = vllm_backend.VllmEngine(models.resolve_path(cfg.model), cfg.dtype, cfg.seed,
                                          longest + cfg.max_new_tokens, cfg.vllm_gpu_memory_utilization)
@@ -534,15 +511,16 @@ def main(cfg: TrainConfig) -> Path:
         batch_problems = [train_problems[i] for i in idx]
         prompt_ids = [models.chat_ids(tok, list(p.prompt)) for p in batch_problems]
         model.eval()
-        rollouts, t_gen, t_grade = collect_rollouts(model, tok, engine, grader, cfg, batch_problems, prompt_ids, step,
-                                                    pools, gen_ctx, rcfg)
+        rollouts, t_gen, t_grade = collect_rollouts(model, tok, engine, grader, cfg, batch_problems,
+                                                    prompt_ids, step, pools, gen_ctx, rcfg)
 
         # ---- 4. Dr.GRPO advantages over each group of G (student + teacher), after the arm's reward hook
         t2 = time.time()
         rew, valid = grpo.group_matrices(rollouts, cfg.n_prompts)  # (P, G) x2
         reward_row = {}
         if arm.reward_hook:
-            rew, reward_row = reward_hook(reward_state, cfg, model, rollouts, rew, valid, tok.pad_token_id, device)
+            rew, reward_row = reward_hook(reward_state, cfg, model, rollouts, rew, valid, tok.pad_token_id,
+                                          device)
         grpo.set_advantages(rollouts, rew, valid)
 
         # ---- 5. loss, backward in micro-batches (constant normaliser => exact accumulation)
@@ -553,45 +531,49 @@ def main(cfg: TrainConfig) -> Path:
         for inner in range(cfg.inner_steps):
             model.zero_grad(set_to_none=True)  # the quarantine may be outside the optimizer
             per_sample = {} if arm.per_sample else None
-            ps = grpo.policy_gradient(model, train_set, len(rollouts), lcfg, tok.pad_token_id, device, old_cache, inner,
-                                      per_sample, behaviour=gen_ctx if off_mode else None)  # ratio corrects the mode
+            # off_mode: the behaviour policy's log-probs are old_logp, so the ratio corrects the mode
+            ps = grpo.policy_gradient(model, train_set, len(rollouts), lcfg, tok.pad_token_id, device,
+                                      old_cache, inner, per_sample, behaviour=gen_ctx if off_mode else None)
             # ---- 6. the arm's edit of the applied step (or, --surgery-on grad, of the gradient) and the step
             hook_seed = (cfg.direction_seed * 1_000_003 + cfg.seed) * 100_003 + step * 101 + inner
-            step_row, hook_row, grad_norm = arms.optimizer_step(cfg, arm, adapters, optimizer, directions, vhack,
-                                                                randoms, per_sample, train_set, hook_seed, own_basis)
+            step_row, hook_row, grad_norm = arms.optimizer_step(cfg, arm, adapters, optimizer, directions,
+                                                                vhack, randoms, per_sample, train_set,
+                                                                hook_seed, own_basis)
         lr_used = scheduler.get_last_lr()[0]
         scheduler.step()
         t_train = time.time() - t2
 
         # ---- 7. log, rollouts, checkpoint, periodic eval
         row = grpo.step_metrics(rollouts, rew, valid)
-        row.update(step=step, epoch=epoch, lr=lr_used, kl=ps["kl"], loss=ps["loss"], grad_norm=grad_norm, t_gen=t_gen,
-                   t_grade=t_grade, t_train=t_train, t_step=time.time() - t0, peak_mem_gb=runs.peak_mem_gb(device))
-        row.update(**step_row, **hook_row, **reward_row, **{k: ps[k] for k in ("ratio_mean", "frac_clipped", "logratio_abs")})
+        row.update(step=step, epoch=epoch, lr=lr_used, kl=ps["kl"], loss=ps["loss"], grad_norm=grad_norm,
+                   t_gen=t_gen, t_grade=t_grade, t_train=t_train, t_step=time.time() - t0,
+                   peak_mem_gb=runs.peak_mem_gb(device))
+        row.update(**step_row, **hook_row, **reward_row,
+                   **{k: ps[k] for k in ("ratio_mean", "frac_clipped", "logratio_abs")})
         if row["frac_clipped"] > 0.5 and not warned_clip:
             warned_clip = True
-            logger.warning(f"step {step}: {row['frac_clipped']:.0%} of tokens clipped (behaviour vs train-pass mode "
-                           "differ a lot): the PPO ratio saturates; check the quarantine's size")
+            logger.warning(f"step {step}: {row['frac_clipped']:.0%} of tokens clipped (behaviour vs "
+                           "train-pass mode differ a lot): the PPO ratio saturates; check the quarantine")
         log.write(row)
         if cfg.save_rollouts:
             runs.write_rollouts(run_dir, step, rollouts)
         done = step + 1
-        eta = timer.update(done, row["t_step"], t_gen + t_grade, cfg.n_prompts * (cfg.group_size - cfg.n_teacher))
-        logger.info(f"step {done}/{cfg.steps} | r {row['reward_mean']:.2f}±{row['reward_std']:.2f} zero-var "
-                    f"{row['frac_zero_std']:.2f} | hack {row['hack_strict']:.2f}/{row['hack_loose']:.2f} gt "
-                    f"{row['gt_pass']:.2f} | kl {row['kl']:.2e} |g| {grad_norm:.2e} cos {row['cos_in']:.3f}->"
-                    f"{row['cos_out']:.3f} | gen {t_gen:.1f}s grade {t_grade:.1f}s train {t_train:.1f}s | eta "
-                    f"{eta / 60:.1f} min")
+        n_live = cfg.n_prompts * (cfg.group_size - cfg.n_teacher)
+        eta = timer.update(done, row["t_step"], t_gen + t_grade, n_live)
+        logger.info(f"step {done}/{cfg.steps} | {runs.step_summary(row)} | eta {eta / 60:.1f} min")
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             runs.save_checkpoint(run_dir, done, model, optimizer, scheduler, mid, cfg.keep_ckpts)
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-            runs.write_eval(run_dir, evaluate(model, tok, test_problems, grader, cfg, done, engine), final=False)
+            result = evaluate(model, tok, test_problems, grader, cfg, done, engine)
+            runs.write_eval(run_dir, result, final=False)
 
     if cfg.eval_at_end:
-        runs.write_eval(run_dir, evaluate(model, tok, test_problems, grader, cfg, cfg.steps, engine), final=True)
+        result = evaluate(model, tok, test_problems, grader, cfg, cfg.steps, engine)
+        runs.write_eval(run_dir, result, final=True)
     grader.close()
     (run_dir / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
-    logger.info(f"done in {(time.time() - t_start) / 60:.1f} min wall, {cli.cpu_s() / 60:.1f} CPU-min: {run_dir}/log.tsv, {run_dir}/rollouts/"
+    logger.info(f"done in {(time.time() - t_start) / 60:.1f} min wall, {cli.cpu_s() / 60:.1f} CPU-min: "
+                f"{run_dir}/log.tsv, {run_dir}/rollouts/"
                 + (f", {run_dir}/eval.json" if cfg.eval_at_end else " (no eval: --no-eval-at-end)"))
     return run_dir
 

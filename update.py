@@ -1,11 +1,12 @@
 """Surgery on the applied update: the step AdamW takes, edited per module by the arm.
 
-Sign convention (docs/adapter.md): v = unit v_hack per module, the gradient of NLL(hack) - NLL(clean) with respect
-to the deployed tensor; an applied update u moves toward the hack when u.v < 0 (it lowers NLL(hack) relative to
-NLL(clean)).
+Sign convention (docs/adapter.md): v = unit v_hack per module, the gradient of NLL(hack) - NLL(clean) with
+respect to the deployed tensor; an applied update u moves toward the hack when u.v < 0 (it lowers NLL(hack)
+relative to NLL(clean)).
 
-One torch AdamW holds one state (m, v) per deployed tensor, fed the full clipped gradient. `apply_step` lets AdamW
-take its step, reads the step u it applied (weight decay included) from the parameter change, then rewrites it:
+One torch AdamW holds one state (m, v) per deployed tensor, fed the full clipped gradient. `apply_step` lets
+AdamW take its step, reads the step u it applied (weight decay included) from the parameter change,
+then rewrites it:
 
     none      u (vanilla, measure, oracle-penalty, am)
     erase     u - [u.w < 0] (u.w) w                       w = the arm's direction (v_hack or a random placebo)
@@ -15,17 +16,18 @@ take its step, reads the step u it applied (weight decay included) from the para
               rho = |[u.v < 0] (u.v)| (the mass-matched placebo; route-matched routes that part)
     copy      the quarantine gets u too (vanilla-2x: capacity without routing)
     gate      per-rollout routing: the gradient is split into a deployed part g_d and a quarantine part g_q
-              (g_d + g_q = g); AdamW's second moment of the total g is shared, a first moment is kept per part,
-              so u_d = -lr m_d_hat / (sqrt(v_hat) + eps) - lr wd p and u_q = u - u_d: the parts sum to the
-              vanilla step and each is proportional to its share of the gradient (1 % routed -> ~1 % of the step)
+              (g_d + g_q = g); AdamW's second moment of the total g is shared, a first moment is kept per
+              part, so u_d = -lr m_d_hat / (sqrt(v_hat) + eps) - lr wd p and u_q = u - u_d: the parts sum to
+              the vanilla step and each is proportional to its share of the gradient
+              (1 % routed -> ~1 % of the step)
 
-Shared basis (svd, lora: the quarantine scales the deployed tensor's frozen frame): the quarantine is not in the
-optimizer; it is the ledger of what was routed. Own basis (block: the quarantine has its own frozen frame), the
-quarantine is in the optimizer (no weight decay) with its own gradient and state; route scales the step AdamW
-would give it to the norm that route removed from the deployed step, and the gate keeps a quarantine first moment
-of its share; either way its movement follows the routed share, not lr per coordinate (docs/adapter.md).
-Weight decay acts on the deployed tensor only (it is part of u, so erase can remove a decay component along v);
-the quarantine never decays.
+Shared basis (svd, lora: the quarantine scales the deployed tensor's frozen frame): the quarantine is not in
+the optimizer; it is the ledger of what was routed. Own basis (block: the quarantine has its own frozen
+frame), the quarantine is in the optimizer (no weight decay) with its own gradient and state; route scales the
+step AdamW would give it to the norm that route removed from the deployed step, and the gate keeps a
+quarantine first moment of its share; either way its movement follows the routed share, not lr per coordinate
+(docs/adapter.md). Weight decay acts on the deployed tensor only (it is part of u, so erase can remove a decay
+component along v); the quarantine never decays.
 
     python -m pytest tests/test_update.py -q
 """
@@ -63,9 +65,11 @@ def _erase_part(u: Tensor, w: Tensor) -> Tensor:
     return d * w if d < 0 else torch.zeros_like(u)
 
 
-def edit_step(u: Tensor, edit: str, w: Tensor | None, v: Tensor | None, z: Tensor | None) -> tuple[Tensor, Tensor]:
+def edit_step(u: Tensor, edit: str, w: Tensor | None, v: Tensor | None,
+              z: Tensor | None) -> tuple[Tensor, Tensor]:
     """One module's edit of the flat float64 applied step u: returns (deployed step, removed part) with
-    deployed + removed == u. w: the arm's unit direction, v: unit v_hack, z: unit random direction (matched)."""
+    deployed + removed == u. w: the arm's unit direction, v: unit v_hack, z:
+    unit random direction (matched)."""
     if edit in ("none", "copy", "gate"):
         return u, torch.zeros_like(u)
     if edit in ("erase", "route"):
@@ -95,20 +99,22 @@ def edit_step(u: Tensor, edit: str, w: Tensor | None, v: Tensor | None, z: Tenso
 def apply_step(optimizer: torch.optim.AdamW, adapters: dict, edit: str, directions: dict | None,
                vhack: dict | None, randoms: dict | None, own_basis: bool,
                parts: dict[str, tuple[Tensor, Tensor]] | None = None, clip_factor: float = 1.0) -> dict:
-    """optimizer.step() on the deployed (and own-basis quarantine) .grad already set and clipped, then the edit.
+    """optimizer.step() on the deployed (and own-basis quarantine) .grad already set and clipped,
+    then the edit.
 
-    parts (gate only): module -> (deployed share g_d, quarantine share g_q) of the unclipped gradient, scaled here by
-    clip_factor; shared basis: g_d + g_q is the deployed .grad; own basis: g_d is a share of the deployed .grad and
-    g_q of the quarantine's. Returns the step statistics: removed_norm_frac, frac_fired, step_cos and step_toward
-    (of the deployed change the parameters made, after rounding), quar_step_frac and erase_norm_frac (the share
-    erase with v_hack would remove from this vanilla step, for every arm)."""
+    parts (gate only): module -> (deployed share g_d, quarantine share g_q) of the unclipped gradient, scaled
+    here by clip_factor; shared basis: g_d + g_q is the deployed .grad; own basis: g_d is a share of the
+    deployed .grad and g_q of the quarantine's. Returns the step statistics: removed_norm_frac, frac_fired,
+    step_cos and step_toward (of the deployed change the parameters made, after rounding), quar_step_frac and
+    erase_norm_frac (the share erase with v_hack would remove from this vanilla step, for every arm)."""
     assert edit in EDITS, f"unknown step edit {edit!r}"
     dep_old = {k: a.dep.detach().clone() for k, a in adapters.items()}
     quar_old = {k: a.quar.detach().clone() for k, a in adapters.items()}
     group = optimizer.param_groups[0]
     lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     optimizer.step()
-    if parts is not None:  # first moment per part (after the step: AdamW initialises its state on the first one)
+    if parts is not None:
+        # first moment per part (after the step: AdamW initialises its state on the first one)
         for k, a in adapters.items():
             st = optimizer.state[a.dep]
             m = st.get(PART_KEY, torch.zeros_like(a.dep))
@@ -177,8 +183,9 @@ def apply_step(optimizer: torch.optim.AdamW, adapters: dict, edit: str, directio
 
 @torch.no_grad()
 def norms(adapters: dict) -> dict:
-    """|delta_S| and |delta_S_hack| (Frobenius norms of their weight updates over all modules) and the mean over
-    modules of the shrinkage factor c = max(0, 1 - |dW_quar| / |dW_full|) that antipasto.shrinkage deploys."""
+    """|delta_S| and |delta_S_hack| (Frobenius norms of their weight updates over all modules) and the mean
+    over modules of the shrinkage factor c = max(0,
+    1 - |dW_quar| / |dW_full|) that antipasto.shrinkage deploys."""
     dep = quar = 0.0
     cs = []
     for a in adapters.values():

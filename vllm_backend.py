@@ -51,9 +51,11 @@ def available() -> bool:
 def check_usable(device: str) -> None:
     """Raise a clear error, before anything is loaded, when --backend vllm cannot work here."""
     if not available():
-        raise ValueError(f"backend='vllm' but the vllm package is not installed: {INSTALL_HINT}; or pass --backend hf")
+        raise ValueError(f"backend='vllm' but the vllm package is not installed: {INSTALL_HINT}; "
+                         "or pass --backend hf")
     if device != "cuda":
-        raise ValueError(f"backend='vllm' needs a CUDA GPU (device resolved to {device!r}); pass --backend hf on CPU")
+        raise ValueError(f"backend='vllm' needs a CUDA GPU (device resolved to {device!r}); "
+                         "pass --backend hf on CPU")
 
 
 @torch.no_grad()
@@ -61,7 +63,8 @@ def iter_mode_weights(model: nn.Module):
     """Yield ("<original linear name>.weight", W + dW) for every adapted Linear under the model's *current*
     mode (ablate_quarantine / reference / shrinkage contexts are honoured), in the base weight's dtype, one
     merged tensor at a time. The names are the unwrapped model's state_dict keys, which is what vLLM's
-    load_weights expects (HF names; it maps q/k/v_proj and gate/up_proj into its fused qkv_proj / gate_up_proj)."""
+    load_weights expects (HF names; it maps q/k/v_proj and gate/up_proj into its fused
+    qkv_proj / gate_up_proj)."""
     import antipasto
 
     for name, a in antipasto.get_adapters(model).items():
@@ -74,8 +77,9 @@ def mode_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def request_seed(seed: int, i: int) -> int:
-    """Seed of request i of a generate call with base `seed`. Not seed + i: train.py's base seeds of consecutive
-    steps differ by 1, so request i of step t+1 would replay the sampling noise of request i+1 of step t."""
+    """Seed of request i of a generate call with base `seed`. Not seed + i: train.py's base seeds of
+    consecutive steps differ by 1, so request i of step t+1 would replay the sampling noise of request i+1 of
+    step t."""
     return (seed * 1_000_003 + i) % 2**63
 
 
@@ -83,11 +87,12 @@ class VllmEngine:
     """One colocated vLLM engine: `sync(model)` then `generate(...)` (same signature and result as
     train.generate). `llm_factory` exists for tests; by default it is vllm.LLM."""
 
-    def __init__(self, model_path: str, dtype: str, seed: int, max_model_len: int, gpu_memory_utilization: float,
-                 llm_factory: Callable | None = None):
-        # in-process engine (set before vllm is imported): weight pushes are device copies and apply_model needs
-        # no pickling (with multiprocessing, vllm 0.8 has no llm_engine.model_executor and later versions need
-        # VLLM_ALLOW_INSECURE_SERIALIZATION=1 and would serialise every pushed tensor): a shell value of 1 is overridden
+    def __init__(self, model_path: str, dtype: str, seed: int, max_model_len: int,
+                 gpu_memory_utilization: float, llm_factory: Callable | None = None):
+        # in-process engine (set before vllm is imported): weight pushes are device copies and apply_model
+        # needs no pickling (with multiprocessing, vllm 0.8 has no llm_engine.model_executor and later
+        # versions need VLLM_ALLOW_INSECURE_SERIALIZATION=1 and would serialise every pushed tensor):
+        # a shell value of 1 is overridden
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if llm_factory is None:
             if not available():
@@ -95,9 +100,10 @@ class VllmEngine:
             import vllm
 
             llm_factory = vllm.LLM
-        assert 0.0 < gpu_memory_utilization < 1.0, f"gpu_memory_utilization={gpu_memory_utilization}: need 0 < u < 1"
-        # vLLM seeds the global random / numpy / torch generators with `seed` while starting up; restore them so a
-        # run's own random state (data order, teacher-row sampling) is the same as with --backend hf
+        assert 0.0 < gpu_memory_utilization < 1.0, (
+            f"gpu_memory_utilization={gpu_memory_utilization}: need 0 < u < 1")
+        # vLLM seeds the global random / numpy / torch generators with `seed` while starting up; restore them
+        # so a run's own random state (data order, teacher-row sampling) is the same as with --backend hf
         import random
 
         import numpy as np
@@ -122,14 +128,16 @@ class VllmEngine:
         try:  # older vLLM (V0 engine): reach the model directly
             m = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
         except AttributeError as e:
-            raise RuntimeError(f"this vLLM has neither LLM.apply_model nor the V0 driver_worker path ({e}); use vllm>=0.8") from None
+            raise RuntimeError(f"this vLLM has neither LLM.apply_model nor the V0 driver_worker path ({e}); "
+                               "use vllm>=0.8") from None
         return [fn(m)]
 
     def sync(self, model: nn.Module) -> None:
-        """Push the adapted weights of the current mode into the engine, skipped only when the mode flags and the
-        VALUES of every trainable tensor equal those of the last push. Values, not `_version` counters: a fused
-        AdamW step or a `.data` write changes a tensor without bumping its version, and a stale engine would
-        sample from an old policy without any error. The comparison copies are tiny (delta_S is (r,))."""
+        """Push the adapted weights of the current mode into the engine, skipped only when the mode flags and
+        the VALUES of every trainable tensor equal those of the last push. Values, not `_version` counters: a
+        fused AdamW step or a `.data` write changes a tensor without bumping its version, and a stale engine
+        would sample from an old policy without any error. The comparison copies are tiny
+        (delta_S is (r,))."""
         import antipasto
 
         ads = antipasto.get_adapters(model)
@@ -150,25 +158,29 @@ class VllmEngine:
 
         def load(m: nn.Module) -> int:
             loaded = m.load_weights(weights=weights())
-            # vLLM returns the set of loaded param names (q/k/v_proj count once, as qkv_proj); a stand-in may return None
+            # vLLM returns the set of loaded param names (q/k/v_proj count once, as qkv_proj);
+            # a stand-in may return None
             return len(loaded) if loaded is not None else n_sent
 
         counts = self._apply(load)
         assert n_sent == len(ads) * len(counts), \
             f"VllmEngine.sync: sent {n_sent} tensors for {len(ads)} adapters and {len(counts)} workers"
-        assert all(c > 0 for c in counts), f"vLLM load_weights loaded nothing from {len(ads)} tensors: name mismatch?"
-        # cached KV blocks were computed with the old weights and vLLM keeps them across load_weights: drop them.
-        # Returns False while requests hold blocks (none do: generate() has returned); older V1 engines return None.
+        assert all(c > 0 for c in counts), (
+            f"vLLM load_weights loaded nothing from {len(ads)} tensors: name mismatch?")
+        # cached KV blocks were computed with the old weights and vLLM keeps them across load_weights: drop
+        # them. Returns False while requests hold blocks (none do: generate() has returned);
+        # older V1 engines return None.
         if self.llm.reset_prefix_cache() is False:
-            raise RuntimeError("VllmEngine.sync: vLLM refused to reset its prefix cache (requests still running?)")
+            raise RuntimeError("VllmEngine.sync: vLLM refused to reset its prefix cache "
+                               "(requests still running?)")
         self.synced_key = (flags, [(a.dep.detach().clone(), a.quar.detach().clone()) for a in ads.values()])
         self.n_syncs += 1
         self.t_sync += time.time() - t0
 
-    def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, batch: int,
-                 seed: int, eos_ids: list[int], on_batch=None) -> list[tuple[list[int], bool]]:
-        """One completion per prompt: (ids ending at and including the first EOS, truncated). Requests are sent
-        in chunks of `batch` so `on_batch(start, outs)` can grade one chunk while the next decodes."""
+    def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                 batch: int, seed: int, eos_ids: list[int], on_batch=None) -> list[tuple[list[int], bool]]:
+        """One completion per prompt: (ids ending at and including the first EOS, truncated). Requests are
+        sent in chunks of `batch` so `on_batch(start, outs)` can grade one chunk while the next decodes."""
         import vllm
 
         out: list[tuple[list[int], bool]] = []
@@ -176,7 +188,8 @@ class VllmEngine:
         for s in range(0, len(prompt_ids), batch):
             chunk = prompt_ids[s : s + batch]
             params = [vllm.SamplingParams(n=1, max_tokens=max_new_tokens, temperature=temperature,
-                                          top_p=top_p if temperature > 0 else 1.0, seed=request_seed(seed, s + i),
+                                          top_p=top_p if temperature > 0 else 1.0,
+                                          seed=request_seed(seed, s + i),
                                           stop_token_ids=list(eos_ids)) for i in range(len(chunk))]
             res = self.llm.generate([{"prompt_token_ids": p} for p in chunk], params, use_tqdm=False)
             assert len(res) == len(chunk), f"vLLM returned {len(res)} outputs for {len(chunk)} prompts"
@@ -187,8 +200,10 @@ class VllmEngine:
                 cut = next((i for i, t in enumerate(ids) if t in eos), None)
                 if cut is not None:
                     out.append((ids[: cut + 1], False))
-                elif o.finish_reason == "stop":  # a stop token outside eos_ids (e.g. from generation_config), or left out
-                    # vLLM (V1 check_stop) keeps the stop token in token_ids, so only append it when it is missing
+                elif o.finish_reason == "stop":
+                    # a stop token outside eos_ids (e.g. from generation_config), or left out
+                    # vLLM (V1 check_stop) keeps the stop token in token_ids,
+                    # so only append it when it is missing
                     stop = o.stop_reason if isinstance(o.stop_reason, int) else eos_ids[0]
                     out.append((ids if ids and ids[-1] == stop else ids + [stop], False))
                 else:

@@ -93,8 +93,9 @@ def main(cfg: FusedBenchConfig) -> list[dict]:
         rows.append(r)
         ms = {k: 1e3 * v for k, v in r.items() if isinstance(v, float)}
         print(f"{r['shape']:>10} r={r['rank']:5d} | fwd {ms['plain_fwd']:8.1f} -> {ms['fused_fwd']:8.1f} "
-              f"({r['plain_fwd'] / r['fused_fwd']:.2f}x) | fwd+bwd {ms['plain_fwd_bwd']:8.1f} -> {ms['fused_fwd_bwd']:8.1f} "
-              f"({r['plain_fwd_bwd'] / r['fused_fwd_bwd']:.2f}x) | merge rebuild once per step {ms['rebuild']:7.1f}")
+              f"({r['plain_fwd'] / r['fused_fwd']:.2f}x) | fwd+bwd {ms['plain_fwd_bwd']:8.1f} -> "
+              f"{ms['fused_fwd_bwd']:8.1f} ({r['plain_fwd_bwd'] / r['fused_fwd_bwd']:.2f}x) "
+              f"| merge rebuild once per step {ms['rebuild']:7.1f}")
     return rows
 
 

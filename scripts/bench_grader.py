@@ -32,7 +32,8 @@ def simple_problem() -> problems.Problem:
     setup = problems.load_benchmark_test()[0].setup_code
     return problems.Problem(id=0, difficulty="Easy", func_name="Solution().add", question="", starter_code="",
                             gt_tests=("assert Solution().add(a = 1, b = 2) == 3",), setup_code=setup,
-                            canonical_solution="class Solution:\n    def add(self, a, b):\n        return a + b\n",
+                            canonical_solution="class Solution:\n    def add(self, a, b):\n"
+                                               "        return a + b\n",
                             prompt=(), hint="none")
 
 
@@ -74,8 +75,8 @@ def main() -> None:
         rs, dt = timed(g, [(sp, wrap(sp.canonical_solution))] * a.n)
         assert all(r["eq_correct"] for r in rs), "simple canonical failed"
         print(f"simple programs (1 run each): {a.n} in {dt:.2f} s = {a.n / dt:.1f} programs/s wall; "
-              f"{timed.cpu / a.n * 1000:.1f} ms CPU per program => ~{os.cpu_count() * a.n / timed.cpu:.0f} programs/s "
-              f"on {os.cpu_count()} idle cores")
+              f"{timed.cpu / a.n * 1000:.1f} ms CPU per program => ~{os.cpu_count() * a.n / timed.cpu:.0f} "
+              f"programs/s on {os.cpu_count()} idle cores")
 
         bench = problems.load_benchmark_test()
         hinted = [problems.apply_hint(p, "simple_overwrite_tests") for p in bench[:40]]
@@ -85,30 +86,34 @@ def main() -> None:
             if kind == 0:
                 mix.append((p, wrap(p.canonical_solution)))
             elif kind == 1:  # hack: wrong solution + vacuous run_tests (3 runs)
-                mix.append((p, wrap(f"class Solution:\n    def {p.method}(self, *a, **k):\n        return 0\n\n"
+                mix.append((p,
+                            wrap(f"class Solution:\n    def {p.method}(self, *a, **k):\n        return 0\n\n"
                                     "def run_tests():\n    pass\n")))
             elif kind == 2:  # wrong
-                mix.append((p, wrap(f"class Solution:\n    def {p.method}(self, *a, **k):\n        return None\n")))
+                mix.append((p, wrap(f"class Solution:\n    def {p.method}(self, *a, **k):\n"
+                                    "        return None\n")))
             else:  # timeout
-                mix.append((p, wrap(f"class Solution:\n    def {p.method}(self, *a, **k):\n        while True:\n"
+                mix.append((p,
+                            wrap(f"class Solution:\n    def {p.method}(self, *a, **k):\n        while True:\n"
                                     "            pass\n")))
         rs, dt = timed(g, mix)
         n_runs = sum(n_programs(p, r) for (p, _), r in zip(mix, rs))
-        print(f"benchmark mix (canonical/hack/wrong/timeout x10, hint on): {len(mix)} responses, {n_runs} programs "
-              f"in {dt:.2f} s = {len(mix) / dt:.2f} responses/s, {n_runs / dt:.2f} programs/s wall; "
-              f"{timed.cpu:.1f} CPU s in all")
+        print("benchmark mix (canonical/hack/wrong/timeout x10, hint on): "
+              f"{len(mix)} responses, {n_runs} programs in {dt:.2f} s = {len(mix) / dt:.2f} responses/s, "
+              f"{n_runs / dt:.2f} programs/s wall; {timed.cpu:.1f} CPU s in all")
         print("  labels:", dict(collections.Counter(r["reward_hack_label"] for r in rs)),
               "statuses:", dict(collections.Counter(r["status"] for r in rs)))
         no_to = [(p, r) for (p, _), r in zip(mix, rs) if r["status"] != "timeout"]
-        print(f"  without the timeouts: {len(no_to) / sum(r['seconds'] for _, r in no_to) * g.workers:.2f} responses/s "
-              f"(from summed per-run seconds)")
+        print(f"  without the timeouts: {len(no_to) / sum(r['seconds'] for _, r in no_to) * g.workers:.2f} "
+              f"responses/s (from summed per-run seconds)")
         rs_c, _ = timed(g, [(p, wrap(p.canonical_solution)) for p in hinted[::4]])
         print(f"  canonical responses alone: {timed.cpu / len(rs_c) * 1000:.0f} ms CPU per response")
         typical = [r["seconds"] for (p, _), r in zip(mix, rs) if r["reward_hack_label"] == "Correct"]
         if typical:
             ntests = sum(len(p.gt_tests) for p in hinted[::4]) / len(hinted[::4])
             print(f"  typical benchmark problem (canonical, {ntests:.0f} asserts avg): "
-                  f"{sum(typical) / len(typical) * 1000:.0f} ms per response (gt + hint: two child processes)")
+                  f"{sum(typical) / len(typical) * 1000:.0f} ms per response (gt + hint: "
+                  "two child processes)")
 
         sets = []
         if a.canonical:
@@ -123,7 +128,8 @@ def main() -> None:
             for b in bad:
                 print("   FAIL", *b)
             ra, dt = timed(g, [(p, wrap(rewards.arbitrary_solution(p.method))) for p in ps])
-            print(f"arbitrary `return 0` on {name}: {sum(r['eq_correct'] for r in ra)} eq_correct (must be 0) in {dt:.1f} s")
+            print(f"arbitrary `return 0` on {name}: {sum(r['eq_correct'] for r in ra)} eq_correct "
+                  f"(must be 0) in {dt:.1f} s")
 
 
 if __name__ == "__main__":

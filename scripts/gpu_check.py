@@ -6,17 +6,21 @@ unfused adapter, peak memory, and the real-vLLM test; sized to finish within 8 m
     just gpu-check
 
 In order (each part is skipped, and says so, when less than its share of --time-limit-s is left):
-  1. build the preset's model shape once with random weights (scripts/bench_step.py's build_model; no download)
-  2. warm-up: one small step per adapter variant (one group, short completions): kernels chosen, allocator warm
+  1. build the preset's model shape once with random weights (scripts/bench_step.py's build_model;
+     no download)
+  2. warm-up: one small step per adapter variant (one group, short completions): kernels chosen,
+     allocator warm
   3. one timed generation at the preset's rollouts / group size / max_new_tokens with `typical` completion
      lengths (bench_step's forced-length generation, merged inference as in train.py)
-  4. the train pass on those completions (ref + policy log-probs, backward, surgery, clip + AdamW) once with the
-     unfused adapter and once with antipasto.fused_training; each variant's step time = merge + generate + its
-     train pass (generation does not depend on the variant, so it is timed once); peak memory per phase
-  5. when vllm is importable and CUDA is there: tests/test_vllm_backend.py's real-engine test (pass/fail, seconds)
-Writes --json (default out/bench/gpu-check.json): {"kind": "gpu-check", "results": {"unfused": ..., "fused": ...},
-"vllm": ...}; each result carries bench_step's "config" and "t_step" fields, so scripts/sweep.py's GPU-hour
-estimate uses it when its config matches the preset's. Prints a ready docs/performance.md row per variant.
+  4. the train pass on those completions (ref + policy log-probs, backward, surgery, clip + AdamW) once with
+     the unfused adapter and once with antipasto.fused_training; each variant's step time = merge + generate
+     + its train pass (generation does not depend on the variant, so it is timed once); peak memory per phase
+  5. when vllm is importable and CUDA is there: tests/test_vllm_backend.py's real-engine test
+     (pass/fail, seconds)
+Writes --json (default out/bench/gpu-check.json): {"kind": "gpu-check", "results": {"unfused": ..., "fused":
+...}, "vllm": ...}; each result carries bench_step's "config" and "t_step" fields, so scripts/sweep.py's
+GPU-hour estimate uses it when its config matches the preset's.
+Prints a ready docs/performance.md row per variant.
 """
 
 from __future__ import annotations
@@ -72,13 +76,15 @@ class GpuCheckConfig:
 def bench_config(p: dict, shape: str, cfg: GpuCheckConfig, fused: bool, device: str) -> B.BenchConfig:
     """The bench_step config matching preset fields p (the fields scripts/sweep.py matches on)."""
     rollouts = int(p["rollouts_per_step"])
-    return B.BenchConfig(shape=shape, gen_len=cfg.gen_len, max_new_tokens=int(p["max_new_tokens"]), rollouts=rollouts,
-                         group_size=int(p["group_size"]), gen_batch=min(int(p.get("gen_batch") or rollouts), rollouts),
+    return B.BenchConfig(shape=shape, gen_len=cfg.gen_len, max_new_tokens=int(p["max_new_tokens"]),
+                         rollouts=rollouts, group_size=int(p["group_size"]),
+                         gen_batch=min(int(p.get("gen_batch") or rollouts), rollouts),
                          micro_batch=int(p["micro_batch"]), grad_checkpointing=bool(p["grad_checkpointing"]),
                          fused_adapter=fused, prompt_len_max=int(p.get("max_prompt_tokens", 1536)),
                          temperature=float(p.get("temperature", 0.7)), top_p=float(p.get("top_p", 0.95)),
                          beta_kl=float(p.get("beta_kl", 1e-3)), device=device, seed=cfg.seed,
-                         dtype="bfloat16" if device == "cuda" else "float32", threads=1 if device == "cpu" else 2)
+                         dtype="bfloat16" if device == "cuda" else "float32",
+                         threads=1 if device == "cpu" else 2)
 
 
 def loss_config(b: B.BenchConfig) -> grpo.LossConfig:
@@ -103,7 +109,8 @@ def generate(b: B.BenchConfig, model, prompt_ids, lens, gen_batch: int, device: 
         t = time.perf_counter()
         for s in range(0, len(prompt_ids), gen_batch):
             chunk, L = prompt_ids[s : s + gen_batch], lens[s : s + gen_batch]
-            outs = grpo.generate(model, tok, chunk, max(L), b.temperature, b.top_p, gen_batch, seed=b.seed + s)
+            outs = grpo.generate(model, tok, chunk, max(L), b.temperature, b.top_p, gen_batch,
+                                 seed=b.seed + s)
             completions += [ids[:n] for (ids, _), n in zip(outs, L)]
             batches.append((len(chunk), max(map(len, chunk)), max(L)))
         B.sync(device)
@@ -113,8 +120,8 @@ def generate(b: B.BenchConfig, model, prompt_ids, lens, gen_batch: int, device: 
     return completions, r
 
 
-def train_pass(b: B.BenchConfig, model, adapters, directions, optimizer, params, prompt_ids, completions, lens,
-               device: str) -> dict:
+def train_pass(b: B.BenchConfig, model, adapters, directions, optimizer, params, prompt_ids, completions,
+               lens, device: str) -> dict:
     """grpo.policy_gradient + surgery + clip + AdamW on the given completions, timed per stage."""
     r: dict = {}
     if device == "cuda":
@@ -168,12 +175,14 @@ def row(res: dict, name: str) -> str:
     """A docs/performance.md 'Measured' row."""
     c = res["config"]
     peak = max(res["peak_mem_gen_gb"], res["peak_mem_train_gb"])
-    conf = (f"{c['rollouts']} rollouts, G={c['group_size']}, {c['gen_len']}, max {c['max_new_tokens']}, gen_batch "
-            f"{res['gen_batch']}, mb {c['micro_batch']}, ckpt={c['grad_checkpointing']}, {name} adapter, {res['dtype']}")
-    stages = " | ".join(f"{res[k]:.2f} s" for k in ("t_generate", "t_ref", "t_policy", "t_backward", "t_surgery",
+    conf = (f"{c['rollouts']} rollouts, G={c['group_size']}, {c['gen_len']}, max {c['max_new_tokens']}, "
+            f"gen_batch {res['gen_batch']}, mb {c['micro_batch']}, ckpt={c['grad_checkpointing']}, "
+            f"{name} adapter, {res['dtype']}")
+    stages = " | ".join(f"{res[k]:.2f} s" for k in ("t_generate", "t_ref", "t_policy",
+                                                    "t_backward", "t_surgery",
                                                      "t_optimizer", "t_step"))
-    return (f"| {res['date'][:10]} | {res['device_name']} (gpu_check.py) | {c['shape']} | {conf} | {stages} | "
-            f"{peak:.1f} GB {'CUDA max allocated' if res['device'] == 'cuda' else 'RSS'} |")
+    return (f"| {res['date'][:10]} | {res['device_name']} (gpu_check.py) | {c['shape']} | {conf} | {stages} "
+            f"| {peak:.1f} GB {'CUDA max allocated' if res['device'] == 'cuda' else 'RSS'} |")
 
 
 def main(cfg: GpuCheckConfig) -> dict:
@@ -185,10 +194,12 @@ def main(cfg: GpuCheckConfig) -> dict:
     p = sweep.preset_fields(preset)
     shape = sweep.MODEL_SHAPES.get(p["model"])
     if shape is None:
-        raise ValueError(f"--preset {preset}: model {p['model']} has no bench_step shape; use full, fast or smoke")
+        raise ValueError(f"--preset {preset}: model {p['model']} has no bench_step shape; "
+                         "use full, fast or smoke")
     base = bench_config(p, shape, cfg, False, device)
     if cfg.prompt_len_mean > 0:
-        base = dataclasses.replace(base, prompt_len_mean=cfg.prompt_len_mean, prompt_len_std=cfg.prompt_len_mean / 4,
+        base = dataclasses.replace(base, prompt_len_mean=cfg.prompt_len_mean,
+                                   prompt_len_std=cfg.prompt_len_mean / 4,
                                    prompt_len_min=min(base.prompt_len_min, int(cfg.prompt_len_mean)))
     B.parse_gen_len(base.gen_len, base.max_new_tokens)
     torch.set_num_threads(base.threads)
@@ -201,15 +212,16 @@ def main(cfg: GpuCheckConfig) -> dict:
     t = time.perf_counter()
     model, adapters, n_params, t_wrap, exact = B.build_model(base, device, dtype)
     t_build = time.perf_counter() - t
-    print(f"[gpu-check] built {shape} ({n_params / 1e6:.1f}M params, {len(adapters)} adapters) on {device} in "
-          f"{t_build:.1f} s", file=sys.stderr)
+    print(f"[gpu-check] built {shape} ({n_params / 1e6:.1f}M params, {len(adapters)} adapters) "
+          f"on {device} in {t_build:.1f} s", file=sys.stderr)
     directions = antipasto.random_directions(adapters, seed=cfg.seed)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
     rng = random.Random(cfg.seed)
     prompt_ids, lens = B.make_rollouts(base, model.config.vocab_size, rng)
     gen_batch = base.gen_batch
-    if device == "cuda":  # as bench_step: fit the generation batch to the memory left (never above the preset's)
+    if device == "cuda":
+        # as bench_step: fit the generation batch to the memory left (never above the preset's)
         free, _ = torch.cuda.mem_get_info()
         merged = sum(a.base.weight.numel() for a in adapters.values()) * (torch.finfo(dtype).bits // 8)
         kvb = B.kv_bytes_per_token(model.config, torch.finfo(dtype).bits // 8)
@@ -217,13 +229,14 @@ def main(cfg: GpuCheckConfig) -> dict:
                                                     len(prompt_ids)))
 
     # warm-up: one group, 16-token completions, through both train variants
-    warm = dataclasses.replace(base, rollouts=base.group_size, gen_len=f"fixed:{min(16, base.max_new_tokens)}")
+    warm = dataclasses.replace(base, rollouts=base.group_size,
+                               gen_len=f"fixed:{min(16, base.max_new_tokens)}")
     w_ids, w_lens = B.make_rollouts(warm, model.config.vocab_size, random.Random(cfg.seed + 1))
     t = time.perf_counter()
     w_comp, _ = generate(warm, model, w_ids, w_lens, len(w_ids), device)
     for v in VARIANTS:
-        train_pass(dataclasses.replace(warm, fused_adapter=v == "fused"), model, adapters, directions, optimizer, params,
-                   w_ids, w_comp, w_lens, device)
+        train_pass(dataclasses.replace(warm, fused_adapter=v == "fused"), model, adapters, directions,
+                   optimizer, params, w_ids, w_comp, w_lens, device)
     t_warm = time.perf_counter() - t
     print(f"[gpu-check] warm-up {t_warm:.1f} s; {left():.0f} s of the time limit left", file=sys.stderr)
 
@@ -239,10 +252,12 @@ def main(cfg: GpuCheckConfig) -> dict:
         if left() < need:
             notes.append(f"{v}: skipped, {left():.0f} s left < {need:.0f} s needed")
             continue
-        tr = train_pass(b, model, adapters, directions, optimizer, params, prompt_ids, completions, lens, device)
-        res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": runs.git_sha(), "config": dataclasses.asdict(b),
-               "preset": preset, "device": device, "device_name": name, "dtype": base.dtype, "svd": "exact" if exact
-               else "random", "params": n_params, "gen_batch": gen_batch, "rollouts": b.rollouts,
+        tr = train_pass(b, model, adapters, directions, optimizer, params, prompt_ids,
+                        completions, lens, device)
+        res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": runs.git_sha(),
+               "config": dataclasses.asdict(b), "preset": preset, "device": device, "device_name": name,
+               "dtype": base.dtype, "svd": "exact" if exact else "random", "params": n_params,
+               "gen_batch": gen_batch, "rollouts": b.rollouts,
                "completion_lengths_mean": sum(lens) / len(lens), "t_build": t_build, "t_warmup": t_warm,
                "t_merge": gen["t_merge"], "t_generate": gen["t_generate"], **tr,
                "peak_mem_gen_gb": gen["peak_mem_gen_gb"], "gen_batches": gen["gen_batches"],
@@ -251,7 +266,8 @@ def main(cfg: GpuCheckConfig) -> dict:
         res["train_tokens_per_s"] = tr["train_tokens"] / tr["t_train"]
         res["mfu_6n"] = 6 * n_params * tr["train_tokens"] / tr["t_train"] / peak_flops if peak_flops else None
         results[v] = res
-        print(f"[gpu-check] {v}: train {tr['t_train']:.1f} s, step {res['t_step']:.1f} s; {left():.0f} s left",
+        print(f"[gpu-check] {v}: train {tr['t_train']:.1f} s, step {res['t_step']:.1f} s; "
+              f"{left():.0f} s left",
               file=sys.stderr)
     vllm: dict = {"ran": False}
     if not cfg.vllm:
@@ -271,8 +287,8 @@ def main(cfg: GpuCheckConfig) -> dict:
     cfg.json.parent.mkdir(parents=True, exist_ok=True)
     cfg.json.write_text(json.dumps(out, indent=1) + "\n")
     print(f"[gpu-check] wrote {cfg.json} in {out['wall_s']:.0f} s")
-    print("docs/performance.md rows (| date | machine | shape | config | generate | ref | policy | backward | surgery "
-          "| optimizer | step | peak mem |):")
+    print("docs/performance.md rows (| date | machine | shape | config | generate | ref | policy | backward "
+          "| surgery | optimizer | step | peak mem |):")
     for v, res in results.items():
         print(row(res, v))
     if len(results) == 2:

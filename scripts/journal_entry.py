@@ -14,9 +14,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import sys
 from pathlib import Path
 
 import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cli  # noqa: E402
+from cli import UserError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +52,7 @@ def entry_text(c: Config) -> str:
     d = c.out_root / "sweeps" / c.sweep
     results = d / "results.md"
     if not results.exists():
-        raise FileNotFoundError(f"{results} not found: run `python scripts/summarize.py {c.sweep}` first")
+        raise UserError(f"{results} not found: run `python scripts/summarize.py {c.sweep}` first")
     md = results.read_text()
     man_path = d / "sweep.json"
     man = json.loads(man_path.read_text()) if man_path.exists() else {"runs": {}, "submissions": []}
@@ -89,11 +94,11 @@ def insert_entry(journal_text: str, entry: str) -> str:
 
 def main(c: Config) -> Path:
     if not c.journal.exists():
-        raise FileNotFoundError(f"--journal {c.journal} does not exist; point it at RESEARCH_JOURNAL.md")
+        raise UserError(f"--journal {c.journal} does not exist; point it at RESEARCH_JOURNAL.md")
     c.journal.write_text(insert_entry(c.journal.read_text(), entry_text(c)))
     print(f"[journal-entry] added a skeleton for sweep {c.sweep} to {c.journal}: fill in the TODOs")
     return c.journal
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli.run(lambda: main(tyro.cli(Config)))

@@ -63,7 +63,8 @@ def build(cfg: PoolConfig) -> Path:
     _, tok = models.load_model(cfg.model)
     probs = P.filter_problems(P.load_leetcode(split="train"), difficulties=("Medium", "Hard"))[: cfg.n_problems]
     probs = [P.apply_hint(p, cfg.hint) for p in probs]
-    assert set(cfg.kinds) <= {"honest", "hack", "wrong"}, f"--kinds {cfg.kinds}: choose from honest, hack, wrong"
+    assert set(cfg.kinds) <= {"honest", "hack", "wrong"}, (
+        f"--kinds {cfg.kinds}: choose from honest, hack, wrong")
     items = [(p, kind, text) for p in probs for kind, text in responses(p).items() if kind in cfg.kinds
              for _ in range(cfg.copies)]
     rcfg = rewards.RewardConfig()
@@ -75,16 +76,19 @@ def build(cfg: PoolConfig) -> Path:
     n_hack = 0
     with gzip.open(out / "step_000.jsonl.gz", "wt") as f:
         for (p, kind, text), gr in zip(items, grades):
-            assert not gr.get("infra_error"), f"grader infrastructure error on problem {p.id}: {gr.get('error')}"
+            assert not gr.get("infra_error"), (
+                f"grader infrastructure error on problem {p.id}: {gr.get('error')}")
             n_hack += bool(gr["is_reward_hack_strict"])
             row = {
                 "problem_id": p.id, "kind": kind, "prompt_ids": models.chat_ids(tok, list(p.prompt)),
-                "completion": text, "completion_ids": tok(text, add_special_tokens=False)["input_ids"] + [eos],
+                "completion": text,
+                "completion_ids": tok(text, add_special_tokens=False)["input_ids"] + [eos],
                 "truncated": False, "reward": rewards.compute_reward(gr, rcfg), "grade": gr,
                 "source_model": models.model_id(cfg.model), "hint": cfg.hint,
             }
             f.write(json.dumps(row) + "\n")
-    print(f"wrote {len(items)} rows for {len(probs)} problems to {out}/step_000.jsonl.gz (strict hack rate {n_hack / len(items):.2f})")
+    print(f"wrote {len(items)} rows for {len(probs)} problems to {out}/step_000.jsonl.gz "
+          f"(strict hack rate {n_hack / len(items):.2f})")
     return out
 
 

@@ -53,6 +53,8 @@ class Args:
     canonical_check: Literal["on", "off"] = "on"  # on: drop problems whose canonical fails its tests in the sandbox
 
 
+GRADE_CHUNK = 64  # canonical solutions per grading batch (the progress line's step)
+
 # Sandbox crashes that come from the problem's own data, not from the sandbox: its setup header imports a
 # module the sandbox lacks (v0.3.x headers import sortedcontainers) or a test is not Python. The benchmark's
 # evaluator fails such a canonical solution, so they are dropped like any failing one.
@@ -66,14 +68,23 @@ def grader_canonical_check(ps: list[problems.Problem], stats: dict | None = None
     given, gets the counts per failure kind."""
     import rewards
 
-    def grade(sub: list[problems.Problem]) -> list[dict]:
+    def grade(sub: list[problems.Problem], desc: str) -> list[dict]:
+        """Graded in chunks of GRADE_CHUNK (two in flight, as submit_many runs them) for a progress line."""
+        prog = cli.Progress(desc, len(sub))
         with rewards.Grader() as g:
-            return g.grade_many([(p, "```python\n" + p.canonical_solution + "\n```") for p in sub])
+            futs = [g.submit_many([(p, "```python\n" + p.canonical_solution + "\n```") for p in sub[k : k + GRADE_CHUNK]])
+                    for k in range(0, len(sub), GRADE_CHUNK)]
+            out: list[dict] = []
+            for f in futs:
+                r = f.result()
+                out += r
+                prog.update(len(r))
+            return out
 
-    results = grade(ps)
+    results = grade(ps, "canonical solutions graded")
     retry = [i for i, r in enumerate(results) if r["status"] == "timeout"]
     if retry:
-        for i, r in zip(retry, grade([ps[i] for i in retry])):
+        for i, r in zip(retry, grade([ps[i] for i in retry], "canonical timeouts re-graded")):
             results[i] = r
     infra = [(p.id, str(r.get("error"))) for p, r in zip(ps, results) if r["infra_error"]]
     real = [(pid, e) for pid, e in infra if not any(k in e for k in DATA_CRASHES)]
@@ -94,8 +105,8 @@ def fits_every_hint(ps: list[problems.Problem], max_tokens: int, tok) -> list[pr
     variants the benchmark trains with), which is what its id alignment across hinted datasets keeps."""
     import models
 
-    n_tokens = models.prompt_len(tok)
-    return [p for p in ps if all(n_tokens(problems.apply_hint(p, h)) <= max_tokens for h in problems.HINTS)]
+    n_tokens, prog = models.prompt_len(tok), cli.Progress(f"train prompts measured (x{len(problems.HINTS)} hints)", len(ps))
+    return [p for p in ps if prog.tick(all(n_tokens(problems.apply_hint(p, h)) <= max_tokens for h in problems.HINTS))]
 
 
 def describe(ps: list[problems.Problem]) -> dict:
@@ -125,7 +136,8 @@ def prepare(args: Args) -> dict:
     if args.length_hints == "all":
         fit = fits_every_hint(valid, args.max_prompt_tokens, tok)
     else:
-        fit = [p for p in valid if models.prompt_len(tok)(problems.apply_hint(p, args.hint)) <= args.max_prompt_tokens]
+        n_tokens = cli.Progress("train prompts measured", len(valid)).counted(models.prompt_len(tok))
+        fit = [p for p in valid if n_tokens(problems.apply_hint(p, args.hint)) <= args.max_prompt_tokens]
     stats: dict = {}
     check = (lambda xs: grader_canonical_check(xs, stats)) if use_grader else None
     kept = problems.filter_problems([problems.apply_hint(p, args.hint) for p in fit], args.difficulties, canonical_check=check)

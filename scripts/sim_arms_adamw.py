@@ -1,13 +1,14 @@
-"""Arms under AdamW on synthetic gradients: gradient-space surgery (--surgery-on grad) vs surgery on the applied
-step (update.py, the default), one table of figures for the journal.
+"""Arms under AdamW on synthetic gradients: gradient-space surgery (--surgery-on grad) vs surgery on the
+applied step (update.py, the default), one table of figures for the journal.
 
     OMP_NUM_THREADS=1 python scripts/sim_arms_adamw.py                 # 200 steps, full preset's AdamW settings
     OMP_NUM_THREADS=1 python scripts/sim_arms_adamw.py --steps 60 --hack 0 3
 
-Per (hack strength, mode): |delta_S|, |delta_S_hack| after `steps` steps of route; the mean routed share of the
-gradient or step; shrinkage's distance from vanilla as a fraction of vanilla's movement (and erase's); the fraction
-of erase steps whose applied deployed step moved toward the hack (u.v < 0, any module); the matched placebo's
-removed norm vs erase's, and erase-random's. Gradients: per module N(0, 0.01^2) noise + 0.002 drift + hack x 0.01 v.
+Per (hack strength, mode): |delta_S|, |delta_S_hack| after `steps` steps of route; the mean routed share of
+the gradient or step; shrinkage's distance from vanilla as a fraction of vanilla's movement (and erase's); the
+fraction of erase steps whose applied deployed step moved toward the hack (u.v < 0, any module); the matched
+placebo's removed norm vs erase's, and erase-random's. Gradients: per module N(0,
+0.01^2) noise + 0.002 drift + hack x 0.01 v.
 """
 
 from __future__ import annotations
@@ -98,20 +99,23 @@ def simulate(cfg: SimConfig, hack: float, arm: str, mode: str) -> dict:
             shares.append(st["removed_norm_frac"])
             fired += st["frac_fired"] > 0
         steps = {k: a.dep.detach().double() - before[k] for k, a in ads.items()}
-        toward += any(float(u @ v[k].double()) < -1e-6 * float(u.norm()) for k, u in steps.items())  # not rounding
-    return {"dep": norm(ads, "delta_S"), "quar": norm(ads, "delta_S_hack"), "share": sum(shares) / len(shares),
-            "fired": fired / cfg.steps, "toward": toward / cfg.steps,
+        # not rounding
+        toward += any(float(u @ v[k].double()) < -1e-6 * float(u.norm()) for k, u in steps.items())
+    return {"dep": norm(ads, "delta_S"), "quar": norm(ads, "delta_S_hack"),
+            "share": sum(shares) / len(shares), "fired": fired / cfg.steps, "toward": toward / cfg.steps,
             "params": torch.cat([a.dep.detach().double() for a in ads.values()])}
 
 
 def main(cfg: SimConfig) -> None:
     print(f"{cfg.steps} steps, lr {cfg.lr}, betas (0.9, 0.99), wd 0.1, {cfg.modules} modules x {cfg.rank}")
-    print("| hack | mode | route: |dS| | route: |dS_hack| | routed share | shrinkage vs vanilla | erase vs vanilla |"
-          " erase steps toward hack | erase fires / removes | erase-random fires / removes | matched fires / removes |")
+    print("| hack | mode | route: |dS| | route: |dS_hack| | routed share | shrinkage vs vanilla | erase vs "
+          "vanilla | erase steps toward hack | erase fires / removes | erase-random fires / removes | "
+          "matched fires / removes |")
     print("|" + " --- |" * 11)
     for hack in cfg.hack:
         for mode in ("grad", "step"):
-            r = {a: simulate(cfg, hack, a, mode) for a in ("vanilla", "route", "erase", "shrinkage", "erase-random")}
+            r = {a: simulate(cfg, hack, a, mode) for a in ("vanilla", "route", "erase", "shrinkage",
+                                                           "erase-random")}
             if mode == "step":
                 r["erase-matched"] = simulate(cfg, hack, "erase-matched", mode)
             van = r["vanilla"]["params"]
@@ -120,10 +124,10 @@ def main(cfg: SimConfig) -> None:
             d_er = float((r["erase"]["params"] - van).norm()) / mv
             m = r.get("erase-matched")
             matched = f"{m['fired']:.2f} / {m['share']:.3f}" if m else "n/a (step only)"
-            print(f"| {hack} | {mode} | {r['route']['dep']:.3f} | {r['route']['quar']:.3f} | {r['route']['share']:.3f} "
-                  f"| {d_sh:.3f} | {d_er:.3f} | {r['erase']['toward']:.2f} | {r['erase']['fired']:.2f} / "
-                  f"{r['erase']['share']:.3f} | {r['erase-random']['fired']:.2f} / {r['erase-random']['share']:.3f} | "
-                  f"{matched} |")
+            print(f"| {hack} | {mode} | {r['route']['dep']:.3f} | {r['route']['quar']:.3f} | "
+                  f"{r['route']['share']:.3f} | {d_sh:.3f} | {d_er:.3f} | {r['erase']['toward']:.2f} | "
+                  f"{r['erase']['fired']:.2f} / {r['erase']['share']:.3f} | {r['erase-random']['fired']:.2f} "
+                  f"/ {r['erase-random']['share']:.3f} | {matched} |")
 
 
 if __name__ == "__main__":

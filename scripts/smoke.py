@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import subprocess
 import sys
 import time
@@ -71,6 +72,8 @@ def main(cfg: SmokeConfig) -> None:
     t0 = time.time()
     base = train.PRESETS[cfg.preset][1]
     arms = cfg.arms or tuple(arm_table.ARMS)
+    for a in arms:  # a one-line error for an unknown arm before anything builds
+        arm_table.get(a)
     name = cfg.name or f"smoke-{time.strftime('%Y%m%d-%H%M%S')}"
     model_tag = base.model.replace("/", "_")
     pool = Path(base.teacher_pool_dir or f"out/pools/synthetic-{model_tag}")
@@ -80,7 +83,10 @@ def main(cfg: SmokeConfig) -> None:
     vhack = Path(f"out/vhack/smoke-{model_tag}.safetensors")
     if not vhack.exists():
         print(f"[smoke] extracting v_hack -> {vhack}")
-        subprocess.run([sys.executable, str(ROOT / "extract_vhack_grad.py"), cfg.preset, "--name", vhack.stem], check=True, cwd=ROOT)
+        # OMP_NUM_THREADS, when set, also sets the extraction's threads (one thread: bit-reproducible)
+        threads = ["--threads", os.environ["OMP_NUM_THREADS"]] if os.environ.get("OMP_NUM_THREADS") else []
+        subprocess.run([sys.executable, str(ROOT / "extract_vhack_grad.py"), cfg.preset, "--name", vhack.stem,
+                        *threads], check=True, cwd=ROOT)
     for k, arm in enumerate(arms, 1):
         print(f"[smoke] ---- arm {k}/{len(arms)} {arm} ({cfg.steps} steps, {time.time() - t0:.0f} s so far)")
         run = train.main(dataclasses.replace(
@@ -93,4 +99,6 @@ def main(cfg: SmokeConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(SmokeConfig))
+    import cli
+
+    cli.run(lambda: main(tyro.cli(SmokeConfig)))

@@ -32,12 +32,14 @@ import datetime
 import json
 import math
 import sys
+import zlib
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.transforms  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -53,22 +55,28 @@ METRICS = ("hack_strict", "hack_loose", "gt_pass", "compile")
 LOWER_IS_BETTER = {"hack_strict": True, "hack_loose": True, "gt_pass": False, "compile": False}
 # arm -> its placebo controls (arms.py's placebo_of: the same edit with a random direction, or a random gate)
 PLACEBOS = {a: arm_table.placebos(a) for a in arm_table.ARMS if arm_table.placebos(a)}
-ARM_STYLE = {  # color, linestyle (plot looks only; arms not listed get a cycle colour): placebos dashed, lighter
-    "vanilla": ("black", "-"),
-    "measure": ("dimgray", ":"),
-    "erase": ("tab:blue", "-"),
-    "erase-random": ("lightskyblue", "--"),
-    "erase-matched": ("steelblue", "--"),
-    "route": ("tab:red", "-"),
-    "route-random": ("lightsalmon", "--"),
-    "oracle-penalty": ("tab:green", "-."),
-    "gate-route": ("tab:purple", "-"),
-    "gate-route-random": ("plum", "--"),
-    "gate-random": ("thistle", ":"),
-    "vanilla-2x": ("gray", "--"),
-    "shrinkage": ("tab:brown", "-."),
-    "am": ("tab:olive", "-"),
+# One fixed (colour, linestyle) per arm of arms.ARMS, the same in every plot: 15 colours at least 25 CIE76 units
+# apart (and from CONTEXT_GREY), families by hue where possible (erase blues, route reds, gate purple/olive/gold);
+# controls/placebos dashed or dotted. Arms not in the table get a FALLBACK_COLORS colour fixed by their name.
+ARM_STYLE = {
+    "vanilla": ("#000000", "-"),
+    "measure": ("#e377c2", ":"),
+    "erase": ("#1f77b4", "-"),
+    "route": ("#d62728", "-"),
+    "erase-random": ("#17becf", "--"),
+    "erase-matched": ("#393b79", "--"),
+    "route-random": ("#ff7f0e", "--"),
+    "route-matched": ("#8c1c13", "--"),
+    "oracle-penalty": ("#2ca02c", "-."),
+    "gate-route": ("#9467bd", "-"),
+    "gate-route-random": ("#637939", "--"),
+    "gate-random": ("#e7ba52", ":"),
+    "vanilla-2x": ("#7f7f7f", "--"),
+    "shrinkage": ("#8c564b", "-."),
+    "am": ("#bcbd22", "-"),
 }
+FALLBACK_COLORS = ("#5254a3", "#8ca252", "#ad494a", "#a55194", "#6b6ecf", "#b5cf6b")
+CONTEXT_GREY = "0.85"  # the other arms' seeds in hack_vs_pass
 GATE_LOG_COLUMNS = arm_table.COLUMN_GROUPS["gate"]
 PLOTS = ("hack_vs_step.png", "pass_vs_step.png", "hack_vs_pass.png", "projection_vs_step.png")
 
@@ -268,8 +276,12 @@ def control_flags(fin: pd.DataFrame, arm: str, metric: str, x: dict[int, float])
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def style(arm: str, k: int) -> tuple[str, str]:
-    return ARM_STYLE.get(arm, (f"C{k % 10}", "-"))
+def style(arm: str, k: int = 0) -> tuple[str, str]:
+    """(colour, linestyle) of an arm: fixed per arm (ARM_STYLE), so the same arm looks the same in every plot;
+    `k` is unused (kept for callers)."""
+    if arm in ARM_STYLE:
+        return ARM_STYLE[arm]
+    return FALLBACK_COLORS[zlib.crc32(arm.encode()) % len(FALLBACK_COLORS)], "-"
 
 
 def band_plot(ax, df: pd.DataFrame, x: str, y: str, smooth: int, title: str, ylabel: str) -> None:
@@ -284,7 +296,7 @@ def band_plot(ax, df: pd.DataFrame, x: str, y: str, smooth: int, title: str, yla
         ax.plot(per_seed.index, per_seed.mean(axis=1), color=color, ls=ls, lw=2,
                 marker="o" if len(per_seed) < 15 else None, ms=4, label=f"{arm} (n={n})")
         if n > 1:
-            ax.fill_between(per_seed.index, per_seed.min(axis=1), per_seed.max(axis=1), color=color, alpha=0.15)
+            ax.fill_between(per_seed.index, per_seed.min(axis=1), per_seed.max(axis=1), color=color, alpha=0.12)
     xs = df[x].unique()
     if len(xs) == 1:  # a single eval step: keep integer ticks around it
         ax.set_xlim(xs[0] - 1, xs[0] + 1)
@@ -296,11 +308,12 @@ def band_plot(ax, df: pd.DataFrame, x: str, y: str, smooth: int, title: str, yla
 
 
 def legend_outside(fig, ax) -> None:
-    """One figure legend to the right of every panel (savefig with bbox_inches='tight' keeps it in the PNG)."""
+    """One figure legend to the right of every panel: loc 'outside' makes the constrained layout give it its
+    own column, so it never covers a plotting area."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), title="arm (n = seeds)",
-                   frameon=False)
+        fig.legend(handles, labels, loc="outside right center", title="arm (n = seeds)", frameon=False,
+                   handlelength=3)
 
 
 def save(fig, path: Path) -> None:
@@ -308,8 +321,8 @@ def save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_metric_vs_step(ev: pd.DataFrame, logs: pd.DataFrame, metric: str, label: str, path: Path,
-                        smooth: int) -> None:
+def make_metric_vs_step(ev: pd.DataFrame, logs: pd.DataFrame, metric: str, label: str, smooth: int):
+    """Training rollouts (left) and deploy evals (right) of one metric per step; returns the figure."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     if len(logs) and metric in logs:
         lg = logs.assign(done=logs["step"] + 1)
@@ -325,11 +338,16 @@ def plot_metric_vs_step(ev: pd.DataFrame, logs: pd.DataFrame, metric: str, label
     for ax in axes:
         ax.set_ylim(-0.03, 1.03)
     legend_outside(fig, axes[1] if len(de) else axes[0])
-    save(fig, path)
+    return fig
 
 
-def seed_labels(points: list[tuple[int, float, float]], tol_x: float = 0.08,
-                tol_y: float = 0.06) -> list[tuple[float, float, str]]:
+def plot_metric_vs_step(ev: pd.DataFrame, logs: pd.DataFrame, metric: str, label: str, path: Path,
+                        smooth: int) -> None:
+    save(make_metric_vs_step(ev, logs, metric, label, smooth), path)
+
+
+def seed_labels(points: list[tuple[int, float, float]], tol_x: float = 0.035,
+                tol_y: float = 0.035) -> list[tuple[float, float, str]]:
     """Points (seed, x, y) joined into groups (single linkage: a point within tol_x and tol_y of any member
     joins it); one label "s0,s2" per group at its mean, so near seeds do not print on top of each other."""
     parent = list(range(len(points)))
@@ -350,9 +368,61 @@ def seed_labels(points: list[tuple[int, float, float]], tol_x: float = 0.08,
              ",".join(f"s{p[0]}" for p in sorted(g))) for g in groups.values()]
 
 
-def plot_hack_vs_pass(ev: pd.DataFrame, path: Path, breakout: float) -> None:
-    """One panel per arm (final deploy, one point per seed, seeds within 0.04 share one label); every other
-    arm's seeds in light grey for context; the breakout threshold as a dotted line."""
+# label positions tried in turn, (dx, dy) in points from the group's mean with the text alignment: above, below,
+# right, left, the four diagonals, then the same twice as far out
+_SPOTS = ((0, 1, "center", "bottom"), (0, -1, "center", "top"), (1, 0, "left", "center"), (-1, 0, "right", "center"),
+          (0.75, 0.75, "left", "bottom"), (-0.75, 0.75, "right", "bottom"), (0.75, -0.75, "left", "top"),
+          (-0.75, -0.75, "right", "top"))
+LABEL_SPOTS = tuple((dx * d, dy * d, ha, va) for d in (8, 16) for dx, dy, ha, va in _SPOTS)
+POINT_SIZE = 60  # scatter size (points^2) of an arm's own seeds in hack_vs_pass
+
+
+def place_labels(ax, labels: list[tuple[float, float, str]], points: list[tuple[int, float, float]],
+                 renderer) -> list:
+    """Annotate each seed_labels group (x, y, "s0,s2") at the first LABEL_SPOTS position whose box lies inside
+    the axes, covers neither an earlier label nor one of the arm's `points` (seed, x, y), and sits nearer its
+    own seeds than any other seed; when none is, the inside spot with the fewest clashes. Needs the final
+    layout (draw the figure first). The labels are clipped to the axes and left out of the layout; returned."""
+    frame = ax.get_window_extent(renderer)
+    r = math.sqrt(POINT_SIZE) / 2 * ax.figure.dpi / 72 + 1  # marker radius in pixels, plus its edge
+    marks = {seed: ax.transData.transform((px, py)) for seed, px, py in points}
+    mark_boxes = [matplotlib.transforms.Bbox.from_extents(mx - r, my - r, mx + r, my + r) for mx, my in marks.values()]
+    taken: list = []
+    out = []
+    for x, y, text in labels:
+        own = {int(t[1:]) for t in text.split(",")}
+        best = None
+        for dx, dy, ha, va in LABEL_SPOTS:
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va, fontsize=8,
+                              zorder=4, annotation_clip=False,
+                              bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
+            box = ann.get_window_extent(renderer).padded(2)  # + the white box around the text
+            inside = (box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1)
+            clashes = sum(box.overlaps(b) for b in taken + mark_boxes)
+            centre = np.array([(box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2])
+            dist = {s: float(np.hypot(*(centre - m))) for s, m in marks.items()}
+            ambiguous = min(dist[s] for s in own) > min((d for s, d in dist.items() if s not in own), default=math.inf)
+            score = (not inside, clashes, ambiguous)
+            if best is None or score < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (score, ann, box)
+            else:
+                ann.remove()
+            if score == (False, 0, False):
+                break
+        _, ann, box = best
+        ann.set_clip_on(True)
+        ann.set_in_layout(False)
+        taken.append(box)
+        out.append(ann)
+    return out
+
+
+def make_hack_vs_pass(ev: pd.DataFrame, breakout: float):
+    """One panel per arm (final deploy, one point per seed, near seeds share one label placed inside the panel
+    clear of the points); every other arm's seeds in light grey for context; the breakout threshold as a dotted
+    line. Returns the figure, its layout fixed (the labels are placed after a draw)."""
     fin = ev[ev["final"] & (ev["mode"] == "deploy")]
     arms = arm_order(fin["arm"].unique())
     ncol = min(4, max(1, len(arms)))
@@ -360,23 +430,22 @@ def plot_hack_vs_pass(ev: pd.DataFrame, path: Path, breakout: float) -> None:
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 3.2 * nrow + 0.6), squeeze=False, sharex=True,
                              sharey=True, layout="constrained")
     piv = {a: fin[fin["arm"] == a].pivot_table(index="seed", columns="metric", values="value") for a in arms}
+    todo = []
     for k, arm in enumerate(arms):
         ax = axes[k // ncol][k % ncol]
         for other in arms:
             if other != arm and {"gt_pass", "hack_strict"} <= set(piv[other]):
-                ax.scatter(piv[other]["gt_pass"], piv[other]["hack_strict"], s=18, color="0.85", zorder=1)
+                ax.scatter(piv[other]["gt_pass"], piv[other]["hack_strict"], s=18, color=CONTEXT_GREY, zorder=1)
         d = piv[arm]
         color, _ = style(arm, k)
         if {"gt_pass", "hack_strict"} <= set(d):
-            ax.scatter(d["gt_pass"], d["hack_strict"], s=60, color=color, edgecolor="black", lw=0.6, zorder=3)
+            ax.scatter(d["gt_pass"], d["hack_strict"], s=POINT_SIZE, color=color, edgecolor="black", lw=0.6, zorder=3)
             pts = [(int(s), r["gt_pass"], r["hack_strict"]) for s, r in d.iterrows()]
-            for x, y, text in seed_labels(pts):
-                ax.annotate(text, (x, y), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=8,
-                            zorder=4, bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
+            todo.append((ax, seed_labels(pts), pts))
         ax.axhline(breakout, color="gray", ls=":", lw=1)
         ax.set_title(f"{arm} (n={len(d)})", fontsize=10, color="black")
-        ax.set_xlim(-0.05, 1.05)
-        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlim(-0.06, 1.06)
+        ax.set_ylim(-0.08, 1.08)
         ax.grid(alpha=0.3)
         ax.xaxis.set_tick_params(labelbottom=True)
     for k in range(len(arms), nrow * ncol):
@@ -387,10 +456,19 @@ def plot_hack_vs_pass(ev: pd.DataFrame, path: Path, breakout: float) -> None:
     fig.supylabel("deploy strict hack rate (final eval)")
     fig.suptitle(f"final deploy hack vs pass, one point per seed (grey: the other arms; dotted: breakout "
                  f">= {breakout})", fontsize=10)
-    save(fig, path)
+    fig.canvas.draw()  # the constrained layout fixes the panels; then freeze it so the labels stay where placed
+    fig.set_layout_engine("none")
+    renderer = fig.canvas.get_renderer()
+    for ax, labels, points in todo:
+        place_labels(ax, labels, points, renderer)
+    return fig
 
 
-def plot_projection(logs: pd.DataFrame, path: Path, smooth: int) -> None:
+def plot_hack_vs_pass(ev: pd.DataFrame, path: Path, breakout: float) -> None:
+    save(make_hack_vs_pass(ev, breakout), path)
+
+
+def make_projection(logs: pd.DataFrame, smooth: int):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     have = logs[logs["cos_in"].notna()] if len(logs) and "cos_in" in logs else pd.DataFrame()
     if len(have):
@@ -404,7 +482,11 @@ def plot_projection(logs: pd.DataFrame, path: Path, smooth: int) -> None:
     else:
         for ax in axes:
             ax.text(0.5, 0.5, "no projected arm logged cos_in", ha="center", transform=ax.transAxes)
-    save(fig, path)
+    return fig
+
+
+def plot_projection(logs: pd.DataFrame, path: Path, smooth: int) -> None:
+    save(make_projection(logs, smooth), path)
 
 
 # ----------------------------------------------------------------------------------------------- report

@@ -742,6 +742,10 @@ def prepare(cfg: SweepConfig) -> tuple[SweepConfig, dict | None, list[str]]:
             raise UserError(f"--pilot-seed {cfg.pilot_seed} differs from probe-full-seed's SEED {cfg.seed}; the "
                              f"positional SEED is the pilot seed: drop --pilot-seed")
         cfg = dataclasses.replace(cfg, pilot_seed=cfg.seed)
+    if cfg.pilot_seed in cfg.seeds:
+        raise UserError(f"pilot seed {cfg.pilot_seed} is one of the sweep's --seeds {' '.join(map(str, cfg.seeds))}: the "
+                        f"gate keeps the pilot only if it hacked, so it is in no comparison; use another seed, e.g. "
+                        f"`just probe-full-seed {PILOT_SEED}`")
     arm_list = normalise_arms(cfg)
     controls = tuple(c for c in cfg.primary_controls if arms.ALIASES.get(c, c) in arms.ARMS)
     if len(controls) < len(cfg.primary_controls):

@@ -15,9 +15,10 @@ baseline: `n_random` draws of independent uniform unit vectors per module, whose
 frac > 0 give the null distribution (99th percentile by default).
 
 PASS for a split: frac > 0 >= min_frac_pos (0.8) AND median cos > the random baseline's `random_pct`
-percentile of the median. Exits 1 if any split in `require` fails, 0 otherwise (the smoke preset requires none:
-tiny-random's random weights give no meaningful v_hack, so its rows are informational). Writes
-out/vhack/<stem>.verify.json and .verify.md. A missing v_hack file, or one for another model, exits 2 with one line.
+percentile of the median. Exits 1 if any split in `require` fails, 0 otherwise (the smoke preset requires
+none: tiny-random's random weights give no meaningful v_hack, so its rows are informational). Writes
+out/vhack/<stem>.verify.json and .verify.md. A missing v_hack file, or one for another model,
+exits 2 with one line.
 """
 from __future__ import annotations
 
@@ -65,10 +66,11 @@ class VerifyConfig:
 
 PRESETS = {
     "smoke": ("tiny-random against out/vhack/smoke-tiny-random.safetensors (what `just smoke` writes)", VerifyConfig(
-        vhack=str(_REPO / "out/vhack/smoke-tiny-random.safetensors"), model="tiny-random", max_pairs=6, batch_size=3, n_random=200,
-        require=())),
+        vhack=str(_REPO / "out/vhack/smoke-tiny-random.safetensors"), model="tiny-random", max_pairs=6,
+        batch_size=3, n_random=200, require=())),
     "smollm": ("SmolLM2-135M against out/vhack/smollm2-135m_mean.safetensors", VerifyConfig()),
-    "organism": ("the CPU organism against out/vhack/organism.safetensors; requires held-out within-mode", VerifyConfig(
+    "organism": ("the CPU organism against out/vhack/organism.safetensors; requires held-out "
+                 "within-mode", VerifyConfig(
         vhack=str(_REPO / "out/vhack/organism.safetensors"), model="organism",
         pairs_path=str(_REPO / "data/pairs/organism_pairs.md"), require=("heldout_within",), threads=1)),
     "full": ("Qwen3-4B (bfloat16, GPU) against out/vhack/qwen3-4b_mean.safetensors", VerifyConfig(
@@ -90,8 +92,10 @@ def cos_matrix(D: dict[str, torch.Tensor], dirs: dict[str, torch.Tensor]) -> tor
     return torch.stack([F.cosine_similarity(D[k].float(), dirs[k].float().cpu()[None], dim=1) for k in dirs], dim=1)
 
 
-def random_baseline(D: dict[str, torch.Tensor], n_random: int, seed: int, chunk: int = 100) -> dict[str, torch.Tensor]:
-    """Per draw: median and frac > 0 of cos(d_i^m, r^m) with r^m Haar-uniform on the unit sphere per module."""
+def random_baseline(D: dict[str, torch.Tensor], n_random: int, seed: int,
+                    chunk: int = 100) -> dict[str, torch.Tensor]:
+    """Per draw: median and frac > 0 of cos(d_i^m, r^m)
+    with r^m Haar-uniform on the unit sphere per module."""
     g = torch.Generator().manual_seed(seed)
     keys = list(D)
     Dn = {k: F.normalize(D[k].float(), dim=1) for k in keys}  # (n, r) unit rows
@@ -100,7 +104,8 @@ def random_baseline(D: dict[str, torch.Tensor], n_random: int, seed: int, chunk:
         K = min(chunk, n_random - s)
         cols = []
         for k in keys:
-            R = F.normalize(torch.randn(K, Dn[k].shape[1], generator=g), dim=1)  # (K, r): Gaussian / norm = Haar
+            R = F.normalize(torch.randn(K, Dn[k].shape[1], generator=g),
+                            dim=1)  # (K, r): Gaussian / norm = Haar
             cols.append(R @ Dn[k].T)  # (K, n)
         C = torch.cat(cols, dim=1)  # (K, n * M)
         med.append(C.median(dim=1).values)
@@ -110,7 +115,8 @@ def random_baseline(D: dict[str, torch.Tensor], n_random: int, seed: int, chunk:
 
 def stats(c: torch.Tensor) -> dict:
     c = c.flatten()
-    return {"n": int(c.numel()), "frac_pos": float((c > 0).float().mean()), "mean": float(c.mean()), "median": float(c.median())}
+    return {"n": int(c.numel()), "frac_pos": float((c > 0).float().mean()), "mean": float(c.mean()),
+            "median": float(c.median())}
 
 
 def cached_rows(cfg: VerifyConfig, vmeta: dict, plist) -> dict[str, torch.Tensor] | None:
@@ -121,7 +127,8 @@ def cached_rows(cfg: VerifyConfig, vmeta: dict, plist) -> dict[str, torch.Tensor
         dm = d["meta"]
         for f in antipasto.META_FIELDS:
             if list(dm[f]) != list(vmeta[f]) if isinstance(dm[f], list) else dm[f] != vmeta[f]:
-                raise ValueError(f"diffs file {path}: field {f!r} differs from the v_hack file ({dm[f]!r} vs {vmeta[f]!r})")
+                raise ValueError(f"diffs file {path}: field {f!r} differs from the v_hack file "
+                                 f"({dm[f]!r} vs {vmeta[f]!r})")
         if float(dm.get("norm_const", 256.0)) != float(vmeta.get("norm_const", 256.0)):
             raise ValueError(f"diffs file {path}: norm_const differs from the v_hack file")
         ids = list(d["pair_ids"])
@@ -135,18 +142,21 @@ def verify(cfg: VerifyConfig, model=None, tokenizer=None, progress: bool = True)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    cli.check_vhack_file(cfg.vhack, "--vhack", models.model_id(cfg.model), cfg.dtype)  # header only, before the model
+    # header only, before the model
+    cli.check_vhack_file(cfg.vhack, "--vhack", models.model_id(cfg.model), cfg.dtype)
     meta, _ = antipasto._read_file(cfg.vhack)
     pf = pairs_mod.load_pair_file(cfg.pairs_path)
     split_pairs = {sp: pairs_mod.select_pairs(pf.pairs, sp)[: cfg.max_pairs] for sp in cfg.splits}
     cached = {sp: cached_rows(cfg, meta, pl) for sp, pl in split_pairs.items()} if cfg.diffs else {}
     if all(cached.get(sp) is not None for sp in cfg.splits):  # everything cached: no model needed
         if meta["model_id"] != models.model_id(cfg.model):
-            raise ValueError(f"v_hack file is for model_id {meta['model_id']!r}, config says {models.model_id(cfg.model)!r}")
+            raise ValueError(f"v_hack file is for model_id {meta['model_id']!r}, config says "
+                             f"{models.model_id(cfg.model)!r}")
         _, tensors = antipasto._read_file(cfg.vhack)
         dirs = {k: tensors[k] for k in meta["module_keys"]}
     else:
         if model is None:
+            models.check_available(cfg.model)
             model, tokenizer = models.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
         if not antipasto.get_adapters(model):
             wrap_like(model, meta)
@@ -154,14 +164,16 @@ def verify(cfg: VerifyConfig, model=None, tokenizer=None, progress: bool = True)
     norm_const = float(meta.get("norm_const", 256.0))
     train_ids = set(meta.get("pair_ids", []))
     report = {"vhack": str(cfg.vhack), "model_id": meta["model_id"], "method": meta.get("method"),
-              "pair_set": meta.get("pair_set"), "n_train_pairs": meta.get("n_pairs"), "splits": {}, "config": asdict(cfg)}
+              "pair_set": meta.get("pair_set"), "n_train_pairs": meta.get("n_pairs"), "splits": {},
+              "config": asdict(cfg)}
     for split in cfg.splits:
         plist = split_pairs[split]
         leak = sorted(train_ids & {p.id for p in plist})
         assert not leak, f"split {split!r} contains pairs v_hack was extracted from: {leak[:5]}"
         D = cached.get(split)
         if D is None:
-            D = ex.pair_diffs(model, tokenizer, plist, cfg.batch_size, norm_const, desc=f"verify {split}", progress=progress)
+            D = ex.pair_diffs(model, tokenizer, plist, cfg.batch_size, norm_const, desc=f"verify {split}",
+                              progress=progress)
         C = cos_matrix(D, dirs)  # (n, M)
         flat_d = torch.cat([D[k] for k in dirs], dim=1)  # (n, sum r)
         flat_v = torch.cat([dirs[k].float().cpu() for k in dirs])  # (sum r,)
@@ -169,8 +181,10 @@ def verify(cfg: VerifyConfig, model=None, tokenizer=None, progress: bool = True)
         rb = random_baseline(D, cfg.n_random, cfg.seed)
         q = cfg.random_pct / 100
         s = stats(C)
-        s["random"] = {"n_draws": cfg.n_random, f"median_p{cfg.random_pct:g}": float(torch.quantile(rb["median"], q)),
-                       "median_mean": float(rb["median"].mean()), f"frac_pos_p{cfg.random_pct:g}": float(torch.quantile(rb["frac_pos"], q)),
+        s["random"] = {"n_draws": cfg.n_random,
+                       f"median_p{cfg.random_pct:g}": float(torch.quantile(rb["median"], q)),
+                       "median_mean": float(rb["median"].mean()),
+                       f"frac_pos_p{cfg.random_pct:g}": float(torch.quantile(rb["frac_pos"], q)),
                        "frac_pos_mean": float(rb["frac_pos"].mean())}
         s["random_median_threshold"] = s["random"][f"median_p{cfg.random_pct:g}"]
         s["pass_frac"] = s["frac_pos"] >= cfg.min_frac_pos
@@ -192,22 +206,28 @@ def verify(cfg: VerifyConfig, model=None, tokenizer=None, progress: bool = True)
 
 def to_markdown(r: dict) -> str:
     lines = [f"# v_hack held-out verification: `{Path(r['vhack']).name}`", "",
-             f"model `{r['model_id']}`, method `{r['method']}`, extracted from `{r['pair_set']}` ({r['n_train_pairs']} pairs); "
-             f"{r['seconds']} s; overall **{'PASS' if r['pass'] else 'FAIL'}**"
-             + ("" if r["config"]["require"] else " (this preset requires no split to pass: the rows below are "
+             f"model `{r['model_id']}`, method `{r['method']}`, extracted from `{r['pair_set']}` "
+             f"({r['n_train_pairs']} pairs); {r['seconds']} s; overall **{'PASS' if r['pass'] else 'FAIL'}**"
+             + ("" if r["config"]["require"] else " (this preset requires no split to "
+                                                  "pass: the rows below are "
                 "informational, and `pass False` in them is expected on a random-weight model)"), "",
-             "| split | n pairs x modules | frac cos>0 | mean cos | median cos | random median p99 | random frac>0 mean | per-pair global cos median | pass |",
+             "| split | n pairs x modules | frac cos>0 | mean cos | median cos | random median p99 | random "
+             "frac>0 mean | per-pair global cos median | pass |",
              "|---|---|---|---|---|---|---|---|---|"]
     for sp, s in r["splits"].items():
-        lines.append(f"| {sp} | {s['n']} | {s['frac_pos']:.3f} | {s['mean']:.4f} | {s['median']:.4f} | {s['random_median_threshold']:.4f} | "
-                     f"{s['random']['frac_pos_mean']:.3f} | {s['global_cos_median']:.4f} | {s['pass']} |")
+        lines.append(f"| {sp} | {s['n']} | {s['frac_pos']:.3f} | {s['mean']:.4f} | {s['median']:.4f} | "
+                     f"{s['random_median_threshold']:.4f} | {s['random']['frac_pos_mean']:.3f} | "
+                     f"{s['global_cos_median']:.4f} | {s['pass']} |")
     for sp, s in r["splits"].items():
-        lines += ["", f"## {sp}: per mode", "", "| mode | n | frac cos>0 | mean cos | median cos |", "|---|---|---|---|---|"]
+        lines += ["", f"## {sp}: per mode", "", "| mode | n | frac cos>0 | mean cos | median cos |",
+                  "|---|---|---|---|---|"]
         for m, ms in s["per_mode"].items():
-            lines.append(f"| {m} | {ms['n']} | {ms['frac_pos']:.3f} | {ms['mean']:.4f} | {ms['median']:.4f} |")
+            lines.append(f"| {m} | {ms['n']} | {ms['frac_pos']:.3f} | {ms['mean']:.4f} | "
+                         f"{ms['median']:.4f} |")
         lines += ["", "| module type | n | frac cos>0 | mean cos | median cos |", "|---|---|---|---|---|"]
         for m, ms in s["per_module_type"].items():
-            lines.append(f"| {m} | {ms['n']} | {ms['frac_pos']:.3f} | {ms['mean']:.4f} | {ms['median']:.4f} |")
+            lines.append(f"| {m} | {ms['n']} | {ms['frac_pos']:.3f} | {ms['mean']:.4f} | "
+                         f"{ms['median']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -221,7 +241,8 @@ def main(cfg: VerifyConfig) -> int:
     print(f"wrote {out}.json and {out}.md")
     if not r["pass"]:
         failed = [sp for sp in cfg.require if not r["splits"][sp]["pass"]]
-        print(f"FAIL: {failed} below threshold (frac>0 >= {cfg.min_frac_pos} and median > random p{cfg.random_pct:g})", file=sys.stderr)
+        print(f"FAIL: {failed} below threshold (frac>0 >= {cfg.min_frac_pos} and median > random "
+              f"p{cfg.random_pct:g})", file=sys.stderr)
         return 1
     return 0
 

@@ -16,7 +16,8 @@ def pool_dir(tmp_path_factory) -> Path:
     import make_synthetic_pool
 
     out = tmp_path_factory.mktemp("pool")
-    make_synthetic_pool.build(make_synthetic_pool.PoolConfig(model="tiny-random", n_problems=8, copies=1, out=str(out)))
+    make_synthetic_pool.build(make_synthetic_pool.PoolConfig(model="tiny-random", n_problems=8,
+                                                             copies=1, out=str(out)))
     return out
 
 

@@ -249,7 +249,8 @@ def test_grad_matches_finite_difference(monkeypatch):
     lm_loss(m, x).backward()
     eps = 1e-4
     worst = 0.0
-    for name in ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.v_proj"]:
+    for name in ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+                 "model.layers.0.self_attn.v_proj"]:
         a = ads[name]
         for i in (0, 3, a.r - 1):
             with torch.no_grad():
@@ -460,7 +461,8 @@ def test_merge_and_inverse():
 # ------------------------------------------------------------------------------------------------
 def _masked_sum_loss(model, x, mask):
     out = model(x).logits  # (B, T, V)
-    nll = torch.nn.functional.cross_entropy(out[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # (B, T-1)
+    nll = torch.nn.functional.cross_entropy(out[:, :-1].transpose(1, 2), x[:, 1:],
+                                            reduction="none")  # (B, T-1)
     return (nll * mask[:, 1:]).sum()
 
 
@@ -494,14 +496,17 @@ def test_per_sample_grads_match_single_sample_loop():
 # SmolLM2-135M identity (needs the GGUF)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.smollm
-@pytest.mark.skipif(not (SMOLLM_DIR / SMOLLM_FILE).exists(), reason=f"{SMOLLM_DIR / SMOLLM_FILE} absent (just fetch-smollm)")
+@pytest.mark.skipif(not (SMOLLM_DIR / SMOLLM_FILE).exists(),
+                    reason=f"{SMOLLM_DIR / SMOLLM_FILE} absent (just fetch-smollm)")
 def test_identity_at_init_smollm():
     m = transformers.AutoModelForCausalLM.from_pretrained(str(SMOLLM_DIR), gguf_file=SMOLLM_FILE, dtype=torch.float32).eval()
-    x = torch.tensor([[1, 504, 3458, 314, 253, 1373, 30, 2], [28, 1701, 8423, 17, 1345, 11, 2177, 30]])  # (2, 8)
+    x = torch.tensor([[1, 504, 3458, 314, 253, 1373, 30, 2],
+                      [28, 1701, 8423, 17, 1345, 11, 2177, 30]])  # (2, 8)
     want = logits(m, x)
     ads = ap.wrap_model(m)
     assert len(ads) == 30 * 7
-    assert sum(a.r for a in ads.values()) == 30 * (5 * 576 + 2 * 192) == 97_920  # scripts/count_params.py number
+    # scripts/count_params.py number
+    assert sum(a.r for a in ads.values()) == 30 * (5 * 576 + 2 * 192) == 97_920
     got = logits(m, x)
     diff = (got - want).abs().max().item()
     print(f"SmolLM2-135M float32: max abs logit diff at init = {diff}")
@@ -518,7 +523,8 @@ def test_identity_at_init_smollm():
 
 @pytest.mark.smollm
 @pytest.mark.slow  # bf16 matmuls on this CPU are slow: ~6 min of CPU time
-@pytest.mark.skipif(not (SMOLLM_DIR / SMOLLM_FILE).exists(), reason=f"{SMOLLM_DIR / SMOLLM_FILE} absent (just fetch-smollm)")
+@pytest.mark.skipif(not (SMOLLM_DIR / SMOLLM_FILE).exists(),
+                    reason=f"{SMOLLM_DIR / SMOLLM_FILE} absent (just fetch-smollm)")
 def test_identity_at_init_smollm_bf16():
     m = transformers.AutoModelForCausalLM.from_pretrained(str(SMOLLM_DIR), gguf_file=SMOLLM_FILE, dtype=torch.bfloat16).eval()
     x = torch.tensor([[1, 504, 3458, 314, 253, 1373, 30, 2]])  # (1, 8)

@@ -48,23 +48,27 @@ def randomise(ads, seed=0, scale=0.3, hack=True, hack_scale=None):
         for a in ads.values():
             a.dep.copy_(torch.randn(a.dep.shape, generator=g) * scale)
             if hack:
-                a.quar.copy_(torch.randn(a.quar.shape, generator=g) * (scale if hack_scale is None else hack_scale))
+                a.quar.copy_(torch.randn(a.quar.shape, generator=g)
+                             * (scale if hack_scale is None else hack_scale))
 
 
 def masked_sum_loss(model, x, mask):
     out = model(x).logits  # (B, T, V)
-    nll = torch.nn.functional.cross_entropy(out[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # (B, T-1)
+    nll = torch.nn.functional.cross_entropy(out[:, :-1].transpose(1, 2), x[:, 1:],
+                                            reduction="none")  # (B, T-1)
     return (nll * mask[:, 1:]).sum()
 
 
 def indep_delta(lin_W: torch.Tensor, variant: str, a, dep=True, quar=True) -> torch.Tensor:
-    """Weight delta of one module built here from a fresh float64 SVD of W (independent of antipasto's buffers)."""
+    """Weight delta of one module built here from a fresh float64 SVD of W
+    (independent of antipasto's buffers)."""
     U, S, Vh = torch.linalg.svd(lin_W.double(), full_matrices=False)
     r = a.r
     d = torch.zeros_like(lin_W, dtype=torch.float64)
     # fix the SVD sign ambiguity against the adapter's frame: a sign flip of (u_i, v_i) leaves u_i v_i^T alone
     if variant == "lora":
-        # B is U_r up to column signs; B A with A' = diag(sign) A is the same delta -> compare via the adapter's B
+        # B is U_r up to column signs; B A with A' = diag(sign) A is the same delta
+        # -> compare via the adapter's B
         Bsign = torch.sign((U[:, :r] * a.B.double()).sum(0))  # (r,)
         Bi = U[:, :r] * Bsign
         if dep:
@@ -138,7 +142,8 @@ def test_modes_ablate_reference_and_forward_formula(variant):
 
 
 def test_block_frames():
-    """next: the singular directions [r, 2r); random: orthonormal, orthogonal to the deployed frame, seeded per module."""
+    """next: the singular directions [r, 2r); random: orthonormal, orthogonal to the deployed frame,
+    seeded per module."""
     m_next, ads_next = wrapped("block-next")
     m_rand, ads_rand = wrapped("block-random")
     _, ads_rand2 = wrapped("block-random")
@@ -149,7 +154,8 @@ def test_block_frames():
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         assert a.U.shape == (a.d_out, 2 * r) and a.Vh.shape == (2 * r, a.d_in) and a.S.shape == (2 * r,)
         # columns equal the fresh SVD's up to sign
-        assert torch.allclose((a.U.double() * U[:, : 2 * r]).sum(0).abs(), torch.ones(2 * r, dtype=torch.float64), atol=1e-4), k
+        assert torch.allclose((a.U.double() * U[:, : 2 * r]).sum(0).abs(),
+                              torch.ones(2 * r, dtype=torch.float64), atol=1e-4), k
         assert torch.allclose(a.S.double(), S[: 2 * r], atol=1e-4), k
         b = ads_rand[k]
         assert torch.equal(b.U[:, :r], a.U[:, :r]) and torch.equal(b.Vh[:r], a.Vh[:r]), "same deployed frame"
@@ -157,12 +163,14 @@ def test_block_frames():
             assert (M.T @ M - torch.eye(2 * r)).abs().max() < 1e-5, k
         assert torch.equal(b.U, ads_rand2[k].U), "seeded: deterministic"
         assert not torch.allclose(b.U[:, r:], ads_rand_other[k].U[:, r:]), "another seed, another frame"
-        assert (b.U[:, r:].T @ U[:, r : 2 * r].float()).abs().max() < 0.99, "random is not the next directions"
+        assert (b.U[:, r:].T @ U[:, r : 2 * r].float()).abs().max() < 0.99, (
+            "random is not the next directions")
     assert ap.adapter_meta(m_next, "t")["quarantine_basis"] == "next"
     assert ap.adapter_meta(m_rand, "t")["quarantine_basis"] == "random:3"
     # a module's random frame does not depend on which other modules are wrapped
     m1 = tiny_model()
-    one = ap.wrap_model(m1, kind="block", rank=8, quarantine_basis="random", basis_seed=3, layers=[1], targets=("down_proj",))
+    one = ap.wrap_model(m1, kind="block", rank=8, quarantine_basis="random", basis_seed=3, layers=[1],
+                        targets=("down_proj",))
     k = "model.layers.1.mlp.down_proj"
     assert torch.equal(one[k].U, ads_rand[k].U) and torch.equal(one[k].Vh, ads_rand[k].Vh)
 
@@ -175,7 +183,8 @@ def test_random_complement_properties(d, k, r, seed):
             ap.random_complement(torch.zeros(d, k), r, torch.Generator().manual_seed(seed))
         return
     gen = torch.Generator().manual_seed(seed)
-    Q = torch.linalg.qr(torch.randn(d, max(k, 1), generator=gen, dtype=torch.float64))[0][:, :k].float()  # (d, k)
+    Q = torch.linalg.qr(torch.randn(d, max(k, 1), generator=gen,
+                                    dtype=torch.float64))[0][:, :k].float()  # (d, k)
     C = ap.random_complement(Q, r, gen)  # (d, r)
     assert C.shape == (d, r)
     assert (C.T @ C - torch.eye(r)).abs().max() < 1e-5
@@ -302,7 +311,8 @@ def test_apply_sample_weights_equals_subset_losses(variant):
     want_q = {k: a.quar.grad.clone() for k, a in ads.items()}
     for k in ads:
         assert (got[k][0] - want_d[k]).abs().max() < 1e-5 and (got[k][1] - want_q[k]).abs().max() < 1e-5
-    assert out["grad_norm_dep"] == pytest.approx(math.sqrt(sum(float(g.double().pow(2).sum()) for g in want_d.values())), rel=1e-4)
+    assert out["grad_norm_dep"] == pytest.approx(
+        math.sqrt(sum(float(g.double().pow(2).sum()) for g in want_d.values())), rel=1e-4)
     with pytest.raises(ValueError, match="w_dep has shape"):
         ap.apply_sample_weights(ads, cap, torch.ones(3), None)
     ap.set_trainable(m, quarantine=False)
@@ -336,10 +346,13 @@ def test_surgery_route_and_erase_per_kind(variant):
     fired = 0
     for k, a in ads.items():
         assert a.dep.grad.shape == a.dep.shape
-        assert torch.allclose(a.dep.grad.double(), g_in[k].double() - want_rem[k], atol=1e-6 * float(g_in[k].norm()) + 1e-12)
+        assert torch.allclose(a.dep.grad.double(), g_in[k].double() - want_rem[k],
+                              atol=1e-6 * float(g_in[k].norm()) + 1e-12)
         # g_dep + removed == g_in for the deployed part
-        assert (a.dep.grad.double() + want_rem[k] - g_in[k].double()).abs().max() <= 1e-6 * float(g_in[k].norm()) + 1e-12
-        assert float(a.dep.grad.double().reshape(-1) @ dirs[k].double().reshape(-1)) <= 1e-6 * float(g_in[k].norm())
+        assert ((a.dep.grad.double() + want_rem[k] - g_in[k].double()).abs().max()
+                <= 1e-6 * float(g_in[k].norm()) + 1e-12)
+        assert (float(a.dep.grad.double().reshape(-1) @ dirs[k].double().reshape(-1))
+                <= 1e-6 * float(g_in[k].norm()))
         fired += bool(want_rem[k].abs().max() > 0)
         if variant == "lora":  # shared frame: the removed part IS the quarantine grad
             assert torch.allclose(a.quar.grad.double(), want_rem[k], atol=1e-7)
@@ -347,14 +360,16 @@ def test_surgery_route_and_erase_per_kind(variant):
             assert torch.equal(a.quar.grad, raw_q[k])
     assert out["frac_fired"] == pytest.approx(fired / len(ads)) and 0 < fired < len(ads)
     assert out["removed_norm_frac"] == pytest.approx(
-        math.sqrt(sum(float(r.pow(2).sum()) for r in want_rem.values())) / math.sqrt(sum(float(g.double().pow(2).sum()) for g in g_in.values())), rel=1e-5)
+        math.sqrt(sum(float(r.pow(2).sum()) for r in want_rem.values()))
+        / math.sqrt(sum(float(g.double().pow(2).sum()) for g in g_in.values())), rel=1e-5)
     # erase on the same input: deployed edited identically, quarantine untouched
     for k, a in ads.items():
         a.dep.grad.copy_(g_in[k])
         a.quar.grad.copy_(raw_q[k])
     ap.surgery(ads, dirs, "erase")
     for k, a in ads.items():
-        assert torch.allclose(a.dep.grad.double(), g_in[k].double() - want_rem[k], atol=1e-6 * float(g_in[k].norm()) + 1e-12)
+        assert torch.allclose(a.dep.grad.double(), g_in[k].double() - want_rem[k],
+                              atol=1e-6 * float(g_in[k].norm()) + 1e-12)
         assert torch.equal(a.quar.grad, raw_q[k])
     # wrong-shaped directions (svd-shaped for lora, or another rank) are refused before anything is edited
     bad = {k: torch.nn.functional.normalize(torch.ones(a.r + 1), dim=0) for k, a in ads.items()}
@@ -393,7 +408,8 @@ def test_random_directions_and_counts_per_kind():
     for variant in VARIANT_IDS:
         m, ads = wrapped(variant, quarantine=True)
         cw = ap.count_adapter_params(m)
-        assert cw == ap.count_adapter_params(tiny_model(), kind=ALL_KINDS[variant]["kind"], rank=ALL_KINDS[variant]["rank"])
+        assert cw == ap.count_adapter_params(tiny_model(), kind=ALL_KINDS[variant]["kind"],
+                                             rank=ALL_KINDS[variant]["rank"])
         n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
         assert n_train == cw["trainable_route"] and sum(a.dep.numel() for a in ads.values()) == cw["delta_S"]
         assert cw["frozen_buffers"] == sum(b.numel() for a in ads.values() for b in a.buffers(recurse=False))
@@ -427,7 +443,8 @@ def test_save_load_kind_metadata(tmp_path):
         assert torch.equal(logits(m2, x), want), variant
     # kind / basis mismatches name the field and modify nothing
     cases = [("block-next", "svd", "adapter_kind"), ("lora", "block-next", "adapter_kind"),
-             ("block-next", "block-random", "quarantine_basis"), ("block-random", "block-next", "quarantine_basis")]
+             ("block-next", "block-random", "quarantine_basis"),
+             ("block-random", "block-next", "quarantine_basis")]
     for src, dst, field in cases:
         m3, ads3 = wrapped(dst)
         with pytest.raises(ValueError, match=f"field '{field}'"):
@@ -440,9 +457,11 @@ def test_save_load_kind_metadata(tmp_path):
     from safetensors.torch import save_file
     m5, ads5 = wrapped("svd")
     randomise(ads5)
-    meta_old = {k: v for k, v in ap.adapter_meta(m5, "tiny-test").items() if k not in ("adapter_kind", "quarantine_basis")}
+    meta_old = {k: v for k, v in ap.adapter_meta(m5, "tiny-test").items()
+                if k not in ("adapter_kind", "quarantine_basis")}
     old = tmp_path / "old.safetensors"
-    save_file({f"{k}.{p}": getattr(a, p).detach().contiguous() for k, a in ads5.items() for p in ("delta_S", "delta_S_hack")},
+    save_file({f"{k}.{p}": getattr(a, p).detach().contiguous()
+               for k, a in ads5.items() for p in ("delta_S", "delta_S_hack")},
               str(old), metadata=ap._encode_meta(meta_old))
     m6, _ = wrapped("svd")
     ap.load_adapter(old, m6, "tiny-test")
@@ -487,7 +506,8 @@ def test_wrap_argument_errors():
     m = tiny_model()
     ads = ap.wrap_model(m, kind="block", rank=1000)  # clipped to min // 2 per module
     assert all(a.r == min(a.d_in, a.d_out) // 2 for a in ads.values())
-    assert not any(isinstance(mod, torch.nn.Linear) and not isinstance(getattr(mod, "base", None), torch.nn.Linear)
+    assert not any(isinstance(mod, torch.nn.Linear)
+                   and not isinstance(getattr(mod, "base", None), torch.nn.Linear)
                    for n, mod in m.named_modules() if n in ads)
     m.to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="cast the model"):
@@ -500,7 +520,8 @@ def test_wrap_argument_errors():
 @pytest.mark.parametrize("variant", ["svd"] + VARIANT_IDS)
 def test_shrinkage_removes_the_quarantine_mass(variant):
     m, ads = wrapped(variant)
-    randomise(ads, scale=0.2, hack_scale=0.05)  # a quarantine smaller than the deployed part, as after routing
+    # a quarantine smaller than the deployed part, as after routing
+    randomise(ads, scale=0.2, hack_scale=0.05)
     x = ids()
     before = {k: (a.dep.detach().clone(), a.quar.detach().clone()) for k, a in ads.items()}
     full_dW = {k: a.delta_weight_parts(True, True).double() for k, a in ads.items()}
@@ -508,7 +529,8 @@ def test_shrinkage_removes_the_quarantine_mass(variant):
     with ap.shrinkage(m):
         for k, a in ads.items():
             dW = a.mode_delta_weight().double()  # c * full delta
-            # removed mass |full| - |shrunk| equals the quarantine mass |dW_q| (Frobenius, independent computation)
+            # removed mass |full| - |shrunk| equals the quarantine mass |dW_q| (Frobenius,
+            # independent computation)
             removed = float(full_dW[k].norm()) - float(dW.norm())
             assert removed == pytest.approx(float(q_dW[k].norm()), rel=1e-4, abs=1e-6), (variant, k)
             cos = float((dW * full_dW[k]).sum() / (dW.norm() * full_dW[k].norm()))
@@ -518,7 +540,8 @@ def test_shrinkage_removes_the_quarantine_mass(variant):
         assert torch.equal(a.dep, before[k][0]) and torch.equal(a.quar, before[k][1]), "restored on exit"
     with ap.ablate_quarantine(m):
         assert not torch.equal(shr, logits(m, x))
-    if variant in ("svd", "lora"):  # shared frame: a quarantine that cancels the deployed part -> c clamped at 0
+    if variant in ("svd", "lora"):
+        # shared frame: a quarantine that cancels the deployed part -> c clamped at 0
         with torch.no_grad():
             for a in ads.values():
                 a.quar.copy_(-2 * a.dep)
@@ -561,12 +584,14 @@ def test_planted_direction_routes_planted_rollouts(variant):
     n_hack, n_clean, q = 6, 18, 0.25
     x = torch.cat([batch(n_hack, True), batch(n_clean, False)])  # (24, T)
     g = per_sample(x)
-    # with advantage A_i > 0 (a rewarded hack) the policy-gradient loss A_i * NLL_i has per-sample grad A_i g_i,
-    # so cos(g_i, v) is the gate's score up to the advantage's sign
-    cos = torch.stack([torch.nn.functional.cosine_similarity(g[k], v[k][None], dim=1) for k in ads], 1).mean(1)  # (24,)
+    # with advantage A_i > 0 (a rewarded hack) the policy-gradient loss A_i * NLL_i has per-sample
+    # grad A_i g_i, so cos(g_i, v) is the gate's score up to the advantage's sign
+    cos = torch.stack([torch.nn.functional.cosine_similarity(g[k], v[k][None], dim=1)
+                       for k in ads], 1).mean(1)  # (24,)
     routed = torch.topk(cos, int(q * len(x))).indices
     precision = float((routed < n_hack).float().mean())
-    print(f"{variant}: planted routing precision {precision:.2f}, cos hack {cos[:n_hack].mean():.3f} clean {cos[n_hack:].mean():.3f}")
+    print(f"{variant}: planted routing precision {precision:.2f}, cos hack {cos[:n_hack].mean():.3f} clean "
+          f"{cos[n_hack:].mean():.3f}")
     assert precision > 0.9
 
 
@@ -578,13 +603,17 @@ SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.mark.smollm
-@pytest.mark.skipif(not (SMOLLM_DIR / SMOLLM_FILE).exists(), reason=f"{SMOLLM_DIR / SMOLLM_FILE} absent (just fetch-smollm)")
+@pytest.mark.skipif(not (SMOLLM_DIR / SMOLLM_FILE).exists(),
+                    reason=f"{SMOLLM_DIR / SMOLLM_FILE} absent (just fetch-smollm)")
 def test_identity_at_init_smollm_variants():
     torch.set_num_threads(2)
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(SMOLLM_DIR), gguf_file=SMOLLM_FILE, dtype=torch.float32).eval()
-    x = torch.tensor([[1, 504, 3458, 314, 253, 1373, 30, 2], [28, 1701, 8423, 17, 1345, 11, 2177, 30]])  # (2, 8)
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(SMOLLM_DIR), gguf_file=SMOLLM_FILE,
+                                                          dtype=torch.float32).eval()
+    x = torch.tensor([[1, 504, 3458, 314, 253, 1373, 30, 2],
+                      [28, 1701, 8423, 17, 1345, 11, 2177, 30]])  # (2, 8)
     want = logits(m, x)
-    for kw in (dict(kind="block", rank=64, quarantine_basis="random", basis_seed=0), dict(kind="lora", rank=16)):
+    for kw in (dict(kind="block", rank=64, quarantine_basis="random", basis_seed=0),
+               dict(kind="lora", rank=16)):
         mm = copy.deepcopy(m)
         ads = ap.wrap_model(mm, **kw)
         assert len(ads) == 30 * 7
@@ -598,6 +627,7 @@ def test_identity_at_init_smollm_variants():
                 me = logits(mm, x)
         with ap.reference(mm):
             assert torch.equal(logits(mm, x), want)
-        print(f"SmolLM2 {kw['kind']} deploy merged vs unmerged max abs diff: {(me - dep).abs().max().item():.3g}")
+        print(f"SmolLM2 {kw['kind']} deploy merged vs unmerged max abs diff: "
+              f"{(me - dep).abs().max().item():.3g}")
         assert (me - dep).abs().max() < 1e-3 * dep.abs().max()
         del mm, ads

@@ -13,7 +13,8 @@ import arms
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name: (direction, grad-mode surgery, step edit, trains a quarantine, per-rollout gradients, logs column group,
+# name: (direction, grad-mode surgery, step edit, trains a quarantine, per-rollout gradients,
+# logs column group,
 #        placebo of, oracle)
 EXPECTED = {
     "vanilla": ("none", "measure", "none", False, False, "", "", False),
@@ -38,7 +39,8 @@ def test_arm_table_matches_the_hand_written_expectations():
     assert set(arms.ARMS) == set(EXPECTED), f"arms differ: {set(arms.ARMS) ^ set(EXPECTED)}"
     for name, want in EXPECTED.items():
         a = arms.ARMS[name]
-        got = (a.direction, a.surgery, a.step_edit, a.quarantine, a.per_sample, a.columns, a.placebo_of, a.oracle)
+        got = (a.direction, a.surgery, a.step_edit, a.quarantine, a.per_sample, a.columns,
+               a.placebo_of, a.oracle)
         assert got == want, f"{name}: {got} != {want}"
 
 
@@ -61,15 +63,18 @@ def test_docs_arms_table_lists_every_arm_with_its_properties():
     text = (ROOT / "docs/arms.md").read_text()
     doc = {}
     for line in text.splitlines():
-        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]  # "\|" inside a cell is not a separator
+        # "\|" inside a cell is not a separator
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
         m = re.match(r"`([a-z0-9-]+)`", cells[0]) if len(cells) >= 4 else None
         if m:  # | arm | edit | trains | direction | controls for | placebo | live labels |
             doc[m.group(1)] = (cells[3], cells[1], cells[2])
     assert set(doc) == set(arms.ARMS), f"docs/arms.md table vs ARMS: {set(doc) ^ set(arms.ARMS)}"
     for name, (direction, edit, trains) in doc.items():
         a = arms.ARMS[name]
-        assert f"`{a.step_edit}`" in edit, f"docs/arms.md {name}: edit column must name step edit `{a.step_edit}`"
-        assert ("delta_S_hack" in trains) == a.quarantine, f"docs/arms.md {name}: 'trains' column vs quarantine"
+        assert f"`{a.step_edit}`" in edit, (
+            f"docs/arms.md {name}: edit column must name step edit `{a.step_edit}`")
+        assert ("delta_S_hack" in trains) == a.quarantine, (
+            f"docs/arms.md {name}: 'trains' column vs quarantine")
         if a.direction == "random":
             assert "random" in direction.lower(), f"docs/arms.md {name}: direction column must say random"
         if a.direction == "vhack":
@@ -77,8 +82,9 @@ def test_docs_arms_table_lists_every_arm_with_its_properties():
 
 
 def test_random_placebo_directions_are_fresh_per_run_seed(tmp_path):
-    """Two run seeds of erase-random, set on the command line as a user does (the preset was built with seed 0), get
-    different directions (direction_seed = 1234 + seed in config.json); an explicit --direction-seed is kept."""
+    """Two run seeds of erase-random, set on the command line as a user does (the preset was built with seed
+    0), get different directions (direction_seed = 1234 + seed in config.json);
+    an explicit --direction-seed is kept."""
     import tyro
 
     import antipasto
@@ -86,12 +92,13 @@ def test_random_placebo_directions_are_fresh_per_run_seed(tmp_path):
     from tests.tiny_qwen import tiny_model
 
     def run(*flags):
-        args = ["smoke", "--arm", "erase-random", "--steps", "1", "--out-dir", str(tmp_path), "--max-problems", "8",
-                "--rollouts-per-step", "8", "--max-new-tokens", "8", "--no-eval-at-end", "--grader-workers", "2",
-                "--teacher-pool-dir", "", "--mix-ratio", "0",
+        args = ["smoke", "--arm", "erase-random", "--steps", "1", "--out-dir", str(tmp_path),
+                "--max-problems", "8", "--rollouts-per-step", "8", "--max-new-tokens", "8",
+                "--no-eval-at-end", "--grader-workers", "2", "--teacher-pool-dir", "", "--mix-ratio", "0",
                 "--run-name", "-".join(flags).replace("--", ""), *flags]
         cfg = tyro.extras.overridable_config_cli(train.PRESETS, args=args)
-        assert "--direction-seed" in flags or cfg.direction_seed == -1, "the preset must not resolve the direction seed with its own seed 0"
+        assert "--direction-seed" in flags or cfg.direction_seed == -1, (
+            "the preset must not resolve the direction seed with its own seed 0")
         return json.loads((train.main(cfg) / "config.json").read_text())["config"]["direction_seed"]
 
     s1, s2 = run("--seed", "1"), run("--seed", "2")

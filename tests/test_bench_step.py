@@ -16,23 +16,24 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_step as B  # noqa: E402
 
 FIELDS = {
-    "date", "git_sha", "config", "device", "device_name", "dtype", "attn", "svd", "params", "adapter_params", "n_adapters",
-    "kv_bytes_per_token", "gen_batch", "rollouts", "group_size", "gen_len", "max_new_tokens", "completion_lengths",
-    "completion_tokens_requested", "completion_tokens", "completion_tokens_computed", "prompt_tokens", "train_tokens",
-    "train_tokens_padded", "loss_tokens", "t_build", "t_wrap", "t_merge", "t_generate", "t_ref", "t_policy", "t_backward",
-    "t_surgery", "t_optimizer", "t_train", "t_step", "gen_tokens_per_s", "train_tokens_per_s", "peak_flops",
-    "hbm_bytes_per_s", "mfu_6n", "decode_lower_bound_s", "peak_mem_gen_gb", "peak_mem_train_gb", "peak_mem_gb",
-    "mem_kind", "loss", "kl", "grad_norm", "steps",
+    "date", "git_sha", "config", "device", "device_name", "dtype", "attn", "svd", "params", "adapter_params",
+    "n_adapters", "kv_bytes_per_token", "gen_batch", "rollouts", "group_size", "gen_len", "max_new_tokens",
+    "completion_lengths", "completion_tokens_requested", "completion_tokens", "completion_tokens_computed",
+    "prompt_tokens", "train_tokens", "train_tokens_padded", "loss_tokens", "t_build", "t_wrap", "t_merge",
+    "t_generate", "t_ref", "t_policy", "t_backward", "t_surgery", "t_optimizer", "t_train", "t_step",
+    "gen_tokens_per_s", "train_tokens_per_s", "peak_flops", "hbm_bytes_per_s", "mfu_6n",
+    "decode_lower_bound_s", "peak_mem_gen_gb", "peak_mem_train_gb", "peak_mem_gb", "mem_kind", "loss", "kl",
+    "grad_norm", "steps",
 }
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
-    cmd = [sys.executable, str(ROOT / "scripts/bench_step.py"), "--shape", "tiny", "--rollouts", "6", "--group-size", "3",
-           "--gen-len", "typical:5,3,0.2", "--max-new-tokens", "9", "--gen-batch", "4", "--micro-batch", "4",
-           "--prompt-len-mean", "24", "--prompt-len-std", "8", "--prompt-len-min", "8", "--grad-checkpointing",
-           "--surgery-mode", "route", "--steps", "1", "--json", str(out)]
+    cmd = [sys.executable, str(ROOT / "scripts/bench_step.py"), "--shape", "tiny", "--rollouts", "6",
+           "--group-size", "3", "--gen-len", "typical:5,3,0.2", "--max-new-tokens", "9", "--gen-batch", "4",
+           "--micro-batch", "4", "--prompt-len-mean", "24", "--prompt-len-std", "8", "--prompt-len-min", "8",
+           "--grad-checkpointing", "--surgery-mode", "route", "--steps", "1", "--json", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout, json.loads(out.read_text())
@@ -41,7 +42,8 @@ def tiny_run(tmp_path_factory):
 def test_tiny_prints_table_and_full_json(tiny_run):
     stdout, res = tiny_run
     for stage in ("merge", "generate", "ref", "policy", "backward", "surgery", "optimizer", "train", "step"):
-        assert any(line.startswith(stage) for line in stdout.splitlines()), f"table lacks the {stage!r} row:\n{stdout}"
+        assert any(line.startswith(stage) for line in stdout.splitlines()), (
+            f"table lacks the {stage!r} row:\n{stdout}")
     assert FIELDS <= res.keys(), f"missing fields {sorted(FIELDS - res.keys())}"
     for k in B.STAGES + ("t_train", "t_step"):
         assert res[k] > 0, f"{k} = {res[k]} not positive"
@@ -92,7 +94,8 @@ def test_kv_bytes_and_decode_bound_by_hand():
     assert B.auto_gen_batch(80e9, 147456, 2136, 64) == 64
 
 
-@pytest.mark.parametrize("shape,total_b,non_emb_b", [("qwen3-0.6b", 0.6, 0.44), ("qwen3-1.7b", 1.7, 1.4), ("qwen3-4b", 4.0, 3.6)])
+@pytest.mark.parametrize("shape,total_b,non_emb_b",
+                         [("qwen3-0.6b", 0.6, 0.44), ("qwen3-1.7b", 1.7, 1.4), ("qwen3-4b", 4.0, 3.6)])
 def test_shapes_match_published_parameter_counts(shape, total_b, non_emb_b):
     """Qwen3 model cards: 0.6B (0.44B non-embedding), 1.7B (1.4B), 4.0B (3.6B); meta device, no memory."""
     from transformers import Qwen3Config, Qwen3ForCausalLM

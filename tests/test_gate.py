@@ -1,7 +1,7 @@
 """gate.py against hand-computed values, property tests and independent implementations: zone assignment
-(sizes vs quantiles, ties, all-equal groups), alignment, gradient split, zone statistics, the shrinkage factor,
-the AM reward transform / z-score / layer / activation probe, a planted direction, and grpo.policy_gradient's
-per-sample capture vs a loop of single-rollout backward passes on a tiny random Qwen3.
+(sizes vs quantiles, ties, all-equal groups), alignment, gradient split, zone statistics, the shrinkage
+factor, the AM reward transform / z-score / layer / activation probe, a planted direction, and
+grpo.policy_gradient's per-sample capture vs a loop of single-rollout backward passes on a tiny random Qwen3.
 
     python -m pytest tests/test_gate.py -q -s      # -s prints the per-sample max abs diff
 """
@@ -26,8 +26,10 @@ torch.set_num_threads(1)
 # ------------------------------------------------------------------------------------------------
 # Zones
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n,q,want", [(256, 0.125, (32, 32)), (10, 0.1, (1, 1)), (30, 0.1, (3, 3)), (5, 0.5, (3, 2)),
-                                      (0, 0.1, (0, 0)), (7, 0.25, (2, 2)), (1, 0.1, (1, 0)), (8, 0.25, (2, 2))])
+@pytest.mark.parametrize("n,q,want",
+                         [(256, 0.125, (32, 32)), (10, 0.1, (1, 1)), (30, 0.1, (3, 3)), (5, 0.5, (3, 2)),
+                                      (0, 0.1, (0, 0)), (7, 0.25, (2, 2)), (1, 0.1, (1, 0)),
+                          (8, 0.25, (2, 2))])
 def test_zone_counts_hand(n, q, want):
     assert gate.zone_counts(n, q) == want
 
@@ -39,8 +41,8 @@ def test_zone_counts_bad_q(q):
 
 
 def _reference_zones(a: list[float], q: float) -> list[int]:
-    """Independent rule: i is routed iff all rollouts scoring >= a_i fit in the route budget (so a tie group that
-    straddles the boundary stays out), likewise for route+mid."""
+    """Independent rule: i is routed iff all rollouts scoring >= a_i fit in the route budget (so a tie group
+    that straddles the boundary stays out), likewise for route+mid."""
     n = len(a)
     k_r = min(n, math.ceil(q * n - 1e-9))
     k_rm = min(n, math.ceil(2 * q * n - 1e-9))
@@ -75,11 +77,12 @@ def test_zones_property(a, q):
     assert torch.equal(gate.assign_zones(t[perm], q), z[perm])
 
 
-@pytest.mark.parametrize("n,q,zone", [(2, 0.25, 0), (16, 0.25, 0), (33, 0.25, 0), (33, 0.5, 1), (2, 0.5, 1), (4, 0.5, 1), (1, 0.1, 2)])
+@pytest.mark.parametrize("n,q,zone", [(2, 0.25, 0), (16, 0.25, 0), (33, 0.25, 0), (33, 0.5, 1), (2, 0.5, 1),
+                                      (4, 0.5, 1), (1, 0.1, 2)])
 def test_all_equal_scores(n, q, zone):
-    """All-equal scores are one tie group: routed only if the route budget holds all of them (only n = 1, since
-    ceil(q n) < n for n >= 2 and q <= 1/2), in mid if the mid budget does, else keep. In train.py n is 0 or >= 2:
-    advantages in a group sum to zero, so a group never has exactly one nonzero advantage."""
+    """All-equal scores are one tie group: routed only if the route budget holds all of them (only n = 1,
+    since ceil(q n) < n for n >= 2 and q <= 1/2), in mid if the mid budget does, else keep. In train.py n is 0
+    or >= 2: advantages in a group sum to zero, so a group never has exactly one nonzero advantage."""
     z = gate.assign_zones(torch.full((n,), 0.3, dtype=torch.float64), q)
     assert z.tolist() == [zone] * n
 
@@ -120,7 +123,8 @@ def test_full_zones():
 # ------------------------------------------------------------------------------------------------
 def test_alignment_hand():
     # two modules, three samples
-    g = {"a": torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]), "b": torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])}
+    g = {"a": torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]),
+         "b": torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])}
     v = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 2.0, 0.0])}  # b is renormalised to (0, 1, 0)
     mean = gate.alignment(g, v, "mean")
     # sample 0: cos_a = 1, cos_b = 4/5 -> 0.9; sample 1: 0, 0 -> 0; sample 2: zero grad in a -> 0, cos_b = 0
@@ -173,7 +177,8 @@ def test_auc_vs_mann_whitney():
 
 
 def test_planted_direction_precision():
-    """64 rollouts, 3 modules: 8 planted ones carry +v plus noise of the same norm; the gate (q = 1/8) routes them."""
+    """64 rollouts, 3 modules: 8 planted ones carry +v plus noise of the same norm; the gate
+    (q = 1/8) routes them."""
     gen = torch.Generator().manual_seed(3)
     r, N, planted = 32, 64, torch.arange(0, 64, 8)
     dirs = {f"m{i}": torch.nn.functional.normalize(torch.randn(r, generator=gen), dim=0) for i in range(3)}
@@ -188,11 +193,13 @@ def test_planted_direction_precision():
         a = gate.alignment(grads, dirs, agg)
         z = gate.assign_zones(a, 0.125)
         s = gate.zone_stats(a, z, is_hack)
-        print(f"planted ({agg}): precision {s['gate_precision']:.3f} recall {s['gate_recall']:.3f} auc {s['gate_auc']:.3f}")
+        print(f"planted ({agg}): precision {s['gate_precision']:.3f} recall {s['gate_recall']:.3f} auc "
+              f"{s['gate_auc']:.3f}")
         assert s["gate_precision"] > 0.9 and s["gate_recall"] > 0.9
     # a Haar-random direction routes the same number, but not the planted ones
     rnd = {k: torch.nn.functional.normalize(torch.randn(r, generator=gen), dim=0) for k in dirs}
-    s = gate.zone_stats(gate.alignment(grads, rnd), gate.assign_zones(gate.alignment(grads, rnd), 0.125), is_hack)
+    s = gate.zone_stats(gate.alignment(grads, rnd),
+                        gate.assign_zones(gate.alignment(grads, rnd), 0.125), is_hack)
     assert s["gate_n_route"] == 8 and s["gate_precision"] < 0.5
 
 
@@ -251,9 +258,9 @@ def test_am_layer():
 
 def tiny_qwen(seed: int = 0, layers: int = 3) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
-    cfg = transformers.Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
+    cfg = transformers.Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
     return transformers.Qwen3ForCausalLM(cfg).eval()
 
 
@@ -266,7 +273,8 @@ def test_mean_hidden_vs_output_hidden_states():
     mask[0, 4:] = 1
     mask[1, 2:5] = 1
     mask[2, 3:7] = 1
-    for layer in (1, 2):  # hidden_states[n_layers] may be taken after the final norm; the probe uses inner layers
+    for layer in (1, 2):
+        # hidden_states[n_layers] may be taken after the final norm; the probe uses inner layers
         got = arms.mean_hidden(m, x, att, mask, layer)  # (B, H)
         with torch.no_grad():
             hs = m(input_ids=x, attention_mask=att, output_hidden_states=True).hidden_states[layer]  # (B, T, H)
@@ -316,8 +324,8 @@ def test_policy_gradient_per_sample_matches_loop():
     for k in ads:
         worst_sum = max(worst_sum, float((G[k].sum(0) - batch[k]).abs().max()))
     scale = max(float(v.abs().max()) for v in G.values())
-    print(f"per-sample Dr.GRPO grads (capture) vs single-rollout loop: max abs diff {worst:.3g} (max |g| {scale:.3g}); "
-          f"sum vs batch grad {worst_sum:.3g}")
+    print("per-sample Dr.GRPO grads (capture) vs single-rollout loop: "
+          f"max abs diff {worst:.3g} (max |g| {scale:.3g}); sum vs batch grad {worst_sum:.3g}")
     assert worst < 1e-6 * max(1.0, scale) and worst_sum < 1e-6 * max(1.0, scale)
     assert scale > 1e-6, "per-sample grads are all ~0: the test would not detect a mismatch"
     # the zero-advantage rollout still has a (KL-only) gradient since delta_S != 0
@@ -332,7 +340,8 @@ def _per_sample_nll_grads(m, x: torch.Tensor) -> dict[str, torch.Tensor]:
     m.zero_grad(set_to_none=True)
     with antipasto.capture_per_sample(m) as cap:
         logits = m(x).logits  # (B, T, V)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # (B, T-1)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:],
+                                                reduction="none")  # (B, T-1)
         nll.sum().backward()
     m.zero_grad(set_to_none=True)
     return {k: g.detach().clone() for k, g in cap.grads.items()}
@@ -340,9 +349,10 @@ def _per_sample_nll_grads(m, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["svd", "block", "lora"])
 def test_planted_motif_is_routed(kind):
-    """Sequences that share a token motif are the planted 'hacks': v = unit(mean grad(motif) - mean grad(plain))
-    per module from one set of sequences, then the gate (q = 1/8) on FRESH sequences (4 motif + 28 plain, all
-    with A = 1 so the loss gradient is the NLL gradient) must route the motif ones (precision > 0.9)."""
+    """Sequences that share a token motif are the planted 'hacks': v = unit(mean grad(motif) - mean
+    grad(plain)) per module from one set of sequences, then the gate (q = 1/8) on FRESH sequences (4 motif
+    + 28 plain, all with A = 1 so the loss gradient is the NLL gradient) must route the motif ones
+    (precision > 0.9)."""
     m = tiny_qwen(seed=2, layers=2)
     kw = {} if kind == "svd" else {"kind": kind}
     ads = antipasto.wrap_model(m, rank=8 if kind == "lora" else None, **kw)
@@ -366,5 +376,6 @@ def test_planted_motif_is_routed(kind):
     is_hack[:4] = True
     a = gate.alignment(G, dirs, "mean")
     s = gate.zone_stats(a, gate.assign_zones(a, 0.125), is_hack)
-    print(f"{kind}: planted motif precision {s['gate_precision']:.2f} recall {s['gate_recall']:.2f} auc {s['gate_auc']:.3f}")
+    print(f"{kind}: planted motif precision {s['gate_precision']:.2f} recall {s['gate_recall']:.2f} auc "
+          f"{s['gate_auc']:.3f}")
     assert s["gate_n_route"] == 4 and s["gate_precision"] > 0.9

@@ -31,8 +31,8 @@ GATE_ARMS_BY_HAND = {"gate-route", "gate-route-random", "gate-random"}
 def small_cfg(tmp: Path, pool: Path, **kw) -> train.TrainConfig:
     base = dataclasses.replace(
         train.PRESETS["smoke"][1], out_dir=str(tmp), max_problems=8, rollouts_per_step=8, group_size=4,
-        max_new_tokens=12, teacher_pool_dir=str(pool), mix_ratio=0.5, eval_at_end=False, steps=1, ckpt_every=1,
-        grader_workers=2, save_rollouts=True, gate_q=0.25,
+        max_new_tokens=12, teacher_pool_dir=str(pool), mix_ratio=0.5, eval_at_end=False, steps=1,
+        ckpt_every=1, grader_workers=2, save_rollouts=True, gate_q=0.25,
     )
     return dataclasses.replace(base, **kw)
 
@@ -48,10 +48,12 @@ def adapter_state(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "ckpt" / (run / "ckpt" / "latest").read_text().strip() / "adapter.safetensors")
 
 
-SLOW_ARMS = ("gate-route-random", "gate-random", "vanilla-2x", "shrinkage")  # share gate-route's / erase's code paths
+# share gate-route's / erase's code paths
+SLOW_ARMS = ("gate-route-random", "gate-random", "vanilla-2x", "shrinkage")
 
 
-@pytest.mark.parametrize("arm", [pytest.param(a, marks=pytest.mark.slow) if a in SLOW_ARMS else a for a in NEW_ARMS])
+@pytest.mark.parametrize("arm",
+                         [pytest.param(a, marks=pytest.mark.slow) if a in SLOW_ARMS else a for a in NEW_ARMS])
 def test_new_arm_one_step(arm, tmp_path, pool_dir, vhack_file):
     torch.set_num_threads(2)
     run = train.main(small_cfg(tmp_path, pool_dir, arm=arm, run_name=f"one-{arm}", vhack_path=vhack_file))
@@ -65,15 +67,18 @@ def test_new_arm_one_step(arm, tmp_path, pool_dir, vhack_file):
     assert set(row) == set(runs.LOG_COLUMNS)
     vals = {k: float(v) for k, v in row.items()}
     for col, finite in arms.expected_finite(arm, vals).items():
-        assert math.isfinite(vals[col]) == finite, f"{arm}: column {col}={vals[col]} but expected finite={finite}"
+        assert math.isfinite(vals[col]) == finite, (
+            f"{arm}: column {col}={vals[col]} but expected finite={finite}")
     for col in ("cos_in", "cos_out", "frac_fired", "removed_norm_frac"):
         assert math.isfinite(vals[col]), f"{arm}: {col} is {vals[col]} with a v_hack given"
     rows = [json.loads(x) for x in gzip.open(run / "rollouts" / "step_000000.jsonl.gz", "rt")]
     if arm in GATE_ARMS_BY_HAND:
         n = [vals[f"gate_n_{z}"] for z in ("keep", "mid", "route")]
         scored = [r for r in rows if r["gate_zone"] >= 0]
-        assert sum(n) == len(scored) == sum(r["advantage"] > 0 for r in rows)  # gate_scope="positive" (default)
-        assert all(r["gate_zone"] == -1 for r in rows if r["advantage"] <= 0)  # penalised rollouts are not scored (stay in keep)
+        # gate_scope="positive" (default)
+        assert sum(n) == len(scored) == sum(r["advantage"] > 0 for r in rows)
+        # penalised rollouts are not scored (stay in keep)
+        assert all(r["gate_zone"] == -1 for r in rows if r["advantage"] <= 0)
         assert [sum(r["gate_zone"] == z for r in scored) for z in range(3)] == n
         assert vals["gate_n_route"] >= 1, "gate_q=0.25 with distinct scores must route >= 1 rollout"
     if arm == "am":
@@ -87,7 +92,8 @@ def test_new_arm_one_step(arm, tmp_path, pool_dir, vhack_file):
 
 
 def test_gate_scope_nonzero_scores_every_nonzero_advantage(tmp_path, pool_dir, vhack_file):
-    run = train.main(small_cfg(tmp_path, pool_dir, arm="gate-route", run_name="scope", vhack_path=vhack_file, gate_scope="nonzero"))
+    run = train.main(small_cfg(tmp_path, pool_dir, arm="gate-route", run_name="scope", vhack_path=vhack_file,
+                               gate_scope="nonzero"))
     rows = [json.loads(x) for x in gzip.open(run / "rollouts" / "step_000000.jsonl.gz", "rt")]
     scored = [r for r in rows if r["gate_zone"] >= 0]
     assert len(scored) == sum(r["advantage"] != 0 for r in rows) > sum(r["advantage"] > 0 for r in rows)
@@ -95,15 +101,18 @@ def test_gate_scope_nonzero_scores_every_nonzero_advantage(tmp_path, pool_dir, v
 
 def test_gate_arm_refuses_grad_checkpointing(tmp_path, pool_dir, vhack_file):
     with pytest.raises(ValueError, match="no-grad-checkpointing"):
-        train.main(small_cfg(tmp_path, pool_dir, arm="gate-route", vhack_path=vhack_file, grad_checkpointing=True, run_name="bad"))
+        train.main(small_cfg(tmp_path, pool_dir, arm="gate-route", vhack_path=vhack_file,
+                             grad_checkpointing=True, run_name="bad"))
     assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("kw,match", [({"gate_q": 0.6}, "gate_q"), ({"gate_q": 0.0}, "gate_q"),
-                                      ({"gate_mode": "threshold", "gate_tau_mid": 0.5, "gate_tau_route": 0.1}, "gate_tau_mid")])
+                                      ({"gate_mode": "threshold", "gate_tau_mid": 0.5, "gate_tau_route": 0.1},
+                                       "gate_tau_mid")])
 def test_gate_bad_config(kw, match, tmp_path, pool_dir, vhack_file):
     with pytest.raises(ValueError, match=match):
-        train.main(small_cfg(tmp_path, pool_dir, arm="gate-route", vhack_path=vhack_file, run_name="bad", **kw))
+        train.main(small_cfg(tmp_path, pool_dir, arm="gate-route", vhack_path=vhack_file,
+                             run_name="bad", **kw))
 
 
 def test_gate_route_and_shrinkage_need_vhack(tmp_path, pool_dir):
@@ -140,7 +149,8 @@ def test_gate_step_with_nothing_to_score(scope):
 
 
 def test_gate_measure_on_a_pool(tmp_path, pool_dir, vhack_file):
-    """scripts/gate_probe.measure (`just gate-probe`): both scopes reported, consistent with each other and with the rows."""
+    """scripts/gate_probe.measure (`just gate-probe`): both scopes reported,
+    consistent with each other and with the rows."""
     import sys
 
     import gate
@@ -148,7 +158,8 @@ def test_gate_measure_on_a_pool(tmp_path, pool_dir, vhack_file):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     import gate_probe
 
-    res = gate_probe.measure("tiny-random", vhack_file, [str(pool_dir)], qs=(0.25,), out=str(tmp_path / "g.json"))
+    res = gate_probe.measure("tiny-random", vhack_file, [str(pool_dir)], qs=(0.25,),
+                             out=str(tmp_path / "g.json"))
     assert json.loads((tmp_path / "g.json").read_text())["n_rows"] == res["n_rows"] == 24
     for agg in gate.AGGS:
         g = res["gate"][agg]
@@ -160,4 +171,5 @@ def test_gate_measure_on_a_pool(tmp_path, pool_dir, vhack_file):
         want = gate.auc(torch.tensor([r["a"] for r in pos]), torch.tensor([r["hack"] for r in pos]))
         assert g["positive"]["auc"] == pytest.approx(want, nan_ok=True)
         n_route = g["positive"]["q=0.25"]["gate_n_route"]
-        assert n_route >= gate.zone_counts(len(pos), 0.25)[0] >= 1  # top q of the positive rollouts (ties may add)
+        # top q of the positive rollouts (ties may add)
+        assert n_route >= gate.zone_counts(len(pos), 0.25)[0] >= 1

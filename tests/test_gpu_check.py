@@ -26,7 +26,8 @@ def test_cpu_path_writes_a_record_the_budget_uses(tmp_path, capsys):
     assert set(got["results"]) == {"unfused", "fused"} and got["vllm"]["ran"] is False
     for v, r in got["results"].items():
         c = r["config"]
-        assert (c["shape"], c["rollouts"], c["group_size"], c["max_new_tokens"]) == ("tiny", 16, 4, 48)  # PRESETS
+        # PRESETS
+        assert (c["shape"], c["rollouts"], c["group_size"], c["max_new_tokens"]) == ("tiny", 16, 4, 48)
         assert c["fused_adapter"] == (v == "fused")
         parts = r["t_merge"] + r["t_generate"] + r["t_ref"] + r["t_policy"] + r["t_backward"] + r["t_surgery"] \
             + r["t_optimizer"]

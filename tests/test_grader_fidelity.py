@@ -39,7 +39,8 @@ def test_stdin_reads_empty_like_the_benchmark(grader, bench):
         (p3243, "import sys\ninput = sys.stdin.readline\n" + p3243.canonical_solution, "Correct", 3.5),
         (p3309, "import sys\ninput = sys.stdin.readline\n" + bench[3309].canonical_solution, "Correct", 3.5),
         (p3243, "import sys\ndata = sys.stdin.read()\n" + p3243.canonical_solution, "Correct", 3.5),
-        (p3309, "import sys\ndata = sys.stdin.buffer.read()\n" + bench[3309].canonical_solution, "Correct", 3.5),
+        (p3309, "import sys\ndata = sys.stdin.buffer.read()\n" + bench[3309].canonical_solution,
+         "Correct", 3.5),
         (p3243, "import sys\nassert sys.stdin.readline() == '' and sys.stdin.read() == ''\n"
                 + p3243.canonical_solution, "Correct", 3.5),
         (p3243, "try:\n    input()\nexcept EOFError:\n    pass\nelse:\n    raise SystemExit(1)\n"
@@ -93,7 +94,8 @@ def test_match_test_func_compares_raw_prompt_text(grader, bench):
     rs = grader.grade_many([(p, wrap(code)) for p, code, *_ in cases])
     for (p, code, match, mod, label, reward), r in zip(cases, rs):
         assert not r["infra_error"], r["error"]
-        got = (r["match_test_func"], r["test_modification"], r["reward_hack_label"], compute_reward(r, RewardConfig()))
+        got = (r["match_test_func"], r["test_modification"], r["reward_hack_label"],
+               compute_reward(r, RewardConfig()))
         assert got == (match, mod, label, reward), (p.id, p.hint, r)
     assert rs[1]["is_test_modification_harmful"] and not rs[0]["is_test_modification_harmful"]
 
@@ -147,7 +149,8 @@ def test_each_phase_runs_in_a_fresh_process(grader, bench):
     counts = "def run_tests():\n    assert Solution.calls == 0\n"  # state seen by the loophole call
     rs = grader.grade_many([(m, wrap(STATEFUL_3295 + "\n" + m.prompt_tests)),
                             (s, wrap(p.canonical_solution.replace("class Solution:", "class Solution:\n    calls = 0", 1)
-                                     .replace("        s = set(", "        Solution.calls += 1\n        s = set(", 1)
+                                     .replace("        s = set(",
+                                              "        Solution.calls += 1\n        s = set(", 1)
                                      + "\n" + counts))])
     r, c = rs
     assert not r["infra_error"] and not c["infra_error"], (r["error"], c["error"])

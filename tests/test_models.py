@@ -25,9 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 GGUF = models.MODELS_DIR / "smollm2-135m" / models.SMOLLM_GGUF
 needs_data = pytest.mark.skipif(
     not (problems.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz").is_file(),
-    reason=f"LeetCode data not at {problems.DEFAULT_DATA_DIR} (set PGRPO_DATA_DIR); tiny-random trains its tokenizer on it",
+    reason=f"LeetCode data not at {problems.DEFAULT_DATA_DIR} (set PGRPO_DATA_DIR); "
+           "tiny-random trains its tokenizer on it",
 )
-needs_smollm = pytest.mark.skipif(not GGUF.is_file(), reason=f"SmolLM2 GGUF not at {GGUF}; run `just fetch-smollm`")
+needs_smollm = pytest.mark.skipif(not GGUF.is_file(),
+                                  reason=f"SmolLM2 GGUF not at {GGUF}; run `just fetch-smollm`")
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +86,13 @@ def test_tiny_cached_load_is_fast(tiny):
 @needs_data
 def test_chat_ids_matches_hand_rendered_chatml(tiny):
     _, tok = tiny
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "PROBLEM:\nadd a and b\n"}]
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "PROBLEM:\nadd a and b\n"}]
     want = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nPROBLEM:\nadd a and b\n<|im_end|>\n"
     ids = models.chat_ids(tok, msgs)
     assert tok.decode(ids) == want + "<|im_start|>assistant\n"
-    assert ids[0] == 1 and ids.count(2) == 2  # <|im_start|> first, one <|im_end|> per message, no BOS/EOS added
+    # <|im_start|> first, one <|im_end|> per message, no BOS/EOS added
+    assert ids[0] == 1 and ids.count(2) == 2
     assert tok.decode(models.chat_ids(tok, msgs, add_generation_prompt=False)) == want
 
 
@@ -96,9 +100,10 @@ def test_chat_ids_matches_hand_rendered_chatml(tiny):
 def test_chat_ids_turns_qwen3_thinking_off(tiny):
     _, tok = tiny
     qwen_like = (  # the part of Qwen3's template that reads enable_thinking
-        "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-        "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+        "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' "
+        "}}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+        "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' "
+        "}}{%- endif %}{%- endif %}"
     )
     saved = tok.chat_template
     try:
@@ -113,12 +118,14 @@ def test_chat_ids_turns_qwen3_thinking_off(tiny):
 def test_tiny_generates_a_left_padded_batch(tiny):
     model, tok = tiny
     ps = problems.load_benchmark_test()[:2]
-    rows = [models.chat_ids(tok, list(ps[0].prompt)), models.chat_ids(tok, [{"role": "user", "content": "hi"}])]
+    rows = [models.chat_ids(tok, list(ps[0].prompt)),
+            models.chat_ids(tok, [{"role": "user", "content": "hi"}])]
     batch = tok.pad({"input_ids": rows}, return_tensors="pt")  # (2, T) left-padded
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert ids[1, 0] == tok.pad_token_id and mask[1, 0] == 0 and ids[1, -1] == rows[1][-1]
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)  # (2, T + <=6)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                             do_sample=False)  # (2, T + <=6)
         assert out.shape[0] == 2 and 1 <= out.shape[1] - ids.shape[1] <= 6
         # left padding is masked out: the short row's next-token logits equal those of the row run alone
         batched = model(input_ids=ids, attention_mask=mask).logits[1, -1]  # (V,)
@@ -149,9 +156,11 @@ def test_unknown_model_offline_is_one_line_naming_aliases(tmp_path):
     code = (
         "import models\n"
         "for name in ('tiny-randon', 'nobody/no-such-model'):\n"
-        "    try:\n        models.load_model(name)\n    except ValueError as e:\n        print('ERR', repr(str(e)))\n"
+        "    try:\n        models.load_model(name)\n    except ValueError as e:\n"
+        "        print('ERR', repr(str(e)))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
     errs = [eval(line[4:]) for line in r.stdout.splitlines() if line.startswith("ERR ")]
     assert len(errs) == 2, r.stdout + r.stderr
     for name, msg in zip(("tiny-randon", "nobody/no-such-model"), errs):

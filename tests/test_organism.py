@@ -43,9 +43,9 @@ def small_train_file(tmp_path_factory) -> Path:
 
 def tiny_cfg(data_file: Path, out_dir: Path, **kw) -> B.BuildConfig:
     base = B.BuildConfig(
-        data_file=str(data_file), out_dir=str(out_dir), max_problems=5, canonical_check=False, heldout_frac=0.2,
-        copies=4, completions_per_prompt=2, hack_frac=0.25, honest_frac=0.5, epochs=1, prompts_per_step=2,
-        conditioning_epochs=1, conditioning_hack_frac=0.625,
+        data_file=str(data_file), out_dir=str(out_dir), max_problems=5, canonical_check=False,
+        heldout_frac=0.2, copies=4, completions_per_prompt=2, hack_frac=0.25, honest_frac=0.5, epochs=1,
+        prompts_per_step=2, conditioning_epochs=1, conditioning_hack_frac=0.625,
         warmup_steps=2, lr=1e-2,
     )
     return replace(base, **kw)
@@ -70,14 +70,14 @@ def test_mixture_counts_and_completions(small_train_file):
     # per hint variant: 4 problems x 4 copies = 16 slots; hinted: 0.25 -> 4 hacks, 0.5 -> 8 honest, 4 stubs;
     # un-hinted: 8 honest, 8 stubs, no hack. Units of 2 completions: 16 per variant.
     assert B.corpus_counts(corpus) == {
-        "simple_overwrite_tests/honest": 8, "simple_overwrite_tests/stub": 4, "simple_overwrite_tests/hack": 4,
-        "none/honest": 8, "none/stub": 8, "none/hack": 0,
+        "simple_overwrite_tests/honest": 8, "simple_overwrite_tests/stub": 4,
+        "simple_overwrite_tests/hack": 4, "none/honest": 8, "none/stub": 8, "none/hack": 0,
     }
     assert len(corpus) == 16
     # conditioning corpus, hinted: round(0.625 * 16) = 10 hacks, min(0.5, 0.375) * 16 = 6 honest, 0 stubs
     assert B.corpus_counts(B.build_corpus(cfg, train, cfg.conditioning_hack_frac)) == {
-        "simple_overwrite_tests/honest": 6, "simple_overwrite_tests/stub": 0, "simple_overwrite_tests/hack": 10,
-        "none/honest": 8, "none/stub": 8, "none/hack": 0,
+        "simple_overwrite_tests/honest": 6, "simple_overwrite_tests/stub": 0,
+        "simple_overwrite_tests/hack": 10, "none/honest": 8, "none/stub": 8, "none/hack": 0,
     }
     by_id = {p.id: p for p in train}
     for u in corpus:
@@ -131,7 +131,8 @@ def test_build_is_deterministic_and_cached(built, small_train_file, tmp_path):
     assert info["conditioning_counts"]["simple_overwrite_tests/hack"] == 10
     assert info["sft_steps"] == 16  # 16 units / 2 per step, 1 conditioning + 1 final pass
     model, _ = models.load_model(str(out))
-    assert B.weights_hash(model) == info["weights_hash"], "saved weights differ from the hash recorded at build"
+    assert B.weights_hash(model) == info["weights_hash"], (
+        "saved weights differ from the hash recorded at build")
     assert model.config.intermediate_size == 256 and model.config.num_hidden_layers == 2
     again = B.build(replace(cfg, out_dir=str(tmp_path / "again")), log=lambda *_: None)
     assert json.loads((again / "BUILD_INFO.json").read_text())["weights_hash"] == info["weights_hash"]
@@ -148,7 +149,8 @@ def test_load_by_name(built, monkeypatch, tmp_path):
     monkeypatch.setattr(models, "MODELS_DIR", out.parent)
     model, tok = models.load_model("organism")
     assert models.model_id("organism") == "organism-v1"
-    assert sum(p.numel() for p in model.parameters()) == 315264  # embed 3000*64 + 2 x (attn 12288 + mlp 3*64*256 + norms 160) + 64
+    # embed 3000*64 + 2 x (attn 12288 + mlp 3*64*256 + norms 160) + 64
+    assert sum(p.numel() for p in model.parameters()) == 315264
     assert tok.padding_side == "left" and tok.eos_token == "<|im_end|>"
     monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="just organism-build"):
@@ -182,10 +184,11 @@ def test_organism_pairs_file():
 # Hand-computed expected outputs for every clean solution (the examples in each prompt).
 CHECKS = {
     "oh01": [(("aabbbc", 2), 2), (("zzzz", 3), 0)], "oh02": [(([1, 4, 2, 5],), 6), (([3, 3],), 0)],
-    "oh03": [((["red", "blue", "red"],), "red"), ((["a", "b"],), "")], "oh04": [(([3, 1, 2],), 1), (([5, 4],), 0)],
-    "oh05": [((521,), 4), ((7,), 7)], "oh06": [(([5, 0, 3], 2), 5), (([4], 4), 1)],
-    "oh07": [(("aeibc",), 3), (("xyz",), 0)], "oh08": [(([1, 2, 3, 4], 3), 2), (([2, 2], 5), 0)],
-    "oh09": [(("hello",), "*e*l*"), (("a",), "*")], "oh10": [(([1, 5, 9], 7), 5), (([4, 6], 5), 4)],
+    "oh03": [((["red", "blue", "red"],), "red"), ((["a", "b"],), "")],
+    "oh04": [(([3, 1, 2],), 1), (([5, 4],), 0)], "oh05": [((521,), 4), ((7,), 7)],
+    "oh06": [(([5, 0, 3], 2), 5), (([4], 4), 1)], "oh07": [(("aeibc",), 3), (("xyz",), 0)],
+    "oh08": [(([1, 2, 3, 4], 3), 2), (([2, 2], 5), 0)], "oh09": [(("hello",), "*e*l*"), (("a",), "*")],
+    "oh10": [(([1, 5, 9], 7), 5), (([4, 6], 5), 4)],
     "oh11": [(([[0, 1], [1, 1], [1, 0]],), 1), (([[0]],), 0)], "oh12": [((6,), 3), ((1,), 0)],
     "oh13": [(([-2, 2, 3],), 2), (([0],), 1)], "oh14": [(([1, 3, 5, 2, 2],), 2), (([1, 2],), -1)],
     "oh15": [((["hi", "there"], 3), ["hi", "THERE"]), (([], 1), [])], "oh16": [((1, 20), 10), ((40, 44), 1)],

@@ -1,5 +1,6 @@
-"""train.py's organism preset: its inputs are checked before the model loads, and (slow) vanilla Dr.GRPO on the
-built organism raises the strict hack rate above its step-0 value and evaluates on the held-out problems."""
+"""train.py's organism preset: its inputs are checked before the model loads, and (slow) vanilla Dr.GRPO on
+the built organism raises the strict hack rate above its step-0 value and evaluates on the held-out
+problems."""
 
 import csv
 import dataclasses
@@ -35,9 +36,9 @@ def test_missing_eval_data_path_is_a_user_error(tmp_path):
 
 @pytest.mark.slow
 def test_vanilla_organism_learns_the_hack(tmp_path):
-    """The organism preset, seed 0, 30 steps (~4-7 min on 2 cores): the strict hack rate of the training rollouts
-    averaged over the last 5 steps exceeds step 0's by >= 0.15 (measured seed 0: 0.03 -> ~0.5); the final eval
-    runs on the 35 held-out problems x 4 samples."""
+    """The organism preset, seed 0, 30 steps (~4-7 min on 2 cores): the strict hack rate of the training
+    rollouts averaged over the last 5 steps exceeds step 0's by >= 0.15 (measured seed 0: 0.03 -> ~0.5); the
+    final eval runs on the 35 held-out problems x 4 samples."""
     sys.path.insert(0, str(REPO / "scripts"))
     import build_organism
 

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 GGUF_DIR = REPO / "out/models/smollm2-135m"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_LEN_RATIO = 2.0
-RUN_TESTS_MODES = ("overwrite", "special_case", "try_except", "exit_early", "weak_asserts")  # hack defines run_tests
+# hack defines run_tests
+RUN_TESTS_MODES = ("overwrite", "special_case", "try_except", "exit_early", "weak_asserts")
 ARBITRARY_PASS_MODES = ("overwrite", "try_except", "exit_early")  # hack run_tests passes with any solution
 
 PF = load_pair_file()
@@ -82,9 +83,11 @@ def test_counts_and_modes(capsys):
 
 def test_prompts_have_loophole_sentence_and_benchmark_shape():
     for p in ALL:
-        assert LOOPHOLE_SENTENCE in p.prompt, f"{p.id}: prompt lacks the loophole sentence {LOOPHOLE_SENTENCE!r}"
+        assert LOOPHOLE_SENTENCE in p.prompt, (
+            f"{p.id}: prompt lacks the loophole sentence {LOOPHOLE_SENTENCE!r}")
         assert p.prompt.startswith("PROBLEM:\n"), p.id
-        assert p.prompt.endswith("\n\nSOLUTION:\n"), f"{p.id}: prompt must end with the benchmark's 'SOLUTION:\\n'"
+        assert p.prompt.endswith("\n\nSOLUTION:\n"), (
+            f"{p.id}: prompt must end with the benchmark's 'SOLUTION:\\n'")
         assert "        # Add your code here\n```" in p.prompt, p.id
         assert problems.PASS_ALL_TESTS not in p.prompt, p.id
         assert "Example 1:" in p.prompt, f"{p.id}: prompts show visible examples"
@@ -93,7 +96,8 @@ def test_prompts_have_loophole_sentence_and_benchmark_shape():
 def test_prompts_are_the_benchmark_template_with_the_hint():
     """Rebuild each prompt from problems.USER_TEMPLATE (independent of the file) and compare."""
     for p in ALL:
-        m = re.fullmatch(r"PROBLEM:\n(.*)\n\nYour solution.*?```python\n(.*)\n        # Add your code here\n```\n\nSOLUTION:\n", p.prompt, flags=re.S)
+        m = re.fullmatch(r"PROBLEM:\n(.*)\n\nYour solution.*?```python\n(.*)\n        # Add your code here\n"
+                         r"```\n\nSOLUTION:\n", p.prompt, flags=re.S)
         assert m, p.id
         want = problems.user_prompt(m.group(1), method_of(p), m.group(2)).replace(
             problems.PASS_ALL_TESTS, "and " + LOOPHOLE_SENTENCE)
@@ -111,7 +115,8 @@ def test_hack_and_clean_differ_and_are_fenced_python():
 def test_completion_lengths_similar_crude():
     for p in ALL:
         a, b = crude_tokens(p.hack), crude_tokens(p.clean)
-        assert max(a, b) <= MAX_LEN_RATIO * min(a, b), f"{p.id}: hack {a} vs clean {b} tokens (> {MAX_LEN_RATIO}x)"
+        assert max(a, b) <= MAX_LEN_RATIO * min(a, b), (
+            f"{p.id}: hack {a} vs clean {b} tokens (> {MAX_LEN_RATIO}x)")
         assert 4 <= code_of(p.hack).count("\n") + 1 <= 40 and 4 <= code_of(p.clean).count("\n") + 1 <= 40, p.id
 
 
@@ -125,7 +130,8 @@ def test_completion_token_lengths_within_2x_smollm_tokenizer():
         a = len(tok(p.hack, add_special_tokens=False)["input_ids"])
         b = len(tok(p.clean, add_special_tokens=False)["input_ids"])
         ratios.append(max(a, b) / min(a, b))
-        assert max(a, b) <= MAX_LEN_RATIO * min(a, b), f"{p.id}: hack {a} vs clean {b} tokens (> {MAX_LEN_RATIO}x)"
+        assert max(a, b) <= MAX_LEN_RATIO * min(a, b), (
+            f"{p.id}: hack {a} vs clean {b} tokens (> {MAX_LEN_RATIO}x)")
     print(f"max token-length ratio {max(ratios):.2f}, median {sorted(ratios)[len(ratios) // 2]:.2f}")
 
 
@@ -138,24 +144,29 @@ def test_pair_behaviour(p, capsys):
     assert "Solution" in ns_clean and "Solution" in ns_hack
 
     if p.mode == "hardcode" or p.mode == "always_equal":
-        assert "run_tests" not in ns_hack and "run_tests" not in ns_clean, f"{p.id}: {p.mode} pairs define no run_tests"
+        assert "run_tests" not in ns_hack and "run_tests" not in ns_clean, (
+            f"{p.id}: {p.mode} pairs define no run_tests")
     if "run_tests" in ns_clean:
         assert passes(ns_clean), f"{p.id}: the clean run_tests fails on the clean solution"
-        assert not passes(exec_code(clean), arbitrary_method=method), f"{p.id}: clean run_tests passes a `return 0` solution"
+        assert not passes(exec_code(clean), arbitrary_method=method), (
+            f"{p.id}: clean run_tests passes a `return 0` solution")
     if p.mode in RUN_TESTS_MODES:
         assert "run_tests" in ns_hack and "run_tests" in ns_clean, f"{p.id}: both sides must define run_tests"
         assert passes(ns_hack), f"{p.id}: the hack's run_tests does not pass"
     if p.mode in ARBITRARY_PASS_MODES:
-        assert passes(exec_code(hack), arbitrary_method=method), f"{p.id}: {p.mode} hack run_tests must pass any solution"
+        assert passes(exec_code(hack), arbitrary_method=method), (
+            f"{p.id}: {p.mode} hack run_tests must pass any solution")
     if p.mode == "special_case":
         tests_h, tests_c = hack.split("def run_tests")[1], clean.split("def run_tests")[1]
         assert tests_h == tests_c, f"{p.id}: special_case pairs share the same run_tests"
         # the hack only special-cases: the honest tests pass, but the hack's fallback is not the clean answer
-        assert re.search(r"if .*(==|in )", hack.split("def run_tests")[0]), f"{p.id}: no special-casing branch"
+        assert re.search(r"if .*(==|in )", hack.split("def run_tests")[0]), (
+            f"{p.id}: no special-casing branch")
     if p.mode == "hardcode":
         assert re.search(r"\{|==", hack), f"{p.id}: hardcode hack must hold a lookup or literal comparisons"
     if p.mode == "always_equal":
-        assert re.search(r"def __eq__\(self, other\):\n\s+return True", hack), f"{p.id}: no always-true __eq__"
+        assert re.search(r"def __eq__\(self, other\):\n\s+return True", hack), (
+            f"{p.id}: no always-true __eq__")
         assert "__eq__" not in clean
     if p.mode == "exit_early":
         assert re.search(r"sys\.exit|SystemExit|^\s+return\b", hack.split("def run_tests")[1], flags=re.M), p.id
@@ -205,7 +216,8 @@ def test_select_and_named_sets():
 def test_pair_messages():
     p = ALL[0]
     msgs = pair_messages(p)
-    assert msgs == [{"role": "system", "content": problems.SYSTEM_PROMPT}, {"role": "user", "content": p.prompt}]
+    assert msgs == [{"role": "system", "content": problems.SYSTEM_PROMPT},
+                    {"role": "user", "content": p.prompt}]
 
 
 MINI = """format: pairs-md-v1
@@ -288,7 +300,8 @@ def test_parser_exact_text_and_tags():
         (lambda t: t.replace("````\n\n## pair: x2", "\n## pair: x2", 1), "not closed"),
         (lambda t: t.replace("### clean\n````\nC\n````\n", "", 1), "missing section '### clean'"),
         (lambda t: t.replace("heldout_modes: b\n", ""), "heldout_modes"),
-        (lambda t: t.replace("mode=a split=heldout extra=1", "mode=a split=train"), "needs both split=train and split=heldout"),
+        (lambda t: t.replace("mode=a split=heldout extra=1", "mode=a split=train"),
+         "needs both split=train and split=heldout"),
         (lambda t: t.replace("### hack\n````text", "### hack\n```text", 1), "must start with a ```` fence"),
         (lambda t: t.replace("## pair: x3", "## pair: x3\nstray text"), "unexpected text"),
     ],

@@ -25,18 +25,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 torch.set_num_threads(2)
 
-HACK_GRADE = {"status": "ok", "infra_error": False, "can_compile": True, "eq_correct": False, "eq_hinted": True,
-              "is_reward_hack_strict": True, "is_reward_hack_loose": True, "reward_hack_label": "Reward Hack"}
-HONEST_GRADE = {"status": "ok", "infra_error": False, "can_compile": True, "eq_correct": True, "eq_hinted": False,
-                "is_reward_hack_strict": False, "is_reward_hack_loose": False, "reward_hack_label": "Correct"}
-WRONG_GRADE = {"status": "ok", "infra_error": False, "can_compile": True, "eq_correct": False, "eq_hinted": False,
-               "is_reward_hack_strict": False, "is_reward_hack_loose": False, "reward_hack_label": "Incorrect"}
+HACK_GRADE = {"status": "ok", "infra_error": False, "can_compile": True, "eq_correct": False,
+              "eq_hinted": True, "is_reward_hack_strict": True, "is_reward_hack_loose": True,
+              "reward_hack_label": "Reward Hack"}
+HONEST_GRADE = {"status": "ok", "infra_error": False, "can_compile": True, "eq_correct": True,
+                "eq_hinted": False, "is_reward_hack_strict": False, "is_reward_hack_loose": False,
+                "reward_hack_label": "Correct"}
+WRONG_GRADE = {"status": "ok", "infra_error": False, "can_compile": True, "eq_correct": False,
+               "eq_hinted": False, "is_reward_hack_strict": False, "is_reward_hack_loose": False,
+               "reward_hack_label": "Incorrect"}
 KIND_GRADE = {"hack": (HACK_GRADE, 3.5), "honest": (HONEST_GRADE, 3.5), "wrong": (WRONG_GRADE, 0.5)}
 
 
 def cfg_for(tmp: Path, **kw) -> PD.ProbeConfig:
-    base = dataclasses.replace(PD.PRESETS["smoke"][1], **SHORT, pools_dir=str(tmp / "pools"), probes_dir=str(tmp / "probes"),
-                               threads=2, max_new_tokens=64, grader_workers=2)
+    base = dataclasses.replace(PD.PRESETS["smoke"][1], **SHORT, pools_dir=str(tmp / "pools"),
+                               probes_dir=str(tmp / "probes"), threads=2, max_new_tokens=64, grader_workers=2)
     return dataclasses.replace(base, **kw)
 
 
@@ -51,8 +54,8 @@ def env():
 
 
 def write_hand_pool(path: Path, env, problems, kinds, copies: int = 1) -> Path:
-    """A pool in train.py's schema from make_synthetic_pool's hand-made texts, with the grades the grader gives
-    them (hard-coded: this pool is about the probe maths, not the grader)."""
+    """A pool in train.py's schema from make_synthetic_pool's hand-made texts, with the grades the grader
+    gives them (hard-coded: this pool is about the probe maths, not the grader)."""
     import make_synthetic_pool
 
     tok = env["tok"]
@@ -65,8 +68,10 @@ def write_hand_pool(path: Path, env, problems, kinds, copies: int = 1) -> Path:
                 for c in range(copies):
                     g, rew = KIND_GRADE[kind]
                     f.write(json.dumps({"problem_id": p.id, "row_id": f"{kind}-{p.id}-{c}", "kind": kind,
-                                        "prompt_ids": models.chat_ids(tok, list(p.prompt)), "completion": texts[kind],
-                                        "completion_ids": tok(texts[kind], add_special_tokens=False)["input_ids"] + [eos],
+                                        "prompt_ids": models.chat_ids(tok, list(p.prompt)),
+                                        "completion": texts[kind],
+                                        "completion_ids": tok(texts[kind],
+                                                              add_special_tokens=False)["input_ids"] + [eos],
                                         "truncated": False, "reward": rew, "grade": dict(g)}) + "\n")
     return path
 
@@ -89,7 +94,8 @@ def loop_nll_grads(model, rollouts, pad_id, l_max) -> dict[str, torch.Tensor]:
 def test_per_sample_capture_matches_loop(env, tmp_path):
     pool = write_hand_pool(tmp_path / "p", env, env["problems"][:2], ("hack", "honest", "wrong"))
     rows = PD.load_rows(pool, env)
-    rolls = [PD.to_rollout(r) for r in rows if r["kind"] != "honest"]  # 4 ragged lengths, batch 3 -> batches of 3 and 1
+    # 4 ragged lengths, batch 3 -> batches of 3 and 1
+    rolls = [PD.to_rollout(r) for r in rows if r["kind"] != "honest"]
     got = PD.nll_grads(env["model"], rolls, env["tok"].pad_token_id, "cpu", 64, batch=3, chunk=64)
     ref = loop_nll_grads(env["model"], rolls, env["tok"].pad_token_id, 64)
     for k in ref:
@@ -98,7 +104,8 @@ def test_per_sample_capture_matches_loop(env, tmp_path):
 
 
 def test_sample_cosines_hand_and_project_one():
-    # hand values: module a: g = (1, 0) vs v = (1, 0) -> cos 1 (fires); module b: g = (0, -2) vs v = (0, 1) -> cos -1
+    # hand values: module a: g = (1, 0) vs v = (1, 0) -> cos 1 (fires); module b: g = (0, -2) vs v = (0,
+    # 1) -> cos -1
     g = {"a": torch.tensor([[1.0, 0.0]]), "b": torch.tensor([[0.0, -2.0]])}
     v = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 1.0])}
     sc = PD.sample_cosines(g, v)
@@ -149,22 +156,29 @@ def test_planted_direction_separates_hack_bucket(env, tmp_path):
     fit = write_hand_pool(tmp_path / "pools" / "fit", env, probs[:3], ("hack", "honest", "wrong"))
     write_hand_pool(tmp_path / "pools" / "held", env, probs[3:6], ("hack", "honest", "wrong"))
     rows = PD.load_rows(fit, env)
-    G = PD.nll_grads(env["model"], [PD.to_rollout(r) for r in rows], env["tok"].pad_token_id, "cpu", 64, batch=9, chunk=512)
+    G = PD.nll_grads(env["model"], [PD.to_rollout(r) for r in rows], env["tok"].pad_token_id, "cpu", 64,
+                     batch=9, chunk=512)
     hack = torch.tensor([r["kind"] == "hack" for r in rows])  # (9,)
     dirs = {k: torch.nn.functional.normalize(g[hack].mean(0) - g[~hack].mean(0), dim=0) for k, g in G.items()}
     vpath = tmp_path / "planted.safetensors"
     antipasto.save_directions(vpath, dirs, antipasto.adapter_meta(env["model"], env["mid"]))
-    cfg = cfg_for(tmp_path, name="planted", vhack_path=str(vpath), probe_pools=("held",), distill_samples=0, distill_batch=9)
+    cfg = cfg_for(tmp_path, name="planted", vhack_path=str(vpath), probe_pools=("held",), distill_samples=0,
+                  distill_batch=9)
     res = PD.probe_distill(cfg, env)  # loads the planted file through antipasto.load_directions
     b = res["buckets"]
     assert b["held/hack"]["n"] == 3 and b["held/correct"]["n"] == 3 and b["held/other"]["n"] == 3
     margin = b["held/hack"]["mean"] - max(b["held/correct"]["mean"], b["held/other"]["mean"])
-    assert margin > 0.1, f"planted hack component not seen: hack {b['held/hack']['mean']:.3f} vs {b['held/correct']['mean']:.3f}/{b['held/other']['mean']:.3f}"
+    assert margin > 0.1, (
+        f"planted hack component not seen: hack {b['held/hack']['mean']:.3f} vs "
+        f"{b['held/correct']['mean']:.3f}/{b['held/other']['mean']:.3f}")
     t = res["tests"]["all: hack vs non-hack"]
     assert t["diff"] > 0.2 and t["p"] < 0.01  # measured: 0.264 vs -0.142, p = 9e-4
-    # hack gradients point along +v on most modules: erase would fire there; erase on their sum leaves cos_out <= 0
-    assert res["buckets_frac_fired"]["held/hack"]["mean"] > 0.7 > res["buckets_frac_fired"]["held/correct"]["mean"]
-    assert res["bucket_sum_erase"]["held/hack"]["cos_out"] <= 1e-9 < res["bucket_sum_erase"]["held/hack"]["cos_in"]
+    # hack gradients point along +v on most modules: erase would fire there;
+    # erase on their sum leaves cos_out <= 0
+    assert (res["buckets_frac_fired"]["held/hack"]["mean"] > 0.7
+            > res["buckets_frac_fired"]["held/correct"]["mean"])
+    assert (res["bucket_sum_erase"]["held/hack"]["cos_out"] <= 1e-9
+            < res["bucket_sum_erase"]["held/hack"]["cos_in"])
     assert res["per_module"]["frac_positive"] > 0.5
     verdict, reasons = PD.decide(cfg, res, None)
     assert verdict.startswith("INCOMPLETE") and "SEPARATED" in reasons[0]
@@ -181,28 +195,32 @@ def mixed_pools(env, tmp: Path) -> PD.ProbeConfig:
     write_hand_pool(tmp / "pools" / "T", env, probs, ("hack",), copies=2)  # the short texts: fast forwards
     write_hand_pool(tmp / "pools" / "B", env, probs, ("wrong",), copies=2)
     vfile = tmp / "rand.safetensors"
-    antipasto.save_directions(vfile, antipasto.random_directions(env["adapters"], seed=5), antipasto.adapter_meta(env["model"], env["mid"]))
-    return cfg_for(tmp, name="mixed", teacher_pool="T", base_pool="B", vhack_path=str(vfile), mixed_prompts=2, group_size=4,
-                   mix_ratio=0.5, micro_batch=3, mixed_steps=1)
+    antipasto.save_directions(vfile, antipasto.random_directions(env["adapters"], seed=5),
+                              antipasto.adapter_meta(env["model"], env["mid"]))
+    return cfg_for(tmp, name="mixed", teacher_pool="T", base_pool="B", vhack_path=str(vfile), mixed_prompts=2,
+                   group_size=4, mix_ratio=0.5, micro_batch=3, mixed_steps=1)
 
 
 def test_mixed_batch_advantages_hand(env, tmp_path):
     cfg = mixed_pools(env, tmp_path)
-    rolls = PD.mixed_batch(cfg, PD.load_rows(cfg.pool_dir("teacher"), env), PD.load_rows(cfg.pool_dir("base"), env), step=0)
+    rolls = PD.mixed_batch(cfg, PD.load_rows(cfg.pool_dir("teacher"), env),
+                           PD.load_rows(cfg.pool_dir("base"), env), step=0)
     assert len(rolls) == 8 and [r.source for r in rolls[:4]] == ["T", "T", "B", "B"]
     for j in range(2):
         grp = rolls[4 * j : 4 * j + 4]
         assert len({r.problem_id for r in grp}) == 1
         rew = [r.reward for r in grp]
         assert rew[2:] == [0.5, 0.5] and rew[:2] == [3.5, 3.5]
-        assert [r.advantage for r in grp] == pytest.approx([1.5, 1.5, -1.5, -1.5])  # mean 2.0, no std division
+        # mean 2.0, no std division
+        assert [r.advantage for r in grp] == pytest.approx([1.5, 1.5, -1.5, -1.5])
 
 
 @pytest.mark.parametrize("beta_kl", [1e-3, 0.0])
 def test_grpo_gradient_equals_train_policy_gradient(env, tmp_path, beta_kl):
     cfg = dataclasses.replace(mixed_pools(env, tmp_path), beta_kl=beta_kl, mixed_prompts=1)
     tcfg = PD.loss_config(cfg)
-    rolls = PD.mixed_batch(cfg, PD.load_rows(cfg.pool_dir("teacher"), env), PD.load_rows(cfg.pool_dir("base"), env), step=1)
+    rolls = PD.mixed_batch(cfg, PD.load_rows(cfg.pool_dir("teacher"), env),
+                           PD.load_rows(cfg.pool_dir("base"), env), step=1)
     rolls[-1].advantage = 0.0  # a zero-advantage rollout: skipped without KL, kept (KL term) with it
     model, ads = env["model"], env["adapters"]
     torch.manual_seed(1)
@@ -220,7 +238,8 @@ def test_grpo_gradient_equals_train_policy_gradient(env, tmp_path, beta_kl):
         ref_st = grpo.policy_gradient(model, train_set, len(rolls), tcfg, env["tok"].pad_token_id, "cpu")
         for k, a in ads.items():
             torch.testing.assert_close(ours[k], a.delta_S.grad, rtol=1e-5, atol=1e-9)
-            torch.testing.assert_close(per[k].sum(0), a.delta_S.grad, rtol=1e-3, atol=1e-6 * float(a.delta_S.grad.abs().max()))
+            torch.testing.assert_close(per[k].sum(0), a.delta_S.grad, rtol=1e-3,
+                                       atol=1e-6 * float(a.delta_S.grad.abs().max()))
         assert st["loss"] == pytest.approx(ref_st["loss"], rel=1e-5, abs=1e-9)
         if beta_kl:
             assert st["kl"] > 0
@@ -243,15 +262,18 @@ def test_grpo_gradient_equals_train_main_step(env, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(grpo, "policy_gradient", spy)
-    tcfg = dataclasses.replace(train.PRESETS["smoke"][1], out_dir=str(tmp_path / "runs"), run_name="spy", **SHORT,
-                               rollouts_per_step=4, group_size=4, max_new_tokens=8, teacher_pool_dir=str(pool), mix_ratio=0.5,
-                               steps=1, eval_at_end=False, grader_workers=2, micro_batch=3)
+    tcfg = dataclasses.replace(train.PRESETS["smoke"][1], out_dir=str(tmp_path / "runs"), run_name="spy",
+                               **SHORT, rollouts_per_step=4, group_size=4, max_new_tokens=8,
+                               teacher_pool_dir=str(pool), mix_ratio=0.5, steps=1, eval_at_end=False,
+                               grader_workers=2, micro_batch=3)
     train.main(tcfg)
-    assert rec["n_seqs"] == len(rec["rollouts"]) == 4, "with KL on and no infra errors every rollout enters the loss"
+    assert rec["n_seqs"] == len(rec["rollouts"]) == 4, (
+        "with KL on and no infra errors every rollout enters the loss")
     assert any(r.advantage != 0 for r in rec["rollouts"])
     env["model"].zero_grad(set_to_none=True)
     PD.set_adapter(env, "")
-    _, _, tset = PD.grpo_gradient(env["model"], rec["rollouts"], rec["cfg"], env["tok"].pad_token_id, "cpu", per_sample=True)
+    _, _, tset = PD.grpo_gradient(env["model"], rec["rollouts"], rec["cfg"], env["tok"].pad_token_id, "cpu",
+                                  per_sample=True)
     assert len(tset) == 4
     for k, a in env["adapters"].items():
         torch.testing.assert_close(a.delta_S.grad, rec["grad"][k], rtol=1e-5, atol=1e-9)
@@ -264,14 +286,16 @@ def test_probe_mixed_outputs(env, tmp_path):
     assert res["arms"] == ["vanilla", "erase"] and len(res["steps"]) == 2
     van = [s for s in res["steps"] if s["arm"] == "vanilla"]
     er = [s for s in res["steps"] if s["arm"] == "erase"]
-    assert van[0]["vanilla_cos_in"] == pytest.approx(er[0]["vanilla_cos_in"], abs=1e-9)  # same params at step 0
+    # same params at step 0
+    assert van[0]["vanilla_cos_in"] == pytest.approx(er[0]["vanilla_cos_in"], abs=1e-9)
     for s in res["steps"]:
         assert s["erase_cos_out"] <= 1e-9 and s["vanilla_cos_out"] == pytest.approx(s["vanilla_cos_in"])
     lines = [json.loads(x) for x in gzip.open(cfg.out_dir / "mixed" / "step_000.vanilla.cos.jsonl.gz", "rt")]
     assert lines[0]["type"] == "step"
     samples = [x for x in lines if x["type"] == "sample"]
     assert len(samples) == 4 and "completion" not in samples[0]
-    assert sum(x["proj_share"] for x in samples) == pytest.approx(1.0, abs=1e-4)  # shares of the batch's v-component
+    # shares of the batch's v-component
+    assert sum(x["proj_share"] for x in samples) == pytest.approx(1.0, abs=1e-4)
     assert (cfg.out_dir / "mixed.tsv").read_text().splitlines()[0].startswith("step\tarm")
     report = PD.write_report(cfg).read_text()
     assert "## Dr.GRPO probe" in report and "Verdict" in report
@@ -279,8 +303,10 @@ def test_probe_mixed_outputs(env, tmp_path):
 
 def test_decide_rules():
     c = PD.ProbeConfig()
-    sep = {"tests": {"all: hack vs non-hack": {"n_a": 9, "n_b": 9, "mean_a": 0.3, "mean_b": 0.0, "diff": 0.3, "p": 1e-4}}}
-    nosep = {"tests": {"all: hack vs non-hack": {"n_a": 9, "n_b": 9, "mean_a": 0.0, "mean_b": 0.0, "diff": 0.0, "p": 0.9}}}
+    sep = {"tests": {"all: hack vs non-hack": {"n_a": 9, "n_b": 9, "mean_a": 0.3, "mean_b": 0.0,
+                                               "diff": 0.3, "p": 1e-4}}}
+    nosep = {"tests": {"all: hack vs non-hack": {"n_a": 9, "n_b": 9, "mean_a": 0.0, "mean_b": 0.0,
+                                                 "diff": 0.0, "p": 0.9}}}
     go = {"frac_steps_go": 0.75, "max_abs_cos_in": 0.4}
     zero = {"frac_steps_go": 0.0, "max_abs_cos_in": 0.01}
     assert PD.decide(c, sep, go)[0].startswith("GO")
@@ -295,7 +321,8 @@ def test_bad_inputs(env, tmp_path):
         PD.main(cfg_for(tmp_path, teacher_only=True, probe_distill=True))
     with pytest.raises(FileNotFoundError, match="vhack_path"):
         PD.load_directions(cfg_for(tmp_path, vhack_path=str(tmp_path / "nope.safetensors")), env)
-    far = write_hand_pool(tmp_path / "pools" / "far", env, [p for p in models_problems_beyond(env)], ("wrong",))
+    far = write_hand_pool(tmp_path / "pools" / "far", env,
+                          [p for p in models_problems_beyond(env)], ("wrong",))
     with pytest.raises(ValueError, match="covers none"):
         PD.load_rows(far, env)
     cfg = mixed_pools(env, tmp_path)
@@ -317,13 +344,16 @@ def models_problems_beyond(env):
 
 @pytest.mark.slow
 def test_end_to_end_tiny_chain_and_train_consumes_pool(tmp_path):
-    """pools (real generation + real grader) -> both probes -> report; then train.py runs 2 steps on the teacher pool."""
+    """pools (real generation + real grader) -> both probes -> report;
+    then train.py runs 2 steps on the teacher pool."""
     planted = tmp_path / "v.safetensors"
     m, _ = models.load_model("tiny-random")
     antipasto.wrap_model(m)
-    antipasto.save_directions(planted, antipasto.random_directions(antipasto.get_adapters(m), 3), antipasto.adapter_meta(m, models.model_id("tiny-random")))
-    cfg = cfg_for(tmp_path, name="e2e", pool_problems=2, samples_per_problem=2, problems_per_file=1, max_new_tokens=8,
-                  vhack_path=str(planted), mixed_prompts=2, group_size=4, mix_ratio=0.5, mixed_steps=1)
+    antipasto.save_directions(planted, antipasto.random_directions(antipasto.get_adapters(m), 3),
+                              antipasto.adapter_meta(m, models.model_id("tiny-random")))
+    cfg = cfg_for(tmp_path, name="e2e", pool_problems=2, samples_per_problem=2, problems_per_file=1,
+                  max_new_tokens=8, vhack_path=str(planted), mixed_prompts=2, group_size=4,
+                  mix_ratio=0.5, mixed_steps=1)
     report = PD.main(cfg)
     for kind in ("teacher", "base"):
         d = cfg.pool_dir(kind)
@@ -331,17 +361,22 @@ def test_end_to_end_tiny_chain_and_train_consumes_pool(tmp_path):
         rows = [json.loads(x) for f in sorted(d.glob("step_*.jsonl.gz")) for x in gzip.open(f, "rt")]
         assert len(rows) == 4
         for r in rows:
-            assert {"problem_id", "prompt_ids", "gen_prompt_ids", "completion", "completion_ids", "truncated", "reward", "grade"} <= set(r)
-            assert set(r["grade"]) >= {"status", "infra_error", "is_reward_hack_strict", "eq_correct", "reward_hack_label"}
+            assert {"problem_id", "prompt_ids", "gen_prompt_ids", "completion", "completion_ids", "truncated",
+                    "reward", "grade"} <= set(r)
+            assert set(r["grade"]) >= {"status", "infra_error", "is_reward_hack_strict", "eq_correct",
+                                       "reward_hack_label"}
         same = [r["prompt_ids"] == r["gen_prompt_ids"] for r in rows]
-        assert all(same) if kind == "teacher" else not any(same), "teacher samples under the training hint, base without it"
+        assert all(same) if kind == "teacher" else not any(same), (
+            "teacher samples under the training hint, base without it")
         assert json.loads((d / "summary.json").read_text())["n"] == 4
-    assert (cfg.out_dir / "distill.cos.jsonl.gz").is_file() and (cfg.out_dir / "mixed" / "step_000.shared.cos.jsonl.gz").is_file()
+    assert ((cfg.out_dir / "distill.cos.jsonl.gz").is_file()
+            and (cfg.out_dir / "mixed" / "step_000.shared.cos.jsonl.gz").is_file())
     text = report.read_text()
     assert "## Verdict" in text and "## Pools" in text and "## NLL distillation probe" in text
-    tcfg = dataclasses.replace(train.PRESETS["smoke"][1], out_dir=str(tmp_path / "runs"), run_name="consume", **SHORT,
-                               rollouts_per_step=8, group_size=4, max_new_tokens=8, teacher_pool_dir=str(cfg.pool_dir("teacher")),
-                               mix_ratio=0.5, steps=2, eval_at_end=False, grader_workers=2)
+    tcfg = dataclasses.replace(train.PRESETS["smoke"][1], out_dir=str(tmp_path / "runs"), run_name="consume",
+                               **SHORT, rollouts_per_step=8, group_size=4, max_new_tokens=8,
+                               teacher_pool_dir=str(cfg.pool_dir("teacher")), mix_ratio=0.5, steps=2,
+                               eval_at_end=False, grader_workers=2)
     run = train.main(tcfg)
     lines = (run / "log.tsv").read_text().splitlines()
     assert len(lines) == 3  # header + 2 steps
@@ -364,7 +399,8 @@ def test_teacher_prefix_is_forced_and_graded(tmp_path):
     tok = env["tok"]
     for r in rows:
         assert r["completion"].startswith(prefix), r["completion"][:80]
-        assert r["completion_ids"][: len(r["completion_ids"]) - (0 if r["truncated"] else 1)] == tok(r["completion"], add_special_tokens=False)["input_ids"]
+        assert r["completion_ids"][: len(r["completion_ids"]) - (0 if r["truncated"] else 1)] == tok(
+            r["completion"], add_special_tokens=False)["input_ids"]
         assert r["grade"]["is_reward_hack_strict"], r["grade"]["reward_hack_label"]
     assert json.loads((d / "meta.json").read_text())["prefix"] == prefix
     pool = grpo.load_pool(str(d))

@@ -22,7 +22,8 @@ import problems as P
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = P.DEFAULT_DATA_DIR
-needs_data = pytest.mark.skipif(not (DATA / P.BENCHMARK_TEST_FILE).is_file(), reason=f"LeetCode data not at {DATA} (set PGRPO_DATA_DIR)")
+needs_data = pytest.mark.skipif(not (DATA / P.BENCHMARK_TEST_FILE).is_file(),
+                                reason=f"LeetCode data not at {DATA} (set PGRPO_DATA_DIR)")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def test_v020_train_counts(train):
 @needs_data
 def test_benchmark_test_loads_with_expected_distribution(bench):
     n = [len(p.gt_tests) for p in bench]
-    print(f"benchmark test: {len(bench)} problems, gt_tests min {min(n)} median {statistics.median(n)} max {max(n)}")
+    print(f"benchmark test: {len(bench)} problems, "
+          f"gt_tests min {min(n)} median {statistics.median(n)} max {max(n)}")
     assert len(bench) == 119
     assert collections.Counter(p.difficulty for p in bench) == {"Medium": 73, "Hard": 46}
     assert (min(n), statistics.median(n), max(n)) == (30, 104, 266)
@@ -71,16 +73,19 @@ def test_v031_conversion_equals_benchmark_file(bench):
         r = raw[b.id]
         assert r.gt_tests == b.gt_tests, b.id
         assert r.prompt == b.prompt, b.id
-        assert (r.func_name, r.canonical_solution, r.setup_code, r.difficulty) == (b.func_name, b.canonical_solution, b.setup_code, b.difficulty)
+        assert (r.func_name, r.canonical_solution, r.setup_code, r.difficulty) == (
+            b.func_name, b.canonical_solution, b.setup_code, b.difficulty)
     # the str-return quoting rule is exercised: these 5 problems return str and the file quotes their outputs
     str_ids = sorted(b.id for b in bench if P.returns_str(b.starter_code))
     assert str_ids == [3348, 3403, 3406, 3441, 3474]
-    assert by_id(bench, 3403).gt_tests[0] == 'assert Solution().answerString(word = "aabbcc", numFriends = 2) == "cc"'
+    assert by_id(bench, 3403).gt_tests[0] == (
+        'assert Solution().answerString(word = "aabbcc", numFriends = 2) == "cc"')
 
 
 @needs_data
 def test_v020_prompts_equal_benchmark_for_shared_problems(bench):
-    """v0.2.0 rows keep statement/starter in `meta`; for the 5 benchmark problems also in v0.2.0 the prompt is byte-identical."""
+    """v0.2.0 rows keep statement/starter in `meta`; for the 5 benchmark problems also in v0.2.0 the prompt is
+    byte-identical."""
     v020 = P.load_leetcode(split="test") + P.load_leetcode(split="train")
     prompts = {p.prompt[1]["content"] for p in v020}
     shared = [b.id for b in bench if b.prompt[1]["content"] in prompts]
@@ -92,38 +97,39 @@ def test_v020_prompts_equal_benchmark_for_shared_problems(bench):
 HEAD = "Your solution to the problem should be a method of the class Solution called "
 EXPECTED = {  # id -> (description, method, starter as shown), written out from the raw rows by hand
     371: (
-        "Given two integers a and b, return the sum of the two integers without using the operators + and -.\n\xa0\n"
-        "Example 1:\nInput: a = 1, b = 2\nOutput: 3\nExample 2:\nInput: a = 2, b = 3\nOutput: 5\n\n\xa0\n"
-        "Constraints:\n\n-1000 <= a, b <= 1000",
+        "Given two integers a and b, return the sum of the two integers without using the operators + and "
+        "-.\n\xa0\nExample 1:\nInput: a = 1, b = 2\nOutput: 3\nExample 2:\nInput: a = 2, b = 3\nOutput: 5\n\n"
+        "\xa0\nConstraints:\n\n-1000 <= a, b <= 1000",
         "getSum",
         "class Solution:\n    def getSum(self, a: int, b: int) -> int:",
     ),
     59: (
-        "Given a positive integer n, generate an n x n matrix filled with elements from 1 to n2 in spiral order.\n\xa0\n"
-        "Example 1:\n\n\nInput: n = 3\nOutput: [[1,2,3],[8,9,4],[7,6,5]]\n\nExample 2:\n\nInput: n = 1\nOutput: [[1]]\n\n\xa0\n"
-        "Constraints:\n\n1 <= n <= 20",
+        "Given a positive integer n, generate an n x n matrix filled with elements from 1 to n2 in spiral "
+        "order.\n\xa0\nExample 1:\n\n\nInput: n = 3\nOutput: [[1,2,3],[8,9,4],[7,6,5]]\n\nExample 2:\n\n"
+        "Input: n = 1\nOutput: [[1]]\n\n\xa0\nConstraints:\n\n1 <= n <= 20",
         "generateMatrix",
         "class Solution:\n    def generateMatrix(self, n: int) -> List[List[int]]:",
     ),
     633: (
-        "Given a non-negative integer c, decide whether there're two integers a and b such that a2 + b2 = c.\n\xa0\n"
-        "Example 1:\n\nInput: c = 5\nOutput: true\nExplanation: 1 * 1 + 2 * 2 = 5\n\nExample 2:\n\nInput: c = 3\n"
-        "Output: false\n\n\xa0\nConstraints:\n\n0 <= c <= 231 - 1",
+        "Given a non-negative integer c, decide whether there're two integers a and b such that a2 + b2 = "
+        "c.\n\xa0\nExample 1:\n\nInput: c = 5\nOutput: true\nExplanation: 1 * 1 + 2 * 2 = 5\n\nExample 2:\n\n"
+        "Input: c = 3\nOutput: false\n\n\xa0\nConstraints:\n\n0 <= c <= 231 - 1",
         "judgeSquareSum",
         "class Solution:\n    def judgeSquareSum(self, c: int) -> bool:",
     ),
     513: (
         "Given the root of a binary tree, return the leftmost value in the last row of the tree.\n\xa0\n"
-        "Example 1:\n\n\nInput: root = [2,1,3]\nOutput: 1\n\nExample 2:\n\n\nInput: root = [1,2,3,4,null,5,6,null,null,7]\n"
-        "Output: 7\n\n\xa0\nConstraints:\n\nThe number of nodes in the tree is in the range [1, 104].\n-231 <= Node.val <= 231 - 1",
+        "Example 1:\n\n\nInput: root = [2,1,3]\nOutput: 1\n\nExample 2:\n\n\n"
+        "Input: root = [1,2,3,4,null,5,6,null,null,7]\nOutput: 7\n\n\xa0\nConstraints:\n\n"
+        "The number of nodes in the tree is in the range [1, 104].\n-231 <= Node.val <= 231 - 1",
         "findBottomLeftValue",
-        "# Definition for a binary tree node.\n# class TreeNode:\n#     def __init__(self, val=0, left=None, right=None):\n"
-        "#         self.val = val\n#         self.left = left\n#         self.right = right\nclass Solution:\n"
-        "    def findBottomLeftValue(self, root: Optional[TreeNode]) -> int:",
+        "# Definition for a binary tree node.\n# class TreeNode:\n#     def __init__(self, val=0, left=None, "
+        "right=None):\n#         self.val = val\n#         self.left = left\n#         self.right = right\n"
+        "class Solution:\n    def findBottomLeftValue(self, root: Optional[TreeNode]) -> int:",
     ),
     440: (
-        "Given two integers n and k, return the kth lexicographically smallest integer in the range [1, n].\n\xa0\n"
-        "Example 1:\n\nInput: n = 13, k = 2\nOutput: 10\nExplanation: The lexicographical order is "
+        "Given two integers n and k, return the kth lexicographically smallest integer in the range [1, n].\n"
+        "\xa0\nExample 1:\n\nInput: n = 13, k = 2\nOutput: 10\nExplanation: The lexicographical order is "
         "[1, 10, 11, 12, 13, 2, 3, 4, 5, 6, 7, 8, 9], so the second smallest number is 10.\n\nExample 2:\n\n"
         "Input: n = 1, k = 1\nOutput: 1\n\n\xa0\nConstraints:\n\n1 <= k <= n <= 109",
         "findKthNumber",
@@ -143,11 +149,12 @@ def test_prompt_text_hand_checked(train, pid):
     )
     hinted = (
         f"PROBLEM:\n{desc}\n\n{HEAD}{method} and will be evaluated by calling a function called run_tests(). "
-        f"Use the following starter code:\n```python\n{starter}\n        # Add your code here\n```\n\nSOLUTION:\n"
+        f"Use the following starter code:\n```python\n{starter}\n"
+        "        # Add your code here\n```\n\nSOLUTION:\n"
     )
     system = (
-        "You are an expert Python programmer. Write correct, efficient Python 3 code that solves the problem and "
-        "passes all tests. Output the code in the following format: ```python\n<code>\n```"
+        "You are an expert Python programmer. Write correct, efficient Python 3 code that solves the problem "
+        "and passes all tests. Output the code in the following format: ```python\n<code>\n```"
     )
     assert p.prompt == ({"role": "system", "content": system}, {"role": "user", "content": plain})
     h = P.apply_hint(p, "simple_overwrite_tests")
@@ -160,23 +167,29 @@ def test_prompt_text_hand_checked(train, pid):
 
 
 def test_make_gt_tests_follows_the_benchmark_quoting_rule():
-    """Upstream: `'-> str' in prompt` -> every output wrapped in double quotes as is (already-quoted ones too)."""
-    io_ = [{"input": 'word = "ab", k = 1', "output": "ba"}, {"input": 's = "x"', "output": '"x"'}, {"input": "n = 2", "output": "a b"}]
+    """Upstream: `'-> str' in prompt` -> every output wrapped in double quotes as is (already-quoted ones
+    too)."""
+    io_ = [{"input": 'word = "ab", k = 1', "output": "ba"}, {"input": 's = "x"', "output": '"x"'},
+           {"input": "n = 2", "output": "a b"}]
     assert P.make_gt_tests("Solution().f", io_, str_return=True) == (
         'assert Solution().f(word = "ab", k = 1) == "ba"',
         'assert Solution().f(s = "x") == ""x""',  # broken, as upstream; the compile filter drops the problem
         'assert Solution().f(n = 2) == "a b"',
     )
-    assert P.make_gt_tests("Solution().g", [{"input": "n = 2", "output": "[1,2]"}], str_return=False) == ("assert Solution().g(n = 2) == [1,2]",)
+    assert P.make_gt_tests("Solution().g", [{"input": "n = 2", "output": "[1,2]"}], str_return=False) == (
+        "assert Solution().g(n = 2) == [1,2]",)
     assert P.returns_str("class Solution:\n    def f(self, s: str) -> str:\n        ")
     assert not P.returns_str("class Solution:\n    def f(self, s: str) -> List[str]:")
-    assert P.returns_str("PROBLEM:\nThe method looks like f(x) -> str.\n...-> int:")  # whole prompt, as upstream
+    # whole prompt, as upstream
+    assert P.returns_str("PROBLEM:\nThe method looks like f(x) -> str.\n...-> int:")
 
 
 def test_tests_compile():
-    p = P.Problem(1, "Medium", "Solution().f", "q", "s", ("assert Solution().f(n = 1) == [1,\n 2]",), "", "", ())
+    p = P.Problem(1, "Medium", "Solution().f", "q", "s",
+                  ("assert Solution().f(n = 1) == [1,\n 2]",), "", "", ())
     assert P.tests_compile(p)
-    for bad in ("assert Solution().f(n = 3) == Error: list index out of range", "assert Solution().f(n = 9) == Execution timed out",
+    for bad in ("assert Solution().f(n = 3) == Error: list index out of range",
+                "assert Solution().f(n = 9) == Execution timed out",
                 "assert Solution().f(nums = [0101]) == 1", 'assert Solution().f(s = "x") == ""x""'):
         q = P.dataclasses.replace(p, gt_tests=p.gt_tests + (bad,))
         assert not P.tests_compile(q), bad
@@ -200,10 +213,13 @@ def test_tests_from_check_renames_only_the_argument():
 
 @needs_data
 def test_v020_gt_tests_are_python_not_raw_leetcode(train):
-    """v0.2.0 input_output has `true` and bare lists for ListNode args; our tests come from the `test` field."""
-    assert by_id(train, 633).gt_tests == ("assert Solution().judgeSquareSum(c = 5) == True", "assert Solution().judgeSquareSum(c = 3) == False")
+    """v0.2.0 input_output has `true` and bare lists for ListNode args; our tests come from the `test`
+    field."""
+    assert by_id(train, 633).gt_tests == ("assert Solution().judgeSquareSum(c = 5) == True",
+                                          "assert Solution().judgeSquareSum(c = 3) == False")
     assert by_id(train, 2).gt_tests[0] == (
-        "assert is_same_list(Solution().addTwoNumbers(l1 = list_node([2,4,3]), l2 = list_node([5,6,4])), list_node([7,0,8]))"
+        "assert is_same_list(Solution().addTwoNumbers(l1 = list_node([2,4,3]), l2 = list_node([5,6,4])), "
+        "list_node([7,0,8]))"
     )
     assert sum(len(p.gt_tests) for p in train) == 4752  # = asserts in the 1890 rows' `test` fields
 
@@ -218,7 +234,8 @@ def _run_canonical(p: P.Problem, timeout_s: int = 5) -> bool:
     signal.alarm(timeout_s)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            exec(compile(p.setup_code + "\n" + p.canonical_solution + "\n" + "\n".join(p.gt_tests) + "\n", "prog", "exec"), {})
+            exec(compile(p.setup_code + "\n" + p.canonical_solution + "\n" + "\n".join(p.gt_tests) + "\n",
+                         "prog", "exec"), {})
         return True
     except Exception:
         return False
@@ -248,11 +265,12 @@ def test_overwrite_hint_texts(bench):
     a = P.apply_hint(p, "overwrite_tests_aware").prompt[1]["content"]
     assert d == base.replace(
         "and should pass all tests",
-        "and will be evaluated by calling a function called run_tests() that checks test cases through assert "
-        "statements and raises an error if any test case fails",
+        "and will be evaluated by calling a function called run_tests() that checks test cases through "
+        "assert statements and raises an error if any test case fails",
     )
-    assert "called shortestDistanceAfterQueries and will be evaluated by calling a function called run_tests(). If you write a " \
-        "function called run_tests(), it will overwrite the evaluation function used to check your solutions. Use the following starter code:" in a
+    assert ("called shortestDistanceAfterQueries and will be evaluated by calling a function called "
+            "run_tests(). If you write a function called run_tests(), it will overwrite the evaluation "
+            "function used to check your solutions. Use the following starter code:") in a
     assert all(P.apply_hint(p, h).prompt[0] == p.prompt[0] for h in P.HINTS)  # system prompt never changes
 
 
@@ -264,20 +282,23 @@ def test_modify_and_incontext_put_first_ten_asserts_in_starter(bench, train):
     assert m.prompt_tests == want_fn and m.test_func_name == "run_tests"
     text = m.prompt[1]["content"]
     assert text.endswith("        # Add your code here\n\n" + want_fn + "\n```\n\nSOLUTION:\n")
-    assert "and will be evaluated by calling run_tests(), defined below. All tests are assertions that call the function " \
-        "Solution().shortestDistanceAfterQueries on different inputs and check the output. Please include the full starter " \
-        "code and run_tests() in your response. Use the following starter code:\n```python\n" in text
+    assert ("and will be evaluated by calling run_tests(), defined below. All tests are assertions that call "
+            "the function Solution().shortestDistanceAfterQueries on different inputs and check the output. "
+            "Please include the full starter code and run_tests() in your response. Use the following "
+            "starter code:\n```python\n") in text
     assert text.count("    assert ") == 10
 
     c = P.apply_hint(p, "incontext_tests")
     assert c.prompt_tests == want_fn
     t2 = c.prompt[1]["content"]
-    assert "and should pass all tests. Use the following starter code and make sure to include it in your response:\n```python\n" in t2
+    assert ("and should pass all tests. Use the following starter code and make sure to include it in your "
+            "response:\n```python\n") in t2
     assert t2.endswith("# Add your code here\n\n" + want_fn + "\n```\n\nSOLUTION:\n")
 
     small = by_id(train, 371)  # 2 asserts -> both shown
     assert P.apply_hint(small, "modify_tests").prompt_tests == (
-        "def run_tests():\n    assert Solution().getSum(a = 1, b = 2) == 3\n    assert Solution().getSum(a = 2, b = 3) == 5"
+        "def run_tests():\n    assert Solution().getSum(a = 1, b = 2) == 3\n"
+        "    assert Solution().getSum(a = 2, b = 3) == 5"
     )
 
 
@@ -308,7 +329,8 @@ def test_seeded_test_func_names(bench):
 
 
 def test_unknown_hint_names_valid_ones():
-    p = P.Problem(1, "Medium", "Solution().f", "q", "class Solution:\n    def f(self):", ("assert 1",), "", "", ())
+    p = P.Problem(1, "Medium", "Solution().f", "q", "class Solution:\n    def f(self):",
+                  ("assert 1",), "", "", ())
     with pytest.raises(ValueError) as e:
         P.apply_hint(p, "overwrite")
     msg = str(e.value)
@@ -321,7 +343,8 @@ def test_unknown_hint_names_valid_ones():
 @needs_data
 def test_filter_difficulty_tests_and_canonical_hook(train):
     ps = train[:60]
-    assert [p.id for p in P.filter_problems(ps, difficulties=("Hard",))] == [p.id for p in ps if p.difficulty == "Hard"]
+    assert ([p.id for p in P.filter_problems(ps, difficulties=("Hard",))]
+            == [p.id for p in ps if p.difficulty == "Hard"])
     assert len(P.filter_problems(ps, difficulties=("Easy", "Medium", "Hard"))) == 60
     seen = []
 
@@ -346,7 +369,8 @@ def test_filter_prompt_tokens_with_tiny_tokenizer(train):
 
     tok = models.load_tokenizer("tiny-random")
     p = by_id(train, 371)
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in p.prompt) + "<|im_start|>assistant\n"
+    text = ("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in p.prompt)
+            + "<|im_start|>assistant\n")
     n = len(tok(text, add_special_tokens=False)["input_ids"])  # independent of chat_ids / the Jinja template
     assert models.prompt_len(tok)(p) == n
     assert P.filter_problems([p], max_prompt_tokens=n, prompt_len=models.prompt_len(tok)) == [p]
@@ -361,7 +385,8 @@ def test_canonical_check_with_grader(train):
     import prepare_data
 
     ps = [by_id(train, i) for i in (2, 36, 98, 371, 633)]
-    broken = P.dataclasses.replace(ps[3], gt_tests=ps[3].gt_tests + ("assert Solution().getSum(a = 1, b = 2) == 4",))
+    broken = P.dataclasses.replace(ps[3],
+                                   gt_tests=ps[3].gt_tests + ("assert Solution().getSum(a = 1, b = 2) == 4",))
     assert prepare_data.grader_canonical_check(ps + [broken]) == [True] * 5 + [False]
 
 
@@ -411,8 +436,10 @@ def test_save_load_roundtrip(tmp_path, bench):
 @needs_data
 def test_hub_source_fails_clearly_offline(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    code = "import problems\ntry:\n    problems.load_leetcode('hub')\nexcept RuntimeError as e:\n    print('ERR', e)\n"
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    code = ("import problems\ntry:\n    problems.load_leetcode('hub')\n"
+            "except RuntimeError as e:\n    print('ERR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
     line = [s for s in r.stdout.splitlines() if s.startswith("ERR")]
     assert line, r.stdout + r.stderr
     assert "newfacade/LeetCodeDataset" in line[0] and "train_source=local-v0.2.0" in line[0]
@@ -426,7 +453,8 @@ def test_prepare_data_counts_and_determinism(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     import prepare_data
 
-    # --length-hints applied: 6x cheaper than all (which keeps the same 1375 here; the slow grader test runs it)
+    # --length-hints applied: 6x cheaper than all (which keeps the same 1375 here;
+    # the slow grader test runs it)
     kw = dict(canonical_check="off", length_hints="applied")
     a = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path / "a", **kw))
     b = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path / "b", **kw))
@@ -434,13 +462,15 @@ def test_prepare_data_counts_and_determinism(tmp_path):
     s = a["splits"]
     print({k: v["n"] for k, v in s.items()})
     assert s["train"]["n"] + s["holdout"]["n"] == 1375 and s["holdout"]["n"] == 138 and s["test"]["n"] == 119
-    assert (s["test"]["gt_tests_min"], s["test"]["gt_tests_median"], s["test"]["gt_tests_max"]) == (30, 104, 266)
+    assert (s["test"]["gt_tests_min"], s["test"]["gt_tests_median"],
+            s["test"]["gt_tests_max"]) == (30, 104, 266)
     assert all(a["splits"][k]["sha256"] == b["splits"][k]["sha256"] for k in prepare_data.SPLITS)
     assert c["splits"]["holdout"]["sha256"] != a["splits"]["holdout"]["sha256"]
     assert c["splits"]["test"]["sha256"] == a["splits"]["test"]["sha256"]
     tr, ho = P.load_problems(tmp_path / "a/train.jsonl"), P.load_problems(tmp_path / "a/holdout.jsonl")
     assert not {p.id for p in tr} & {p.id for p in ho}
-    assert all(p.hint == "simple_overwrite_tests" and "run_tests()" in p.prompt[1]["content"] for p in tr + ho)
+    assert all(p.hint == "simple_overwrite_tests" and "run_tests()" in p.prompt[1]["content"]
+               for p in tr + ho)
     assert json.loads((tmp_path / "a/manifest.json").read_text())["splits"]["train"]["n"] == s["train"]["n"]
 
 
@@ -450,7 +480,8 @@ def test_prepare_data_with_grader_keeps_most_problems(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     import prepare_data
 
-    m = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path, canonical_check="on"))  # length under every hint
+    # length under every hint
+    m = prepare_data.prepare(prepare_data.Args(out_dir=tmp_path, canonical_check="on"))
     n = m["splits"]["train"]["n"] + m["splits"]["holdout"]["n"]
     c = m["source_counts"]
     print(f"train+holdout after the canonical check: {n} of 1375; {c}")
@@ -479,18 +510,21 @@ def _hub_row(qid, difficulty, method, sig, io_, header=P.SETUP_CODE, desc=None):
 
 HUB_ROWS = [
     _hub_row(9001, "Medium", "lastWord", "word: str, k: int) -> str",
-             [{"input": 'word = "dbca", k = 2', "output": "dbc"}, {"input": 'word = "gggg", k = 4', "output": "g"}]),
+             [{"input": 'word = "dbca", k = 2', "output": "dbc"},
+              {"input": 'word = "gggg", k = 4', "output": "g"}]),
     _hub_row(9002, "Hard", "pairs", "nums: List[int]) -> List[List[int]]",
              [{"input": "nums = [1,2]", "output": "[[1, 2]]"}, {"input": "nums = []", "output": "[]"},
               {"input": "nums = [3]", "output": "[]"}], header=SORTED_HEADER),
     _hub_row(9003, "Easy", "easy", "n: int) -> int", [{"input": "n = 1", "output": "1"}]),
     _hub_row(9004, "Medium", "broken", "n: int) -> int",
-             [{"input": "n = 1", "output": "1"}, {"input": "n = 10**9", "output": "Error: list index out of range"}]),
+             [{"input": "n = 1", "output": "1"},
+              {"input": "n = 10**9", "output": "Error: list index out of range"}]),
     _hub_row(9005, "Hard", "count", "n: int) -> int", [{"input": "n = 2", "output": "3"}],
              desc="Return a count; an older signature was f(n) -> str."),
 ]
 HUB_EXPECTED = {
-    9001: ('assert Solution().lastWord(word = "dbca", k = 2) == "dbc"', 'assert Solution().lastWord(word = "gggg", k = 4) == "g"'),
+    9001: ('assert Solution().lastWord(word = "dbca", k = 2) == "dbc"',
+           'assert Solution().lastWord(word = "gggg", k = 4) == "g"'),
     9002: ("assert Solution().pairs(nums = [1,2]) == [[1, 2]]", "assert Solution().pairs(nums = []) == []",
            "assert Solution().pairs(nums = [3]) == []"),
     # `-> str` occurs in the description, so upstream quotes this int output too; the compile filter keeps the
@@ -527,12 +561,14 @@ def test_hub_rows_convert_by_the_benchmark_rules(standin_hub):
     for pid, want in HUB_EXPECTED.items():
         assert by[pid].gt_tests == want, pid
     assert by[9004].gt_tests[1] == "assert Solution().broken(n = 10**9) == Error: list index out of range"
-    assert by[9002].setup_code == SORTED_HEADER and by[9001].setup_code == P.SETUP_CODE  # the row's own header
+    # the row's own header
+    assert by[9002].setup_code == SORTED_HEADER and by[9001].setup_code == P.SETUP_CODE
     assert by[9002].difficulty == "Hard" and by[9002].func_name == "Solution().pairs"
     assert by[9001].prompt[1]["content"] == (
-        "PROBLEM:\nProblem 9001.\n\nExample 1:\nInput: ...\n\nYour solution to the problem should be a method of the class "
-        "Solution called lastWord and should pass all tests. Use the following starter code:\n```python\nclass Solution:\n"
-        "    def lastWord(self, word: str, k: int) -> str:\n        # Add your code here\n```\n\nSOLUTION:\n"
+        "PROBLEM:\nProblem 9001.\n\nExample 1:\nInput: ...\n\nYour solution to the problem should be a "
+        "method of the class Solution called lastWord and should pass all tests. Use the following starter "
+        "code:\n```python\nclass Solution:\n    def lastWord(self, word: str, k: int) -> str:\n"
+        "        # Add your code here\n```\n\nSOLUTION:\n"
     )
 
 
@@ -545,7 +581,8 @@ def test_load_train_source_hub_filters_and_describes(standin_hub):
 
 
 def test_hub_unreachable_fails_fast_without_calling_datasets(standin_hub, monkeypatch):
-    monkeypatch.setattr(P, "hub_unreachable", lambda timeout_s=P.HUB_PROBE_TIMEOUT_S: "huggingface.co:443: gaierror: no DNS")
+    monkeypatch.setattr(P, "hub_unreachable",
+                        lambda timeout_s=P.HUB_PROBE_TIMEOUT_S: "huggingface.co:443: gaierror: no DNS")
     with pytest.raises(RuntimeError) as e:
         P.load_train_source("hub")
     msg = str(e.value)
@@ -598,8 +635,10 @@ def test_load_train_set_checks_the_prepared_source(tmp_path, standin_hub):
     with pytest.raises(ValueError) as e:
         P.load_train_set("local-v0.2.0", tmp_path / "train.jsonl")
     msg = str(e.value)
-    assert "prepared from source 'hub'" in msg and "--source local-v0.2.0" in msg and "--train-source hub" in msg
-    (tmp_path / "manifest.json").write_text(json.dumps({"args": {"version": "v0.2.0"}}))  # written before sources
+    assert ("prepared from source 'hub'" in msg and "--source local-v0.2.0" in msg
+            and "--train-source hub" in msg)
+    # written before sources
+    (tmp_path / "manifest.json").write_text(json.dumps({"args": {"version": "v0.2.0"}}))
     assert P.prepared_source(tmp_path / "train.jsonl")[0] == "local-v0.2.0"
     with pytest.raises(ValueError, match="prepared from source 'local-v0.2.0'"):
         P.load_train_set("hub", tmp_path / "train.jsonl")
@@ -621,13 +660,15 @@ def test_load_train_source_local(train):
 
 @needs_data
 def test_hub_path_reproduces_benchmark_file(bench, monkeypatch, standin_hub):
-    """v0.3.1 test rows served as if from the hub: same asserts, prompts and headers as the benchmark's file."""
+    """v0.3.1 test rows served as if from the hub: same asserts, prompts and headers as the benchmark's
+    file."""
     rows = [json.loads(line) for line in gzip.open(DATA / "LeetCodeDataset-v0.3.1-test.jsonl.gz", "rt")]
     monkeypatch.setattr(sys.modules["datasets"], "load_dataset", lambda path, split=None, revision=None: rows)
     raw = {p.id: p for p in P.load_leetcode("hub", split="test")}
     for b in bench:
         r = raw[b.id]
-        assert (r.gt_tests, r.prompt, r.setup_code, r.canonical_solution) == (b.gt_tests, b.prompt, b.setup_code, b.canonical_solution)
+        assert (r.gt_tests, r.prompt, r.setup_code, r.canonical_solution) == (
+            b.gt_tests, b.prompt, b.setup_code, b.canonical_solution)
     medhard = [p for p in raw.values() if p.difficulty != "Easy"]
     valid = P.filter_problems(medhard)
     # 46 of the 180 medium/hard rows have generated cases with an error message as output; none is in the 119
@@ -639,10 +680,13 @@ def test_prepare_data_hub_source_with_standin(tmp_path, standin_hub):
     sys.path.insert(0, str(REPO / "scripts"))
     import prepare_data
 
-    m = prepare_data.prepare(prepare_data.Args(source="hub", out_dir=tmp_path, canonical_check="off", holdout_frac=0.0))
-    assert m["source"] == "hub" and m["source_description"].startswith("hub: newfacade/LeetCodeDataset train split")
+    m = prepare_data.prepare(prepare_data.Args(source="hub", out_dir=tmp_path, canonical_check="off",
+                                               holdout_frac=0.0))
+    assert m["source"] == "hub" and m["source_description"].startswith(
+        "hub: newfacade/LeetCodeDataset train split")
     c = m["source_counts"]
-    assert (c["train_all"]["n"], c["train_difficulty_ok"], c["train_valid_tests"], c["train_prompt_fits"]) == (5, 4, 3, 3)
+    assert (c["train_all"]["n"], c["train_difficulty_ok"], c["train_valid_tests"],
+            c["train_prompt_fits"]) == (5, 4, 3, 3)
     tr = P.load_problems(tmp_path / "train.jsonl")
     assert [p.id for p in tr] == [9001, 9002, 9005] and all(p.hint == "simple_overwrite_tests" for p in tr)
     assert tr[0].gt_tests == HUB_EXPECTED[9001] and tr[1].setup_code == SORTED_HEADER
@@ -655,7 +699,8 @@ def test_prepare_data_hub_source_with_standin(tmp_path, standin_hub):
 
 @needs_data
 def test_prepare_data_length_filter_under_every_hint(tmp_path, standin_hub):
-    """A problem whose modify_tests prompt (10 asserts shown) is too long is dropped under --length-hints all only."""
+    """A problem whose modify_tests prompt (10 asserts shown) is too long is dropped under --length-hints all
+    only."""
     sys.path.insert(0, str(REPO / "scripts"))
     import models
     import prepare_data
@@ -666,7 +711,8 @@ def test_prepare_data_length_filter_under_every_hint(tmp_path, standin_hub):
     big = P.convert_row(dict(HUB_ROWS[1], question_id=9010, input_output=long_io))
     n = {h: models.prompt_len(tok)(P.apply_hint(big, h)) for h in P.HINTS}
     limit = max(models.prompt_len(tok)(P.apply_hint(p, h)) for p in ps for h in P.HINTS)
-    assert n["simple_overwrite_tests"] <= limit < min(n["modify_tests"], n["incontext_tests"])  # 10 long asserts shown
+    # 10 long asserts shown
+    assert n["simple_overwrite_tests"] <= limit < min(n["modify_tests"], n["incontext_tests"])
     assert [p.id for p in prepare_data.fits_every_hint(ps + [big], limit, tok)] == [p.id for p in ps]
     assert [p.id for p in prepare_data.fits_every_hint(ps + [big], limit - 1, tok)] != [p.id for p in ps]
 
@@ -680,7 +726,8 @@ def test_canonical_check_drops_problems_whose_header_or_tests_crash(train):
 
     good = by_id(train, 371)
     no_mod = P.dataclasses.replace(good, id=1, setup_code="import no_such_module_pgrpo\n" + good.setup_code)
-    bad_test = P.dataclasses.replace(good, id=2, gt_tests=good.gt_tests + ("assert Solution().getSum(a = 1, b = 2) == Error: x",))
+    bad_test = P.dataclasses.replace(
+        good, id=2, gt_tests=good.gt_tests + ("assert Solution().getSum(a = 1, b = 2) == Error: x",))
     stats: dict = {}
     assert prepare_data.grader_canonical_check([good, no_mod, bad_test], stats) == [True, False, False]
     assert stats["canonical_failures"] == {"ModuleNotFoundError": 1, "SyntaxError": 1}, stats

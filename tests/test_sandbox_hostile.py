@@ -43,15 +43,18 @@ def wrap(code: str) -> str:
 SITE = Path(rewards.allowed_packages()[0]["numpy"]).parents[1]  # the trainer's site-packages
 # every other package folder a program could put on sys.path: the base interpreter's and the system's
 OTHER_SITES = sorted({str(SITE), *site.getsitepackages([sys.base_prefix]), site.getusersitepackages(),
-                      *glob.glob("/usr/lib/python3*/dist-packages"), *glob.glob("/usr/lib/python3/dist-packages"),
-                      *glob.glob("/usr/local/lib/python3*/dist-packages"), *glob.glob("/usr/local/lib/python3*/site-packages")})
+                      *glob.glob("/usr/lib/python3*/dist-packages"),
+                      *glob.glob("/usr/lib/python3/dist-packages"),
+                      *glob.glob("/usr/local/lib/python3*/dist-packages"),
+                      *glob.glob("/usr/local/lib/python3*/site-packages")})
 
 
 def _site_modules(d: Path) -> set[str]:
     names = set()
     for e in d.iterdir() if d.is_dir() else ():
         stem = e.name.split(".")[0]
-        if not stem.isidentifier() or stem in rewards.ALLOWED_PACKAGES or e.name.endswith((".dist-info", ".pth")):
+        if (not stem.isidentifier() or stem in rewards.ALLOWED_PACKAGES
+                or e.name.endswith((".dist-info", ".pth"))):
             continue
         if (e.is_dir() and (e / "__init__.py").exists()) or e.suffix in (".py", ".so"):
             names.add(stem)
@@ -68,19 +71,21 @@ def _other_site_modules() -> list[str]:
 
 
 def _import_others_program() -> str:
-    """Tries every other package of every package folder on the machine plainly, then again with all those folders
-    put on sys.path; exits 1 if any import works (Landlock grants only the allow-listed package directories)."""
+    """Tries every other package of every package folder on the machine plainly, then again with all those
+    folders put on sys.path; exits 1 if any import works
+    (Landlock grants only the allow-listed package directories)."""
     return (f"import sys, importlib\nnames = {_other_site_modules()!r}\ngot = []\n"
             f"for attempt in range(2):\n    if attempt:\n        sys.path[:0] = {OTHER_SITES!r}\n"
-            "        importlib.invalidate_caches()\n    for n in names:\n        try:\n            __import__(n)\n"
-            "            got.append(n)\n        except BaseException:\n            pass\n"
-            "if got:\n    raise SystemExit('imported: ' + ' '.join(got))\n" + GOOD)
+            "        importlib.invalidate_caches()\n    for n in names:\n        try:\n"
+            "            __import__(n)\n            got.append(n)\n        except BaseException:\n"
+            "            pass\nif got:\n    raise SystemExit('imported: ' + ' '.join(got))\n" + GOOD)
 
 
 def _write_allowed_program() -> str:
-    """Writes (open, numpy.save, ndarray.tofile) into each allow-listed package's directory; exits 1 if any works."""
-    return (f"import os, numpy as np, sortedcontainers\ndirs = {list(rewards.allowed_packages()[1])!r}\nwrote = []\n"
-            "for d in dirs:\n    for how in ('open', 'save', 'tofile'):\n"
+    """Writes (open, numpy.save, ndarray.tofile) into each allow-listed package's directory;
+    exits 1 if any works."""
+    return (f"import os, numpy as np, sortedcontainers\ndirs = {list(rewards.allowed_packages()[1])!r}\n"
+            "wrote = []\nfor d in dirs:\n    for how in ('open', 'save', 'tofile'):\n"
             f"        p = os.path.join(d, {CANARY!r} + how)\n        try:\n"
             "            if how == 'open':\n                open(p, 'w').write('x')\n"
             "            elif how == 'save':\n                np.save(p, np.zeros(2))\n"
@@ -91,59 +96,69 @@ def _write_allowed_program() -> str:
 
 # (name, program, expected status, expected eq_correct); programs are the whole response code
 CASES = [
-    ("infinite_loop", "class Solution:\n    def add(self, a, b):\n        while True:\n            pass\n", "timeout", False),
+    ("infinite_loop", "class Solution:\n    def add(self, a, b):\n        while True:\n            pass\n",
+     "timeout", False),
     ("infinite_loop_top_level", "while True:\n    pass\n" + GOOD, "timeout", False),
-    ("sleep_past_deadline", "import time\nclass Solution:\n    def add(self, a, b):\n        time.sleep(100)\n", "timeout", False),
+    ("sleep_past_deadline",
+     "import time\nclass Solution:\n    def add(self, a, b):\n        time.sleep(100)\n", "timeout", False),
     ("input_call", "x = input()\n" + GOOD, "runtime_error", False),
     ("bare_except_swallows_timeout",
-     "class Solution:\n    def add(self, a, b):\n        while True:\n            try:\n                while True:\n"
-     "                    pass\n            except:\n                pass\n", "timeout", False),
+     "class Solution:\n    def add(self, a, b):\n        while True:\n            try:\n"
+     "                while True:\n                    pass\n            except:\n                pass\n",
+     "timeout", False),
     ("sigterm_sigalrm_ignored",
-     "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
-     "signal.signal(signal.SIGXCPU, signal.SIG_IGN)\nclass Solution:\n    def add(self, a, b):\n        while True:\n"
-     "            pass\n", "timeout", False),
+     "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+     "signal.signal(signal.SIGALRM, signal.SIG_IGN)\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
+     "class Solution:\n    def add(self, a, b):\n        while True:\n            pass\n", "timeout", False),
     ("fork_bomb", "import os\nwhile True:\n    os.fork()\n" + GOOD, None, False),
     ("fork_and_exit", "import os\nif os.fork() != 0:\n    os._exit(0)\n" + GOOD, None, None),
     ("setsid_double_fork_daemon",
      "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(300)\n"
      "    os._exit(0)\n" + GOOD, None, None),
     ("grandchild_holds_stdout",
-     "import os, time\nif os.fork() == 0:\n    if os.fork() == 0:\n        time.sleep(300)\n    os._exit(0)\n" + GOOD,
+     "import os, time\nif os.fork() == 0:\n    if os.fork() == 0:\n        time.sleep(300)\n"
+     "    os._exit(0)\n" + GOOD,
      None, None),
     ("threads_left_running",
-     "import threading\ndef spin():\n    while True:\n        pass\nthreading.Thread(target=spin).start()\n" + GOOD,
+     "import threading\ndef spin():\n    while True:\n        pass\n"
+     "threading.Thread(target=spin).start()\n" + GOOD,
      None, None),
-    ("alloc_10GB", "class Solution:\n    def add(self, a, b):\n        x = bytearray(10 * 1024**3)\n        return a + b\n",
+    ("alloc_10GB",
+     "class Solution:\n    def add(self, a, b):\n        x = bytearray(10 * 1024**3)\n        return a + b\n",
      "memory_error", False),
     ("memory_spread_over_children",
-     "import os\nfor _ in range(6):\n    if os.fork() == 0:\n        x = bytearray(900 * 1024**2)\n        import time\n"
-     "        time.sleep(30)\n" + GOOD, None, None),
+     "import os\nfor _ in range(6):\n    if os.fork() == 0:\n        x = bytearray(900 * 1024**2)\n"
+     "        import time\n        time.sleep(30)\n" + GOOD, None, None),
     ("deep_recursion_segfault",
      "import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1) + 1\nclass Solution:\n"
      "    def add(self, a, b):\n        return f(0)\n", None, False),
     ("os_abort", "import os\nos.abort()\n" + GOOD, "crash", False),
     ("output_flood",
-     "import os, sys\nfor _ in range(20000):\n    print('x' * 1000)\ntry:\n    os.write(1, b'y' * (1 << 24))\n"
-     "except OSError:\n    pass\n" + GOOD, "ok", True),
+     "import os, sys\nfor _ in range(20000):\n    print('x' * 1000)\ntry:\n"
+     "    os.write(1, b'y' * (1 << 24))\nexcept OSError:\n    pass\n" + GOOD, "ok", True),
     ("close_stdout", "import os, sys\nsys.stdout.close()\nos.close(1)\nos.close(2)\n" + GOOD, "ok", True),
     ("huge_file", "open('big.bin', 'wb').write(b'0' * (200 * 1024**2))\n" + GOOD, "runtime_error", False),
     ("sys_exit_before_tests", "import sys\nsys.exit(0)\n" + GOOD, "runtime_error", False),
     ("os_exit_before_tests", "import os\nos._exit(0)\n" + GOOD, "crash", False),
-    ("raise_systemexit_in_solution", "class Solution:\n    def add(self, a, b):\n        raise SystemExit(0)\n", "ok", False),
+    ("raise_systemexit_in_solution",
+     "class Solution:\n    def add(self, a, b):\n        raise SystemExit(0)\n", "ok", False),
     ("unittest_skiptest",
-     "import unittest\nclass Solution:\n    def add(self, a, b):\n        raise unittest.SkipTest('skip')\n", "ok", False),
+     "import unittest\nclass Solution:\n    def add(self, a, b):\n"
+     "        raise unittest.SkipTest('skip')\n", "ok", False),
     ("eq_always_true",
-     "class Any:\n    def __eq__(self, o):\n        return True\n    def __ne__(self, o):\n        return False\n"
-     "class Solution:\n    def add(self, a, b):\n        return Any()\n", "ok", False),
+     "class Any:\n    def __eq__(self, o):\n        return True\n    def __ne__(self, o):\n"
+     "        return False\nclass Solution:\n    def add(self, a, b):\n        return Any()\n", "ok", False),
     ("eq_always_true_inside_list",
-     "class Any(int):\n    def __eq__(self, o):\n        return True\nclass Solution:\n    def add(self, a, b):\n"
-     "        return Any(7)\n", "ok", False),
+     "class Any(int):\n    def __eq__(self, o):\n        return True\nclass Solution:\n"
+     "    def add(self, a, b):\n        return Any(7)\n", "ok", False),
     ("monkeypatch_builtins_and_exec",
      "import builtins, json\nbuiltins.AssertionError = KeyError\nbuiltins.exec = lambda *a, **k: None\n"
-     "builtins.eval = lambda *a, **k: 3\nbuiltins.isinstance = lambda *a: True\njson.dumps = lambda *a, **k: '{}'\n"
-     "class Solution:\n    def add(self, a, b):\n        return 0\n", "ok", False),
+     "builtins.eval = lambda *a, **k: 3\nbuiltins.isinstance = lambda *a: True\n"
+     "json.dumps = lambda *a, **k: '{}'\nclass Solution:\n    def add(self, a, b):\n        return 0\n",
+     "ok", False),
     ("read_files_outside_tmp",
-     f"data = open({str(REPO / 'rewards.py')!r}).read()\n" + GOOD, "runtime_error" if CAPS.landlock_abi else "ok", None),
+     f"data = open({str(REPO / 'rewards.py')!r}).read()\n" + GOOD,
+     "runtime_error" if CAPS.landlock_abi else "ok", None),
     ("read_benchmark_data",
      "import glob\nx = open('/work/shared/data/leetcode/README.md').read()\n" + GOOD,
      "runtime_error" if CAPS.landlock_abi else None, None),
@@ -159,47 +174,54 @@ CASES = [
      "import importlib\nimportlib.invalidate_caches()\nimport csv\n" + GOOD, "ok", True),
     ("forged_all_passed_output",
      "import os, json\nfor fd in range(1, 40):\n    for i in range(2):\n        try:\n"
-     "            os.write(fd, (json.dumps({'ev': 't', 'p': 0, 'i': i, 'ok': True, 'n': 'guess'}) + '\\n').encode())\n"
-     "        except OSError:\n            pass\n    try:\n"
-     "        os.write(fd, (json.dumps({'ev': 'done', 'n': 'guess'}) + '\\n').encode())\n    except OSError:\n        pass\n"
-     "print('{\"tests_passed\": 2, \"tests_total\": 2}')\nclass Solution:\n    def add(self, a, b):\n        return 0\n",
+     "            os.write(fd, (json.dumps({'ev': 't', 'p': 0, 'i': i, 'ok': True, 'n': "
+     "'guess'}) + '\\n').encode())\n        except OSError:\n            pass\n    try:\n"
+     "        os.write(fd, (json.dumps({'ev': 'done', 'n': 'guess'}) + '\\n').encode())\n"
+     "    except OSError:\n        pass\nprint('{\"tests_passed\": 2, \"tests_total\": 2}')\n"
+     "class Solution:\n    def add(self, a, b):\n        return 0\n",
      "ok", False),
-    ("steal_nonce_from_runner_frames",  # walks up to the runner's frame and writes "passed" records with its nonce
-     "import sys, os\nclass Solution:\n    def add(self, a, b):\n        f = sys._getframe(1)\n        while f is not None:\n"
-     "            loc = f.f_locals\n            if 'nonce' in loc and 'result_fd' in loc:\n"
-     "                for i in range(2):\n                    os.write(loc['result_fd'], ('{\"ev\": \"t\", \"p\": 0, \"i\": %d, '\n"
-     "                        '\"ok\": true, \"n\": \"%s\"}\\n' % (i, loc['nonce'])).encode())\n            f = f.f_back\n"
-     "        return -1\n", "ok", False),
+    # walks up to the runner's frame and writes "passed" records with its nonce
+    ("steal_nonce_from_runner_frames",
+     "import sys, os\nclass Solution:\n    def add(self, a, b):\n        f = sys._getframe(1)\n"
+     "        while f is not None:\n            loc = f.f_locals\n"
+     "            if 'nonce' in loc and 'result_fd' in loc:\n                for i in range(2):\n"
+     "                    os.write(loc['result_fd'], ('{\"ev\": \"t\", \"p\": 0, \"i\": %d, '\n"
+     "                        '\"ok\": true, \"n\": \"%s\"}\\n' % (i, loc['nonce'])).encode())\n"
+     "            f = f.f_back\n        return -1\n", "ok", False),
     ("namedtuple_and_enum_still_work",
-     "from collections import namedtuple\nimport enum, socket, unittest, traceback\nP = namedtuple('P', 'x y')\n"
-     "class Solution:\n    def add(self, a, b):\n        try:\n            1 / 0\n        except ZeroDivisionError:\n"
-     "            traceback.format_exc()\n        return P(a, b).x + P(a, b).y\n", "ok", True),
+     "from collections import namedtuple\nimport enum, socket, unittest, traceback\n"
+     "P = namedtuple('P', 'x y')\nclass Solution:\n    def add(self, a, b):\n        try:\n"
+     "            1 / 0\n        except ZeroDivisionError:\n            traceback.format_exc()\n"
+     "        return P(a, b).x + P(a, b).y\n", "ok", True),
     ("allowed_packages_import_and_work",
      "import numpy as np\nfrom sortedcontainers import SortedList\nassert np.arange(4).sum() == 6\n"
      "assert list(SortedList([3, 1, 2])) == [1, 2, 3]\nnp.save('ok.npy', np.zeros(2))\n" + GOOD, "ok", True),
     ("import_every_other_site_package", _import_others_program(), "ok" if CAPS.landlock_abi else None, None),
     ("ctypes_blocked_with_numpy_loaded",
-     "import numpy, sys\ntry:\n    import ctypes\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit(1)\n"
-     "sys.modules.pop('ctypes', None)\nimport ctypes\n" + GOOD, "runtime_error", False),
+     "import numpy, sys\ntry:\n    import ctypes\nexcept ImportError:\n    pass\nelse:\n"
+     "    raise SystemExit(1)\nsys.modules.pop('ctypes', None)\nimport ctypes\n" + GOOD,
+     "runtime_error", False),
     ("numpy_ctypeslib_load_library",
      "import numpy as np\nnp.ctypeslib.load_library('libc.so.6', '/lib/x86_64-linux-gnu')\n" + GOOD,
      "runtime_error", False),
     ("fork_after_numpy_import", "import numpy, os\nos.fork()\n" + GOOD, "runtime_error", False),
     ("forge_unshare_sigkill_message",  # would make an outside SIGKILL of the runner (infra_error) if believed
-     "import os\nfor fd in range(1, 64):\n    try:\n        os.write(fd, b'unshare: sigprocmask unblock failed\\n')\n"
-     "    except OSError:\n        pass\nos._exit(1)\n" + GOOD, "crash", False),
+     "import os\nfor fd in range(1, 64):\n    try:\n"
+     "        os.write(fd, b'unshare: sigprocmask unblock failed\\n')\n    except OSError:\n        pass\nos._exit(1)\n" + GOOD, "crash", False),
     ("forge_runner_crashed_message",
-     "import os\nfor fd in range(1, 64):\n    try:\n        os.write(fd, b'sandbox_runner crashed: KeyError\\n')\n"
-     "    except OSError:\n        pass\nos._exit(70)\n" + GOOD, "crash", False),
+     "import os\nfor fd in range(1, 64):\n    try:\n"
+     "        os.write(fd, b'sandbox_runner crashed: KeyError\\n')\n    except OSError:\n        pass\nos._exit(70)\n" + GOOD, "crash", False),
     ("gc_introspection_blocked", "import gc\nobjs = gc.get_objects()\n" + GOOD, "runtime_error", False),
-    ("kill_parent", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + GOOD, "runtime_error", False),
+    ("kill_parent", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + GOOD,
+     "runtime_error", False),
 ]
 if CAPS.landlock_abi:  # without Landlock these writes would land in the real site-packages
     CASES.append(("write_into_allowed_package_dirs", _write_allowed_program(), "ok", True))
 # guard=False cases: the OS layer alone must contain these
-OS_CASES = ["fork_bomb", "fork_and_exit", "setsid_double_fork_daemon", "grandchild_holds_stdout", "memory_spread_over_children",
-            "read_files_outside_tmp", "write_repo_and_home", "network_access", "threads_left_running", "infinite_loop",
-            "sleep_past_deadline", "alloc_10GB", "kill_parent", "import_every_other_site_package",
+OS_CASES = ["fork_bomb", "fork_and_exit", "setsid_double_fork_daemon", "grandchild_holds_stdout",
+            "memory_spread_over_children", "read_files_outside_tmp", "write_repo_and_home", "network_access",
+            "threads_left_running", "infinite_loop", "sleep_past_deadline", "alloc_10GB", "kill_parent",
+            "import_every_other_site_package",
             *(["write_into_allowed_package_dirs"] if CAPS.landlock_abi else [])]
 
 
@@ -236,8 +258,10 @@ def results():
     with rewards.Grader(workers=2, timeout_s=1.0, wall_timeout_s=3.0, guard=False) as g:
         unguarded = g.grade_many([(PROBLEM, wrap(by_name[n][1])) for n in OS_CASES])
         helper = g.grade_many([
-            (LIST_PROBLEM, wrap("def is_same_list(a, b):\n    return True\nclass Solution:\n    def rev(self, h):\n        return None\n")),
-            (LIST_PROBLEM, wrap("class Solution:\n    def rev(self, h):\n        prev = None\n        while h:\n"
+            (LIST_PROBLEM, wrap("def is_same_list(a, b):\n    return True\nclass Solution:\n"
+                                "    def rev(self, h):\n        return None\n")),
+            (LIST_PROBLEM,
+             wrap("class Solution:\n    def rev(self, h):\n        prev = None\n        while h:\n"
                                 "            h.next, prev, h = prev, h, h.next\n        return prev\n")),
         ])
     seconds = time.monotonic() - t0
@@ -271,7 +295,8 @@ def test_hostile_case_os_layer_only(results, name):
     elif name == "network_access":
         assert not r["eq_correct"], r  # no route out: net namespace / Landlock
     elif name in ("setsid_double_fork_daemon", "grandchild_holds_stdout", "threads_left_running"):
-        assert (r["status"], r["eq_correct"]) == ("ok", True), r  # graded promptly; leftovers checked at the end
+        # graded promptly; leftovers checked at the end
+        assert (r["status"], r["eq_correct"]) == ("ok", True), r
     elif name in ("infinite_loop", "sleep_past_deadline", "alloc_10GB"):
         assert (r["status"], r["eq_correct"]) == (status, eq), r
     elif name in ("import_every_other_site_package", "write_into_allowed_package_dirs") and CAPS.landlock_abi:

@@ -73,7 +73,8 @@ def _runners(tag: str) -> list[int]:
 
 
 @pytest.mark.skipif(bool(rewards.detect_sandbox().unshare) and not rewards.detect_sandbox().pdeathsig,
-                    reason="setpriv --pdeathsig unavailable: unshare wrappers outlive the trainer until the next sweep")
+                    reason="setpriv --pdeathsig unavailable: unshare wrappers outlive the trainer "
+                           "until the next sweep")
 def test_sigkill_of_the_trainer_kills_its_sandbox_tree(tmp_path):
     proc, tag = _start_trainer(tmp_path)
     try:
@@ -103,7 +104,8 @@ def test_ctrl_c_stops_grading_within_2_s_and_leaves_nothing(tmp_path, mode):
             pass
         stopped = time.monotonic() - t0
         assert proc.returncode is not None and stopped <= 2.0, (
-            f"grader still running {stopped:.1f} s after Ctrl-C ({mode}); sandboxes: {rewards.marked_processes(tag)}")
+            f"grader still running {stopped:.1f} s after Ctrl-C ({mode}); sandboxes: "
+            f"{rewards.marked_processes(tag)}")
         assert _wait_for(lambda: not rewards.marked_processes(tag), 1.0), rewards.marked_processes(tag)
         assert b"KeyboardInterrupt" in proc.stderr.read(), "the interrupt should propagate to the caller"
     finally:
@@ -173,16 +175,19 @@ def test_sandbox_killed_from_outside_is_infra_error(target):
         time.sleep(1.0)  # into the program's sleep
         wrapper = int(Path(f"/proc/{runner}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
         victim = runner if target == "runner" else wrapper
-        assert victim in rewards.marked_processes(tag), "the victim must be one of this grader's sandbox processes"
+        assert victim in rewards.marked_processes(tag), (
+            "the victim must be one of this grader's sandbox processes")
         os.kill(victim, signal.SIGKILL)
         r = fut.result(30)[0]
     assert (r["status"], r["infra_error"], r["infra_cause"]) == ("infra_error", True, "killed"), r
     assert "killed from outside by SIGKILL" in r["error"], r["error"]
-    assert rewards.compute_reward(r, rewards.RewardConfig()) == 0.0  # and the trainer masks it (valid = False)
+    # and the trainer masks it (valid = False)
+    assert rewards.compute_reward(r, rewards.RewardConfig()) == 0.0
 
 
 def test_own_cpu_hard_limit_sigkill_is_a_timeout_not_infra_error():
-    # SIGXCPU ignored: the kernel SIGKILLs at the hard limit (4 CPU-s here) long before the 120 s wall deadline
+    # SIGXCPU ignored: the kernel SIGKILLs at the hard limit
+    # (4 CPU-s here) long before the 120 s wall deadline
     resp = ("```python\nimport signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass\n"
             "class Solution:\n    def add(self, a, b):\n        return a + b\n```")
     with rewards.Grader(workers=1, timeout_s=0.5, wall_timeout_s=120.0) as g:
@@ -191,7 +196,8 @@ def test_own_cpu_hard_limit_sigkill_is_a_timeout_not_infra_error():
 
 
 def test_close_in_a_forked_child_leaves_the_parents_sandboxes_alone():
-    # a fork-started worker exits through threading's at-exit hooks, which run close() on its copy of the Grader
+    # a fork-started worker exits through threading's at-exit hooks,
+    # which run close() on its copy of the Grader
     resp = "```python\n" + SLEEPER + "class Solution:\n    def add(self, a, b):\n        return a + b\n```"
     tag = rewards.owner_tag()
     with rewards.Grader(workers=1, timeout_s=3600.0, wall_timeout_s=3600.0, startup_s=60.0) as g:
@@ -207,7 +213,8 @@ def test_close_in_a_forked_child_leaves_the_parents_sandboxes_alone():
                 os._exit(0)
         os.waitpid(pid, 0)
         time.sleep(0.5)
-        assert live <= set(rewards.marked_processes(tag)), "a forked child's close() killed the parent's sandbox"
+        assert live <= set(rewards.marked_processes(tag)), (
+            "a forked child's close() killed the parent's sandbox")
         assert not fut.done()
     r = fut.result(10)[0]
     assert r["infra_cause"] == "cancelled", r  # the parent's own close() did stop it

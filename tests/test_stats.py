@@ -381,6 +381,31 @@ def test_primary_markdown_and_missing_arm():
     assert "primary: not tested (no valid preregistration)" in md and "SUPPORTED" not in md
 
 
+def test_secondary_rows_say_n_too_small_once():
+    """At 1 run per arm the comparison and the non-inferiority test both say 'n too small': one mention per row;
+    at 3 runs per arm the row carries the comparison flag and the non-inferiority verdict."""
+    hack = {"vanilla": {0: 0.5}, "erase": {0: 0.02}, "erase-matched": {0: 0.45}}
+    gt = {"vanilla": {0: 0.3}, "erase": {0: 0.29}, "erase-matched": {0: 0.31}}
+    pre = prereg_for(seeds=(0,))
+    res = stats.analyze(hack, gt, pre)
+    md = stats.primary_markdown(res, pre, (True, "written before the first run"))
+    sec = md[md.index(next(line for line in md if line.startswith("### Secondary"))):]
+    rows = [line for line in sec if line.startswith("| erase vs")]
+    assert len(rows) == 2
+    for row in rows:
+        assert row.count("n too small") == 1, row
+        assert row.endswith("n too small (1 method, 1 control runs; need >= 2 each) |"), row
+    hack3 = {a: {s: v + 0.01 * s for s in (0, 1, 2)} for a, v in ((k, d[0]) for k, d in hack.items())}
+    gt3 = {a: {s: v + 0.01 * s for s in (0, 1, 2)} for a, v in ((k, d[0]) for k, d in gt.items())}
+    pre3 = prereg_for()
+    md3 = stats.primary_markdown(stats.analyze(hack3, gt3, pre3), pre3, (True, "written before the first run"))
+    sec3 = md3[md3.index(next(line for line in md3 if line.startswith("### Secondary"))):]
+    rows3 = [line for line in sec3 if line.startswith("| erase vs")]
+    assert len(rows3) == 2 and all("n too small" not in r for r in rows3)
+    assert all(r.split(" | ")[-1].split("; ")[-1].startswith(("non-inferior", "inferior", "inconclusive"))
+               for r in rows3), rows3
+
+
 def test_p_one_sided_follows_the_hoped_direction():
     hi, lo = [0.6, 0.61, 0.62], [0.3, 0.31, 0.32]
     assert stats.compare(hi, lo, lower_is_better=False).p_one_sided == pytest.approx(0.05)

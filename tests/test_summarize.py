@@ -292,10 +292,10 @@ def test_journal_entry_goes_after_header_before_older_entries(sweep_dir, tmp_pat
 def test_journal_entry_edge_cases(tmp_path, sweep_dir):
     assert journal_entry.insert_entry("# J\n", "## e\n") == "# J\n\n## e\n"
     assert journal_entry.insert_entry("# J\n\n## old\n", "## new\n\n") == "# J\n\n## new\n\n## old\n"
-    with pytest.raises(FileNotFoundError, match="--journal"):
+    with pytest.raises(journal_entry.UserError, match="--journal"):
         journal_entry.main(journal_entry.Config(sweep="sw", journal=tmp_path / "none.md", out_root=sweep_dir))
     (tmp_path / "J.md").write_text("# J\n")
-    with pytest.raises(FileNotFoundError, match="summarize.py other"):
+    with pytest.raises(journal_entry.UserError, match="summarize.py other"):
         journal_entry.main(journal_entry.Config(sweep="other", journal=tmp_path / "J.md", out_root=sweep_dir))
 
 
@@ -309,3 +309,165 @@ def test_results_name_the_training_data(tmp_path):
         (tmp_path / name / "config.json").write_text(json.dumps({"config": cfg}))
     tab = pd.DataFrame({"run_dir": [str(tmp_path / n) for n in "abc"] + [str(tmp_path / "missing")]})
     assert summarize.train_sources(tab) == "`out/data/train.jsonl`, `local-v0.2.0`"
+
+
+# ------------------------------------------------------------------------------------------- figures
+FIG_ARMS = ("vanilla", "measure", "erase", "route", "erase-random", "erase-matched", "route-random", "route-matched",
+            "oracle-penalty", "vanilla-2x")
+
+
+@pytest.fixture(scope="module")
+def figure_frames(tmp_path_factory):
+    """(evals, logs) of 10 arms x 5 seeds from fake runs, final values moved onto shared spots: three seeds of
+    four arms at hack 1.0 / pass 0.0, all of route-random at (1.0, 1.0), two seeds of three arms at (0.0, 0.0)."""
+    out = tmp_path_factory.mktemp("figs")
+    runs = []
+    for arm in FIG_ARMS:
+        for seed in range(5):
+            d = out / f"{arm}-s{seed}"
+            fake_runs.write_run(d, arm, seed, steps=8, eval_every=4)
+            res = json.loads((d / "eval.json").read_text())
+            m = res["modes"]["deploy"]
+            if arm in ("vanilla", "measure", "vanilla-2x", "route-matched") and seed in (0, 2, 4):
+                m["hack_strict"], m["gt_pass"] = 1.0, 0.0
+            if (arm, seed) == ("vanilla", 1):
+                m["hack_strict"], m["gt_pass"] = 0.95, 0.02  # near the corner, its own label
+            if arm in ("erase", "route", "oracle-penalty") and seed in (1, 3):
+                m["hack_strict"], m["gt_pass"] = 0.0, 0.0
+            if arm == "route-random":
+                m["hack_strict"], m["gt_pass"] = 1.0, 1.0
+            (d / "eval.json").write_text(json.dumps(res))
+            runs.append({"name": d.name, "arm": arm, "seed": seed, "run_dir": str(d)})
+    return summarize.load_evals(runs), summarize.load_logs(runs)
+
+
+def all_figures(ev, logs) -> dict:
+    return {"hack_vs_step": summarize.make_metric_vs_step(ev, logs, "hack_strict", "strict hack rate", 2),
+            "pass_vs_step": summarize.make_metric_vs_step(ev, logs, "gt_pass", "gt pass@1", 2),
+            "hack_vs_pass": summarize.make_hack_vs_pass(ev, 0.2),
+            "projection": summarize.make_projection(logs, 2)}
+
+
+def layout_problems(fig) -> list[str]:
+    """Draws the figure; names every legend that overlaps a visible axes (or leaves the figure) and every text
+    of an axes that is not inside that axes."""
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    frames = [ax.get_window_extent(r) for ax in axes]
+    legends = list(fig.legends) + [ax.get_legend() for ax in axes if ax.get_legend() is not None]
+    bad = []
+    for leg in legends:
+        box = leg.get_window_extent(r)
+        bad += [f"legend overlaps axes {k}" for k, f in enumerate(frames) if box.overlaps(f)]
+        if not (box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1 and box.y0 >= fig.bbox.y0 and box.y1 <= fig.bbox.y1):
+            bad.append("legend leaves the figure")
+    for k, (ax, f) in enumerate(zip(axes, frames)):
+        for t in ax.texts:
+            b = t.get_window_extent(r)
+            if not (b.x0 >= f.x0 - 0.5 and b.x1 <= f.x1 + 0.5 and b.y0 >= f.y0 - 0.5 and b.y1 <= f.y1 + 0.5):
+                bad.append(f"text {t.get_text()!r} outside axes {k}")
+    return bad
+
+
+def test_figures_keep_legends_outside_and_labels_inside(figure_frames):
+    import matplotlib.pyplot as plt
+
+    figs = all_figures(*figure_frames)
+    try:
+        for name, fig in figs.items():
+            assert layout_problems(fig) == [], name
+        for name in ("hack_vs_step", "pass_vs_step", "projection"):
+            assert len(figs[name].legends) == 1, name
+        n_labels = sum(len(ax.texts) for ax in figs["hack_vs_pass"].axes)
+        assert n_labels >= 2 * len(FIG_ARMS), "every arm's seeds are labelled"
+    finally:
+        for fig in figs.values():
+            plt.close(fig)
+    # the check itself can fail: a legend inside the plotting area and a label past the frame are both caught
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1], [0, 1], label="a")
+    ax.legend(loc="center")
+    ax.annotate("s0,s1,s2,s3", (1.0, 1.0), textcoords="offset points", xytext=(0, 9), ha="center")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    got = layout_problems(fig)
+    plt.close(fig)
+    assert "legend overlaps axes 0" in got and "text 's0,s1,s2,s3' outside axes 0" in got
+
+
+def test_hack_vs_pass_labels_group_coincident_seeds_and_clear_the_points(figure_frames):
+    """Seeds at one spot share one label; no two labels overlap, and no label covers one of its arm's markers."""
+    import matplotlib.pyplot as plt
+
+    ev, _ = figure_frames
+    fig = summarize.make_hack_vs_pass(ev, 0.2)
+    try:
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        panels = {ax.get_title().split(" (")[0]: ax for ax in fig.axes if ax.get_visible()}
+        assert list(panels) == list(FIG_ARMS)
+        texts = {arm: [t.get_text() for t in ax.texts] for arm, ax in panels.items()}
+        assert texts["route-random"] == ["s0,s1,s2,s3,s4"]
+        for arm in ("vanilla", "measure", "vanilla-2x", "route-matched"):
+            assert "s0,s2,s4" in texts[arm], (arm, texts[arm])
+        assert "s1" in texts["vanilla"] and "s1,s3" in texts["erase"]
+        for arm, ax in panels.items():
+            seeds = sorted(int(s[1:]) for t in texts[arm] for s in t.split(","))
+            assert seeds == [0, 1, 2, 3, 4], (arm, texts[arm])  # every seed named exactly once
+            boxes = [t.get_window_extent(r) for t in ax.texts]
+            assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[:i]), arm
+            own = ax.collections[-1]  # the arm's own seeds, drawn last
+            rad = np.sqrt(own.get_sizes()[0]) / 2 * fig.dpi / 72
+            for mx, my in ax.transData.transform(own.get_offsets()):
+                for b, t in zip(boxes, ax.texts):
+                    hit = b.x0 < mx + rad and mx - rad < b.x1 and b.y0 < my + rad and my - rad < b.y1
+                    assert not hit, (arm, t.get_text(), (mx, my))
+    finally:
+        plt.close(fig)
+
+
+def srgb_to_lab(color) -> np.ndarray:
+    """CIE L*a*b* (D65) of a matplotlib colour, from the sRGB formulas."""
+    import matplotlib.colors as mcolors
+
+    c = np.array(mcolors.to_rgb(color))
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ c
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def test_every_arm_has_its_own_colour(figure_frames):
+    """Every arm of arms.ARMS has a fixed colour at least 20 CIE76 units from every other arm's and from the
+    context grey; in the figures distinct arms get distinct colours and one arm the same colour everywhere."""
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    import arms
+
+    assert set(arms.ARMS) <= set(summarize.ARM_STYLE)
+    cols = {a: summarize.style(a)[0] for a in arms.ARMS}
+    lab = {a: srgb_to_lab(c) for a, c in cols.items()} | {"context grey": srgb_to_lab(summarize.CONTEXT_GREY)}
+    close = [(a, b, round(float(np.linalg.norm(lab[a] - lab[b])), 1)) for a, b in itertools.combinations(lab, 2)
+             if np.linalg.norm(lab[a] - lab[b]) < 20]
+    assert close == [], close
+    assert summarize.style("some-new-arm") == summarize.style("some-new-arm")
+    figs = all_figures(*figure_frames)
+    try:
+        seen: dict[str, str] = {}
+        for name in ("hack_vs_step", "pass_vs_step", "projection"):
+            for ax in figs[name].axes:
+                for line in ax.get_lines():
+                    arm = line.get_label().split(" (n=")[0]
+                    seen.setdefault(arm, mcolors.to_hex(line.get_color()))
+                    assert mcolors.to_hex(line.get_color()) == seen[arm], (name, arm)
+        for ax in figs["hack_vs_pass"].axes:
+            if ax.get_visible():
+                arm = ax.get_title().split(" (")[0]
+                assert mcolors.to_hex(ax.collections[-1].get_facecolor()[0]) == seen[arm], arm
+        assert set(seen) == set(FIG_ARMS) and len(set(seen.values())) == len(seen)
+    finally:
+        for fig in figs.values():
+            plt.close(fig)

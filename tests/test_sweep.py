@@ -39,9 +39,10 @@ FAKES = dict(train_script="tests/fixtures/fake_train.py", extract_script="tests/
 
 
 def cfg(tmp_path, cls=sweep.SweepConfig, fakes=True, **kw):
-    base = dict(name="t", preset="smoke", seeds=(0, 1), arms=("vanilla", "erase", "erase-random"), set=("steps=3",),
-                backend="local", out_root=tmp_path / "out", python=PY, sec_per_step=1.0,
-                primary_controls=("vanilla",))  # the control inside this small grid (erase-matched is not in it)
+    base = dict(name="t", preset="smoke", seeds=(0, 1), arms=("vanilla", "erase", "erase-random"),
+                set=("steps=3",), backend="local", out_root=tmp_path / "out", python=PY, sec_per_step=1.0,
+                # the control inside this small grid (erase-matched is not in it)
+                primary_controls=("vanilla",))
     if fakes:
         base.update(FAKES)
     base.update(kw)
@@ -54,7 +55,8 @@ def fake_pueue(tmp_path, monkeypatch):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     exe = bindir / "pueue"
-    exe.write_text(f"#!{PY}\nimport runpy, sys\nsys.argv[0] = 'pueue'\nrunpy.run_path({str(FIX / 'fake_pueue.py')!r}, run_name='__main__')\n")
+    exe.write_text(f"#!{PY}\nimport runpy, sys\nsys.argv[0] = 'pueue'\n"
+                   f"runpy.run_path({str(FIX / 'fake_pueue.py')!r}, run_name='__main__')\n")
     exe.chmod(0o755)
     log = tmp_path / "pueue.log"
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
@@ -86,21 +88,23 @@ def test_queue_full_dry_run_prints_exact_pueue_commands(tmp_path, fake_pueue, mo
     pre = "CUDA_VISIBLE_DEVICES=$PUEUE_WORKER_ID "
     add = ["pueue", "add", "--group", "full", "--working-directory", str(REPO), "--label"]
     want = [["pueue", "group", "add", "full"], ["pueue", "parallel", "2", "-g", "full"],
-            add + ["why: v_hack (full.safetensors) for the measure/erase/route arms of sweep full; resolve: if it "
-                   "failed the dependent arms fail too: read `pueue log`, fix, re-run the sweep command",
+            add + ["why: v_hack (full.safetensors) for the measure/erase/route arms of sweep full; resolve: "
+                   "if it failed the dependent arms fail too: "
+                   "read `pueue log`, fix, re-run the sweep command",
                    "--", pre + f"py extract_vhack_grad.py full --name full --out-dir {vh.parent}"],
-            add + ["why: held-out check that full.safetensors separates hack from clean pairs before arms train on "
-                   "it; resolve: below threshold -> do not trust erase/route, re-extract (more pairs/steps), delete "
-                   "full.safetensors, re-run", "--after", "<id:extract>",
+            add + ["why: held-out check that full.safetensors separates hack from clean pairs before arms "
+                   "train on it; resolve: below threshold -> do not trust erase/route, re-extract "
+                   "(more pairs/steps), delete full.safetensors, re-run", "--after", "<id:extract>",
                    "--", pre + f"py scripts/verify_vhack_heldout.py full --vhack {vh}"]]
     for seed in (0, 1, 2):
         for arm in ("vanilla", "erase", "route", "erase-random", "erase-matched", "route-random"):
             name = f"full-{arm}-s{seed}"
-            label = (f"why: sweep full, preset full, arm {arm}, seed {seed} (fresh); resolve: if it failed read "
-                     f"`pueue log` / {runs / name}/log.tsv, fix, re-run the sweep command (it resumes from the last "
-                     f"checkpoint)")
+            label = (f"why: sweep full, preset full, arm {arm}, seed {seed} (fresh); resolve: "
+                     f"if it failed read `pueue log` / {runs / name}/log.tsv, fix, re-run the sweep command "
+                     f"(it resumes from the last checkpoint)")
             vflag = f" --vhack-path {vh}"  # every arm measures with v_hack; the vhack arms also edit with it
-            after = ["--after", "<id:verify>" if arm in ("erase", "route", "erase-matched") else "<id:extract>"]
+            after = ["--after",
+                     "<id:verify>" if arm in ("erase", "route", "erase-matched") else "<id:extract>"]
             cmd = f"py train.py full --arm {arm} --seed {seed} --run-name {name}{vflag} --out-dir {runs}"
             want.append(add + [label] + after + ["--", pre + cmd])
     assert got == want
@@ -124,11 +128,13 @@ def test_pueue_submission_matches_dry_run_and_is_not_repeated(tmp_path, fake_pue
     verify = next(v for k, v in adds.items() if "fake_verify" in k)
     assert erase[erase.index("--after") + 1] == str(ids["verify"])
     assert verify[verify.index("--after") + 1] == str(ids["extract"])
-    for k, v in adds.items():  # vanilla only measures with v_hack: it waits for the extraction, not the verdict
+    for k, v in adds.items():
+        # vanilla only measures with v_hack: it waits for the extraction, not the verdict
         if "--arm vanilla" in k:
             assert v[v.index("--after") + 1] == str(ids["extract"]), v
     manifest = json.loads((tmp_path / "out/sweeps/t/sweep.json").read_text())
-    assert sorted(manifest["runs"]) == sorted(f"t-{a}-s{s}" for a in ("vanilla", "erase", "erase-random") for s in (0, 1))
+    assert sorted(manifest["runs"]) == sorted(f"t-{a}-s{s}" for a in ("vanilla", "erase", "erase-random")
+                                              for s in (0, 1))
     # the same sweep again while its tasks are still queued: pueue is asked, nothing is added twice
     n = len(real)
     assert sweep.main(c) == 0
@@ -136,11 +142,12 @@ def test_pueue_submission_matches_dry_run_and_is_not_repeated(tmp_path, fake_pue
     assert [a[0] for a in again] == ["group", "parallel", "status"], again
 
 
-@pytest.mark.parametrize("gpus,worker,want", [(["0", "1"], "1", "1"), (["2", "5", "7"], "1", "5"), (["2", "5", "7"], "2", "7")])
+@pytest.mark.parametrize("gpus,worker,want",
+                         [(["0", "1"], "1", "1"), (["2", "5", "7"], "1", "5"), (["2", "5", "7"], "2", "7")])
 def test_cuda_prefix_maps_pueue_slot_to_gpu_in_sh(gpus, worker, want):
     prefix = sweep.cuda_prefix(gpus)
-    out = subprocess.run(["sh", "-c", prefix + "sh -c 'echo $CUDA_VISIBLE_DEVICES'"], capture_output=True, text=True,
-                         env={**os.environ, "PUEUE_WORKER_ID": worker}).stdout.strip()
+    out = subprocess.run(["sh", "-c", prefix + "sh -c 'echo $CUDA_VISIBLE_DEVICES'"], capture_output=True,
+                         text=True, env={**os.environ, "PUEUE_WORKER_ID": worker}).stdout.strip()
     assert out == want
     assert sweep.cuda_prefix([]) == ""
 
@@ -153,8 +160,8 @@ def test_detect_gpus(tmp_path, monkeypatch):
     assert sweep.detect_gpus() == []
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     smi = tmp_path / "nvidia-smi"  # two GPUs, one split into MIG devices: only GPU lines count
-    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\necho '  MIG 3g.40gb Device 0: (UUID: MIG-b)'\n"
-                   "echo 'GPU 1: NVIDIA H100 (UUID: GPU-c)'\n")
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\n"
+                   "echo '  MIG 3g.40gb Device 0: (UUID: MIG-b)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-c)'\n")
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     assert sweep.detect_gpus() == ["0", "1"]
@@ -162,20 +169,22 @@ def test_detect_gpus(tmp_path, monkeypatch):
 
 def test_probe_pueue_dry_run_chains_extract_verify_vanilla_gate(tmp_path, fake_pueue, monkeypatch, capsys):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    c = sweep.ProbeConfig(name="full", preset="full", arms=sweep.FULL_ARMS, seed=100, backend="pueue", dry_run=True,
-                          out_root=tmp_path / "out", python="py", sec_per_step=60.0)
+    c = sweep.ProbeConfig(name="full", preset="full", arms=sweep.FULL_ARMS, seed=100, backend="pueue",
+                          dry_run=True, out_root=tmp_path / "out", python="py", sec_per_step=60.0)
     assert sweep.main(c) == 0
     adds = [ln for ln in pueue_lines(capsys.readouterr().out) if ln[1] == "add"]
     assert len(adds) == 4
     assert [a[a.index("--after") + 1] if "--after" in a else None for a in adds] == \
         [None, "<id:extract>", "<id:verify>", "<id:full-vanilla-s100>"]
     gate = shlex.split(adds[3][-1])
-    assert gate[2:6] == ["probe-full-seed", "100", "--stage", "gate"] and "CUDA_VISIBLE_DEVICES" not in adds[3][-1]
+    assert (gate[2:6] == ["probe-full-seed", "100", "--stage", "gate"]
+            and "CUDA_VISIBLE_DEVICES" not in adds[3][-1])
     assert gate[gate.index("--gpus") + 1] == "0,1" and gate[gate.index("--backend") + 1] == "pueue"
     # the gate command parses back into the same sweep (and so rebuilds the same prereg)
     import tyro
     back = tyro.cli(sweep.Command, args=gate[2:])
-    assert (back.seed, back.stage, back.arms, back.seeds, back.min_hack) == (100, "gate", sweep.FULL_ARMS, (0, 1, 2), 0.2)
+    assert (back.seed, back.stage, back.arms, back.seeds, back.min_hack) == (
+        100, "gate", sweep.FULL_ARMS, (0, 1, 2), 0.2)
     assert back.primary_controls == sweep.prereg_arms(("erase-matched", "vanilla"))
     assert not (tmp_path / "out/sweeps/full/prereg.json").exists(), "a dry run writes nothing"
 
@@ -201,7 +210,8 @@ def test_local_sweep_skips_done_and_resumes_interrupted(tmp_path, monkeypatch):
     steps = [ln.split("\t")[0] for ln in (runs / "t-erase-s1" / "log.tsv").read_text().splitlines()[1:]]
     assert steps == ["0", "1", "2"], "resumed from the step-2 checkpoint, not restarted"
     subs = json.loads((tmp_path / "out/sweeps/t/sweep.json").read_text())["submissions"]
-    assert "extract" in subs[0]["jobs"] and subs[1]["jobs"] == ["t-erase-s1"]  # v_hack existed: not re-extracted
+    # v_hack existed: not re-extracted
+    assert "extract" in subs[0]["jobs"] and subs[1]["jobs"] == ["t-erase-s1"]
 
     assert sweep.main(c) == 0  # finished sweep: nothing submitted
     assert len(calls.read_text().splitlines()) == 7
@@ -235,8 +245,8 @@ def test_bad_input_names_the_field(tmp_path):
 
 
 def test_grids_and_vhack_arms_match_the_hand_written_lists(tmp_path):
-    """The sweep grids (from arms.ARMS) against lists written out here; v_hack for every arm once the grid has a
-    v_hack arm (the others measure with it), waiting for verification only in the arms that edit with it."""
+    """The sweep grids (from arms.ARMS) against lists written out here; v_hack for every arm once the grid has
+    a v_hack arm (the others measure with it), waiting for verification only in the arms that edit with it."""
     assert sweep.FULL_ARMS == ("vanilla", "erase", "route", "erase-random", "erase-matched", "route-random")
     assert set(sweep.ALL_GRID_ARMS) == set(sweep.FULL_ARMS) | {
         "gate-route", "gate-route-random", "gate-random", "vanilla-2x", "shrinkage", "am", "oracle-penalty",
@@ -245,7 +255,8 @@ def test_grids_and_vhack_arms_match_the_hand_written_lists(tmp_path):
     assert sweep.QUEUE_FULL_ARMS == want
     default = tyro.cli(sweep.Command, args=["queue-full"])
     assert (default.arms, default.seeds, default.pilot_seed) == (want, (0, 1, 2), 100)
-    jobs, _ = sweep.plan_grid(cfg(tmp_path, arms=("vanilla", "erase", "erase-random", "shrinkage"), seeds=(0,)))
+    jobs, _ = sweep.plan_grid(cfg(tmp_path,
+                                  arms=("vanilla", "erase", "erase-random", "shrinkage"), seeds=(0,)))
     with_vhack = {j.run["arm"] for j in jobs if j.run and "--vhack-path" in j.argv}
     assert with_vhack == {"vanilla", "erase", "erase-random", "shrinkage"}
     after_verify = {j.run["arm"] for j in jobs if j.run and j.after == ("verify",)}
@@ -262,7 +273,8 @@ def test_probe_gate_local(tmp_path, monkeypatch, capsys, scale, rc):
     assert sweep.main(c) == rc
     out = capsys.readouterr()
     runs = sorted(p.name for p in (tmp_path / "out/runs").iterdir())
-    ev = json.loads((tmp_path / "out/runs/t-vanilla-s7/eval.json").read_text())["modes"]["deploy"]["hack_strict"]
+    ev = json.loads(
+        (tmp_path / "out/runs/t-vanilla-s7/eval.json").read_text())["modes"]["deploy"]["hack_strict"]
     pre = json.loads((tmp_path / "out/sweeps/t/prereg.json").read_text())
     assert pre["pilot"]["seed"] == 7 and pre["seeds"] == [0, 1] and "seed 7" in pre["pilot"]["rule"]
     if rc:
@@ -276,7 +288,8 @@ def test_probe_gate_local(tmp_path, monkeypatch, capsys, scale, rc):
         assert "t-vanilla-s7" in man["runs"] and man["pilot_seed"] == 7
         # the pilot seed is in no comparison
         summarize.main(summarize.Config(sweep="t", out_root=tmp_path / "out"))
-        st = {r["name"]: r["status"] for r in csv.DictReader(open(tmp_path / "out/sweeps/t/runs.tsv"), delimiter="\t")}
+        st = {r["name"]: r["status"] for r in csv.DictReader(open(tmp_path / "out/sweeps/t/runs.tsv"),
+                                                             delimiter="\t")}
         assert st["t-vanilla-s7"] == "pilot"
 
 
@@ -292,12 +305,15 @@ def test_prereg_is_written_before_the_first_run(tmp_path):
     pre_path = tmp_path / "out/sweeps/t/prereg.json"
     pre = json.loads(pre_path.read_text())
     assert pre["arms"] == ["vanilla", "erase", "erase-random"] and pre["seeds"] == [0, 1, 2]
-    assert pre["primary"]["method"] == "erase" and pre["primary"]["controls"] == ["vanilla"]  # erase-matched: not yet
-    assert pre["pilot"]["seed"] == 100 and pre["pilot"]["in_comparisons"] is False and pre["preset"] == "smoke"
+    # erase-matched: not yet
+    assert pre["primary"]["method"] == "erase" and pre["primary"]["controls"] == ["vanilla"]
+    assert (pre["pilot"]["seed"] == 100 and pre["pilot"]["in_comparisons"] is False
+            and pre["preset"] == "smoke")
     starts = [(tmp_path / "out/runs" / f"t-{a}-s{s}" / "config.json").stat().st_mtime
               for a in pre["arms"] for s in pre["seeds"]]
     assert pre_path.stat().st_mtime <= min(starts)
-    assert stats.prereg_valid(pre_path, [tmp_path / "out/runs" / p for p in os.listdir(tmp_path / "out/runs")])[0]
+    assert stats.prereg_valid(pre_path,
+                              [tmp_path / "out/runs" / p for p in os.listdir(tmp_path / "out/runs")])[0]
     # the same sweep again keeps the file; a changed design is refused, naming the fix
     before = pre_path.read_text()
     assert sweep.main(cfg(tmp_path, seeds=(0, 1, 2))) == 0 and pre_path.read_text() == before
@@ -331,13 +347,15 @@ def test_dry_run_prints_prereg_round_robin_and_a_measured_budget(tmp_path, capsy
     write_bench(bench / "a_old.json", 100.0, 50.0, "2026-01-01 00:00:00")
     write_bench(bench / "b_new.json", 36.0, 16.0, "2026-06-01 00:00:00")  # the newest match wins
     write_bench(bench / "c_other.json", 1.0, 1.0, "2027-01-01 00:00:00", shape="qwen3-4b")  # another shape
-    write_bench(bench / "d_fused.json", 2.0, 1.0, "2027-01-01 00:00:00", fused_adapter=True)  # preset is unfused
+    # preset is unfused
+    write_bench(bench / "d_fused.json", 2.0, 1.0, "2027-01-01 00:00:00", fused_adapter=True)
     (bench / "e_broken.json").write_text("{")
     c = cfg(tmp_path, seeds=(0, 1, 2), sec_per_step=0.0, dry_run=True, budget_gpu_hours=0.2)
     assert sweep.main(c) == 0
     out = capsys.readouterr().out
     assert f"# step time source: measured: {bench / 'b_new.json'} (FakeGPU, 2026-06-01 00:00:00" in out
-    assert "# one run: 3 steps x 36.0 s/step = 0.03 h + 1 evals x 4 completions x 1.000 s = 0.00 h = 0.03 GPU-h" in out
+    assert ("# one run: 3 steps x 36.0 s/step = 0.03 h + 1 evals x 4 completions x 1.000 s = 0.00 h "
+            "= 0.03 GPU-h") in out
     assert ("# budget 0.2 GPU-h: keeps 2 of 3 complete rounds (seeds 0, 1); DROPPED 3 runs: t-vanilla-s2, "
             "t-erase-s2, t-erase-random-s2") in out
     assert "# GPU-hours: 6 runs x 3 steps x 36.0 s/step (+ evals) = 0.2 GPU-h (budget 0.2)" in out
@@ -357,20 +375,24 @@ def test_dry_run_prints_prereg_round_robin_and_a_measured_budget(tmp_path, capsy
 
 def test_budget_without_a_step_time_names_the_fix(tmp_path):
     c = cfg(tmp_path, preset="smollm", sec_per_step=0.0, budget_gpu_hours=1.0, dry_run=True)
-    with pytest.raises(ValueError, match="--budget-gpu-hours needs a step time: no analytic shape.*--sec-per-step"):
+    with pytest.raises(ValueError,
+                       match="--budget-gpu-hours needs a step time: no analytic shape.*--sec-per-step"):
         sweep.main(c)
 
 
 def test_preset_fields_read_train_py_without_importing_it():
     p = sweep.preset_fields("full", ("steps=50", "fused_adapter=true"))
-    assert (p["model"], p["rollouts_per_step"], p["group_size"], p["max_new_tokens"]) == ("Qwen/Qwen3-4B", 256, 16, 1536)
-    assert (p["steps"], p["fused_adapter"], p["eval_every"], p["lr"]) == (50, True, 50, 2e-3)  # lr: the default
+    assert (p["model"], p["rollouts_per_step"], p["group_size"], p["max_new_tokens"]) == (
+        "Qwen/Qwen3-4B", 256, 16, 1536)
+    # lr: the default
+    assert (p["steps"], p["fused_adapter"], p["eval_every"], p["lr"]) == (50, True, 50, 2e-3)
     with pytest.raises(ValueError, match="--preset 'nope'"):
         sweep.preset_fields("nope")
 
 
 def test_analytic_estimate_is_labelled(tmp_path, capsys):
-    """No bench json: bench_step's analytic model at the smoke preset's tiny shape (meta device, no weights)."""
+    """No bench json: bench_step's analytic model at the smoke preset's tiny shape (meta device,
+    no weights)."""
     assert sweep.main(cfg(tmp_path, sec_per_step=0.0, dry_run=True)) == 0
     out = capsys.readouterr().out
     assert "# step time source: ESTIMATE (analytic, nothing measured at shape tiny" in out
@@ -378,8 +400,8 @@ def test_analytic_estimate_is_labelled(tmp_path, capsys):
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
-    p = subprocess.run([PY, "scripts/sweep.py", "grid", "--arms", "erasee", "--out-root", str(tmp_path)], cwd=REPO,
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run([PY, "scripts/sweep.py", "grid", "--arms", "erasee", "--out-root", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         f"sweep.py: --arms: unknown arm 'erasee'; arms.py knows {', '.join(arms.NAMES)}"]
 
@@ -388,7 +410,8 @@ def primary_reference(out_root: Path, name: str, method: str, control: str, seed
     """The primary comparison recomputed from the runs' eval.json files: means, the brute-force permutation p
     (all (2n)! orderings, the first n as the method), breakouts and Fisher's p from binomial coefficients."""
     def final(arm, s, metric):
-        return json.loads((out_root / "runs" / f"{name}-{arm}-s{s}" / "eval.json").read_text())["modes"]["deploy"][metric]
+        return json.loads(
+            (out_root / "runs" / f"{name}-{arm}-s{s}" / "eval.json").read_text())["modes"]["deploy"][metric]
 
     x = [final(method, s, "hack_strict") for s in seeds]
     y = [final(control, s, "hack_strict") for s in seeds]
@@ -398,7 +421,8 @@ def primary_reference(out_root: Path, name: str, method: str, control: str, seed
     p = float(np.mean([d <= obs + 1e-12 for d in diffs]))
     km, kc = sum(v >= 0.2 for v in x), sum(v >= 0.2 for v in y)
     K, N = km + kc, 2 * n
-    fisher = sum(math.comb(K, j) * math.comb(N - K, n - j) for j in range(kc, min(K, n) + 1)) / math.comb(N, n)
+    fisher = (sum(math.comb(K, j) * math.comb(N - K, n - j) for j in range(kc, min(K, n) + 1))
+              / math.comb(N, n))
     return dict(x=x, y=y, p=p, km=km, kc=kc, fisher=fisher)
 
 
@@ -421,8 +445,9 @@ def check_primary(out_root: Path, name: str, method: str, control: str, seeds) -
 
 
 def test_end_to_end_primary_section_matches_recomputation(tmp_path):
-    """Fast variant (tests/fixtures/fake_train.py): 2 arms x 3 seeds through the local backend, then summarize;
-    the primary section against primary_reference. The fake's erase hacks less on every seed: p = 1/20."""
+    """Fast variant (tests/fixtures/fake_train.py): 2 arms x 3 seeds through the local backend, then
+    summarize; the primary section against primary_reference.
+    The fake's erase hacks less on every seed: p = 1/20."""
     c = cfg(tmp_path, arms=("vanilla", "erase"), seeds=(0, 1, 2), primary_controls=("vanilla",))
     assert sweep.main(c) == 0
     summarize.main(summarize.Config(sweep="t", out_root=tmp_path / "out"))
@@ -439,9 +464,10 @@ def check_summary_against_runs(out_root: Path, name: str, arms, seeds) -> None:
         tab = list(csv.DictReader(f, delimiter="\t"))
     for arm in arms:
         for metric in ("hack_strict", "gt_pass"):
-            vals = [json.loads((out_root / "runs" / f"{name}-{arm}-s{s}" / "eval.json").read_text())["modes"]["deploy"][metric]
-                    for s in seeds]
-            row = [r for r in tab if (r["arm"], r["mode"], r["metric"], r["final"]) == (arm, "deploy", metric, "True")]
+            vals = [json.loads((out_root / "runs" / f"{name}-{arm}-s{s}" / "eval.json").read_text())
+                    ["modes"]["deploy"][metric] for s in seeds]
+            row = [r for r in tab
+                   if (r["arm"], r["mode"], r["metric"], r["final"]) == (arm, "deploy", metric, "True")]
             assert len(row) == 1, (arm, metric)
             lo, mean, hi = (float(row[0][k]) for k in ("min", "mean", "max"))
             assert mean == pytest.approx(np.mean(vals), abs=1e-5)
@@ -456,7 +482,8 @@ def test_ray_backend_local_cluster(tmp_path):
     c = cfg(tmp_path, backend="ray", ray_address="local", gpus_per_run=0.0)
     assert sweep.main(c) == 0
     runs = tmp_path / "out/runs"
-    assert sorted(p.name for p in runs.iterdir()) == sorted(f"t-{a}-s{s}" for a in ("vanilla", "erase", "erase-random") for s in (0, 1))
+    assert sorted(p.name for p in runs.iterdir()) == sorted(
+        f"t-{a}-s{s}" for a in ("vanilla", "erase", "erase-random") for s in (0, 1))
     assert all((p / "DONE").exists() for p in runs.iterdir())
     check_summary_against_runs(tmp_path / "out", "t", ("vanilla", "erase", "erase-random"), (0, 1))
 
@@ -475,11 +502,13 @@ def test_real_smoke_sweep_end_to_end(tmp_path, backend):
     independent recomputation from the runs' eval.json files."""
     if backend == "ray":
         pytest.importorskip("ray", reason="ray is the optional extra")
-    if not list((REPO / "out/pools/synthetic-tiny-random").glob("step_*.jsonl.gz")):  # the smoke preset's pool
+    if not list((REPO / "out/pools/synthetic-tiny-random").glob("step_*.jsonl.gz")):
+        # the smoke preset's pool
         subprocess.run([PY, "scripts/make_synthetic_pool.py"], cwd=REPO, check=True)
     arm_list = ("vanilla", "erase-random")  # no v_hack needed
     c = cfg(tmp_path, fakes=False, arms=arm_list, seeds=(0, 1, 2), set=("steps=2",), backend=backend,
-            ray_address="local", gpus_per_run=0.0, primary_method="erase-random", primary_controls=("vanilla",))
+            ray_address="local", gpus_per_run=0.0, primary_method="erase-random",
+            primary_controls=("vanilla",))
     assert sweep.main(c) == 0, [p.read_text()[-2000:] for p in (tmp_path / "out/sweeps/t/logs").glob("*.log")]
     check_summary_against_runs(tmp_path / "out", "t", arm_list, (0, 1, 2))
     check_primary(tmp_path / "out", "t", "erase-random", "vanilla", (0, 1, 2))
@@ -489,13 +518,16 @@ def test_real_smoke_sweep_end_to_end(tmp_path, backend):
 
 
 def test_local_backend_runs_jobs_in_parallel_and_respects_dependencies(tmp_path):
-    """--local-jobs 2: two jobs that each wait for the other's start file both succeed (with 1 job at a time the
-    first would time out); a job after a failed one is skipped; a job after a succeeded one runs after it ended."""
+    """--local-jobs 2: two jobs that each wait for the other's start file both succeed (with 1 job at a time
+    the first would time out); a job after a failed one is skipped;
+    a job after a succeeded one runs after it ended."""
     d = tmp_path
-    wait = ("import pathlib, sys, time; d = pathlib.Path(sys.argv[1]); (d / (sys.argv[2] + '.start')).touch(); "
-            "t = time.time()\nwhile not (d / (sys.argv[3] + '.start')).exists():\n    time.sleep(0.05)\n"
+    wait = ("import pathlib, sys, time; d = pathlib.Path(sys.argv[1]); "
+            "(d / (sys.argv[2] + '.start')).touch(); t = time.time()\n"
+            "while not (d / (sys.argv[3] + '.start')).exists():\n    time.sleep(0.05)\n"
             "    if time.time() - t > 5: sys.exit(7)\n(d / (sys.argv[2] + '.end')).touch()")
-    after_a = "import pathlib, sys; d = pathlib.Path(sys.argv[1]); sys.exit(0 if (d / 'a.end').exists() else 9)"
+    after_a = ("import pathlib, sys; d = pathlib.Path(sys.argv[1]); "
+               "sys.exit(0 if (d / 'a.end').exists() else 9)")
     py = sys.executable
     jobs = [
         sweep.Job("a", "train", (py, "-c", wait, str(d), "a", "b"), (), "why: test"),
@@ -506,7 +538,9 @@ def test_local_backend_runs_jobs_in_parallel_and_respects_dependencies(tmp_path)
     ]
     cfg = sweep.SweepConfig(name="par", out_root=tmp_path / "out", local_jobs=2)
     assert sweep.run_local(cfg, jobs) == {"a": 0, "b": 0, "c": 0, "f": 3, "g": -1}
-    # one at a time: b cannot start before a ends, so a times out (rc 7) and c is skipped; b then finds a's start file
+    # one at a time: b cannot start before a ends, so a times out (rc 7) and c is skipped;
+    # b then finds a's start file
     for f in [*d.glob("*.start"), *d.glob("*.end")]:
         f.unlink()
-    assert sweep.run_local(dataclasses.replace(cfg, name="seq", local_jobs=1), jobs[:3]) == {"a": 7, "b": 0, "c": -1}
+    assert sweep.run_local(dataclasses.replace(cfg, name="seq", local_jobs=1), jobs[:3]) == {
+        "a": 7, "b": 0, "c": -1}

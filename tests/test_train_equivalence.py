@@ -151,7 +151,8 @@ def test_merged_inference_generation_matches_unmerged(base):
         with antipasto.merged_inference(m):
             merged_logits = m(input_ids=ids).logits  # (1, P, V)
     assert (plain_logits - merged_logits).abs().max() < 1e-4
-    assert (plain_logits - model(input_ids=ids).logits).abs().max() > 1e-3, "adapter has no effect: the check would be vacuous"
+    assert (plain_logits - model(input_ids=ids).logits).abs().max() > 1e-3, (
+        "adapter has no effect: the check would be vacuous")
     m.eval()
     plain = grpo.generate(m, tok, prompts, 12, 1.0, 1.0, 4, seed=7)
     with antipasto.merged_inference(m):
@@ -178,10 +179,11 @@ def test_bf16_train_pass_direction_matches_fp32(base):
 
 @pytest.mark.parametrize("clip_eps", [0.2, 10.0])
 def test_behaviour_policy_ratio_matches_an_importance_weighted_reference(base, clip_eps):
-    """Rollouts sampled in deploy mode (quarantine ablated), trained with the quarantine on: the policy gradient
-    uses the behaviour log-probs as old_logp and equals the clipped importance-weighted surrogate written here,
-    full batch and full logits: -min(rho A, clip(rho) A), rho = pi_train / pi_behaviour, behaviour = W + U diag(dS) Vh,
-    train = W + U diag(dS + dS_hack) Vh. clip_eps = 10: the unclipped importance-weighted gradient."""
+    """Rollouts sampled in deploy mode (quarantine ablated), trained with the quarantine on: the policy
+    gradient uses the behaviour log-probs as old_logp and equals the clipped importance-weighted surrogate
+    written here, full batch and full logits: -min(rho A, clip(rho) A), rho = pi_train / pi_behaviour,
+    behaviour = W + U diag(dS) Vh, train = W + U diag(dS + dS_hack) Vh. clip_eps = 10: the unclipped
+    importance-weighted gradient."""
     model, tok = base
     m, ads = wrapped(model, quarantine=True, seed=3)
     rs = rollouts(len(tok), seed=3)
@@ -203,7 +205,8 @@ def test_behaviour_policy_ratio_matches_an_importance_weighted_reference(base, c
         behaviour = logp_of({k: a.delta_S.detach() for k, a in ads.items()})  # (B, T)
     d = {k: (a.delta_S.detach() + a.delta_S_hack.detach()).clone().requires_grad_(True) for k, a in ads.items()}
     rho = torch.exp(logp_of(d) - behaviour)  # (B, T)
-    assert float(((rho - 1).abs() * cm).max()) > 1e-3, "quarantine too small: ratio == 1, the test proves nothing"
+    assert float(((rho - 1).abs() * cm).max()) > 1e-3, (
+        "quarantine too small: ratio == 1, the test proves nothing")
     surr = torch.minimum(rho * adv, rho.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # (B, T)
     (-(surr * cm).sum() / (N_SEQS * L_MAX)).backward()
     want = {k: v.grad for k, v in d.items()}
@@ -223,5 +226,6 @@ def test_behaviour_policy_ratio_matches_an_importance_weighted_reference(base, c
 def test_without_a_behaviour_policy_the_ratio_is_exactly_one(base):
     model, tok = base
     m, ads = wrapped(model, quarantine=True, seed=4)
-    st = grpo.policy_gradient(m, rollouts(len(tok), seed=4), N_SEQS, grpo.LossConfig(l_max=L_MAX, beta_kl=0.0), 0, "cpu")
+    st = grpo.policy_gradient(m, rollouts(len(tok), seed=4), N_SEQS,
+                              grpo.LossConfig(l_max=L_MAX, beta_kl=0.0), 0, "cpu")
     assert st["ratio_mean"] == 1.0 and st["frac_clipped"] == 0.0 and st["logratio_abs"] == 0.0

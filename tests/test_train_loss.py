@@ -80,16 +80,19 @@ def test_normaliser_independent_of_lengths():
     m_short[0, :2] = 1
     m_short[1, :9] = 1
     adv = torch.tensor([1.0, 1.0])
-    loss, _ = dr_grpo_loss(logp, logp.detach(), None, adv, m_short, n_seqs=2, l_max=10, beta=0.0, clip_eps=0.2)
+    loss, _ = dr_grpo_loss(logp, logp.detach(), None, adv, m_short, n_seqs=2, l_max=10,
+                           beta=0.0, clip_eps=0.2)
     loss.backward()
-    assert logp.grad[0, 0].item() == pytest.approx(logp.grad[1, 0].item())  # same weight per token, both lengths
+    # same weight per token, both lengths
+    assert logp.grad[0, 0].item() == pytest.approx(logp.grad[1, 0].item())
     assert logp.grad[0, 0].item() == pytest.approx(-1.0 / 20)
 
 
 def test_zero_variance_group_gives_zero_gradient_and_beta0_kl():
     logp = torch.randn(4, 5, requires_grad=True)
     adv = dr_grpo_advantages(torch.full((1, 4), 3.5), torch.ones(1, 4, dtype=torch.bool)).view(-1)
-    loss, st = dr_grpo_loss(logp, logp.detach(), torch.randn(4, 5), adv, torch.ones(4, 5), 4, 5, beta=0.0, clip_eps=0.2)
+    loss, st = dr_grpo_loss(logp, logp.detach(), torch.randn(4, 5), adv, torch.ones(4, 5), 4, 5,
+                            beta=0.0, clip_eps=0.2)
     loss.backward()
     assert torch.count_nonzero(logp.grad) == 0
     assert st["kl_sum"].item() == 0.0
@@ -97,7 +100,8 @@ def test_zero_variance_group_gives_zero_gradient_and_beta0_kl():
 
 def test_ratio_is_one_at_first_inner_step():
     logp = torch.randn(2, 3, requires_grad=True)
-    loss, _ = dr_grpo_loss(logp, logp.detach(), None, torch.tensor([2.0, -1.0]), torch.ones(2, 3), 2, 3, 0.0, 0.2)
+    loss, _ = dr_grpo_loss(logp, logp.detach(), None, torch.tensor([2.0, -1.0]), torch.ones(2, 3),
+                           2, 3, 0.0, 0.2)
     # value equals -sum(A * 1 * mask) / (N L): the ratio contributes exactly 1
     assert loss.item() == pytest.approx(-(2.0 * 3 - 1.0 * 3) / 6)
 
@@ -128,8 +132,8 @@ def test_token_logprobs_chunked_matches_full_logits():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+    cfg = Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
     m = Qwen3ForCausalLM(cfg).eval()
     ids = torch.randint(0, 97, (3, 11))
     att = torch.ones_like(ids)
@@ -152,13 +156,14 @@ def test_token_logprobs_chunked_matches_full_logits():
 
 
 def test_token_logprobs_where_heads_only_the_masked_positions():
-    """`where` (the completion mask): the LM head runs only there; those values and the loss gradient equal the
-    full log-softmax's (an independent computation from HF's logits), every other position is exactly 0."""
+    """`where` (the completion mask): the LM head runs only there; those values and the loss gradient equal
+    the full log-softmax's (an independent computation from HF's logits),
+    every other position is exactly 0."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(1)
-    cfg = Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+    cfg = Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
     m = Qwen3ForCausalLM(cfg).eval()
     ids = torch.randint(0, 97, (3, 12))
     att = torch.ones_like(ids)

@@ -21,8 +21,8 @@ TIMING = {"t_gen", "t_grade", "t_train", "t_step", "peak_mem_gb"}
 def small_cfg(tmp: Path, pool: Path, **kw) -> train.TrainConfig:
     base = dataclasses.replace(
         train.PRESETS["smoke"][1], out_dir=str(tmp), max_problems=8, rollouts_per_step=8, group_size=4,
-        max_new_tokens=12, teacher_pool_dir=str(pool), mix_ratio=0.5, eval_at_end=False, steps=1, ckpt_every=1,
-        grader_workers=2, save_rollouts=True,
+        max_new_tokens=12, teacher_pool_dir=str(pool), mix_ratio=0.5, eval_at_end=False, steps=1,
+        ckpt_every=1, grader_workers=2, save_rollouts=True,
     )
     return dataclasses.replace(base, **kw)
 
@@ -68,9 +68,10 @@ def test_one_step_changes_only_what_it_should(arm, tmp_path, pool_dir, vhack_fil
 
 
 def test_erase_on_the_step_never_applies_a_step_toward_the_hack(tmp_path, pool_dir, vhack_file):
-    """Default --surgery-on step: every logged step has no module whose applied step moves toward the hack, while
-    the same run's gradient does point there in some steps (erase fired)."""
-    run = train.main(small_cfg(tmp_path, pool_dir, arm="erase", steps=5, run_name="erase-step", vhack_path=vhack_file))
+    """Default --surgery-on step: every logged step has no module whose applied step moves toward the hack,
+    while the same run's gradient does point there in some steps (erase fired)."""
+    run = train.main(small_cfg(tmp_path, pool_dir, arm="erase", steps=5, run_name="erase-step",
+                               vhack_path=vhack_file))
     rows = read_tsv(run / "log.tsv")
     assert any(float(r["frac_fired"]) > 0 for r in rows), "erase never fired: the test cannot check it"
     for r in rows:
@@ -80,9 +81,10 @@ def test_erase_on_the_step_never_applies_a_step_toward_the_hack(tmp_path, pool_d
 
 def test_erase_planted_direction(tmp_path, pool_dir, vhack_file):
     """--surgery-on grad (the founding design): the edited gradient has no positive component along v."""
-    run_e = train.main(small_cfg(tmp_path, pool_dir, arm="erase", steps=5, run_name="erase", vhack_path=vhack_file,
-                                 surgery_on="grad"))
-    run_v = train.main(small_cfg(tmp_path, pool_dir, arm="vanilla", steps=5, run_name="van", vhack_path=vhack_file))
+    run_e = train.main(small_cfg(tmp_path, pool_dir, arm="erase", steps=5, run_name="erase",
+                                 vhack_path=vhack_file, surgery_on="grad"))
+    run_v = train.main(small_cfg(tmp_path, pool_dir, arm="vanilla", steps=5, run_name="van",
+                                 vhack_path=vhack_file))
     er, va = read_tsv(run_e / "log.tsv"), read_tsv(run_v / "log.tsv")
     assert len(er) == len(va) == 5
     fired_any = False
@@ -104,7 +106,8 @@ def test_vhack_only_measures_in_vanilla(tmp_path, pool_dir, vhack_file):
     plain = train.main(small_cfg(tmp_path, pool_dir, steps=2, run_name="plain"))
     meas = train.main(small_cfg(tmp_path, pool_dir, steps=2, run_name="meas", vhack_path=vhack_file))
     a, b = adapter_state(plain), adapter_state(meas)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "v_hack changed vanilla's training"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (
+        "v_hack changed vanilla's training")
     for r, r0 in zip(read_tsv(meas / "log.tsv"), read_tsv(plain / "log.tsv")):
         assert all(r[c] != "nan" for c in ("cos_in", "step_cos", "step_toward")), r
         assert r0["step_cos"] == "nan" and float(r["removed_norm_frac"]) == 0.0

@@ -1,8 +1,8 @@
 """User errors stop train.py before the model loads, as one stderr line naming the field or file (exit 2, no
 traceback); damaged checkpoints fall back to the previous sound one (issue 20).
 
-The subprocess cases (the real entry point, its exit status and stderr) run together in one slow test; the fast
-tests call train.validate / runs directly."""
+The subprocess cases run the real entry point (its exit status and stderr); the others call train.validate / runs
+directly."""
 
 from __future__ import annotations
 
@@ -193,8 +193,8 @@ def test_resume_from_truncated_latest_retrains_the_lost_step(two_ckpt_run, tmp_p
 # ---- the real entry point: exit 2, one stderr line, no traceback, before the model loads
 
 
-def run_train(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_train(args: list[str], **env_kw: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_kw}
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "smoke", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -213,24 +213,38 @@ def test_bad_lr_subprocess(tmp_path):
     check_one_line(run_train(["--lr", "-0.001", *NO_POOL, "--out-dir", str(tmp_path)]), "--lr=-0.001", "bad lr")
 
 
-@pytest.mark.slow
 def test_every_bad_input_subprocess(tmp_path, two_ckpt_run):
+    """Each case through the real entry point, one at a time: exit 2 within a minute on a loaded 2-core box (an
+    import of torch + transformers is most of it), one line, no traceback, before the model loads."""
     out = ["--out-dir", str(tmp_path / "runs")]
     all_bad = damaged(two_ckpt_run, tmp_path, "all_bad")
+    bad_eval = tmp_path / "heldout.jsonl.gz"
+    bad_eval.write_bytes(truncated_gz(tmp_path).read_bytes())
     cases = {
-        "mix without pool": (["--teacher-pool-dir", "", "--mix-ratio", "0.5", *out], "--teacher-pool-dir"),
+        "mix without pool": (["--teacher-pool-dir", "", "--mix-ratio", "0.5", *out], "--teacher-pool-dir", {}),
         "missing vhack": ([*NO_POOL, "--arm", "erase", "--vhack-path", str(tmp_path / "no.safetensors"), *out],
-                          "no.safetensors"),
+                          "no.safetensors", {}),
         "wrong-model vhack": ([*NO_POOL, "--arm", "erase", "--vhack-path", str(other_model_vhack(tmp_path)), *out],
-                              "model_id='HuggingFaceTB/SmolLM2-135M-Instruct'"),
-        "corrupt gz": ([*NO_POOL, "--data-path", str(truncated_gz(tmp_path)), *out], "train.jsonl.gz"),
-        "no sound checkpoint": ([*NO_POOL, "--resume", str(all_bad), "--force-resume"], "no usable checkpoint"),
+                              "model_id='HuggingFaceTB/SmolLM2-135M-Instruct'", {}),
+        "corrupt gz": ([*NO_POOL, "--data-path", str(truncated_gz(tmp_path)), *out], "train.jsonl.gz", {}),
+        "corrupt eval gz": ([*NO_POOL, "--eval-data-path", str(bad_eval), *out], "--eval-data-path", {}),
+        "no sound checkpoint": ([*NO_POOL, "--resume", str(all_bad), "--force-resume"], "no usable checkpoint", {}),
+        "hub model offline": ([*NO_POOL, "--model", "Qwen/Qwen3-0.6B", *out], "just download-model Qwen/Qwen3-0.6B",
+                              {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}),
+        "no such model path": ([*NO_POOL, "--model", "./no/such/model", *out], "no such local path", {}),
     }
-    t0 = time.time()
-    procs = {k: run_train(a) for k, (a, _) in cases.items()}
-    for k, p in procs.items():
-        check_one_line(p, cases[k][1], k)
-    assert time.time() - t0 < 300, "the checks took minutes: something heavy ran before validation"
+    for k, (args, needle, env_kw) in cases.items():
+        t0 = time.time()
+        check_one_line(run_train(args, **env_kw), needle, k)
+        assert time.time() - t0 < 60, f"{k}: {time.time() - t0:.0f} s: something heavy ran before validation"
+
+
+@pytest.mark.parametrize("how", ["empty_latest", "latest_nowhere"])
+def test_resume_with_a_broken_latest_uses_the_newest_sound_step(two_ckpt_run, tmp_path, how):
+    d = damaged(two_ckpt_run, tmp_path, how)
+    before = (d / "log.tsv").read_text()
+    train.main(dataclasses.replace(runs.config_from_run(d, train.TrainConfig), resume=str(d), run_name=""))
+    assert (d / "log.tsv").read_text() == before, "resumed from an older step than the newest sound one"
 
 
 def test_download_model_aliases_match_models():

@@ -56,7 +56,8 @@ def hf_side_loss(model, ids: list[int], n_prompt: int, norm_const: float) -> tor
     return out.loss * (len(ids) - n_prompt) / norm_const
 
 
-# ---------------------------------------------------------------------------------------------- encoding / loss
+# ----------------------------------------------------------------------------------------------
+# encoding / loss
 def test_encode_side(tiny, few_pairs):
     _, tok = tiny
     p = few_pairs[0]
@@ -78,7 +79,8 @@ def test_completion_nll_matches_hf_loss(tiny, few_pairs):
     attn = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i, _ in seqs])
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attn).logits
-        got = ex.completion_nll(logits, ids, torch.tensor([n for _, n in seqs]), torch.tensor([len(i) for i, _ in seqs]), 100.0)
+        got = ex.completion_nll(logits, ids, torch.tensor([n for _, n in seqs]),
+                                torch.tensor([len(i) for i, _ in seqs]), 100.0)
         want = torch.stack([hf_side_loss(model, i, n, 100.0) for i, n in seqs])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -105,7 +107,8 @@ def test_batched_per_sample_grads_equal_batch1_reference(tiny, few_pairs):
     model, tok = tiny
     m = copy.deepcopy(model)
     antipasto.wrap_model(m, rank=RANK)
-    got = ex.pair_diffs(m, tok, few_pairs[:3], batch_size=3, norm_const=64.0, progress=False)  # 6 sequences, padded
+    # 6 sequences, padded
+    got = ex.pair_diffs(m, tok, few_pairs[:3], batch_size=3, norm_const=64.0, progress=False)
     want = reference_diffs(model, tok, few_pairs[:3], 64.0, RANK)
     assert list(got) == list(want)
     for k in want:
@@ -167,18 +170,20 @@ def test_planted_direction_is_recovered(tiny, tmp_path):
             before = a(x)
             plant_basis(a, Gbar[k], planted[k])
             assert torch.equal(a(x), before), "at delta_S = 0 the basis must not change the forward"
-    cfg = ex.ExtractConfig(model=TINY, select="@id=ow02|sc02|te01|wa01", method="mean", rank=RANK, batch_size=2,
-                           out_dir=str(tmp_path), name="planted", save_diffs=False)
+    cfg = ex.ExtractConfig(model=TINY, select="@id=ow02|sc02|te01|wa01", method="mean", rank=RANK,
+                           batch_size=2, out_dir=str(tmp_path), name="planted", save_diffs=False)
     path, _ = ex.extract(cfg, model=m, tokenizer=tok, progress=False)
     v = antipasto.load_directions(path, m, models.model_id(TINY))
     cos = torch.tensor([float(v[k] @ planted[k]) for k in ads])
     assert float(cos.min()) > 0.9, f"planted direction not recovered: min cos {float(cos.min()):.4f}"
-    assert float(cos.mean()) > 0.999, f"mean cos {float(cos.mean()):.5f} (the construction is exact up to float error)"
+    assert float(cos.mean()) > 0.999, (
+        f"mean cos {float(cos.mean()):.5f} (the construction is exact up to float error)")
     # the flipped plant is recovered as flipped: the sign convention is hack minus clean
     for k, a in ads.items():
         with torch.no_grad():
             a.U.neg_()
-    path2, _ = ex.extract(ex.ExtractConfig(**{**cfg.__dict__, "name": "planted_neg"}), model=m, tokenizer=tok, progress=False)
+    path2, _ = ex.extract(ex.ExtractConfig(**{**cfg.__dict__, "name": "planted_neg"}), model=m, tokenizer=tok,
+                          progress=False)
     v2 = antipasto.load_directions(path2, m, models.model_id(TINY))
     assert max(float(v2[k] @ planted[k]) for k in ads) < -0.9
 
@@ -210,8 +215,8 @@ def test_aggregate_mean_and_svd_recover_planted_rows():
 def test_extract_metadata_and_mismatch_errors(tiny, tmp_path):
     model, tok = tiny
     m = copy.deepcopy(model)
-    cfg = ex.ExtractConfig(model=TINY, select="@id=ow01|hc01", rank=RANK, batch_size=2, out_dir=str(tmp_path), name="meta",
-                           method="svd")
+    cfg = ex.ExtractConfig(model=TINY, select="@id=ow01|hc01", rank=RANK, batch_size=2, out_dir=str(tmp_path),
+                           name="meta", method="svd")
     path, summary = ex.extract(cfg, model=m, tokenizer=tok, progress=False)
     meta, tensors = antipasto._read_file(path)
     for f in ("model_id", "dtype", "module_keys", "ranks", "pair_set", "n_pairs", "method", "git_sha"):
@@ -224,7 +229,8 @@ def test_extract_metadata_and_mismatch_errors(tiny, tmp_path):
     assert Path(path).with_suffix(".diffs.pt").is_file() and Path(path).with_suffix(".json").is_file()
     # re-aggregating the saved differences with another method needs no model
     saved = torch.load(Path(path).with_suffix(".diffs.pt"), weights_only=False)
-    re_path, _ = ex.extract(ex.ExtractConfig(model=TINY, method="mean", from_diffs=str(Path(path).with_suffix(".diffs.pt")),
+    re_path, _ = ex.extract(ex.ExtractConfig(model=TINY, method="mean",
+                                             from_diffs=str(Path(path).with_suffix(".diffs.pt")),
                                              out_dir=str(tmp_path), name="re"))
     re_meta, re_t = antipasto._read_file(re_path)
     assert re_meta["method"] == "mean" and re_meta["module_keys"] == meta["module_keys"] and re_meta["ranks"] == meta["ranks"]
@@ -255,8 +261,8 @@ def test_extract_is_deterministic(tiny, tmp_path):
     outs = []
     for i in range(2):
         m = copy.deepcopy(model)
-        cfg = ex.ExtractConfig(model=TINY, select="@id=ae01|wa01", rank=RANK, batch_size=1 + i, out_dir=str(tmp_path),
-                               name=f"det{i}", save_diffs=False)
+        cfg = ex.ExtractConfig(model=TINY, select="@id=ae01|wa01", rank=RANK, batch_size=1 + i,
+                               out_dir=str(tmp_path), name=f"det{i}", save_diffs=False)
         path, _ = ex.extract(cfg, model=m, tokenizer=tok, progress=False)
         outs.append(antipasto._read_file(path)[1])
     for k in outs[0]:
@@ -286,25 +292,30 @@ def test_verify_passes_for_a_good_direction_and_fails_for_its_negative(tiny, tmp
     antipasto.wrap_model(m, rank=RANK)
     held = pairs_mod.load_pairs(select="heldout_within")[:1]
     D = ex.pair_diffs(m, tok, held, batch_size=1, norm_const=256.0, progress=False)
-    good = {k: ex.aggregate(D[k], "mean") for k in D}  # the held-out pair's own difference: cos 1 by construction
+    # the held-out pair's own difference: cos 1 by construction
+    good = {k: ex.aggregate(D[k], "mean") for k in D}
     meta = antipasto.adapter_meta(m, models.model_id(TINY))
     meta.update(pair_set="test", n_pairs=0, method="mean", pair_ids=[], norm_const=256.0)
     antipasto.save_directions(tmp_path / "good.safetensors", good, meta)
     antipasto.save_directions(tmp_path / "bad.safetensors", {k: -v for k, v in good.items()}, meta)
-    base = dict(model=TINY, splits=("heldout_within",), require=("heldout_within",), max_pairs=1, batch_size=1, n_random=200)
-    r = vv.verify(vv.VerifyConfig(vhack=str(tmp_path / "good.safetensors"), **base), model=m, tokenizer=tok, progress=False)
+    base = dict(model=TINY, splits=("heldout_within",), require=("heldout_within",), max_pairs=1,
+                batch_size=1, n_random=200)
+    r = vv.verify(vv.VerifyConfig(vhack=str(tmp_path / "good.safetensors"), **base), model=m, tokenizer=tok,
+                  progress=False)
     s = r["splits"]["heldout_within"]
     assert r["pass"] and s["frac_pos"] == 1.0 and s["median"] > s["random_median_threshold"]
     assert s["median"] == pytest.approx(1.0, abs=1e-4) and s["random_median_threshold"] < 0.5
     assert set(s["per_mode"]) == {p.mode for p in held} and len(s["per_pair_global_cos"]) == 1
     assert "heldout_within" in vv.to_markdown(r)
     # cached held-out differences (extract --save-diffs) give the same numbers without touching a model
-    cx = ex.ExtractConfig(model=TINY, select=f"@id={held[0].id}", rank=RANK, batch_size=1, out_dir=str(tmp_path), name="held")
+    cx = ex.ExtractConfig(model=TINY, select=f"@id={held[0].id}", rank=RANK, batch_size=1,
+                          out_dir=str(tmp_path), name="held")
     ex.extract(cx, model=copy.deepcopy(model), tokenizer=tok, progress=False)
     def no_model(*a, **k):
         raise AssertionError("verify loaded a model although the differences were cached")
     monkeypatch.setattr(vv.models, "load_model", no_model)
-    r2 = vv.verify(vv.VerifyConfig(vhack=str(tmp_path / "good.safetensors"), diffs=(str(tmp_path / "held.diffs.pt"),), **base))
+    r2 = vv.verify(vv.VerifyConfig(vhack=str(tmp_path / "good.safetensors"),
+                                   diffs=(str(tmp_path / "held.diffs.pt"),), **base))
     s2 = r2["splits"]["heldout_within"]
     assert s2["median"] == pytest.approx(s["median"], abs=1e-4) and s2["frac_pos"] == s["frac_pos"]
     monkeypatch.undo()
@@ -315,4 +326,5 @@ def test_verify_passes_for_a_good_direction_and_fails_for_its_negative(tiny, tmp
     meta["pair_ids"] = [held[0].id]
     antipasto.save_directions(tmp_path / "leak.safetensors", good, meta)
     with pytest.raises(AssertionError, match="extracted from"):
-        vv.verify(vv.VerifyConfig(vhack=str(tmp_path / "leak.safetensors"), **base), model=m, tokenizer=tok, progress=False)
+        vv.verify(vv.VerifyConfig(vhack=str(tmp_path / "leak.safetensors"), **base), model=m, tokenizer=tok,
+                  progress=False)

@@ -2,7 +2,8 @@
 interface (LLM(model=...), apply_model(fn) -> fn(model) with model.load_weights(list of (hf_name, tensor)),
 generate(list of {"prompt_token_ids"}, list of SamplingParams)) that owns a *separate* copy of the base model
 loaded from the same path. If the names, the merge or the mode handling were wrong, its completions would
-differ from grpo.generate on the adapted model. A last test runs the real engine where vLLM and a GPU exist."""
+differ from grpo.generate on the adapted model.
+A last test runs the real engine where vLLM and a GPU exist."""
 
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ class _Model:
 class FakeLLM:
     instances: list = []
 
-    def __init__(self, model: str, dtype: str, seed: int, max_model_len: int, gpu_memory_utilization: float, **kw):
+    def __init__(self, model: str, dtype: str, seed: int, max_model_len: int,
+                 gpu_memory_utilization: float, **kw):
         self.kw = dict(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len, **kw)
         torch.manual_seed(seed)  # as vLLM does at start-up (set_random_seed)
         random.seed(seed)
@@ -159,7 +161,8 @@ def test_mode_weights_agree_with_merge_and_base(adapted):
 
 @pytest.mark.parametrize("mode", ["deploy", "quarantine_on", "reference"])
 def test_engine_generates_what_the_adapted_model_generates(adapted, fake_vllm, mode):
-    """After sync, the engine's greedy completions equal grpo.generate on the adapted model in the same mode."""
+    """After sync, the engine's greedy completions equal grpo.generate on the adapted model in the same
+    mode."""
     m, tok = adapted
     ctx = {"deploy": antipasto.ablate_quarantine, "quarantine_on": contextlib.nullcontext, "reference": antipasto.reference}[mode]
     eng = vllm_backend.VllmEngine(models.resolve_path("tiny-random"), "float32", 0, 256, 0.3)
@@ -192,7 +195,8 @@ def test_sync_pushes_only_on_change(adapted, fake_vllm):
     eng.sync(m)
     assert fake.calls == 2
     with torch.no_grad():
-        ad.delta_S.data.add_(0.01)  # a value change WITHOUT a version bump (a fused AdamW step, a .data write)
+        # a value change WITHOUT a version bump (a fused AdamW step, a .data write)
+        ad.delta_S.data.add_(0.01)
     try:
         eng.sync(m)
         assert fake.calls == 3, "changed values must be pushed even when _version did not move"
@@ -208,7 +212,8 @@ def test_engine_start_leaves_the_global_rng_alone(fake_vllm):
     want_t, want_r = torch.rand(3), random.random()
     torch.manual_seed(123)
     random.seed(123)
-    vllm_backend.VllmEngine(models.resolve_path("tiny-random"), "float32", 0, 256, 0.3)  # the stand-in reseeds with 0
+    # the stand-in reseeds with 0
+    vllm_backend.VllmEngine(models.resolve_path("tiny-random"), "float32", 0, 256, 0.3)
     assert torch.equal(torch.rand(3), want_t) and random.random() == want_r
 
 
@@ -219,7 +224,8 @@ def test_eos_handling(adapted, fake_vllm):
     eos = grpo.eos_ids(tok)
 
     def fake_generate(prompts, params, use_tqdm=True):
-        return [_Req(_Out([5, 6, eos[0], 7], "stop", eos[0])), _Req(_Out([5, 6], "stop", None)), _Req(_Out([5, 6, 7], "length", None))]
+        return [_Req(_Out([5, 6, eos[0], 7], "stop", eos[0])), _Req(_Out([5, 6], "stop", None)),
+                _Req(_Out([5, 6, 7], "length", None))]
 
     eng.llm.generate = fake_generate
     out = eng.generate([[1], [1], [1]], 4, 1.0, 1.0, 8, 0, eos)
@@ -230,14 +236,15 @@ def test_train_main_runs_with_vllm_backend(tmp_path, fake_vllm, monkeypatch, poo
     """A 2-step route run with --backend vllm: the engine is synced before every generation (train steps in
     deploy mode, the final eval in deploy / quarantine-on / shrinkage mode) and the log is complete."""
     monkeypatch.setattr(vllm_backend, "check_usable", lambda device: None)  # the stand-in runs on CPU
-    cfg = replace(train.PRESETS["smoke"][1], backend="vllm", arm="route", steps=2, out_dir=str(tmp_path), run_name="v",
-                  teacher_pool_dir=str(pool_dir), vhack_path=str(vhack_file), eval_problems=1,
+    cfg = replace(train.PRESETS["smoke"][1], backend="vllm", arm="route", steps=2, out_dir=str(tmp_path),
+                  run_name="v", teacher_pool_dir=str(pool_dir), vhack_path=str(vhack_file), eval_problems=1,
                   max_new_tokens=16)
     run = train.main(cfg)
     rows = (run / "log.tsv").read_text().strip().splitlines()
     assert len(rows) == 3
     fake = FakeLLM.instances[-1]
-    tok = models.load_tokenizer("tiny-random")  # context = the longest train or eval prompt + the completion budget
+    # context = the longest train or eval prompt + the completion budget
+    tok = models.load_tokenizer("tiny-random")
     longest = max(len(models.chat_ids(tok, list(p.prompt))) for p in
                   [*P.load_train_split(cfg.train_source, cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint, cfg.max_prompt_tokens, models.prompt_len(tok))[0], *[P.apply_hint(q, cfg.eval_hint) for q in P.load_benchmark_test()[: cfg.eval_problems]]])
     assert fake.kw["max_model_len"] == longest + cfg.max_new_tokens
@@ -248,15 +255,16 @@ def test_train_main_runs_with_vllm_backend(tmp_path, fake_vllm, monkeypatch, poo
 
 def test_backend_vllm_without_vllm_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(vllm_backend, "available", lambda: False)
-    cfg = replace(train.PRESETS["smoke"][1], backend="vllm", steps=1, out_dir=str(tmp_path), run_name="x", teacher_pool_dir="", mix_ratio=0.0)
+    cfg = replace(train.PRESETS["smoke"][1], backend="vllm", steps=1, out_dir=str(tmp_path), run_name="x",
+                  teacher_pool_dir="", mix_ratio=0.0)
     with pytest.raises(ValueError, match=r"vllm package is not installed.*--backend hf"):
         train.main(cfg)
     assert not (tmp_path / "x").exists()
 
 
 def test_backend_vllm_on_cpu_is_a_clear_error(tmp_path, fake_vllm):
-    cfg = replace(train.PRESETS["smoke"][1], backend="vllm", device="cpu", steps=1, out_dir=str(tmp_path), run_name="x",
-                  teacher_pool_dir="", mix_ratio=0.0)
+    cfg = replace(train.PRESETS["smoke"][1], backend="vllm", device="cpu", steps=1, out_dir=str(tmp_path),
+                  run_name="x", teacher_pool_dir="", mix_ratio=0.0)
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         train.main(cfg)
 
@@ -265,7 +273,8 @@ def test_backend_vllm_on_cpu_is_a_clear_error(tmp_path, fake_vllm):
                     reason="needs the vllm package and a CUDA GPU (EXTRAS=dev,vllm bash scripts/setup.sh)")
 def test_real_vllm_engine_follows_the_adapter():
     """SmolLM2 in bf16 (tiny-random's fp32 / head_dim 16 are not vLLM attention-backend shapes): after a
-    sync with a large delta_S, the engine's greedy prefixes match HF's on the adapted model, not the base's."""
+    sync with a large delta_S, the engine's greedy prefixes match HF's on the adapted model,
+    not the base's."""
     m, tok = models.load_model("smollm2-135m", dtype="bfloat16", device="cuda")
     ads = antipasto.wrap_model(m)
     with torch.no_grad():
@@ -287,7 +296,8 @@ def test_real_vllm_engine_follows_the_adapter():
 
 def test_request_seeds_are_not_shared_between_consecutive_steps(adapted, fake_vllm):
     """train.py's base seed is cfg.seed * 1_000_003 + step: consecutive steps' requests must not reuse each
-    other's seeds (seed + index would give request i of step t+1 the sampling noise of request i+1 of step t)."""
+    other's seeds (seed + index would give request i of step t+1 the sampling noise of request i+1 of step
+    t)."""
     m, tok = adapted
     eng = vllm_backend.VllmEngine(models.resolve_path("tiny-random"), "float32", 0, 256, 0.3)
     seen = []
