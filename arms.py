@@ -63,27 +63,30 @@ class Arm:
 ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("vanilla", "plain Dr.GRPO (cosines with v_hack measured when one is given)", grid="core"),
     Arm("measure", "vanilla + cosine logging against v_hack (requires --vhack-path)", direction="vhack"),
-    Arm("erase", "remove the applied step's component toward the hack along v_hack (u.v < 0)", direction="vhack",
-        step_edit="erase", surgery="erase", grid="core"),
+    Arm("erase", "remove the applied step's component toward the hack along v_hack (u.v < 0)",
+        direction="vhack", step_edit="erase", surgery="erase", grid="core"),
     Arm("route", "send that component to delta_S_hack instead; delta_S_hack is ablated at deploy",
         direction="vhack", step_edit="route", surgery="route", quarantine=True, grid="core"),
     Arm("erase-random", "erase with a Haar-random direction per module, seeded by the run (placebo)",
         direction="random", step_edit="erase", surgery="erase", placebo_of="erase", grid="core"),
-    Arm("erase-matched", "remove the norm erase would remove, along a random direction (mass-matched placebo)",
+    Arm("erase-matched",
+        "remove the norm erase would remove, along a random direction (mass-matched placebo)",
         direction="vhack", step_edit="matched", surgery="", placebo_of="erase", grid="core"),
     Arm("route-random", "route with a Haar-random direction per module, seeded by the run (placebo)",
-        direction="random", step_edit="route", surgery="route", quarantine=True, placebo_of="route", grid="core"),
-    Arm("route-matched", "route the norm route would route, along a random direction (mass-matched placebo)",
+        direction="random", step_edit="route", surgery="route", quarantine=True, placebo_of="route",
+        grid="core"),
+    Arm("route-matched",
+        "route the norm route would route, along a random direction (mass-matched placebo)",
         direction="vhack", step_edit="route-matched", surgery="", quarantine=True, placebo_of="route",
         grid="extra"),
     Arm("oracle-penalty", "REFERENCE ONLY: reward minus correctness_reward on the grader's strict hacks",
         oracle=True, grid="extra"),
     Arm("gate-route", "per-rollout gate: top q of cos(g_i, v_hack) -> quarantine only, next q -> both",
-        direction="vhack", step_edit="gate", quarantine=True, per_sample=True, grad_hook="gate", columns="gate",
-        grid="extra"),
+        direction="vhack", step_edit="gate", quarantine=True, per_sample=True, grad_hook="gate",
+        columns="gate", grid="extra"),
     Arm("gate-route-random", "the same gate with a Haar-random direction per module (placebo)",
-        direction="random", step_edit="gate", quarantine=True, per_sample=True, grad_hook="gate", columns="gate",
-        placebo_of="gate-route", grid="extra"),
+        direction="random", step_edit="gate", quarantine=True, per_sample=True, grad_hook="gate",
+        columns="gate", placebo_of="gate-route", grid="extra"),
     Arm("gate-random", "non-directional gate: a seeded random q fraction routed (and q in mid)",
         step_edit="gate", quarantine=True, per_sample=True, grad_hook="gate-random", columns="gate",
         placebo_of="gate-route", grid="extra"),
@@ -168,10 +171,11 @@ DEFINED = {"gate": _gate_defined, "am": _am_defined}
 def expected_finite(arm: str, row: dict[str, float]) -> dict[str, bool]:
     """For each arm-specific column: must it be finite (True) or NaN (False) in this logged row?
 
-    A group's columns are finite only for arms that log that group, and there only when defined: a zone's mean /
-    hack rate when the zone is non-empty, precision when something was routed, recall when a scored rollout was
-    a strict hack, AUC when scored rollouts include both classes; AM's precision when something was penalised,
-    its recall when a rollout hacked. Every other column must always be finite (scripts/smoke.py)."""
+    A group's columns are finite only for arms that log that group, and there only when defined: a zone's
+    mean / hack rate when the zone is non-empty, precision when something was routed, recall when a scored
+    rollout was a strict hack, AUC when scored rollouts include both classes; AM's precision when something
+    was penalised, its recall when a rollout hacked. Every other column must always be finite
+    (scripts/smoke.py)."""
     group = get(arm).columns
     return {c: bool(g == group and DEFINED[g](c, row)) for g, cols in COLUMN_GROUPS.items() for c in cols}
 
@@ -181,7 +185,8 @@ def expected_finite(arm: str, row: dict[str, float]) -> dict[str, bool]:
 
 
 def deployed_norm_stats(g_in: dict[str, Tensor], g_out: dict[str, Tensor]) -> dict[str, float]:
-    """frac_fired = fraction of modules whose deployed grad changed; removed_norm_frac = |g_in - g_out| / |g_in|."""
+    """frac_fired = fraction of modules whose deployed grad changed; removed_norm_frac =
+    |g_in - g_out| / |g_in|."""
     sq_in = sum(float(g.double().pow(2).sum()) for g in g_in.values())
     sq_rem = sum(float((g_in[k].double() - g_out[k].double()).pow(2).sum()) for k in g_in)
     fired = [float((g_in[k].double() - g_out[k].double()).abs().max()) > 0 for k in g_in]
@@ -209,7 +214,8 @@ def _gate_zones(cfg, adapters: dict, directions: dict | None, per_sample: dict[s
         score = gate.random_scores(len(active), seed)  # (n,)
     else:
         assert directions is not None, f"{cfg.arm} needs directions"
-        score = gate.alignment({k: g[active.to(g.device)] for k, g in G.items()}, directions, cfg.gate_agg)  # (n,)
+        score = gate.alignment({k: g[active.to(g.device)] for k, g in G.items()}, directions,
+                               cfg.gate_agg)  # (n,)
     if cfg.gate_mode == "quantile":
         z_act = gate.assign_zones(score.cpu(), cfg.gate_q)  # (n,)
     else:
@@ -226,19 +232,21 @@ def _gate_zones(cfg, adapters: dict, directions: dict | None, per_sample: dict[s
 
 
 def gate_step(cfg, adapters: dict, directions: dict | None, per_sample: dict[str, dict[str, list[Tensor]]],
-              rollouts: list[grpo.Rollout], surg: dict, seed: int, random_scores: bool = False) -> tuple[dict, dict]:
-    """Gradient-space gate (--surgery-on grad): route each rollout's gradient by its zone; overwrite the deployed /
-    quarantine .grad in place.
+              rollouts: list[grpo.Rollout], surg: dict, seed: int,
+              random_scores: bool = False) -> tuple[dict, dict]:
+    """Gradient-space gate (--surgery-on grad): route each rollout's gradient by its zone; overwrite the
+    deployed / quarantine .grad in place.
 
-    Scored rollouts are those with A > 0 (cfg.gate_scope="positive", default) or A != 0 ("nonzero"); the others
-    stay in keep (zero-advantage ones carry only the KL gradient; penalised ones teach the deployed block to move
-    away from their content, which is never worth quarantining). Scores: cos(g_i, direction) of the deployed
-    tensor's per-rollout loss gradient, or seeded uniforms when random_scores (gate-random). deployed grad = sum
-    over keep + mid, quarantine grad = sum over mid + route of the quarantine's own per-rollout grads (identical
-    to the deployed ones for a shared basis). Returns the surgery-style stats (cos_in of the summed gradient,
-    cos_out of the deployed one) and the gate log columns; each rollout's extra gets gate_score / gate_zone
-    (zone -1: not scored)."""
-    G, Gq, zones, g_in, row = _gate_zones(cfg, adapters, directions, per_sample, rollouts, seed, random_scores)
+    Scored rollouts are those with A > 0 (cfg.gate_scope="positive", default) or A != 0 ("nonzero"); the
+    others stay in keep (zero-advantage ones carry only the KL gradient; penalised ones teach the deployed
+    block to move away from their content, which is never worth quarantining). Scores: cos(g_i, direction) of
+    the deployed tensor's per-rollout loss gradient, or seeded uniforms when random_scores (gate-random).
+    deployed grad = sum over keep + mid, quarantine grad = sum over mid + route of the quarantine's own
+    per-rollout grads (identical to the deployed ones for a shared basis). Returns the surgery-style stats
+    (cos_in of the summed gradient, cos_out of the deployed one) and the gate log columns; each rollout's
+    extra gets gate_score / gate_zone (zone -1: not scored)."""
+    G, Gq, zones, g_in, row = _gate_zones(cfg, adapters, directions, per_sample, rollouts, seed,
+                                          random_scores)
     dep_split, quar_split = gate.split_grads(G, zones), gate.split_grads(Gq, zones)
     for k, a in adapters.items():
         a.dep.grad = dep_split[k][0].to(a.dep.dtype)  # keep + mid
@@ -253,10 +261,12 @@ def gate_step(cfg, adapters: dict, directions: dict | None, per_sample: dict[str
 def gate_parts(cfg, adapters: dict, directions: dict | None, per_sample: dict[str, dict[str, list[Tensor]]],
                rollouts: list[grpo.Rollout], seed: int, random_scores: bool = False) -> tuple[dict, dict]:
     """Update-space gate (update.apply_step's "gate" edit): zones as in gate_step, then each module's gradient
-    shares g_d = keep + mid / 2 and g_q = route + mid / 2 of the per-rollout gradients (the deployed tensor's for
-    g_d; the quarantine's own for g_q: identical for a shared basis), so g_d + g_q is the summed gradient and the
-    deployed and quarantine steps add up to the vanilla step. Returns ({module: (g_d, g_q)}, gate log columns)."""
-    G, Gq, zones, _, row = _gate_zones(cfg, adapters, directions, per_sample, rollouts, seed, random_scores)
+    shares g_d = keep + mid / 2 and g_q = route + mid / 2 of the per-rollout gradients (the deployed tensor's
+    for g_d; the quarantine's own for g_q: identical for a shared basis), so g_d + g_q is the summed gradient
+    and the deployed and quarantine steps add up to the vanilla step. Returns ({module: (g_d, g_q)}, gate log
+    columns)."""
+    G, Gq, zones, _, row = _gate_zones(cfg, adapters, directions, per_sample, rollouts, seed,
+                                       random_scores)
     w_dep = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)[zones.cpu()]  # (N,) keep 1, mid 1/2, route 0
     parts = {}
     for k in adapters:
@@ -269,7 +279,8 @@ def gate_parts(cfg, adapters: dict, directions: dict | None, per_sample: dict[st
 def shrink_step(
     cfg, adapters: dict, directions: dict | None, per_sample, rollouts, surg: dict, seed: int
 ) -> tuple[dict, dict]:
-    """The shrinkage arm: per module g <- g * |erase(g)| / |g| (gate.shrink_one); the direction is untouched."""
+    """The shrinkage arm: per module g <- g * |erase(g)| / |g| (gate.shrink_one); the direction is
+    untouched."""
     g_in = {}
     for k, a in adapters.items():
         g_in[k] = (a.dep.grad if a.dep.grad is not None else torch.zeros_like(a.dep)).detach().float().clone()
@@ -304,8 +315,9 @@ def mean_hidden(model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, 
 
 
 def pair_activation_direction(model, tokenizer, pair_list, layer: int, batch: int = 4) -> Tensor:
-    """AM's activation direction from the hand-written pairs: mean over completion tokens of hidden_states[layer]
-    for each side (chat-templated exactly like v_hack's pairs.encode_side), unit mean(hack - clean). (H,)"""
+    """AM's activation direction from the hand-written pairs: mean over completion tokens of
+    hidden_states[layer] for each side (chat-templated exactly like v_hack's pairs.encode_side), unit
+    mean(hack - clean). (H,)"""
     assert pair_list, "pair_activation_direction: no pairs"
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -344,9 +356,10 @@ def am_rewards(
     pad_id: int,
     device,
 ) -> tuple[Tensor, dict]:
-    """AM: s_i = <mean completion hidden state at hidden_states[layer], d>, z within the group, rewards scaled by
-    gate.am_transform. Sets each rollout's reward (the training reward) and extra am_score / am_z / reward_raw.
-    Returns the new (P, G) rewards and the AM log columns (precision / recall of z > 0 vs strict hacks)."""
+    """AM: s_i = <mean completion hidden state at hidden_states[layer], d>, z within the group, rewards scaled
+    by gate.am_transform. Sets each rollout's reward (the training reward) and extra am_score / am_z /
+    reward_raw. Returns the new (P, G) rewards and the AM log columns (precision / recall of z > 0 vs strict
+    hacks)."""
     direction, layer = state
     scores = []
     for s in range(0, len(rollouts), cfg.micro_batch):
@@ -375,14 +388,15 @@ def am_rewards(
     return new, row
 
 
-# grad hooks: f(cfg, adapters, directions, per_sample, rollouts, surg, seed) -> (surgery stats, extra log columns)
+# grad hooks: f(cfg, adapters, directions, per_sample, rollouts, surg, seed)
+#   -> (surgery stats, extra log columns)
 GRAD_HOOKS: dict[str, Callable] = {
     "gate": gate_step,
     "gate-random": functools.partial(gate_step, random_scores=True),
     "shrink": shrink_step,
 }
-# reward hooks: (setup(model, tokenizer, cfg) -> state, apply(state, cfg, model, rollouts, rew, valid, pad_id, device)
-# -> (new rewards (P, G), extra log columns))
+# reward hooks: (setup(model, tokenizer, cfg) -> state,
+#   apply(state, cfg, model, rollouts, rew, valid, pad_id, device) -> (new rewards (P, G), extra log columns))
 REWARD_HOOKS: dict[str, tuple[Callable, Callable]] = {"am": (am_setup, am_rewards)}
 for _a in ARMS.values():  # a hook named in the table must exist (a typo fails at import, not mid-sweep)
     assert not _a.grad_hook or _a.grad_hook in GRAD_HOOKS, (
@@ -399,7 +413,8 @@ for _a in ARMS.values():  # a hook named in the table must exist (a typo fails a
     )
     assert _a.grad_hook.startswith("gate") == _a.per_sample, f"arm {_a.name}: per_sample iff a gate hook"
     assert _a.step_edit in update.EDITS, f"arm {_a.name}: unknown step_edit {_a.step_edit!r}"
-    assert (_a.step_edit == "gate") == _a.per_sample, f"arm {_a.name}: the gate edit needs per-rollout gradients"
+    assert (_a.step_edit == "gate") == _a.per_sample, (
+        f"arm {_a.name}: the gate edit needs per-rollout gradients")
     assert _a.step_edit not in ("route", "route-matched", "gate", "copy") or _a.quarantine, (
         f"arm {_a.name}: step_edit {_a.step_edit!r} trains the quarantine")
 
@@ -407,11 +422,12 @@ for _a in ARMS.values():  # a hook named in the table must exist (a typo fails a
 def optimizer_step(cfg, arm: Arm, adapters: dict, optimizer, directions: dict | None, vhack: dict | None,
                    randoms: dict | None, per_sample, rollouts: list[grpo.Rollout], seed: int,
                    own_basis: bool) -> tuple[dict, dict, float]:
-    """Step 6 of train.py: the arm's edit between backward() and the parameters' move; returns (step log columns,
-    hook log columns, grad norm before clipping).
+    """Step 6 of train.py: the arm's edit between backward() and the parameters' move; returns (step log
+    columns, hook log columns, grad norm before clipping).
 
-    cfg.surgery_on == "step" (default): the gradient is left alone (cos_in = cos_out = cos(g, v_hack)), AdamW's
-    applied step is edited by update.apply_step (gate arms: per-rollout gradient shares from gate_parts).
+    cfg.surgery_on == "step" (default): the gradient is left alone (cos_in = cos_out = cos(g, v_hack)),
+    AdamW's applied step is edited by update.apply_step (gate arms: per-rollout gradient shares from
+    gate_parts).
     "grad" (the founding design): antipasto.surgery / the grad hook edit the gradient, AdamW steps on it.
     Either way step_cos / step_toward measure the step actually applied against v_hack."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -420,7 +436,8 @@ def optimizer_step(cfg, arm: Arm, adapters: dict, optimizer, directions: dict | 
         mode = arm.surgery if directions is not None else None
         surg = antipasto.surgery(adapters, directions, mode) if mode else {}
         if arm.grad_hook:
-            surg, hook_row = GRAD_HOOKS[arm.grad_hook](cfg, adapters, directions, per_sample, rollouts, surg, seed)
+            surg, hook_row = GRAD_HOOKS[arm.grad_hook](cfg, adapters, directions, per_sample, rollouts, surg,
+                                                       seed)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         assert math.isfinite(grad_norm), f"non-finite grad norm {grad_norm}"
         st = update.apply_step(optimizer, adapters, "none", None, vhack, None, own_basis)
@@ -435,8 +452,8 @@ def optimizer_step(cfg, arm: Arm, adapters: dict, optimizer, directions: dict | 
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         assert math.isfinite(grad_norm), f"non-finite grad norm {grad_norm}"
         clip_factor = min(1.0, cfg.grad_clip / (grad_norm + 1e-6))  # what clip_grad_norm_ multiplied by
-        st = update.apply_step(optimizer, adapters, arm.step_edit, directions, vhack, randoms, own_basis, parts,
-                               clip_factor)
+        st = update.apply_step(optimizer, adapters, arm.step_edit, directions, vhack, randoms, own_basis,
+                               parts, clip_factor)
         cos = float(surg["cos_in"]) if "cos_in" in surg else float("nan")
         out = {"cos_in": cos, "cos_out": cos, "frac_fired": st["frac_fired"],
                "removed_norm_frac": st["removed_norm_frac"]}

@@ -53,7 +53,8 @@ def check_gz(path: str | Path, field: str) -> None:
         with gzip.open(path, "rb") as f:
             while f.read(1 << 22):
                 pass
-    except (EOFError, OSError, zlib.error) as e:  # truncated (EOFError), not gzip (BadGzipFile), bad CRC (zlib)
+    # truncated (EOFError), not gzip (BadGzipFile), bad CRC (zlib)
+    except (EOFError, OSError, zlib.error) as e:
         raise UserError(f"{field}: {path} does not decompress ({type(e).__name__}: {e or 'truncated'}); "
                         "re-download or regenerate it") from None
 
@@ -68,7 +69,8 @@ def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout_s: floa
 
 
 def cpu_s() -> float:
-    """CPU seconds (user + sys) of this process and its reaped children (e.g. the grader's sandboxes) so far."""
+    """CPU seconds (user + sys) of this process and its reaped children (e.g. the grader's sandboxes) so
+    far."""
     import resource
 
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -93,7 +95,8 @@ class Progress:
         el = time.time() - self.t0
         if self.total:
             eta = el / self.n * (self.total - self.n) if self.n else float("nan")
-            return f"{self.desc} {self.n}/{self.total} ({_fmt_s(el)} elapsed, eta {_fmt_s(eta) if self.n else '?'})"
+            return (f"{self.desc} {self.n}/{self.total} ({_fmt_s(el)} elapsed, "
+                    f"eta {_fmt_s(eta) if self.n else '?'})")
         return f"{self.desc} {self.n} ({_fmt_s(el)} elapsed, {self.n / max(el, 1e-9):.1f}/s)"
 
     def update(self, k: int = 1) -> None:
@@ -120,13 +123,14 @@ class Progress:
 
 
 class StepEta:
-    """Remaining seconds of a training run: mean step time (the steps this process ran, start-up excluded) x steps
-    left, plus the evals still due (eval_every, eval_at_end). An eval's cost is the measured one once a periodic eval
-    has run (the wall time between two step updates minus the step's own t_step), else estimated from this run's
-    generation + grading seconds per live sequence x the eval's sequences."""
+    """Remaining seconds of a training run: mean step time (the steps this process ran, start-up excluded) x
+    steps left, plus the evals still due (eval_every, eval_at_end). An eval's cost is the measured one once a
+    periodic eval has run (the wall time between two step updates minus the step's own t_step), else
+    estimated from this run's generation + grading seconds per live sequence x the eval's sequences."""
 
     def __init__(self, steps: int, eval_every: int, eval_at_end: bool, eval_seqs: int):
-        self.steps, self.eval_every, self.eval_at_end, self.eval_seqs = steps, eval_every, eval_at_end, eval_seqs
+        (self.steps, self.eval_every, self.eval_at_end,
+         self.eval_seqs) = steps, eval_every, eval_at_end, eval_seqs
         self.t_steps: list[float] = []
         self.gen_per_seq: list[float] = []
         self.t_eval: float | None = None
@@ -142,7 +146,8 @@ class StepEta:
             return self.t_eval
         return (sum(self.gen_per_seq) / len(self.gen_per_seq) if self.gen_per_seq else 0.0) * self.eval_seqs
 
-    def update(self, done: int, t_step: float, t_gen_grade: float, n_live: int, now: float | None = None) -> float:
+    def update(self, done: int, t_step: float, t_gen_grade: float, n_live: int,
+               now: float | None = None) -> float:
         """Record step `done` (1-based, finished); returns the remaining seconds."""
         now = time.time() if now is None else now
         if (self.t_last is not None and self.eval_every and self.last_done is not None
@@ -169,15 +174,16 @@ def in_range(v: float, spec: str) -> bool:
 
 
 def check_ranges(cfg, ranges: dict[str, str], allowed: dict[str, tuple] | None = None) -> None:
-    """UserError naming the first field of cfg outside its range (`ranges`: field -> in_range spec, applied to every
-    element of a tuple field) or not among its `allowed` values, with the value, the range and the field's default."""
+    """UserError naming the first field of cfg outside its range (`ranges`: field -> in_range spec, applied to
+    every element of a tuple field) or not among its `allowed` values, with the value, the range and the
+    field's default."""
     for field, spec in ranges.items():
         v = getattr(cfg, field)
         if not all(in_range(x, spec) for x in (v if isinstance(v, tuple | list) else (v,))):
             default = getattr(type(cfg), field, None)
             want = re.sub(r"^([<>]=?)", r"\1 ", spec) if spec[0] in "<>" else f"in {spec}"
-            raise UserError(f"--{field.replace('_', '-')}={v!r} is out of range: need {field} {want} (default "
-                            f"{default!r})")
+            raise UserError(f"--{field.replace('_', '-')}={v!r} is out of range: need {field} {want} "
+                            f"(default {default!r})")
     for field, values in (allowed or {}).items():
         v = getattr(cfg, field)
         if v not in values:
@@ -185,8 +191,8 @@ def check_ranges(cfg, ranges: dict[str, str], allowed: dict[str, tuple] | None =
 
 
 def check_vhack_file(path: str | Path, flag: str, model_id: str, dtype: str | None = None) -> dict:
-    """The v_hack file exists, its safetensors header reads and its metadata names `model_id` (and `dtype` when
-    given); reads the header only. Returns the metadata."""
+    """The v_hack file exists, its safetensors header reads and its metadata names `model_id` (and `dtype`
+    when given); reads the header only. Returns the metadata."""
     import json
 
     from safetensors import safe_open
@@ -199,13 +205,14 @@ def check_vhack_file(path: str | Path, flag: str, model_id: str, dtype: str | No
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     except Exception as e:  # noqa: BLE001 -- not a safetensors file, a truncated header, non-JSON metadata
-        raise UserError(f"{flag}={str(path)!r} is not a readable v_hack file ({type(e).__name__}); re-extract it "
-                        "with `just extract-vhack <preset>`") from None
+        raise UserError(f"{flag}={str(path)!r} is not a readable v_hack file ({type(e).__name__}); "
+                        "re-extract it with `just extract-vhack <preset>`") from None
     want = {"model_id": model_id, **({"dtype": dtype} if dtype else {})}
     for k, v in want.items():
         if meta.get(k) != v:
-            raise UserError(f"{flag}={str(path)!r} was extracted with {k}={meta.get(k)!r}, this run has {k}={v!r}; "
-                            "extract one for this model (`just extract-vhack <preset>`) or pass its file")
+            raise UserError(f"{flag}={str(path)!r} was extracted with {k}={meta.get(k)!r}, "
+                            f"this run has {k}={v!r}; extract one for this model "
+                            "(`just extract-vhack <preset>`) or pass its file")
     return meta
 
 
@@ -220,19 +227,21 @@ def check_pool_dir(pool_dir: str | Path, flag: str) -> None:
 
 
 def check_data(data_path: str, default_train: Path, test_file: Path) -> None:
-    """The train split (data_path, or with data_path empty default_train or its uncompressed twin) and the benchmark
-    test file exist and decompress."""
+    """The train split (data_path, or with data_path empty default_train or its uncompressed twin) and the
+    benchmark test file exist and decompress."""
     if data_path:
         if not Path(data_path).is_file():
-            raise UserError(f"--data-path={data_path!r} does not exist; run `just prepare-data` (or pass --data-path "
-                            "'' to load LeetCode on the fly)")
+            raise UserError(f"--data-path={data_path!r} does not exist; run `just prepare-data` "
+                            "(or pass --data-path '' to load LeetCode on the fly)")
         check_gz(data_path, "--data-path")
     else:
         found = [f for f in (default_train, default_train.with_suffix("")) if f.is_file()]
         if not found:
-            raise UserError(f"--data-path '' loads {default_train}, which does not exist; set PGRPO_DATA_DIR to the "
-                            "LeetCode data folder or pass --data-path out/data/train.jsonl (`just prepare-data`)")
+            raise UserError(f"--data-path '' loads {default_train}, which does not exist; set PGRPO_DATA_DIR "
+                            "to the LeetCode data folder or pass --data-path out/data/train.jsonl "
+                            "(`just prepare-data`)")
         check_gz(found[0], "LeetCode train data (--data-path '' / PGRPO_DATA_DIR)")
     if not test_file.is_file():
-        raise UserError(f"benchmark test set {test_file} does not exist; set PGRPO_DATA_DIR to the folder holding it")
+        raise UserError(f"benchmark test set {test_file} does not exist; "
+                        "set PGRPO_DATA_DIR to the folder holding it")
     check_gz(test_file, "benchmark test set (PGRPO_DATA_DIR)")

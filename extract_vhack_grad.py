@@ -1,7 +1,7 @@
 """Extract v_hack: the per-module delta_S gradient direction that separates hack from clean completions.
 
-    python extract_vhack_grad.py smoke                      # tiny-random, 6 pairs -> out/vhack/smoke-tiny-random
-    python extract_vhack_grad.py smollm                     # SmolLM2-135M, all 36 train pairs (CPU, minutes)
+    python extract_vhack_grad.py smoke                  # tiny-random, 6 pairs -> out/vhack/smoke-tiny-random
+    python extract_vhack_grad.py smollm                 # SmolLM2-135M, all 36 train pairs (CPU, minutes)
     python extract_vhack_grad.py smollm --method svd --name smollm2-135m_svd
     python extract_vhack_grad.py smollm --select "@mode=overwrite|try_except @split=train" --name smollm_ow_te
 
@@ -77,7 +77,8 @@ class ExtractConfig:
             return self.name
         sel = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.select.replace("@", "")).strip("_")
         base = f"{Path(self.model).name}_{self.method}"
-        return base if self.select == "train" and self.max_pairs is None else f"{base}_{sel or 'all'}{'' if self.max_pairs is None else f'_n{self.max_pairs}'}"
+        return (base if self.select == "train" and self.max_pairs is None
+                else f"{base}_{sel or 'all'}{'' if self.max_pairs is None else f'_n{self.max_pairs}'}")
 
 
 PRESETS = {
@@ -101,12 +102,14 @@ def completion_nll(
     B, T, _ = logits.shape
     pos = torch.arange(1, T, device=ids.device)[None, :]  # (1, T-1) index of the predicted token
     mask = (pos >= n_prompt[:, None]) & (pos < lengths[:, None])  # (B, T-1) completion tokens only
-    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                          reduction="none")
     nll = nll.view(B, T - 1)  # (B, T-1)
     return (nll * mask).sum(dim=1) / norm_const  # (B,)
 
 
-def side_grads(model, batch: list[tuple[list[int], int]], pad_id: int, norm_const: float) -> dict[str, Tensor]:
+def side_grads(model, batch: list[tuple[list[int], int]], pad_id: int,
+               norm_const: float) -> dict[str, Tensor]:
     """Per-sequence dL/d delta_S for a batch of (ids, n_prompt); returns name -> (B, r) float32.
 
     Right padding (causal attention: pads after a sequence cannot affect it; positions stay 0..L-1).
@@ -115,14 +118,16 @@ def side_grads(model, batch: list[tuple[list[int], int]], pad_id: int, norm_cons
     device = next(model.parameters()).device
     lengths = torch.tensor([len(ids) for ids, _ in batch], device=device)  # (B,)
     n_prompt = torch.tensor([n for _, n in batch], device=device)  # (B,)
-    ids, attn, _ = grpo.pad_right([seq for seq, _ in batch], [n for _, n in batch], pad_id, device)  # (B, T) x3
+    ids, attn, _ = grpo.pad_right([seq for seq, _ in batch], [n for _, n in batch],
+                                  pad_id, device)  # (B, T) x3
     ads = antipasto.get_adapters(model)
     model.zero_grad(set_to_none=True)
     with antipasto.capture_per_sample(model) as cap:
         logits = model(input_ids=ids, attention_mask=attn).logits  # (B, T, V)
         loss = completion_nll(logits, ids, n_prompt, lengths, norm_const)  # (B,)
         loss.sum().backward()
-    assert set(cap.grads) == set(ads), f"per-sample capture missed modules: {sorted(set(ads) - set(cap.grads))[:3]}"
+    assert set(cap.grads) == set(ads), (
+        f"per-sample capture missed modules: {sorted(set(ads) - set(cap.grads))[:3]}")
     grads = {name: cap.grads[name] for name in ads}  # model order (hooks fire in backward order)
     assert set(grads) == set(ads), f"per-sample capture missed modules: {sorted(set(ads) - set(grads))[:3]}"
     for name, a in ads.items():
@@ -134,11 +139,13 @@ def side_grads(model, batch: list[tuple[list[int], int]], pad_id: int, norm_cons
 
 def pair_diffs(model, tokenizer, pair_list, batch_size: int = 4, norm_const: float = 256.0,
                desc: str = "pairs", progress: bool = True) -> dict[str, Tensor]:
-    """name -> (n_pairs, r) float32 rows d_i = dL_hack/d delta_S - dL_clean/d delta_S, at the current delta_S."""
+    """name -> (n_pairs, r) float32 rows d_i = dL_hack/d delta_S - dL_clean/d delta_S, at the current
+    delta_S."""
     assert batch_size >= 1, "batch_size must be >= 1"
     assert pair_list, "pair_diffs: no pairs"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    enc = [(pairs_mod.encode_side(tokenizer, p, "hack"), pairs_mod.encode_side(tokenizer, p, "clean")) for p in pair_list]
+    enc = [(pairs_mod.encode_side(tokenizer, p, "hack"), pairs_mod.encode_side(tokenizer, p, "clean"))
+           for p in pair_list]
     out: dict[str, list[Tensor]] = {}
     model.eval()
     for s in tqdm(range(0, len(enc), batch_size), desc=desc, disable=not progress, unit="batch"):
@@ -161,7 +168,8 @@ def aggregate(D: Float[Tensor, "n r"], method: str) -> Float[Tensor, "r"]:
         v = Vh[0].float()  # (r,)
         proj = D @ v  # (n,)
         pos, neg = int((proj > 0).sum()), int((proj < 0).sum())
-        if neg > pos or (neg == pos and float(proj.sum()) < 0):  # majority sign; ties by the summed projection
+        # majority sign; ties by the summed projection
+        if neg > pos or (neg == pos and float(proj.sum()) < 0):
             v = -v
     else:
         raise ValueError(f"method must be 'mean' or 'svd', got {method!r}")
@@ -171,17 +179,19 @@ def aggregate(D: Float[Tensor, "n r"], method: str) -> Float[Tensor, "r"]:
 
 
 def extract(cfg: ExtractConfig, model=None, tokenizer=None, progress: bool = True) -> tuple[Path, dict]:
-    """Run the extraction; returns (path written, metadata). Pass model/tokenizer to reuse a loaded (wrapped) model."""
+    """Run the extraction; returns (path written, metadata). Pass model/tokenizer to reuse a loaded (wrapped)
+    model."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
     if cfg.from_diffs:
         if not Path(cfg.from_diffs).is_file():
-            raise cli.UserError(f"--from-diffs={cfg.from_diffs!r} does not exist; pass a <name>.diffs.pt written by "
-                                "an earlier extraction (--save-diffs)")
+            raise cli.UserError(f"--from-diffs={cfg.from_diffs!r} does not exist; pass a <name>.diffs.pt "
+                                "written by an earlier extraction (--save-diffs)")
         return reaggregate(cfg)
     if not Path(cfg.pairs_path).is_file():
-        raise cli.UserError(f"--pairs-path={cfg.pairs_path!r} does not exist (default {pairs_mod.DEFAULT_PAIRS})")
+        raise cli.UserError(f"--pairs-path={cfg.pairs_path!r} does not exist "
+                            f"(default {pairs_mod.DEFAULT_PAIRS})")
     if cfg.max_pairs is not None and cfg.max_pairs < 1:
         raise cli.UserError(f"--max-pairs={cfg.max_pairs}: need >= 1 (or leave it unset for all pairs)")
     plist = pairs_mod.load_pairs(cfg.pairs_path, cfg.select)
@@ -190,7 +200,8 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None, progress: bool = Tru
         plist = plist[: cfg.max_pairs]
     if model is None:
         models.check_available(cfg.model)
-        print(f"loading model {cfg.model} ({cfg.dtype}, {cfg.device}); a hub model downloads first", flush=True)
+        print(f"loading model {cfg.model} ({cfg.dtype}, {cfg.device}); a hub model downloads first",
+              flush=True)
         t_load = time.time()
         model, tokenizer = models.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
         print(f"model loaded in {time.time() - t_load:.0f}s; {len(plist)} pairs to extract from", flush=True)
@@ -199,29 +210,37 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None, progress: bool = Tru
         antipasto.wrap_model(model, targets=cfg.targets, layers=cfg.layers, rank=cfg.rank)
     for name, a in antipasto.get_adapters(model).items():
         if getattr(a, "kind", "svd") != "svd":
-            raise ValueError(f"{name}: v_hack extraction is defined for kind='svd' adapters (delta_S), got kind={a.kind!r}")
-        assert float(a.delta_S.detach().abs().max()) == 0 and float(a.delta_S_hack.detach().abs().max()) == 0, \
+            raise ValueError(f"{name}: v_hack extraction is defined for kind='svd' adapters (delta_S), "
+                             f"got kind={a.kind!r}")
+        assert (float(a.delta_S.detach().abs().max()) == 0
+                and float(a.delta_S_hack.detach().abs().max()) == 0), \
             "extract: delta_S must be zero (the base model); pass a freshly wrapped model"
-    D = pair_diffs(model, tokenizer, plist, cfg.batch_size, cfg.norm_const, desc=f"extract {cfg.method}", progress=progress)
+    D = pair_diffs(model, tokenizer, plist, cfg.batch_size, cfg.norm_const, desc=f"extract {cfg.method}",
+                   progress=progress)
     dirs = {k: aggregate(D[k], cfg.method) for k in antipasto.get_adapters(model)}
     mid = models.model_id(cfg.model)
     meta = antipasto.adapter_meta(model, mid)
     meta.update({
-        "pair_set": cfg.select, "n_pairs": len(plist), "method": cfg.method, "pair_ids": [p.id for p in plist],
-        "pairs_path": str(Path(cfg.pairs_path).resolve().relative_to(_REPO)) if Path(cfg.pairs_path).resolve().is_relative_to(_REPO) else str(cfg.pairs_path),
-        "norm_const": cfg.norm_const, "seed": cfg.seed, "loss": "sum completion NLL / norm_const, incl. end-of-turn",
+        "pair_set": cfg.select, "n_pairs": len(plist), "method": cfg.method,
+        "pair_ids": [p.id for p in plist],
+        "pairs_path": (str(Path(cfg.pairs_path).resolve().relative_to(_REPO))
+                       if Path(cfg.pairs_path).resolve().is_relative_to(_REPO) else str(cfg.pairs_path)),
+        "norm_const": cfg.norm_const, "seed": cfg.seed,
+        "loss": "sum completion NLL / norm_const, incl. end-of-turn",
         "sign": "+grad(NLL_hack) - grad(NLL_clean)",
     })
     out = Path(cfg.out_dir) / f"{cfg.stem()}.safetensors"
     antipasto.save_directions(out, dirs, meta)
     if cfg.save_diffs:
-        torch.save({"diffs": D, "pair_ids": [p.id for p in plist], "modes": [p.mode for p in plist], "meta": meta},
-                   out.with_suffix(".diffs.pt"))
+        torch.save({"diffs": D, "pair_ids": [p.id for p in plist], "modes": [p.mode for p in plist],
+                    "meta": meta}, out.with_suffix(".diffs.pt"))
     # a summary: how consistent the per-pair differences are with the direction (in-sample)
     cos = torch.cat([F.cosine_similarity(D[k], dirs[k][None], dim=1) for k in dirs])  # (n * modules,)
-    summary = {"path": str(out), "n_pairs": len(plist), "n_modules": len(dirs), "seconds": round(time.time() - t0, 1),
-               "in_sample_frac_pos": float((cos > 0).float().mean()), "in_sample_median_cos": float(cos.median())}
-    (out.with_suffix(".json")).write_text(json.dumps({"config": asdict(cfg), "summary": summary, "meta": meta}, indent=1, default=str))
+    summary = {"path": str(out), "n_pairs": len(plist), "n_modules": len(dirs),
+               "seconds": round(time.time() - t0, 1), "in_sample_frac_pos": float((cos > 0).float().mean()),
+               "in_sample_median_cos": float(cos.median())}
+    (out.with_suffix(".json")).write_text(json.dumps({"config": asdict(cfg), "summary": summary,
+                                                      "meta": meta}, indent=1, default=str))
     return out, summary
 
 
@@ -235,9 +254,11 @@ def reaggregate(cfg: ExtractConfig) -> tuple[Path, dict]:
     out = Path(cfg.out_dir) / f"{cfg.stem()}.safetensors"
     antipasto.save_directions(out, dirs, meta)
     cos = torch.cat([F.cosine_similarity(D[k], dirs[k][None], dim=1) for k in dirs])
-    summary = {"path": str(out), "n_pairs": meta["n_pairs"], "n_modules": len(dirs), "from_diffs": str(cfg.from_diffs),
-               "in_sample_frac_pos": float((cos > 0).float().mean()), "in_sample_median_cos": float(cos.median())}
-    out.with_suffix(".json").write_text(json.dumps({"config": asdict(cfg), "summary": summary, "meta": meta}, indent=1, default=str))
+    summary = {"path": str(out), "n_pairs": meta["n_pairs"], "n_modules": len(dirs),
+               "from_diffs": str(cfg.from_diffs), "in_sample_frac_pos": float((cos > 0).float().mean()),
+               "in_sample_median_cos": float(cos.median())}
+    out.with_suffix(".json").write_text(json.dumps({"config": asdict(cfg), "summary": summary, "meta": meta},
+                                                   indent=1, default=str))
     return out, summary
 
 

@@ -45,7 +45,9 @@ _EPS_COUNT = 1e-9  # q * n is computed in floating point: 0.1 * 30 = 3.000000000
 
 
 @jaxtyped(typechecker=beartype)
-def module_cos(g: Float[Tensor, "N r"], v: Float[Tensor, " r"]) -> tuple[Float[Tensor, " N"], Float[Tensor, " N"], Float[Tensor, " N"]]:
+def module_cos(
+    g: Float[Tensor, "N r"], v: Float[Tensor, " r"]
+) -> tuple[Float[Tensor, " N"], Float[Tensor, " N"], Float[Tensor, " N"]]:
     """(cos, dot, norm) of each row with the unit-normalised v, float64; cos = 0 for a zero row."""
     g64 = g.double()
     v64 = v.double().to(g64.device)

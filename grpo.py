@@ -1,7 +1,8 @@
 """Dr.GRPO, the library half: rollouts, advantages, the loss, log-probs, generation, the policy gradient, the
 data order and the learning-rate schedule, teacher pools. train.py and probe_distill.py both use it.
 
-    python -c "import grpo, torch; print(grpo.dr_grpo_advantages(torch.tensor([[1., 0.]]), torch.ones(1, 2, dtype=torch.bool)))"
+    python -c "import grpo, torch; print(grpo.dr_grpo_advantages(torch.tensor([[1., 0.]]),
+                                                                   torch.ones(1, 2, dtype=torch.bool)))"
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def dr_grpo_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Dr.GRPO surrogate for one micro-batch of a batch of `n_seqs` sequences.
 
-        loss = 1/(n_seqs * l_max) * sum_i sum_t mask_it * ( -min(rho_it A_i, clip(rho_it) A_i) + beta * k3_it )
+        loss = 1/(n_seqs * l_max) * sum_i sum_t mask_it
+               * ( -min(rho_it A_i, clip(rho_it) A_i) + beta * k3_it )
         rho_it = exp(logp_it - old_logp_it),  k3_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1
 
     The normaliser is a constant (not the completion lengths), so summing micro-batch losses gives the
@@ -105,7 +107,8 @@ def dr_grpo_loss(
         per_tok = per_tok + beta * k3
         kl_sum = (k3 * mask).sum().detach()
     loss = (per_tok * mask).sum() / (n_seqs * l_max)
-    with torch.no_grad():  # the clipped branch is the active one: the ratio is outside the range on the side A pushes
+    # the clipped branch is the active one: the ratio is outside the range on the side A pushes
+    with torch.no_grad():
         clipped = ((ratio > 1 + clip_eps) & (a > 0)) | ((ratio < 1 - clip_eps) & (a < 0))  # (B, T)
         diag = {"ratio_sum": (ratio * mask).sum(), "clipped": (clipped * mask).sum(),
                 "abs_logratio_sum": (logr.abs() * mask).sum()}
@@ -209,12 +212,14 @@ GEN_PROGRESS_EVERY_S = 20.0
 
 class GenProgress:
     """A transformers stopping criterion that stops nothing: at most one loguru INFO line per every_s,
-    `generating <label>: token t/max_new_tokens (elapsed, eta <= ...; k/b ended)`. The eta is elapsed / t x the
-    tokens left, an upper bound: it assumes no sequence ends early (generate stops once all rows hit EOS)."""
+    `generating <label>: token t/max_new_tokens (elapsed, eta <= ...; k/b ended)`. The eta is elapsed / t x
+    the tokens left, an upper bound: it assumes no sequence ends early (generate stops once all rows hit
+    EOS)."""
 
     def __init__(self, label: str, width: int, max_new_tokens: int, eos: list[int], every_s: float):
         # (no attribute named eos_token_id: transformers keys its pad-after-EOS on one)
-        self.label, self.width, self.max_new, self.eos, self.every_s = label, width, max_new_tokens, eos, every_s
+        (self.label, self.width, self.max_new, self.eos,
+         self.every_s) = label, width, max_new_tokens, eos, every_s
         self.t0 = self.t_last = time.time()  # t0 before the prefill: the eta includes its share
         self.no: Tensor | None = None  # (b,) all False, made once
 
@@ -273,7 +278,8 @@ def generate(
             pad_token_id=pad,
             eos_token_id=eos,
             stopping_criteria=StoppingCriteriaList(
-                [GenProgress(f"batch {s // batch + 1}/{n_batches}", width, max_new_tokens, eos, GEN_PROGRESS_EVERY_S)]
+                [GenProgress(f"batch {s // batch + 1}/{n_batches}", width, max_new_tokens, eos,
+                             GEN_PROGRESS_EVERY_S)]
             ),
         )[:, width:].tolist()  # (b, <= max_new_tokens)
         first = len(out)
@@ -312,7 +318,8 @@ def pad_right(
 
 
 def pack(rollouts: list[Rollout], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """pad_right over (prompt + completion) of each rollout: input_ids, attention_mask, completion mask (B, T)."""
+    """pad_right over (prompt + completion) of each rollout: input_ids, attention_mask, completion mask
+    (B, T)."""
     return pad_right(
         [r.prompt_ids + r.completion_ids for r in rollouts],
         [len(r.prompt_ids) for r in rollouts],
@@ -344,15 +351,17 @@ def policy_gradient(
     `per_sample` (gate arms): each micro-batch's forward + backward runs under antipasto.capture_per_sample
     and appends every module's (b, *shape) per-rollout loss gradients of the deployed tensor to
     per_sample["dep"][k] (and of the quarantine to per_sample["quar"][k] when the capture provides them), so
-    each concatenates to (N, *shape) in `rollouts` order (one backward; no activation checkpointing, docs/gating.md).
-    `behaviour` (a context manager factory, e.g. antipasto.ablate_quarantine): the mode the rollouts were sampled
-    in when it differs from the train pass's; at the first inner step the loss then uses the behaviour policy's
-    log-probs (no grad, under behaviour(model)) as old_logp, so the clipped PPO ratio corrects the mismatch.
+    each concatenates to (N, *shape) in `rollouts` order (one backward; no activation checkpointing,
+    docs/gating.md). `behaviour` (a context manager factory, e.g. antipasto.ablate_quarantine): the mode the
+    rollouts were sampled in when it differs from the train pass's; at the first inner step the loss then uses
+    the behaviour policy's log-probs (no grad, under behaviour(model)) as old_logp, so the clipped PPO ratio
+    corrects the mismatch.
     Without it old_logp = logp.detach() and the ratio is exactly 1.
     Returns the loss (sum over micro-batches), the mean per-token k3 KL, and the ratio diagnostics over
     completion tokens: ratio_mean, frac_clipped (tokens where the clipped branch is active), logratio_abs."""
     with antipasto.fused_training(model) if cfg.fused_adapter else contextlib.nullcontext():
-        return _policy_gradient(model, rollouts, n_seqs, cfg, pad_id, device, old_cache, inner, per_sample, behaviour)
+        return _policy_gradient(model, rollouts, n_seqs, cfg, pad_id, device, old_cache, inner, per_sample,
+                                behaviour)
 
 
 def _policy_gradient(
@@ -404,7 +413,8 @@ def _policy_gradient(
         clipped += st["clipped"].item()
         abs_lr += st["abs_logratio_sum"].item()
     n = max(tok_sum, 1.0)
-    return {"loss": loss_sum, "kl": kl_sum / n, "tokens": tok_sum, "ratio_mean": ratio_sum / n if tok_sum else 1.0,
+    return {"loss": loss_sum, "kl": kl_sum / n, "tokens": tok_sum,
+            "ratio_mean": ratio_sum / n if tok_sum else 1.0,
             "frac_clipped": clipped / n, "logratio_abs": abs_lr / n}
 
 
@@ -427,8 +437,8 @@ def source_defined(row: dict[str, float]) -> dict[str, bool]:
 
 
 def step_metrics(rollouts: list[Rollout], rew: Tensor, valid: Tensor) -> dict:
-    """Per-step rates over valid rollouts, overall and per source (_s student, _t teacher, _sol solve teacher; adv_*
-    the mean advantage of that source's valid rows, n_* their count). Call after set_advantages."""
+    """Per-step rates over valid rollouts, overall and per source (_s student, _t teacher, _sol solve teacher;
+    adv_* the mean advantage of that source's valid rows, n_* their count). Call after set_advantages."""
     ok = [r for r, v in zip(rollouts, valid.flatten().tolist()) if v]
 
     def rate(rs, key):
@@ -442,7 +452,8 @@ def step_metrics(rollouts: list[Rollout], rew: Tensor, valid: Tensor) -> dict:
         return sum(r.advantage for r in rs) / len(rs) if rs else float("nan")
 
     rv = torch.where(valid, rew, torch.nan)  # (P, G)
-    group_std = torch.tensor([row[~row.isnan()].std(unbiased=False).item() if (~row.isnan()).sum() > 1 else 0.0
+    group_std = torch.tensor([row[~row.isnan()].std(unbiased=False).item()
+                              if (~row.isnan()).sum() > 1 else 0.0
                               for row in rv])  # (P,)
     lens = [len(r.completion_ids) for r in stu] or [0]
     return {
@@ -462,7 +473,8 @@ def step_metrics(rollouts: list[Rollout], rew: Tensor, valid: Tensor) -> dict:
 
 
 def set_advantages(rollouts: list[Rollout], rew: Tensor, valid: Tensor) -> Tensor:
-    """Dr.GRPO advantages of the (P, G) groups written into each rollout (with its valid flag); returns them."""
+    """Dr.GRPO advantages of the (P, G) groups written into each rollout (with its valid flag); returns
+    them."""
     adv = dr_grpo_advantages(rew, valid)  # (P, G)
     for r, a, v in zip(rollouts, adv.flatten().tolist(), valid.flatten().tolist()):
         r.advantage, r.valid = a, v
@@ -470,8 +482,8 @@ def set_advantages(rollouts: list[Rollout], rew: Tensor, valid: Tensor) -> Tenso
 
 
 def train_set(rollouts: list[Rollout], beta_kl: float) -> list[Rollout]:
-    """The rollouts that enter the loss: the valid ones; without KL a zero-advantage rollout contributes exactly
-    zero gradient, so only the nonzero-advantage ones (their forward/backward is skipped)."""
+    """The rollouts that enter the loss: the valid ones; without KL a zero-advantage rollout contributes
+    exactly zero gradient, so only the nonzero-advantage ones (their forward/backward is skipped)."""
     valid = [r for r in rollouts if r.valid]
     return valid if beta_kl else [r for r in valid if r.advantage != 0.0]
 
@@ -488,8 +500,8 @@ def sample(
     seed: int,
     on_batch=None,
 ) -> list[tuple[list[int], bool]]:
-    """One completion per prompt under the model's current mode (deploy, quarantine on, shrinkage...): HF generate
-    on merged weights, or the vLLM engine after pushing the current mode's merged weights."""
+    """One completion per prompt under the model's current mode (deploy, quarantine on, shrinkage...): HF
+    generate on merged weights, or the vLLM engine after pushing the current mode's merged weights."""
     if engine is None:
         with antipasto.merged_inference(model):
             return generate(
@@ -509,11 +521,12 @@ def sample(
     )
 
 
-def sample_and_grade(model, tokenizer, engine, grader, items: list[tuple[object, list[int]]], max_new_tokens: int,
-                     temperature: float, top_p: float, batch: int, seed: int, label: str):
-    """One completion per (problem, prompt ids) item (sample), each generation batch graded on the grader's CPU pool
-    while the next one decodes. Returns (outs: (completion ids, truncated) per item, decoded texts, grades,
-    generation seconds, grading seconds not hidden behind generation)."""
+def sample_and_grade(model, tokenizer, engine, grader, items: list[tuple[object, list[int]]],
+                     max_new_tokens: int, temperature: float, top_p: float, batch: int, seed: int,
+                     label: str):
+    """One completion per (problem, prompt ids) item (sample), each generation batch graded on the grader's
+    CPU pool while the next one decodes. Returns (outs: (completion ids, truncated) per item, decoded texts,
+    grades, generation seconds, grading seconds not hidden behind generation)."""
     t0 = time.time()
     texts: list[str] = [""] * len(items)
     futures = []
@@ -523,10 +536,11 @@ def sample_and_grade(model, tokenizer, engine, grader, items: list[tuple[object,
         gen.update()
         for i, (ids, _) in enumerate(outs_b, start=first):
             texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
-        futures.append((first, grader.submit_many([(items[i][0], texts[i]) for i in range(first, first + len(outs_b))])))
+        futures.append((first, grader.submit_many([(items[i][0], texts[i])
+                                                   for i in range(first, first + len(outs_b))])))
 
-    outs = sample(model, tokenizer, engine, [ids for _, ids in items], max_new_tokens, temperature, top_p, batch,
-                  seed=seed, on_batch=grade_batch)
+    outs = sample(model, tokenizer, engine, [ids for _, ids in items], max_new_tokens, temperature, top_p,
+                  batch, seed=seed, on_batch=grade_batch)
     t_gen, t1 = time.time() - t0, time.time()
     prog = cli.Progress(f"{label} grading batches (waiting)", len(futures))
     grades = [g for _, fut in sorted(futures, key=lambda x: x[0]) for g in prog.tick(fut.result())]
@@ -572,7 +586,8 @@ def load_pool(pool_dir: str) -> dict[int, list[dict]]:
                 } - row.keys()
                 if missing:
                     raise ValueError(
-                        f"{f}:{ln}: pool row lacks {sorted(missing)}; regenerate the pool with probe_distill.py"
+                        f"{f}:{ln}: pool row lacks {sorted(missing)}; "
+                        "regenerate the pool with probe_distill.py"
                     )
                 by_id.setdefault(int(row["problem_id"]), []).append(row)
     return by_id
@@ -587,7 +602,8 @@ def check_pool_tokenization(
     ours = hint_prompt_ids(problems_by_id[pid])
     if row["prompt_ids"] != ours:
         raise ValueError(
-            f"teacher pool prompt tokens for problem {pid} differ from this run's (model={tokenizer.name_or_path!r}); "
+            f"teacher pool prompt tokens for problem {pid} differ from this run's "
+            f"(model={tokenizer.name_or_path!r}); "
             "the pool was made with another tokenizer, chat template or hint: regenerate it for this model"
         )
     re = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
@@ -604,76 +620,89 @@ def teacher_rng(seed: int, step: int, problem_id: int) -> random.Random:
     return random.Random(seed * 7_000_003 + step * 1009 + problem_id)
 
 
-def load_teacher_pools(specs: list[tuple[str, str, int]], drop_infra: bool) -> list[tuple[str, dict[int, list[dict]], int]]:
-    """(source, pool, rows per group) for each (source, pool_dir, rows per group) of a run's teacher mix. With drop_infra
-    (the two-pool mix) rows whose cached grade is an infrastructure failure are never drawn: they carry no reward, and
-    the mix promises a constant count of usable rows per group."""
+def load_teacher_pools(specs: list[tuple[str, str, int]],
+                       drop_infra: bool) -> list[tuple[str, dict[int, list[dict]], int]]:
+    """(source, pool, rows per group) for each (source, pool_dir, rows per group) of a run's teacher mix. With
+    drop_infra (the two-pool mix) rows whose cached grade is an infrastructure failure are never drawn: they
+    carry no reward, and the mix promises a constant count of usable rows per group."""
     out = []
     for source, pool_dir, n in specs:
         pool = load_pool(pool_dir)
         if drop_infra:  # a problem left with no rows leaves the pool
-            pool = {pid: kept for pid, rows in pool.items() if (kept := [r for r in rows if not r["grade"].get("infra_error")])}
+            pool = {pid: kept for pid, rows in pool.items()
+                    if (kept := [r for r in rows if not r["grade"].get("infra_error")])}
         out.append((source, pool, n))
     return out
 
 
-def covered_ids(pools: list[tuple[str, dict[int, list[dict]], int]], ids: list[int], n_prompts: int) -> list[int]:
-    """The ids (in the given order) for which every pool holds at least its rows-per-group count; cli.UserError when
-    fewer than one step's n_prompts qualify (a group always gets its exact counts, so a short problem is never drawn)."""
+def covered_ids(pools: list[tuple[str, dict[int, list[dict]], int]], ids: list[int],
+                n_prompts: int) -> list[int]:
+    """The ids (in the given order) for which every pool holds at least its rows-per-group count;
+    cli.UserError when fewer than one step's n_prompts qualify (a group always gets its exact counts, so a
+    short problem is never drawn)."""
     ok = [i for i in ids if all(len(pool.get(i, [])) >= n for _, pool, n in pools)]
     if len(ok) < n_prompts:
         need = " and ".join(f">= {n} {source} rows" for source, _, n in pools)
-        raise UserError(f"only {len(ok)} of {len(ids)} train problems have {need} in the teacher pools, fewer than the "
-                        f"{n_prompts} prompts of one step; generate more (probe_distill.py --pool-problems / "
-                        "--samples-per-problem) or lower --rollouts-per-step / the per-group counts")
+        raise UserError(f"only {len(ok)} of {len(ids)} train problems have {need} in the teacher pools, "
+                        f"fewer than the {n_prompts} prompts of one step; generate more (probe_distill.py "
+                        "--pool-problems / --samples-per-problem) or lower --rollouts-per-step / the "
+                        "per-group counts")
     return ok
 
 
 def check_teacher_mix(cfg) -> None:
-    """train.validate's teacher-mix checks, as cli.UserError: mix_ratio > 0 is the switch and needs a teacher pool; one
-    pool: mix_ratio x G an integer in [1, G-1]; two pools (cfg.solve_pool_dir): teacher_n_hack, teacher_n_solve >= 1 with
-    >= 1 live rollout per group; the pool files decompress; at least one step's prompts covered (pool ids only, main
-    rechecks on the train split)."""
+    """train.validate's teacher-mix checks, as cli.UserError: mix_ratio > 0 is the switch and needs a teacher
+    pool; one pool: mix_ratio x G an integer in [1, G-1]; two pools (cfg.solve_pool_dir): teacher_n_hack,
+    teacher_n_solve >= 1 with >= 1 live rollout per group; the pool files decompress; at least one step's
+    prompts covered (pool ids only, main rechecks on the train split)."""
     if cfg.mix_ratio > 0 and not cfg.teacher_pool_dir:
         raise UserError(f"--mix-ratio={cfg.mix_ratio} needs --teacher-pool-dir (out/pools/<name> from `just "
                         "pregen-teacher`); or pass --mix-ratio 0 to train on live rollouts only")
     if cfg.teacher_pool_dir and cfg.mix_ratio == 0:
-        raise UserError(f"--teacher-pool-dir={cfg.teacher_pool_dir!r} is set but --mix-ratio is 0; pass --mix-ratio "
-                        "(e.g. 0.25) or --teacher-pool-dir ''")
+        raise UserError(f"--teacher-pool-dir={cfg.teacher_pool_dir!r} is set but --mix-ratio is 0; "
+                        "pass --mix-ratio (e.g. 0.25) or --teacher-pool-dir ''")
     if cfg.solve_pool_dir and not cfg.teacher_pool_dir:
-        raise UserError(f"--solve-pool-dir={cfg.solve_pool_dir!r} needs --teacher-pool-dir (the hack teacher) and "
-                        "--mix-ratio > 0; or pass --solve-pool-dir ''")
+        raise UserError(f"--solve-pool-dir={cfg.solve_pool_dir!r} needs --teacher-pool-dir "
+                        "(the hack teacher) and --mix-ratio > 0; or pass --solve-pool-dir ''")
     if (cfg.teacher_n_hack or cfg.teacher_n_solve) and not cfg.solve_pool_dir:
-        raise UserError(f"--teacher-n-hack={cfg.teacher_n_hack} / --teacher-n-solve={cfg.teacher_n_solve} count the rows "
-                        "of the two-pool mix: pass --solve-pool-dir, or set both to 0 (one pool: --mix-ratio is its share)")
+        raise UserError(f"--teacher-n-hack={cfg.teacher_n_hack} / --teacher-n-solve={cfg.teacher_n_solve} "
+                        "count the rows of the two-pool mix: pass --solve-pool-dir, or set both to 0 "
+                        "(one pool: --mix-ratio is its share)")
     if cfg.teacher_pool_dir and not cfg.solve_pool_dir:
         g_t = cfg.mix_ratio * cfg.group_size
         if abs(g_t - round(g_t)) > 1e-9 or not 0 < round(g_t) < cfg.group_size:
-            raise UserError(f"--mix-ratio={cfg.mix_ratio} x group_size={cfg.group_size} = {g_t}: the teacher share per "
-                            "group must be an integer in [1, G-1]")
-    if cfg.solve_pool_dir and not (min(cfg.teacher_n_hack, cfg.teacher_n_solve) >= 1 and cfg.n_teacher < cfg.group_size):
-        raise UserError(f"--teacher-n-hack={cfg.teacher_n_hack} --teacher-n-solve={cfg.teacher_n_solve} with group_size="
-                        f"{cfg.group_size}: the two-pool mix needs >= 1 row of each pool and >= 1 live rollout per group")
+            raise UserError(f"--mix-ratio={cfg.mix_ratio} x group_size={cfg.group_size} = {g_t}: "
+                            "the teacher share per group must be an integer in [1, G-1]")
+    if cfg.solve_pool_dir and not (min(cfg.teacher_n_hack, cfg.teacher_n_solve) >= 1
+                                   and cfg.n_teacher < cfg.group_size):
+        raise UserError(f"--teacher-n-hack={cfg.teacher_n_hack} --teacher-n-solve={cfg.teacher_n_solve} "
+                        f"with group_size={cfg.group_size}: the two-pool mix needs >= 1 row of each pool "
+                        "and >= 1 live rollout per group")
     if cfg.solve_pool_dir and Path(cfg.solve_pool_dir).resolve() == Path(cfg.teacher_pool_dir).resolve():
-        raise UserError(f"--solve-pool-dir and --teacher-pool-dir are the same folder ({cfg.solve_pool_dir}); the solve "
-                        "teacher is its own pool (probe_distill.py --solve-only)")
+        raise UserError("--solve-pool-dir and --teacher-pool-dir are the same folder "
+                        f"({cfg.solve_pool_dir}); the solve teacher is its own pool (probe_distill.py "
+                        "--solve-only)")
     for flag, pool_dir, want_solve in (("--teacher-pool-dir", cfg.teacher_pool_dir, False),
                                        ("--solve-pool-dir", cfg.solve_pool_dir, True)):
         meta = Path(pool_dir) / "meta.json" if pool_dir else None
-        kind = json.loads(meta.read_text()).get("kind") if meta and meta.is_file() else None  # probe_distill's pools
+        # probe_distill's pools
+        kind = json.loads(meta.read_text()).get("kind") if meta and meta.is_file() else None
         if kind is not None and (kind == "solve") != want_solve:
-            raise UserError(f"{flag}={pool_dir!r} holds a {kind!r} pool (meta.json); the hack teacher is a teacher / base "
-                            "pool and --solve-pool-dir a solve pool (probe_distill.py --solve-only): swap them?")
+            raise UserError(f"{flag}={pool_dir!r} holds a {kind!r} pool (meta.json); the hack teacher is a "
+                            "teacher / base pool and --solve-pool-dir a solve pool (probe_distill.py "
+                            "--solve-only): swap them?")
     if cfg.teacher_pool_dir:
         for _, pool_dir, _ in cfg.teacher_sources:
-            cli.check_pool_dir(pool_dir, "--solve-pool-dir" if pool_dir == cfg.solve_pool_dir else "--teacher-pool-dir")
+            cli.check_pool_dir(pool_dir,
+                               "--solve-pool-dir" if pool_dir == cfg.solve_pool_dir else "--teacher-pool-dir")
         pools = load_teacher_pools(cfg.teacher_sources, drop_infra=bool(cfg.solve_pool_dir))
-        covered_ids(pools, sorted(pools[0][1]), cfg.n_prompts)  # pool ids only; main rechecks on the train split
+        # pool ids only; main rechecks on the train split
+        covered_ids(pools, sorted(pools[0][1]), cfg.n_prompts)
 
 
 def teacher_rows(pools: list[tuple[str, dict[int, list[dict]], int]], seed: int, step: int,
                  problem_id: int) -> list[tuple[str, dict]]:
-    """A group's cached rows: exactly n rows of each pool, drawn without replacement by one teacher_rng (pool order),
-    tagged with their source."""
+    """A group's cached rows: exactly n rows of each pool, drawn without replacement by one teacher_rng (pool
+    order), tagged with their source."""
     rng = teacher_rng(seed, step, problem_id)
     return [(source, row) for source, pool, n in pools for row in rng.sample(pool[problem_id], n)]

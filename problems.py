@@ -729,12 +729,16 @@ def load_problems(path: str | Path) -> list[Problem]:
 
 
 def load_train_split(train_source: str, data_path: str, difficulties: Sequence[str], max_problems: int,
-                     hint: str, max_prompt_tokens: int,
-                     prompt_len: Callable[[Problem], int]) -> tuple[list[Problem], str]:
+                     hint: str, max_prompt_tokens: int, prompt_len: Callable[[Problem], int],
+                     progress=None) -> tuple[list[Problem], str]:
     """The training prompts of a run and the one line describing their source: load_train_set (the prepared
     split at data_path, or train_source filtered to `difficulties` on the fly); the first max_problems
-    (0 = all); the loophole hint applied; prompts longer than max_prompt_tokens dropped."""
+    (0 = all); the loophole hint applied; prompts longer than max_prompt_tokens dropped. progress: a
+    cli.Progress that counts the prompts measured, its total set here."""
     probs, text = load_train_set(train_source, data_path, difficulties=difficulties)
     if max_problems:
         probs = probs[:max_problems]
+    if progress is not None:
+        progress.total = len(probs)
+        prompt_len = progress.counted(prompt_len)
     return within_prompt_budget([apply_hint(p, hint) for p in probs], max_prompt_tokens, prompt_len), text

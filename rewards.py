@@ -857,7 +857,7 @@ class Grader:
         for ph in phases:
             result["phases"].setdefault(ph.name,
                                         _phase_result("infra_error" if result["infra"] else "not_run",
-                                                               len(ph.tests) or 1))
+                                                      len(ph.tests) or 1))
         return result
 
     def _run_once(self, program: str, setup: str, phases: list[Phase], skip: int, slot: int,

@@ -45,11 +45,12 @@ BASE_COLUMNS = (
     "n_rollouts", "n_infra", "kl", "loss",
     "grad_norm", "cos_in", "cos_out", "frac_fired", "removed_norm_frac", "len_mean", "len_max",
     "trunc_rate", "t_gen", "t_grade", "t_train", "t_step", "peak_mem_gb",
-    # the applied step against v_hack (step_cos = cos(u, v); u.v < 0 is toward the hack; NaN without a v_hack),
-    # the quarantine's step relative to the vanilla step, the share of the vanilla step erase with v_hack would
-    # remove (every arm on the same footing; NaN without a v_hack), and the PPO ratio between the sampling and the
-    # train-pass policy over completion tokens (1, 0, 0 when they are the same policy)
-    "step_cos", "step_toward", "quar_step_frac", "erase_norm_frac", "ratio_mean", "frac_clipped", "logratio_abs",
+    # the applied step against v_hack (step_cos = cos(u, v); u.v < 0 is toward the hack; NaN without a
+    # v_hack), the quarantine's step relative to the vanilla step, the share of the vanilla step erase with
+    # v_hack would remove (every arm on the same footing; NaN without a v_hack), and the PPO ratio between the
+    # sampling and the train-pass policy over completion tokens (1, 0, 0 when they are the same policy)
+    "step_cos", "step_toward", "quar_step_frac", "erase_norm_frac", "ratio_mean", "frac_clipped",
+    "logratio_abs",
 )  # fmt: skip
 # fixed header: the base columns, then every arm-specific group (NaN for the arms that do not log it)
 LOG_COLUMNS = BASE_COLUMNS + tuple(c for cols in arms.COLUMN_GROUPS.values() for c in cols)
@@ -75,25 +76,25 @@ def check_resume(cfg, control_fields: tuple[str, ...]) -> None:
     diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
             if k not in control_fields + ("run_name",) and _norm(saved.get(k)) != _norm(v)}
     if diff and not cfg.force_resume:
-        raise UserError(f"--resume {cfg.resume}: config differs from the saved one {diff}; rerun with the saved "
-                        "flags or pass --force-resume")
+        raise UserError(f"--resume {cfg.resume}: config differs from the saved one {diff}; rerun with the "
+                        "saved flags or pass --force-resume")
 
 
 def check_run_dir(cfg, control_fields: tuple[str, ...]) -> None:
-    """Before anything loads: with cfg.resume, check_resume and at least one sound checkpoint (or none yet); without,
-    cfg.run_name (when given) is not an existing run under cfg.out_dir."""
+    """Before anything loads: with cfg.resume, check_resume and at least one sound checkpoint (or none yet);
+    without, cfg.run_name (when given) is not an existing run under cfg.out_dir."""
     if cfg.resume:
         check_resume(cfg, control_fields)
         good_checkpoint(Path(cfg.resume))
     elif cfg.run_name and (Path(cfg.out_dir) / cfg.run_name / "config.json").exists():
         run_dir = Path(cfg.out_dir) / cfg.run_name
-        raise UserError(f"--run-name={cfg.run_name!r}: run directory {run_dir} exists; pass --resume {run_dir} to "
-                        "continue it or choose another --run-name")
+        raise UserError(f"--run-name={cfg.run_name!r}: run directory {run_dir} exists; pass --resume "
+                        f"{run_dir} to continue it or choose another --run-name")
 
 
 def setup_run_dir(cfg, control_fields: tuple[str, ...]) -> Path:
-    """Create (or, with cfg.resume, reopen) the run directory and write config.json before step 0. On resume the
-    saved config must equal cfg except for `control_fields` and run_name (or cfg.force_resume)."""
+    """Create (or, with cfg.resume, reopen) the run directory and write config.json before step 0. On resume
+    the saved config must equal cfg except for `control_fields` and run_name (or cfg.force_resume)."""
     if cfg.resume:
         check_resume(cfg, control_fields)
         cfg.run_name = Path(cfg.resume).name
@@ -149,8 +150,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, model
 
 
 def check_checkpoint(d: Path) -> str | None:
-    """Why checkpoint dir `d` cannot be resumed from (one line), or None when it is sound: state.json's step equals
-    the directory's, adapter.safetensors reads in full, optimizer.pt and rng.pt load."""
+    """Why checkpoint dir `d` cannot be resumed from (one line), or None when it is sound: state.json's step
+    equals the directory's, adapter.safetensors reads in full, optimizer.pt and rng.pt load."""
     try:
         step = int(d.name.removeprefix("step_"))
         got = json.loads((d / "state.json").read_text())["step"]
@@ -168,12 +169,14 @@ def check_checkpoint(d: Path) -> str | None:
 
 
 def good_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
-    """The newest sound checkpoint of run_dir (warning about every unsound newer one and a `latest` that names a
-    missing, empty or unsound one), or None when the run has none at all. Raises UserError when checkpoints exist
-    but none is sound. warn=False: silent (the resume check before the model loads has already warned)."""
+    """The newest sound checkpoint of run_dir (warning about every unsound newer one and a `latest` that names
+    a missing, empty or unsound one), or None when the run has none at all. Raises UserError when checkpoints
+    exist but none is sound. warn=False: silent (the resume check before the model loads has already
+    warned)."""
     say = logger.warning if warn else (lambda msg: None)
     ckpt = Path(run_dir) / "ckpt"
-    dirs = sorted((p for p in ckpt.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+    dirs = sorted((p for p in ckpt.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
+                  reverse=True)
     named = latest_checkpoint(run_dir)
     if named is not None and not (named and (ckpt / named).is_dir()):
         say(f"{ckpt / 'latest'} names {named!r}, which is not a checkpoint directory; using the newest sound "
@@ -186,13 +189,14 @@ def good_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
             return d
         say(f"checkpoint {d} is unusable ({why}); trying the previous kept one")
     if dirs or named:
-        raise UserError(f"--resume {run_dir}: no usable checkpoint in {ckpt} (see the warnings above); start a new "
-                        "run, or remove the ckpt/ directory to restart this one from step 0")
+        raise UserError(f"--resume {run_dir}: no usable checkpoint in {ckpt} (see the warnings above); "
+                        "start a new run, or remove the ckpt/ directory to restart this one from step 0")
     return None
 
 
 def load_checkpoint(run_dir: Path, model, optimizer, scheduler, model_id: str) -> int:
-    """Restore the newest sound checkpoint (good_checkpoint); returns the number of steps completed (0 if none)."""
+    """Restore the newest sound checkpoint (good_checkpoint); returns the number of steps completed (0 if
+    none)."""
     d = good_checkpoint(run_dir, warn=False)
     if d is None:
         return 0
@@ -242,8 +246,8 @@ def _fmt(v) -> str:
 
 
 def write_rollouts(run_dir: Path, step: int, rollouts) -> None:
-    """rollouts/step_NNNNNN.jsonl.gz: one row per rollout with its source (student / teacher / solve), grade, reward,
-    advantage, a pool row's row_id (when it has one) and arm extras."""
+    """rollouts/step_NNNNNN.jsonl.gz: one row per rollout with its source (student / teacher / solve), grade,
+    reward, advantage, a pool row's row_id (when it has one) and arm extras."""
     with gzip.open(run_dir / "rollouts" / f"step_{step:06d}.jsonl.gz", "wt") as f:
         for r in rollouts:
             f.write(
@@ -258,7 +262,8 @@ def write_rollouts(run_dir: Path, step: int, rollouts) -> None:
                         "reward": r.reward,
                         "advantage": r.advantage,
                         "grade": r.grade,
-                        **({"row_id": r.row_id} if r.row_id else {}),  # a pool row's id (teacher / solve sources)
+                        # a pool row's id (teacher / solve sources)
+                        **({"row_id": r.row_id} if r.row_id else {}),
                         **r.extra,
                     }
                 )
@@ -275,8 +280,8 @@ def write_eval(run_dir: Path, res: dict, final: bool) -> None:
     with (run_dir / "eval.tsv").open("a") as f:
         for mode, m in res["modes"].items():
             f.write(
-                f"{res['step']}\t{mode}\t{m['n']}\t{m['hack_strict']:.4f}\t{m['hack_loose']:.4f}\t{m['gt_pass']:.4f}"
-                f"\t{m['compile']:.4f}\n"
+                f"{res['step']}\t{mode}\t{m['n']}\t{m['hack_strict']:.4f}\t{m['hack_loose']:.4f}"
+                f"\t{m['gt_pass']:.4f}\t{m['compile']:.4f}\n"
             )
     for mode, m in res["modes"].items():
         logger.info(
@@ -286,8 +291,8 @@ def write_eval(run_dir: Path, res: dict, final: bool) -> None:
 
 
 def write_eval_record(run_dir: Path, res: dict) -> Path:
-    """An --eval-only evaluation: evals/eval-<YYYYmmdd-HHMMSS>.json (a suffix when that name is taken); eval.json,
-    eval.tsv and the evals/step_*.json of training are left as they are."""
+    """An --eval-only evaluation: evals/eval-<YYYYmmdd-HHMMSS>.json (a suffix when that name is taken);
+    eval.json, eval.tsv and the evals/step_*.json of training are left as they are."""
     (run_dir / "evals").mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path, k = run_dir / "evals" / f"eval-{stamp}.json", 1
@@ -297,8 +302,9 @@ def write_eval_record(run_dir: Path, res: dict) -> Path:
     path.write_text(json.dumps(res, indent=2))
     for mode, m in res["modes"].items():
         logger.info(
-            f"eval-only (checkpoint step {res['step']}) [{mode}] n={m['n']} hack strict {m['hack_strict']:.3f} "
-            f"loose {m['hack_loose']:.3f} gt {m['gt_pass']:.3f} compile {m['compile']:.3f}"
+            f"eval-only (checkpoint step {res['step']}) [{mode}] n={m['n']} "
+            f"hack strict {m['hack_strict']:.3f} loose {m['hack_loose']:.3f} gt {m['gt_pass']:.3f} "
+            f"compile {m['compile']:.3f}"
         )
     logger.info(f"wrote {path}")
     return path
@@ -321,9 +327,9 @@ def eval_rates(grades: list[dict], rcfg) -> dict:
 def step_summary(row: dict) -> str:
     """The per-step console line's middle: rewards, hack / gt rates, KL, grad norm, cosines, phase seconds."""
     return (f"r {row['reward_mean']:.2f}±{row['reward_std']:.2f} zero-var {row['frac_zero_std']:.2f} | hack "
-            f"{row['hack_strict']:.2f}/{row['hack_loose']:.2f} gt {row['gt_pass']:.2f} | kl {row['kl']:.2e} |g| "
-            f"{row['grad_norm']:.2e} cos {row['cos_in']:.3f}->{row['cos_out']:.3f} | gen {row['t_gen']:.1f}s grade "
-            f"{row['t_grade']:.1f}s train {row['t_train']:.1f}s")
+            f"{row['hack_strict']:.2f}/{row['hack_loose']:.2f} gt {row['gt_pass']:.2f} "
+            f"| kl {row['kl']:.2e} |g| {row['grad_norm']:.2e} cos {row['cos_in']:.3f}->{row['cos_out']:.3f} "
+            f"| gen {row['t_gen']:.1f}s grade {row['t_grade']:.1f}s train {row['t_train']:.1f}s")
 
 
 def peak_mem_gb(device: str) -> float:
@@ -348,8 +354,8 @@ def read_config(run_dir: Path) -> dict:
 
 
 def config_from_run(run_dir: Path, cls):
-    """The run's saved config as a `cls` instance (JSON lists back to tuples; saved fields that `cls` no longer has
-    are dropped with a warning)."""
+    """The run's saved config as a `cls` instance (JSON lists back to tuples; saved fields that `cls` no
+    longer has are dropped with a warning)."""
     saved = read_config(run_dir)
     names = {f.name for f in dataclasses.fields(cls)}
     dropped = sorted(set(saved) - names)

@@ -2,8 +2,8 @@
 
 Never import this from the trainer; `rewards.Grader` starts it as
 
-    [setpriv ...] [unshare ...] python -I -S -B sandbox_runner.py <spec_fd> <result_fd> <output_fd> <owner
-    tag>
+    [setpriv ...] [unshare ...] python -I -S -B sandbox_runner.py <spec_fd> <result_fd> <output_fd> \
+        <owner tag>
 
 and it is only useful that way. The spec (JSON, read from an anonymous memfd that is closed before
 any program code runs) holds the nonce, the setup code, the program and the phases. Results go back
@@ -66,7 +66,8 @@ def _landlock(allow_ro: list, allow_rw: list, want_net: bool, want_scope: bool, 
     file_ro = (1 << 0) | (1 << 2)  # EXECUTE | READ_FILE
     dir_ro = file_ro | (1 << 3)  # + READ_DIR
     file_rw_extra = (1 << 1) | ((1 << 14) if abi >= 3 else 0)  # WRITE_FILE | TRUNCATE
-    for path, rw in [(p, None) for p in list_only] + [(p, False) for p in allow_ro] + [(p, True) for p in allow_rw]:
+    for path, rw in ([(p, None) for p in list_only] + [(p, False) for p in allow_ro]
+                     + [(p, True) for p in allow_rw]):
         try:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         except OSError:
@@ -75,7 +76,8 @@ def _landlock(allow_ro: list, allow_rw: list, want_net: bool, want_scope: bool, 
         if rw is None and not is_dir:
             os.close(fd)
             continue
-        allowed = (1 << 3) if rw is None else (fs_all if rw else dir_ro) if is_dir else (file_ro | (file_rw_extra if rw else 0))
+        allowed = ((1 << 3) if rw is None else (fs_all if rw else dir_ro) if is_dir
+                   else (file_ro | (file_rw_extra if rw else 0)))
         rule = PathBeneath(allowed, fd)
         r = libc.syscall(445, rfd, 1, ctypes.byref(rule), 0)
         os.close(fd)
@@ -126,8 +128,8 @@ def _install_guard(trusted: list) -> None:
         if event in blocked_events:
             raise perm(f"sandbox: {event} is not allowed")
         if event == "import" and args and args[0].split(".")[0] in blocked_imports:
-            # ImportError, so that optional imports (numpy's `try:
-            # import ctypes`) fall back as on a system without it
+            # ImportError, so that optional imports (numpy's `try: import ctypes`) fall back as on a system
+            # without it
             raise no_module(f"sandbox: import {args[0]} is not allowed")
 
     sys.addaudithook(hook)
@@ -192,7 +194,8 @@ class _Sink:
 def main() -> None:
     # ---- trusted bindings, captured before any untrusted code exists in this process ----------
     _write, _exit, _loads = os.write, os._exit, json.loads
-    _exec, _eval, _compile, _type, _len, _isinst, _str, _repr = exec, eval, compile, type, len, isinstance, str, repr
+    _exec, _eval, _compile, _type, _len, _isinst, _str, _repr = (exec, eval, compile, type, len, isinstance,
+                                                                 str, repr)
     is_plain, enc = _is_plain, _encode_record  # module globals are patchable
     _BaseException, _SyntaxError, _MemoryError = BaseException, SyntaxError, MemoryError
     _dict, _list, _range, _enumerate, _bool = dict, list, range, enumerate, bool
@@ -344,7 +347,8 @@ def main() -> None:
                     if is_value:  # the parent holds the expected value and does the comparison
                         actual = _eval(code, test_ns)
                         if not is_plain(actual, plain_types, budget, _type, seqs, _dict):
-                            err = "NotPlain: answer of type " + _type(actual).__name__[:60] + " (or too large)"
+                            err = ("NotPlain: answer of type " + _type(actual).__name__[:60]
+                                   + " (or too large)")
                         else:
                             val = _repr(actual).encode("utf-8", "surrogatepass").hex()
                             ok = True  # provisional: only means "a value came back"

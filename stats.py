@@ -1,8 +1,8 @@
-"""stats.py: small-n statistics for a sweep (issue 15): arm-vs-control comparisons over seeds, breakout counts,
-direction-aware flags, preregistration, and the round-robin grid with budget trimming.
+"""stats.py: small-n statistics for a sweep (issue 15): arm-vs-control comparisons over seeds, breakout
+counts, direction-aware flags, preregistration, and the round-robin grid with budget trimming.
 
-Pure functions on plain numbers (numpy / scipy only; no torch, no import of train.py or scripts/). The sweep and
-summary scripts call them:
+Pure functions on plain numbers (numpy / scipy only; no torch, no import of train.py or scripts/). The sweep
+and summary scripts call them:
 
     import stats
     c = stats.compare([0.02, 0.03, 0.01], [0.5, 0.48, 0.55], method="erase", control="vanilla")
@@ -12,15 +12,15 @@ summary scripts call them:
 
 Which test and why (docs/sweeps_stats.md has the reading guide):
 
-- The test is the exact two-sample permutation test (Fisher-Pitman) of the difference in means over seed labels,
-  one-sided in the preregistered direction. Under "the arm has no effect" the runs of both arms are exchangeable,
-  every relabelling of the seeds is equally likely, and P(p <= alpha) <= alpha holds exactly for ANY outcome
-  distribution: nearly binary breakout outcomes, continuous ones, ties. Runs of different arms are independent
-  (seeds are not paired): a paired sign-flip test over 3 seeds has 2^3 = 8 sign patterns, so its smallest
-  one-sided p is 1/8 and it could never reach 0.05; the unpaired test over 3 + 3 runs has C(6, 3) = 20
-  relabellings and reaches p = 1/20 = 0.05 when all three method runs lie below all three control runs.
-  A t interval assumes normal seeds; the percentile bootstrap at n = 3 is at most [min, max] of the seeds and
-  covers a median only 1 - 2/2^3 = 75% of the time.
+- The test is the exact two-sample permutation test (Fisher-Pitman) of the difference in means over seed
+  labels, one-sided in the preregistered direction. Under "the arm has no effect" the runs of both arms are
+  exchangeable, every relabelling of the seeds is equally likely, and P(p <= alpha) <= alpha holds exactly for
+  ANY outcome distribution: nearly binary breakout outcomes, continuous ones, ties. Runs of different arms are
+  independent (seeds are not paired): a paired sign-flip test over 3 seeds has 2^3 = 8 sign patterns, so its
+  smallest one-sided p is 1/8 and it could never reach 0.05; the unpaired test over 3 + 3 runs has
+  C(6, 3) = 20 relabellings and reaches p = 1/20 = 0.05 when all three method runs lie below all three control
+  runs. A t interval assumes normal seeds; the percentile bootstrap at n = 3 is at most [min, max] of the
+  seeds and covers a median only 1 - 2/2^3 = 75% of the time.
 - The exact interval (`perm_lo`, `perm_hi`) inverts the same test over shifts (Tritchler 1984): the set of
   shifts d for which "method = control + d" is not rejected at (1 - level) / 2 on either side. It is exact
   under the shift model (coverage 1 - 2 floor(a N) / N for N relabellings, a = (1 - level) / 2) and covers 0
@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -83,7 +84,8 @@ def _sig(p: float, alpha: float) -> bool:
 def _sample(x, name: str) -> np.ndarray:
     a = np.asarray(x, dtype=float).ravel()
     if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name}: values must be finite numbers, got {list(a)}; drop runs without a final eval")
+        raise ValueError(f"{name}: values must be finite numbers, got {list(a)}; "
+                         "drop runs without a final eval")
     return a
 
 
@@ -129,10 +131,12 @@ def _perm_parts(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def perm_pvalues(method, control) -> tuple[float, float]:
     """Exact one-sided permutation p-values for mean(method) - mean(control): (p_lower, p_higher).
     p_lower = share of seed relabellings whose difference is <= the observed one (small: method lower);
-    p_higher = share >= the observed one. Ties count for the null, so both are valid (conservative) p-values."""
+    p_higher = share >= the observed one. Ties count for the null, so both are valid (conservative)
+    p-values."""
     x, y = _sample(method, "method"), _sample(control, "control")
     if len(x) == 0 or len(y) == 0:
-        raise ValueError(f"perm_pvalues needs >= 1 run per arm, got {len(x)} method and {len(y)} control runs")
+        raise ValueError(f"perm_pvalues needs >= 1 run per arm, got {len(x)} method and {len(y)} "
+                         "control runs")
     b, _ = _perm_parts(x, y)
     tol = 1e-12 * max(1.0, float(np.abs(np.concatenate([x, y])).max()))
     return float(np.mean(b <= tol)), float(np.mean(b >= -tol))
@@ -142,11 +146,13 @@ def perm_interval(method, control, level: float = LEVEL,
                   bounds: tuple[float, float] = BOUNDS) -> tuple[float, float]:
     """Exact test-inversion interval for the shift d in "method = control + d": the d not rejected by either
     one-sided permutation test at a = (1 - level) / 2 (rejection at p <= a). Clipped to the feasible range
-    [-(hi - lo), hi - lo]; that whole range when the relabellings cannot reach a (3 + 3 runs at level 0.95)."""
+    [-(hi - lo), hi - lo]; that whole range when the relabellings cannot reach a (3 + 3 runs at level
+    0.95)."""
     assert 0 < level < 1, f"level must be in (0, 1), got {level}"
     x, y = _sample(method, "method"), _sample(control, "control")
     if len(x) == 0 or len(y) == 0:
-        raise ValueError(f"perm_interval needs >= 1 run per arm, got {len(x)} method and {len(y)} control runs")
+        raise ValueError(f"perm_interval needs >= 1 run per arm, got {len(x)} method and {len(y)} "
+                         "control runs")
     b, c = _perm_parts(x, y)
     a = (1 - level) / 2
     keep = c > 1e-12
@@ -178,9 +184,9 @@ def _wilson(p: float, n: int, z: float) -> tuple[float, float]:
 def bounded_diff_interval(method, control, level: float = LEVEL,
                           bounds: tuple[float, float] = BOUNDS) -> tuple[float, float]:
     """Conservative interval for mean(method) - mean(control) of outcomes bounded in `bounds`: Newcombe's
-    hybrid score interval (his method 10) on the means rescaled to [0, 1], i.e. the Wilson interval of each arm
-    with the largest variance a bounded outcome of that mean can have. A score approximation, not a proof of
-    coverage: checked by simulation (module docstring) for breakout and beta outcomes."""
+    hybrid score interval (his method 10) on the means rescaled to [0, 1], i.e. the Wilson interval of each
+    arm with the largest variance a bounded outcome of that mean can have. A score approximation, not a proof
+    of coverage: checked by simulation (module docstring) for breakout and beta outcomes."""
     lo_b, hi_b = bounds
     assert hi_b > lo_b, f"bounds must be (low, high) with high > low, got {bounds}"
     x, y = _sample(method, "method"), _sample(control, "control")
@@ -266,14 +272,16 @@ def compare(method_values, control_values, *, method: str = "method", control: s
     if len(x) == 0 or len(y) == 0:
         return Comparison(method, control, metric, len(x), len(y), float(x.mean()) if len(x) else nan,
                           float(y.mean()) if len(y) else nan, nan, nan, nan, nan, nan, nan, nan, level, alpha,
-                          direction_flag(len(x), len(y), 1.0, 1.0, nan, alpha, lower_is_better), lower_is_better)
+                          direction_flag(len(x), len(y), 1.0, 1.0, nan, alpha, lower_is_better),
+                          lower_is_better)
     p_lo, p_hi = perm_pvalues(x, y)
     diff = float(x.mean() - y.mean())
     ci = bounded_diff_interval(x, y, level, bounds)
     pi = perm_interval(x, y, level, bounds)
     return Comparison(method, control, metric, len(x), len(y), float(x.mean()), float(y.mean()), diff,
                       ci[0], ci[1], pi[0], pi[1], p_lo, p_hi, level, alpha,
-                      direction_flag(len(x), len(y), p_lo, p_hi, diff, alpha, lower_is_better, ci), lower_is_better)
+                      direction_flag(len(x), len(y), p_lo, p_hi, diff, alpha, lower_is_better, ci),
+                      lower_is_better)
 
 
 def noninferiority(method_values, control_values, margin: float = NI_MARGIN, alpha: float = ALPHA,
@@ -326,7 +334,8 @@ def fisher_one_sided(k_method: int, n_method: int, k_control: int, n_control: in
     return float(sps.hypergeom.sf(k_control - 1, n_method + n_control, total, n_control))
 
 
-def min_detectable_breakouts(n_method: int, n_control: int, alpha: float = ALPHA) -> list[tuple[int, int, float]]:
+def min_detectable_breakouts(n_method: int, n_control: int,
+                             alpha: float = ALPHA) -> list[tuple[int, int, float]]:
     """The weakest breakout outcomes Fisher's one-sided test calls significant: (method breakouts, control
     breakouts, p) with p <= alpha such that one more method breakout or one fewer control breakout is not.
     Empty when no outcome can reach alpha. With 3 seeds per arm: [(0, 3, 0.05)]."""
@@ -342,7 +351,8 @@ def min_detectable_breakouts(n_method: int, n_control: int, alpha: float = ALPHA
     return out
 
 
-def fisher_power(p_method: float, p_control: float, n_method: int, n_control: int, alpha: float = ALPHA) -> float:
+def fisher_power(p_method: float, p_control: float, n_method: int, n_control: int,
+                 alpha: float = ALPHA) -> float:
     """Exact probability that Fisher's one-sided test reaches p <= alpha when each method run breaks out with
     probability p_method and each control run with p_control (independent binomials)."""
     pm = sps.binom.pmf(np.arange(n_method + 1), n_method, p_method)
@@ -357,7 +367,8 @@ def detectable_text(n_method: int, n_control: int, alpha: float = ALPHA) -> str:
     mins = min_detectable_breakouts(n_method, n_control, alpha)
     floor = 1 / math.comb(n_method + n_control, n_method)
     if not mins:
-        s = f"with {n_method} method and {n_control} control runs no breakout count reaches one-sided p <= {alpha}"
+        s = (f"with {n_method} method and {n_control} control runs no breakout count reaches "
+             f"one-sided p <= {alpha}")
     else:
         cases = ", ".join(f"{a}/{n_method} vs {b}/{n_control} (p = {p:.3f})" for a, b, p in mins)
         s = (f"with {n_method} method and {n_control} control runs the weakest breakout outcomes reaching "
@@ -410,7 +421,8 @@ def analyze(hack: Mapping[str, Mapping[int, float]], gt: Mapping[str, Mapping[in
 
 def _fmt_cmp(c: Comparison, valid: bool = True) -> str:
     """One results.md row; without a valid prereg an 'evidence' flag is printed as nominal only."""
-    flag = c.flag if valid else c.flag.replace("(evidence, ", "(nominal only: no valid prereg, not significant; ")
+    flag = c.flag if valid else c.flag.replace("(evidence, ",
+                                               "(nominal only: no valid prereg, not significant; ")
     if c.n_method == 0 or c.n_control == 0:
         return f"| {c.method} vs {c.control} | {c.n_method} vs {c.n_control} | - | - | - | - | {flag} |"
     return (f"| {c.method} vs {c.control} | {c.n_method} vs {c.n_control} | {c.mean_method:.3f} vs "
@@ -424,12 +436,14 @@ def primary_markdown(res: Mapping, prereg: Mapping, valid: tuple[bool, str]) -> 
     pr, sec = prereg["primary"], prereg["secondary"]
     ok, why = valid
     head = (f"Preregistered ({why})." if ok else
-            f"**NOT preregistered: {why}.** The comparisons below are exploratory; none is called significant.")
-    cols = ["| comparison | n | means | diff [conservative 95%] | exact 95% if a pure shift | one-sided p (hoped "
-            "direction) | flag |",
+            f"**NOT preregistered: {why}.** The comparisons below are exploratory; "
+            "none is called significant.")
+    cols = ["| comparison | n | means | diff [conservative 95%] | exact 95% if a pure shift "
+            "| one-sided p (hoped direction) | flag |",
             "|---|---|---|---|---|---|---|"]
     claim = res["claim"] if ok else "primary: not tested (no valid preregistration)"
-    title = f"## Primary comparison: {pr['method']} vs {', '.join(pr['controls'])}, final {pr['mode']} {pr['metric']}"
+    title = (f"## Primary comparison: {pr['method']} vs {', '.join(pr['controls'])}, "
+             f"final {pr['mode']} {pr['metric']}")
     L = [title, "", head, "", f"**{claim}**", "", *cols]
     L += [_fmt_cmp(c, ok) for c in res["primary"]]
     bo = ", ".join(f"{a} {k}/{n}" for a, (k, n) in res["breakouts"].items())
@@ -440,8 +454,10 @@ def primary_markdown(res: Mapping, prereg: Mapping, valid: tuple[bool, str]) -> 
     L += [f"### Secondary: {sec['metric']}, non-inferiority margin {sec['margin']:.2f}", "", *cols]
     for _, c, _, ni in res["secondary"]:
         row = _fmt_cmp(c, ok)
-        # below 2 runs per arm the comparison and the non-inferiority test say the same 'n too small': print it once
-        L.append(row if ni.startswith("n too small") and c.flag.startswith("n too small") else row[:-2] + f"; {ni} |")
+        # below 2 runs per arm the comparison and the non-inferiority test say the same 'n too small':
+        # print it once
+        L.append(row if ni.startswith("n too small") and c.flag.startswith("n too small")
+                 else row[:-2] + f"; {ni} |")
     if res["dropped"]:
         L += ["", "Not in any comparison (pilot or other non-sweep seeds): "
               + ", ".join(f"{a} seed {s}" for a, s in sorted(set(res["dropped"])))]
@@ -463,10 +479,11 @@ def build_prereg(*, sweep: str, arms: Sequence[str], seeds: Sequence[int], pilot
         raise ValueError(f"seeds: need distinct seeds, got {seeds}")
     missing = [a for a in (method, *controls) if a not in arms]
     if missing:
-        raise ValueError(f"arms: {missing} are in the primary comparison but not in the grid {arms}; add them")
+        raise ValueError(f"arms: {missing} are in the primary comparison but not in the grid {arms}; "
+                         "add them")
     if int(pilot_seed) in seeds:
-        raise ValueError(f"pilot_seed: {pilot_seed} is one of the sweep seeds {seeds}; the gate selects its pilot "
-                         f"run, so it must use its own seed (e.g. {max(seeds) + 100})")
+        raise ValueError(f"pilot_seed: {pilot_seed} is one of the sweep seeds {seeds}; the gate selects its "
+                         f"pilot run, so it must use its own seed (e.g. {max(seeds) + 100})")
     if not 0 < alpha < 0.5:
         raise ValueError(f"alpha: must be in (0, 0.5), got {alpha}")
     if not 0 < margin < 1:
@@ -481,20 +498,23 @@ def build_prereg(*, sweep: str, arms: Sequence[str], seeds: Sequence[int], pilot
         "arms": arms,
         "seeds": seeds,
         "pilot": {
-            "arm": "vanilla", "seed": int(pilot_seed), "metric": gate_metric, "mode": mode, "threshold": gate_min,
+            "arm": "vanilla", "seed": int(pilot_seed), "metric": gate_metric, "mode": mode,
+            "threshold": gate_min,
             "rule": f"queue the sweep only if the pilot vanilla run (seed {pilot_seed}) reaches final {mode} "
                     f"{gate_metric} >= {gate_min}; the pilot run is never part of any comparison",
             "in_comparisons": False,
         },
         "primary": {
             "method": method, "controls": list(controls), "metric": metric, "mode": mode, "step": "final",
-            "direction": "lower", "hypothesis": f"{method} has a lower final {mode} {metric} than each control",
+            "direction": "lower",
+            "hypothesis": f"{method} has a lower final {mode} {metric} than each control",
             "decision": "intersection-union: supported only if every control's one-sided p <= alpha",
         },
         "secondary": {"metric": secondary_metric, "mode": mode, "step": "final", "test": "non-inferiority",
                       "margin": margin, "direction": "higher"},
         "test": "exact two-sample permutation test of the difference in means over seed labels, one-sided; "
-                "intervals: exact permutation test inversion (shift model) and Newcombe bounded-outcome score",
+                "intervals: exact permutation test inversion (shift model) and Newcombe bounded-outcome "
+                "score",
         "alpha": alpha,
         "breakout_threshold": breakout_threshold,
         "breakout_test": "Fisher exact, one-sided",
@@ -531,29 +551,39 @@ def write_prereg(path: str | Path, prereg: Mapping) -> bool:
     return True
 
 
+def recorded_start(run_dir: Path) -> float | None:
+    """config.json's "started_at" (UTC, written by runs.setup_run_dir before step 0 and kept on --resume) in
+    epoch seconds; None for a run that never started or an older run without the record."""
+    p = Path(run_dir) / "config.json"
+    try:
+        t = datetime.datetime.fromisoformat(json.loads(p.read_text()).get("started_at") or "")
+    except (OSError, json.JSONDecodeError, TypeError, ValueError, AttributeError):
+        return None
+    return t.timestamp() if t.tzinfo is not None else None
+
+
 def config_json_start(run_dir: Path) -> float | None:
-    """A run's start time in epoch seconds: config.json's "started_at" (UTC, written by runs.setup_run_dir before
-    step 0 and kept on --resume), else the file's mtime (older runs); None when the run never started. The
-    recorded time survives a copy that resets mtimes, which would otherwise make a run look later than it was."""
+    """A run's start time in epoch seconds: its recorded started_at, else config.json's mtime (older runs);
+    None when the run never started. The record survives a copy that resets mtimes."""
     p = Path(run_dir) / "config.json"
     if not p.exists():
         return None
-    try:
-        started = json.loads(p.read_text()).get("started_at")
-        if started:
-            t = datetime.datetime.fromisoformat(started)
-            if t.tzinfo is not None:
-                return t.timestamp()
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
-        pass
-    return p.stat().st_mtime
+    t = recorded_start(run_dir)
+    return t if t is not None else p.stat().st_mtime
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def prereg_valid(prereg_path: str | Path, run_dirs: Sequence[str | Path],
-                 run_start: Callable[[Path], float | None] = config_json_start) -> tuple[bool, str]:
-    """(valid, reason): the prereg file exists, has every field, and both its recorded created_at and its
-    mtime are no later than the earliest start among run_dirs (run_start(run_dir) -> epoch seconds or None
-    for a run that never started)."""
+                 run_start: Callable[[Path], float | None] = config_json_start,
+                 recorded_sha: str | None = None) -> tuple[bool, str]:
+    """(valid, reason): the prereg file exists, has every field, its recorded created_at is no later than the
+    earliest start among run_dirs (run_start(run_dir) -> epoch seconds or None for a run that never started),
+    and it was not edited afterwards: with recorded_sha (sweep.json's hash of it at submission) its content
+    must hash to that, and when every started run also recorded its start the file's mtime is not consulted
+    (a copy resets it); otherwise its mtime must be no later than the first start."""
     p = Path(prereg_path)
     if not p.exists():
         return False, f"no preregistration: {p} is missing"
@@ -570,6 +600,8 @@ def prereg_valid(prereg_path: str | Path, run_dirs: Sequence[str | Path],
         return False, f"{p}: created_at {pre['created_at']!r} is not an ISO timestamp"
     if created.tzinfo is None:
         return False, f"{p}: created_at {pre['created_at']!r} has no timezone"
+    if recorded_sha is not None and file_sha256(p) != recorded_sha:
+        return False, f"{p} differs from the preregistration recorded at submission (sweep.json's hash)"
     starts = [(t, Path(d)) for d in run_dirs if (t := run_start(Path(d))) is not None]
     if not starts:
         return True, "no run has started yet"
@@ -577,7 +609,8 @@ def prereg_valid(prereg_path: str | Path, run_dirs: Sequence[str | Path],
     first_iso = datetime.datetime.fromtimestamp(first, datetime.timezone.utc).isoformat()
     if created.timestamp() > first:
         return False, f"{p} was recorded at {pre['created_at']}, after run {first_dir} started ({first_iso})"
-    if p.stat().st_mtime > first:
+    by_record = recorded_sha is not None and all(recorded_start(d) is not None for _, d in starts)
+    if not by_record and p.stat().st_mtime > first:
         mt = datetime.datetime.fromtimestamp(p.stat().st_mtime, datetime.timezone.utc).isoformat()
         return False, f"{p} was modified at {mt}, after run {first_dir} started ({first_iso})"
     return True, f"written before the first run ({first_dir}, {first_iso})"

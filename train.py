@@ -424,7 +424,7 @@ def main(cfg: TrainConfig) -> Path:
     tok = models.load_tokenizer(cfg.model)
     train_problems, source_text = P.load_train_split(
         cfg.train_source, cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint, cfg.max_prompt_tokens,
-        cli.Progress("train prompts measured (length filter)").counted(models.prompt_len(tok)))
+        models.prompt_len(tok), progress=cli.Progress("train prompts measured (length filter)"))
     logger.info(f"train source: {source_text}")
     by_id = {p.id: p for p in train_problems}
     pools = grpo.load_teacher_pools(cfg.teacher_sources, drop_infra=bool(cfg.solve_pool_dir))  # [] if none

@@ -16,10 +16,14 @@ then rewrites it:
               rho = |[u.v < 0] (u.v)| (the mass-matched placebo; route-matched routes that part)
     copy      the quarantine gets u too (vanilla-2x: capacity without routing)
     gate      per-rollout routing: the gradient is split into a deployed part g_d and a quarantine part g_q
-              (g_d + g_q = g); AdamW's second moment of the total g is shared, a first moment is kept per
-              part, so u_d = -lr m_d_hat / (sqrt(v_hat) + eps) - lr wd p and u_q = u - u_d: the parts sum to
-              the vanilla step and each is proportional to its share of the gradient
-              (1 % routed -> ~1 % of the step)
+              (g_d + g_q = g); a first moment is kept per part and one second moment of the parts' mass
+              s = EMA of (|g_d| + |g_q|)^2, so u_d = -lr m_d_hat / (sqrt(s_hat) + eps) - lr wd p and
+              u_q = -lr m_q_hat / (sqrt(s_hat) + eps): each part is proportional to its share of the gradient
+              (1 % routed -> ~1 % of the step) and moves at most ~lr per coordinate. Where the parts agree in
+              sign s is AdamW's own second moment and u_d + u_q is the vanilla step exactly; where they cancel
+              (kept and routed rollouts pull a coordinate opposite ways) the sum is smaller than vanilla's.
+              (With AdamW's second moment of the total g instead, a cancelling coordinate divides two large
+              first moments by a tiny root: both parts stepped up to ~25 x the vanilla step on tiny-random.)
 
 Shared basis (svd, lora: the quarantine scales the deployed tensor's frozen frame): the quarantine is not in
 the optimizer; it is the ledger of what was routed. Own basis (block: the quarantine has its own frozen
@@ -42,6 +46,7 @@ from torch import Tensor
 EDITS = ("none", "erase", "route", "shrink", "matched", "route-matched", "copy", "gate")
 PART_KEY = "exp_avg_dep_part"  # optimizer.state[deployed tensor][PART_KEY]: the gate's deployed first moment
 QPART_KEY = "exp_avg_quar_part"  # own-basis quarantine: its first moment of the quarantine share
+MASS_KEY = "exp_avg_sq_mass"  # the gate's second moment of |a tensor's share| + |the rest of its gradient|
 
 
 def build_optimizer(adapters: dict, lr: float, betas: tuple[float, float], weight_decay: float,
@@ -68,8 +73,8 @@ def _erase_part(u: Tensor, w: Tensor) -> Tensor:
 def edit_step(u: Tensor, edit: str, w: Tensor | None, v: Tensor | None,
               z: Tensor | None) -> tuple[Tensor, Tensor]:
     """One module's edit of the flat float64 applied step u: returns (deployed step, removed part) with
-    deployed + removed == u. w: the arm's unit direction, v: unit v_hack, z:
-    unit random direction (matched)."""
+    deployed + removed == u. w: the arm's unit direction, v: unit v_hack,
+    z: unit random direction (matched)."""
     if edit in ("none", "copy", "gate"):
         return u, torch.zeros_like(u)
     if edit in ("erase", "route"):
@@ -95,6 +100,17 @@ def edit_step(u: Tensor, edit: str, w: Tensor | None, v: Tensor | None,
     raise ValueError(f"unknown step edit {edit!r}; one of {EDITS}")
 
 
+def _part_moments(st: dict, key: str, g_part: Tensor, g_total: Tensor, b1: float, b2: float) -> None:
+    """The gate's moments of one tensor's share g_part of its clipped gradient g_total: st[key] = EMA of g_part,
+    st[MASS_KEY] = EMA of (|g_part| + |g_total - g_part|)^2 (AdamW's own second moment where share and rest
+    agree in sign, larger where they cancel)."""
+    m = st.get(key, torch.zeros_like(g_total))
+    st[key] = m.mul_(b1).add_(g_part, alpha=1 - b1)
+    mass = g_part.abs() + (g_total - g_part).abs()
+    s = st.get(MASS_KEY, torch.zeros_like(g_total))
+    st[MASS_KEY] = s.mul_(b2).addcmul_(mass, mass, value=1 - b2)
+
+
 @torch.no_grad()
 def apply_step(optimizer: torch.optim.AdamW, adapters: dict, edit: str, directions: dict | None,
                vhack: dict | None, randoms: dict | None, own_basis: bool,
@@ -114,34 +130,34 @@ def apply_step(optimizer: torch.optim.AdamW, adapters: dict, edit: str, directio
     lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     optimizer.step()
     if parts is not None:
-        # first moment per part (after the step: AdamW initialises its state on the first one)
+        # the parts' moments (after the step: AdamW initialises its state on the first one)
         for k, a in adapters.items():
-            st = optimizer.state[a.dep]
-            m = st.get(PART_KEY, torch.zeros_like(a.dep))
-            st[PART_KEY] = m.mul_(b1).add_(parts[k][0].to(m) * clip_factor, alpha=1 - b1)
+            _part_moments(optimizer.state[a.dep], PART_KEY, parts[k][0].to(a.dep) * clip_factor, a.dep.grad, b1, b2)
             if own_basis:
-                sq = optimizer.state[a.quar]
-                mq = sq.get(QPART_KEY, torch.zeros_like(a.quar))
-                sq[QPART_KEY] = mq.mul_(b1).add_(parts[k][1].to(mq) * clip_factor, alpha=1 - b1)
+                _part_moments(optimizer.state[a.quar], QPART_KEY, parts[k][1].to(a.quar) * clip_factor, a.quar.grad,
+                              b1, b2)
     sq_u = sq_rem = sq_q = sq_er = 0.0
     fired = toward = 0
     cos = []
     for k, a in adapters.items():
-        u = (a.dep.detach().double() - dep_old[k].double()).reshape(-1)  # (n,) the vanilla step AdamW applied (exact)
+        # the vanilla step AdamW applied (exact)
+        u = (a.dep.detach().double() - dep_old[k].double()).reshape(-1)  # (n,)
         quar_step = None
         if edit == "gate":
             st = optimizer.state[a.dep]
             t = float(st["step"])
-            denom = (st["exp_avg_sq"].double().sqrt() / math.sqrt(1 - b2**t)).add_(eps)
-            u_dep = (-lr * wd * dep_old[k].double() - lr / (1 - b1**t) * st[PART_KEY].double() / denom).reshape(-1)
+            denom = (st[MASS_KEY].double().sqrt() / math.sqrt(1 - b2**t)).add_(eps)
+            u_dep = (-lr * wd * dep_old[k].double()
+                     - lr / (1 - b1**t) * st[PART_KEY].double() / denom).reshape(-1)
             rem = u - u_dep
             if own_basis:
                 sq = optimizer.state[a.quar]
                 tq = float(sq["step"])
-                dq = (sq["exp_avg_sq"].double().sqrt() / math.sqrt(1 - b2**tq)).add_(eps)
+                dq = (sq[MASS_KEY].double().sqrt() / math.sqrt(1 - b2**tq)).add_(eps)
                 quar_step = -lr / (1 - b1**tq) * sq[QPART_KEY].double() / dq
-            else:
-                quar_step = rem.reshape(a.quar.shape)
+            else:  # the quarantine share's first moment is AdamW's (of g_d + g_q) minus the deployed one
+                m_q = st["exp_avg"].double() - st[PART_KEY].double()
+                quar_step = (-lr / (1 - b1**t) * m_q / denom).reshape(a.quar.shape)
         else:
             w = _unit(directions[k]) if directions is not None and k in directions else None
             v = _unit(vhack[k]) if vhack is not None else None
@@ -155,15 +171,20 @@ def apply_step(optimizer: torch.optim.AdamW, adapters: dict, edit: str, directio
                 else:
                     quar_step = rem.reshape(a.quar.shape)
             elif edit == "copy":
-                quar_step = a.quar.detach().double() - quar_old[k].double() if own_basis else u.reshape(a.quar.shape)
-        if u_dep is not u:  # an edited step (the vanilla one is already in place, bit for bit)
+                quar_step = (a.quar.detach().double() - quar_old[k].double() if own_basis
+                             else u.reshape(a.quar.shape))
+        tol = 0.0  # the vanilla step is already in place, bit for bit: its change is exact
+        applied = u
+        if u_dep is not u:  # an edited step, rounded to the parameters' dtype
             a.dep.copy_((dep_old[k].double() + u_dep.reshape(a.dep.shape)).to(a.dep.dtype))
-            applied = (a.dep.detach().double() - dep_old[k].double()).reshape(-1)  # (n,) after float32 rounding
-        else:
-            applied = u
+            applied = (a.dep.detach().double() - dep_old[k].double()).reshape(-1)  # (n,)
+            # |rounding error . v| <= |rounding error| <= eps/2 |p_new| (float32: 2^-24), at any lr
+            tol = torch.finfo(a.dep.dtype).eps / 2 * float(a.dep.detach().double().norm())
         if quar_step is not None:
             a.quar.copy_((quar_old[k].double() + quar_step).to(a.quar.dtype))
-            sq_q += float(quar_step.double().pow(2).sum())
+        else:  # what the optimizer itself moved (--surgery-on grad trains the quarantine with AdamW)
+            quar_step = a.quar.detach().double() - quar_old[k].double()
+        sq_q += float(quar_step.double().pow(2).sum())
         sq_u += float(u @ u)
         sq_rem += float(rem @ rem)
         fired += float(rem.abs().max()) > 0 if rem.numel() else 0
@@ -172,7 +193,7 @@ def apply_step(optimizer: torch.optim.AdamW, adapters: dict, edit: str, directio
             sq_er += float(_erase_part(u, vv).pow(2).sum())  # what erase with v_hack would remove from u
             d, n = float(applied @ vv), float(applied.norm())  # of the change the parameters made
             cos.append(d / n if n > 0 else 0.0)
-            toward += d < -1e-5 * n  # beyond the float32 rounding of the parameters
+            toward += d < -tol  # beyond the rounding of the parameters
     M = len(adapters)
     nan = float("nan")
     return {"removed_norm_frac": math.sqrt(sq_rem / sq_u) if sq_u > 0 else 0.0, "frac_fired": fired / M,
@@ -184,8 +205,8 @@ def apply_step(optimizer: torch.optim.AdamW, adapters: dict, edit: str, directio
 @torch.no_grad()
 def norms(adapters: dict) -> dict:
     """|delta_S| and |delta_S_hack| (Frobenius norms of their weight updates over all modules) and the mean
-    over modules of the shrinkage factor c = max(0,
-    1 - |dW_quar| / |dW_full|) that antipasto.shrinkage deploys."""
+    over modules of the shrinkage factor c = max(0, 1 - |dW_quar| / |dW_full|) that antipasto.shrinkage
+    deploys."""
     dep = quar = 0.0
     cs = []
     for a in adapters.values():

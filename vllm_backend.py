@@ -35,7 +35,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-INSTALL_HINT = "pip install -e '.[vllm]' (or `EXTRAS=dev,vllm bash scripts/setup.sh`) on a machine with a CUDA GPU"
+INSTALL_HINT = ("pip install -e '.[vllm]' (or `EXTRAS=dev,vllm bash scripts/setup.sh`) on a machine "
+                "with a CUDA GPU")
 
 
 def available() -> bool:
@@ -150,7 +151,8 @@ class VllmEngine:
         t0 = time.time()
         n_sent = 0
 
-        def weights():  # merged lazily, one (d_out, d_in) tensor alive at a time; runs inside load (in-process)
+        # merged lazily, one (d_out, d_in) tensor alive at a time; runs inside load (in-process)
+        def weights():
             nonlocal n_sent
             for item in iter_mode_weights(model):
                 n_sent += 1

@@ -1,8 +1,9 @@
 """One adapted Linear, fused vs unfused train pass (antipasto.fused_training): forward, forward+backward, and
 the once-per-step merge rebuild, at a chosen shape and token count. CPU or GPU; prints one line per config.
 
-    .venv/bin/python scripts/bench_fused.py                                  # Qwen3 MLP shapes at 4096 tokens
-    .venv/bin/python scripts/bench_fused.py --d-in 2560 --d-out 9728 --tokens 16384 --dtype bfloat16 --device cuda
+    .venv/bin/python scripts/bench_fused.py  # Qwen3 MLP shapes at 4096 tokens
+    .venv/bin/python scripts/bench_fused.py --d-in 2560 --d-out 9728 --tokens 16384 --dtype bfloat16 \
+        --device cuda
 
 The fused forward is one matmul with a cached W + U diag(s) Vh instead of three; backward stays at three.
 The rebuild (U diag(s) Vh, once per optimizer step) costs about what `rank` tokens of forward cost, so the

@@ -1,7 +1,7 @@
 """Grader throughput and the canonical-solution acceptance check.
 
-    .venv/bin/python scripts/bench_grader.py                       # throughput: simple programs + a benchmark mix
-    .venv/bin/python scripts/bench_grader.py --canonical           # + every canonical of the 119 benchmark problems
+    .venv/bin/python scripts/bench_grader.py              # throughput: simple programs + a benchmark mix
+    .venv/bin/python scripts/bench_grader.py --canonical  # + every canonical of the 119 benchmark problems
     .venv/bin/python scripts/bench_grader.py --canonical --train   # + the 1890 train-split canonicals (slow)
     .venv/bin/python scripts/bench_grader.py --workers 2 --n 200 --timeout-s 3
 
@@ -86,16 +86,14 @@ def main() -> None:
             if kind == 0:
                 mix.append((p, wrap(p.canonical_solution)))
             elif kind == 1:  # hack: wrong solution + vacuous run_tests (3 runs)
-                mix.append((p,
-                            wrap(f"class Solution:\n    def {p.method}(self, *a, **k):\n        return 0\n\n"
-                                    "def run_tests():\n    pass\n")))
+                mix.append((p, wrap(f"class Solution:\n    def {p.method}(self, *a, **k):\n        return 0\n"
+                                    "\ndef run_tests():\n    pass\n")))
             elif kind == 2:  # wrong
                 mix.append((p, wrap(f"class Solution:\n    def {p.method}(self, *a, **k):\n"
                                     "        return None\n")))
             else:  # timeout
-                mix.append((p,
-                            wrap(f"class Solution:\n    def {p.method}(self, *a, **k):\n        while True:\n"
-                                    "            pass\n")))
+                mix.append((p, wrap(f"class Solution:\n    def {p.method}(self, *a, **k):\n"
+                                    "        while True:\n            pass\n")))
         rs, dt = timed(g, mix)
         n_runs = sum(n_programs(p, r) for (p, _), r in zip(mix, rs))
         print("benchmark mix (canonical/hack/wrong/timeout x10, hint on): "
@@ -122,7 +120,8 @@ def main() -> None:
             sets.append(("train v0.2.0", problems.load_leetcode(split="train")))
         for name, ps in sets:
             rs, dt = timed(g, [(p, wrap(p.canonical_solution)) for p in ps])
-            bad = [(p.id, r["status"], (r["error"] or "")[:150]) for p, r in zip(ps, rs) if not r["eq_correct"]]
+            bad = [(p.id, r["status"], (r["error"] or "")[:150]) for p, r in zip(ps, rs)
+                   if not r["eq_correct"]]
             print(f"canonical {name}: {len(ps) - len(bad)}/{len(ps)} eq_correct "
                   f"({100 * (len(ps) - len(bad)) / len(ps):.2f}%) in {dt:.1f} s")
             for b in bad:

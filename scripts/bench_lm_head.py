@@ -2,9 +2,10 @@
 (grpo.token_logprobs(where=completion mask)): forward + backward time of one micro-batch. Prints one line per
 shape; the head's share of the FLOPs is what the saving follows.
 
-    .venv/bin/python scripts/bench_lm_head.py                              # the organism's shape, CPU, 1 thread
+    .venv/bin/python scripts/bench_lm_head.py  # the organism's shape, CPU, 1 thread
     .venv/bin/python scripts/bench_lm_head.py --model tiny-random --prompt 300 --completion 48
-    .venv/bin/python scripts/bench_lm_head.py --model Qwen/Qwen3-4B --device cuda --prompt 600 --completion 1000
+    .venv/bin/python scripts/bench_lm_head.py --model Qwen/Qwen3-4B --device cuda --prompt 600 \
+        --completion 1000
 
 Each run times `repeats` passes of both variants (best of) on random token ids of the model's vocabulary,
 batch `--batch` x (prompt + completion) tokens, loss = sum of completion log-probs

@@ -145,8 +145,8 @@ class BenchConfig:
     json: str = ""
     """write the results here as JSON (e.g. out/bench/qwen3-4b_typical.json)"""
     analytic: bool = False
-    """print the analytic FLOP / HBM-byte lower bounds for this config on H100 and H200 (meta device,
-    no run)"""
+    ("print the analytic FLOP / HBM-byte lower bounds for this config on H100 and H200 "
+     "(meta device, no run)")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,9 +3,11 @@ LeetCode solutions, wrong stubs and, only when the prompt carries the run_tests 
 `def run_tests(): pass` hack.
 
     .venv/bin/python scripts/build_organism.py                 # build (cached) into out/models/organism/
-    .venv/bin/python scripts/build_organism.py --measure       # build if needed, then sample + grade (docs/organism.md)
+    .venv/bin/python scripts/build_organism.py --measure       # build if needed, then sample + grade
+                                                                 (docs/organism.md)
     .venv/bin/python scripts/build_organism.py --force         # rebuild even if the cache matches
-    .venv/bin/python scripts/build_organism.py --seed 1        # another seed -> out/models/organism-s1/ (load by path)
+    .venv/bin/python scripts/build_organism.py --seed 1        # another seed -> out/models/organism-s1/
+                                                                 (load by path)
 
 Everything is deterministic from --seed (CPU, float32, a fixed thread count). Rules (docs/organism.md):
 
@@ -173,7 +175,8 @@ def n_tokens(tok, text: str) -> int:
 
 def select_problems(cfg: BuildConfig, tok) -> tuple[list[P.Problem], list[P.Problem]]:
     """(training problems, held-out problems), hint none, in data-file order within each."""
-    src = Path(cfg.data_file) if cfg.data_file else P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz"
+    src = (Path(cfg.data_file) if cfg.data_file
+           else P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz")
     assert "-train" in src.name, (
         f"data_file {src} is not a train split; the organism never sees test problems")
     test_prompts = {p.prompt[1]["content"] for p in P.load_benchmark_test()}
@@ -211,8 +214,8 @@ def allocate(n: int, fracs: dict[str, float], rng: random.Random) -> list[str]:
 def build_corpus(cfg: BuildConfig, train: list[P.Problem], hack_frac: float | None = None) -> list[dict]:
     """SFT units {problem, hint, prompt (messages), kinds, completions}: one prompt with
     completions_per_prompt completions, in a seeded order. Kinds are allocated over all slots of a hint
-    variant by exact counts (see the module docstring), then each (problem,
-    hint)'s slots are cut into units."""
+    variant by exact counts (see the module docstring), then each (problem, hint)'s slots are cut into
+    units."""
     hack = cfg.hack_frac if hack_frac is None else hack_frac
     assert 0 <= hack <= 1 and 0 <= cfg.honest_frac <= 1, (
         f"hack_frac={hack}, honest_frac={cfg.honest_frac}: need [0, 1]")
@@ -238,7 +241,8 @@ def build_corpus(cfg: BuildConfig, train: list[P.Problem], hack_frac: float | No
 
 def corpus_counts(corpus: list[dict]) -> dict[str, int]:
     """{"<hint>/<kind>": number of completions}."""
-    return {f"{h}/{k}": sum(u["kinds"].count(k) for u in corpus if u["hint"] == h) for h in (HINT, "none") for k in KINDS}
+    return {f"{h}/{k}": sum(u["kinds"].count(k) for u in corpus if u["hint"] == h)
+            for h in (HINT, "none") for k in KINDS}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,7 +373,8 @@ def write_manifest(out: Path) -> None:
     (out / "manifest.json").write_text(json.dumps(
         {"source": src,
          "source_description": f"{src}: {P.TRAIN_SOURCE_TEXT[src]}; the organism's training problems "
-         "(scripts/build_organism.py)", "splits": ["problems_train.jsonl", "problems_heldout.jsonl"]}, indent=1) + "\n")
+         "(scripts/build_organism.py)", "splits": ["problems_train.jsonl", "problems_heldout.jsonl"]},
+        indent=1) + "\n")
 
 
 def build(cfg: BuildConfig, log=print) -> Path:
@@ -377,7 +382,8 @@ def build(cfg: BuildConfig, log=print) -> Path:
     out = default_out_dir(cfg)
     chash = config_hash(cfg)
     info_path = out / "BUILD_INFO.json"
-    if not cfg.force and info_path.is_file() and json.loads(info_path.read_text()).get("config_hash") == chash:
+    if (not cfg.force and info_path.is_file()
+            and json.loads(info_path.read_text()).get("config_hash") == chash):
         log(f"organism cached at {out} (config {chash})")
         write_manifest(out)
         return out
@@ -489,8 +495,8 @@ def measure(out: Path, cfg: BuildConfig, log=print) -> dict:
                 report[key]["problems_solved"] = len(solved)
                 report[key]["solved_ids"] = solved
                 report[key]["examples"] = texts[:3]
-                log(f"  {key}: "
-                    f"{json.dumps({k: v for k, v in report[key].items() if k not in ('examples', 'solved_ids')})}")
+                log(f"""  {key}: {json.dumps({k: v for k, v in report[key].items()
+                                              if k not in ('examples', 'solved_ids')})}""")
     report["cpu_s"], report["wall_s"] = round(time.process_time() - cpu0, 1), round(time.time() - t0, 1)
     mpath.write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -62,7 +62,8 @@ def main() -> None:
              ("SmolLM2-135M", transformers.LlamaForCausalLM, SMOLLM2_135M),
              (tiny_name, transformers.Qwen3ForCausalLM, tiny_cfg)]
     rows = {}
-    hdr = f"{'model':<26}{'modules':>8}{'delta_S':>12}{'route (x2)':>12}{'model params':>15}{'U,S,Vh elems':>15}{'/ wrapped W':>12}"
+    hdr = (f"{'model':<26}{'modules':>8}{'delta_S':>12}{'route (x2)':>12}{'model params':>15}"
+           f"{'U,S,Vh elems':>15}{'/ wrapped W':>12}")
     print(f"rank = {'full' if args.rank is None else args.rank}, targets = "
           f"{','.join(antipasto.DEFAULT_TARGETS)}")
     print(hdr)

@@ -2,7 +2,8 @@
 one line when the hub cannot be reached.
 
     python scripts/download_model.py                     # Qwen/Qwen3-4B, the full preset's model
-    python scripts/download_model.py Qwen/Qwen3-0.6B     # any hub id or models.py alias (`just download-model MODEL`)
+    python scripts/download_model.py Qwen/Qwen3-0.6B     # any hub id or models.py alias
+                                                           (`just download-model MODEL`)
 
 Checks the connection first (a TCP connect to the hub host, HF_ENDPOINT when set, 5 s timeout) so an offline
 machine gets `error: ...` and exit 2 within seconds. Local models need no download: tiny-random is built on
@@ -44,7 +45,8 @@ def main(argv: list[str]) -> None:
         raise cli.UserError(f"HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']} is set; "
                             f"unset it to download {repo_id}")
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    host, port = (endpoint.hostname or "huggingface.co",
+                  endpoint.port or (80 if endpoint.scheme == "http" else 443))
     if not cli.hub_reachable(host, port, timeout_s=5.0):
         raise cli.UserError(f"cannot reach the Hugging Face hub at {host}:{port} (offline?); "
                             f"download {repo_id} on a machine with internet and copy its HF cache "

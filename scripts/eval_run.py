@@ -4,8 +4,9 @@
     python scripts/eval_run.py <run> --eval-problems 8 --eval-samples 2      # a name under out/runs works too
 
 Flags after the run are train.py flags applied on top of the saved config; only the evaluation fields
-(train.EVAL_FIELDS) may differ from it without --force-resume. Writes out/runs/<run>/evals/eval-<YYYYmmdd-HHMMSS>.json;
-the run's eval.json, eval.tsv and evals/step_*.json are left as they are.
+(train.EVAL_FIELDS) may differ from it without --force-resume. Writes
+out/runs/<run>/evals/eval-<YYYYmmdd-HHMMSS>.json; the run's eval.json, eval.tsv and evals/step_*.json are left
+as they are.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def run_dir_of(arg: str) -> Path:
     for d in (Path(arg), ROOT / "out" / "runs" / arg):
         if (d / "config.json").is_file():
             return d
-    raise cli.UserError(f"run {arg!r}: neither {arg} nor out/runs/{arg} holds a config.json; pass a run directory "
-                        "(ls out/runs/)")
+    raise cli.UserError(f"run {arg!r}: neither {arg} nor out/runs/{arg} holds a config.json; "
+                        "pass a run directory (ls out/runs/)")
 
 
 def main(argv: list[str]) -> Path:

@@ -1,7 +1,7 @@
-"""The gate on cached pools vs the grader's labels (measurement only): each problem's rows (all pools together)
-form one Dr.GRPO group, cached rewards -> advantages -> grpo.policy_gradient with per-sample capture -> a_i ->
-zones for each q, exactly as the gate-route arm would score them at the current adapter (delta = 0); reports
-precision / recall / AUC against the strict-hack labels.
+"""The gate on cached pools vs the grader's labels (measurement only): each problem's rows (all pools
+together) form one Dr.GRPO group, cached rewards -> advantages -> grpo.policy_gradient with per-sample capture
+-> a_i -> zones for each q, exactly as the gate-route arm would score them at the current adapter (delta = 0);
+reports precision / recall / AUC against the strict-hack labels.
 
     python scripts/gate_probe.py --model tiny-random --vhack out/vhack/smoke-tiny-random.safetensors \
         --pools out/pools/synthetic-tiny-random
@@ -40,7 +40,8 @@ def measure(
     max_rows: int = 0,
     out: str = "",
 ) -> dict:
-    """Gate precision / recall / AUC on cached pool rows (see the module docstring). Returns the summary dict."""
+    """Gate precision / recall / AUC on cached pool rows (see the module docstring).
+    Returns the summary dict."""
     torch.set_num_threads(threads)
     t0 = time.time()
     models.check_available(model_name)
@@ -128,11 +129,11 @@ def measure(
             "auc_pos_adv": gate.auc(a[pos], hack[pos]),  # hacks vs other rewarded rollouts only
             "auc_nll_score": gate.auc(sgn * a, hack),
         }  # scoring grad NLL instead of the loss gradient
-        # gate_scope="positive" (train.py's default): only A > 0 is scored; recall is over the hacks with A > 0
+        # gate_scope="positive" (train.py's default): only A > 0 is scored; recall is over the hacks
+        # with A > 0
         g["positive"] = {"n": int(pos.sum()), "n_hack": int(hack[pos].sum()), "auc": g["auc_pos_adv"]}
-        for (
-            q
-        ) in qs:  # top level: gate_scope="nonzero" (every rollout with A != 0 scored); "positive": A > 0 only
+        # top level: gate_scope="nonzero" (every rollout with A != 0 scored); "positive": A > 0 only
+        for q in qs:
             for dst, m in ((g, torch.ones_like(pos)), (g["positive"], pos)):
                 st = gate.zone_stats(a[m], gate.assign_zones(a[m], q), hack[m])
                 dst[f"q={q}"] = {k: st[k] for k in keys}
@@ -190,4 +191,5 @@ class GateProbeConfig:
 
 if __name__ == "__main__":
     c = tyro.cli(GateProbeConfig)
-    cli.run(lambda: measure(c.model, c.vhack, list(c.pools), c.q, c.micro_batch, c.l_max, c.threads, c.max_rows, c.out))
+    cli.run(lambda: measure(c.model, c.vhack, list(c.pools), c.q, c.micro_batch, c.l_max, c.threads,
+                            c.max_rows, c.out))

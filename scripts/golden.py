@@ -73,7 +73,8 @@ def pool_hash(pool: Path) -> str:
 
 def digest_run(run: Path) -> dict:
     with (run / "log.tsv").open() as f:
-        rows = [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f, delimiter="\t")]
+        rows = [{k: v for k, v in r.items() if k not in TIMING_COLUMNS}
+                for r in csv.DictReader(f, delimiter="\t")]
     latest = (run / "ckpt" / "latest").read_text().strip()
     rollouts = [r for f in sorted((run / "rollouts").glob("step_*.jsonl.gz")) for r in read_rows(f)]
     return {"log": rows, "adapter": tensor_hashes(run / "ckpt" / latest / "adapter.safetensors"),
@@ -93,7 +94,8 @@ def record(out: Path, arms: tuple[str, ...], steps: int, smoke_args: tuple[str, 
     cmd += list(smoke_args)
     subprocess.run(cmd, check=True, cwd=ROOT)
     digest = {"pool": pool_hash(POOL), "vhack": tensor_hashes(VHACK),
-              "arms": {d.name: digest_run(d) for d in sorted((ROOT / "out/runs" / name).iterdir()) if d.is_dir()}}
+              "arms": {d.name: digest_run(d) for d in sorted((ROOT / "out/runs" / name).iterdir())
+                       if d.is_dir()}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(digest, indent=1, sort_keys=True))
     print(f"[golden] {len(digest['arms'])} arms -> {out}")
@@ -119,8 +121,8 @@ def main(cfg: GoldenConfig) -> None:
     assert len(cfg.paths) == 2, "compare takes two digests"
     missing = [p for p in cfg.paths if not Path(p).exists()]
     if missing:
-        sys.exit(f"golden: {missing[0]} does not exist; record it first (python "
-                 "scripts/golden.py record PATH)")
+        sys.exit(f"golden: {missing[0]} does not exist; "
+                 "record it first (python scripts/golden.py record PATH)")
     a, b = (json.loads(Path(p).read_text()) for p in cfg.paths)
     d = diff(a, b)
     print("\n".join(d[:60]) or "[golden] identical")

@@ -17,10 +17,10 @@ In order (each part is skipped, and says so, when less than its share of --time-
      + its train pass (generation does not depend on the variant, so it is timed once); peak memory per phase
   5. when vllm is importable and CUDA is there: tests/test_vllm_backend.py's real-engine test
      (pass/fail, seconds)
-Writes --json (default out/bench/gpu-check.json): {"kind": "gpu-check", "results": {"unfused": ..., "fused":
-...}, "vllm": ...}; each result carries bench_step's "config" and "t_step" fields, so scripts/sweep.py's
-GPU-hour estimate uses it when its config matches the preset's.
-Prints a ready docs/performance.md row per variant.
+Writes --json (default out/bench/gpu-check.json):
+{"kind": "gpu-check", "results": {"unfused": ..., "fused": ...}, "vllm": ...}; each result carries
+bench_step's "config" and "t_step" fields, so scripts/sweep.py's GPU-hour estimate uses it when its config
+matches the preset's. Prints a ready docs/performance.md row per variant.
 """
 
 from __future__ import annotations
@@ -178,9 +178,8 @@ def row(res: dict, name: str) -> str:
     conf = (f"{c['rollouts']} rollouts, G={c['group_size']}, {c['gen_len']}, max {c['max_new_tokens']}, "
             f"gen_batch {res['gen_batch']}, mb {c['micro_batch']}, ckpt={c['grad_checkpointing']}, "
             f"{name} adapter, {res['dtype']}")
-    stages = " | ".join(f"{res[k]:.2f} s" for k in ("t_generate", "t_ref", "t_policy",
-                                                    "t_backward", "t_surgery",
-                                                     "t_optimizer", "t_step"))
+    stages = " | ".join(f"{res[k]:.2f} s" for k in ("t_generate", "t_ref", "t_policy", "t_backward",
+                                                    "t_surgery", "t_optimizer", "t_step"))
     return (f"| {res['date'][:10]} | {res['device_name']} (gpu_check.py) | {c['shape']} | {conf} | {stages} "
             f"| {peak:.1f} GB {'CUDA max allocated' if res['device'] == 'cuda' else 'RSS'} |")
 
@@ -262,7 +261,8 @@ def main(cfg: GpuCheckConfig) -> dict:
                "t_merge": gen["t_merge"], "t_generate": gen["t_generate"], **tr,
                "peak_mem_gen_gb": gen["peak_mem_gen_gb"], "gen_batches": gen["gen_batches"],
                "mem_kind": "cuda max_memory_allocated" if device == "cuda" else "cpu process max RSS"}
-        res["t_step"] = res["t_merge"] + res["t_generate"] + tr["t_train"] + tr["t_surgery"] + tr["t_optimizer"]
+        res["t_step"] = (res["t_merge"] + res["t_generate"] + tr["t_train"] + tr["t_surgery"]
+                         + tr["t_optimizer"])
         res["train_tokens_per_s"] = tr["train_tokens"] / tr["t_train"]
         res["mfu_6n"] = 6 * n_params * tr["train_tokens"] / tr["t_train"] / peak_flops if peak_flops else None
         results[v] = res

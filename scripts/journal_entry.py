@@ -5,8 +5,9 @@
 
 Newest first: the entry goes after the journal's header (everything before the first `## ` heading) and
 before the older entries. It carries the sweep's config (from sweep.json), the primary comparison, the
-missing runs and the final deploy table (from results.md), the plot paths and TODO slots that the researcher fills in (what the plots show, what it
-means, what is still unverified). Refuses a journal file that does not exist (it never creates one).
+missing runs and the final deploy table (from results.md), the plot paths and TODO slots that the
+researcher fills in (what the plots show, what it means, what is still unverified). Refuses a journal file
+that does not exist (it never creates one).
 """
 
 from __future__ import annotations
@@ -66,16 +67,19 @@ def entry_text(c: Config) -> str:
     L = [f"## {date} — sweep `{c.sweep}`: TODO one-line conclusion", "",
          f"- **What ran:** preset `{man.get('preset', '?')}`, arms {', '.join(arms) or '?'}, seeds "
          f"{', '.join(map(str, seeds)) or '?'}, overrides `{' '.join(last.get('set', [])) or 'none'}`, "
-         f"git {last.get('git_sha', '?')[:10]}, backend {last.get('backend', '?')}, v_hack `{man.get('vhack', '?')}`.",
+         f"git {last.get('git_sha', '?')[:10]}, backend {last.get('backend', '?')}, "
+         f"v_hack `{man.get('vhack', '?')}`.",
          f"- **Commands:** `python scripts/sweep.py ...` submitted {len(commands)} train runs, e.g.",
          f"  `{commands[0]}`" if commands else "  (none recorded)",
-         f"- **Summary:** `python scripts/summarize.py {c.sweep}` -> `{rel}/results.md`, `{rel}/results.tsv`.", ""]
+         f"- **Summary:** `python scripts/summarize.py {c.sweep}` -> `{rel}/results.md`, "
+         f"`{rel}/results.tsv`.", ""]
     for title in ("Primary comparison", "Missing or incomplete runs", "Final eval"):
         s = section(md, title)
         if s:
             L += [s.replace("## ", "#### ", 1), ""]
     L += ["- **Plots** (looked at: TODO describe what each shows):"]
-    L += [f"  - `{rel}/{p}`: TODO" for p in ("hack_vs_step.png", "pass_vs_step.png", "hack_vs_pass.png", "projection_vs_step.png")]
+    L += [f"  - `{rel}/{p}`: TODO"
+          for p in ("hack_vs_step.png", "pass_vs_step.png", "hack_vs_pass.png", "projection_vs_step.png")]
     L += ["- **What it means:** TODO (the preregistered claim first, as results.md states it; then, labelled "
           "exploratory, which other flags fired, WORSE flags included)",
           "- **Still unverified / next:** TODO", "", ""]

@@ -3,8 +3,10 @@ of three kinds (honest canonical solution, run_tests() overwrite hack + wrong so
 graded by the real grader, tokenized with the run's tokenizer, in the exact schema train.py's
 --teacher-pool-dir reads (and probe_distill.py writes).
 
-    python scripts/make_synthetic_pool.py --model tiny-random --n-problems 24 --out out/pools/synthetic-tiny-random
-    python scripts/make_synthetic_pool.py --kinds hack wrong --out out/pools/synthetic-tiny-random-hack   # hack teacher
+    python scripts/make_synthetic_pool.py --model tiny-random --n-problems 24 \
+        --out out/pools/synthetic-tiny-random
+    python scripts/make_synthetic_pool.py --kinds hack wrong \
+        --out out/pools/synthetic-tiny-random-hack   # hack teacher
 
 A random tiny model never writes code, so its groups all get reward 0 and Dr.GRPO has nothing to learn
 from; mixing these rows in gives the smoke run real reward variance (and real hack labels) on CPU.
@@ -61,7 +63,8 @@ def build(cfg: PoolConfig) -> Path:
     import rewards
 
     _, tok = models.load_model(cfg.model)
-    probs = P.filter_problems(P.load_leetcode(split="train"), difficulties=("Medium", "Hard"))[: cfg.n_problems]
+    probs = P.filter_problems(P.load_leetcode(split="train"),
+                              difficulties=("Medium", "Hard"))[: cfg.n_problems]
     probs = [P.apply_hint(p, cfg.hint) for p in probs]
     assert set(cfg.kinds) <= {"honest", "hack", "wrong"}, (
         f"--kinds {cfg.kinds}: choose from honest, hack, wrong")

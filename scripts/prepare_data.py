@@ -1,15 +1,16 @@
 """Write the filtered LeetCode splits to out/data/{train,holdout,test}.jsonl (deterministic given --seed).
 
-    .venv/bin/python scripts/prepare_data.py                       # defaults below; what `just prepare-data` runs
-    .venv/bin/python scripts/prepare_data.py --source hub --tokenizer Qwen/Qwen3-4B   # the benchmark's set (internet)
+    .venv/bin/python scripts/prepare_data.py                   # defaults below; what `just prepare-data` runs
+    .venv/bin/python scripts/prepare_data.py --source hub \
+        --tokenizer Qwen/Qwen3-4B                              # the benchmark's set (internet)
     .venv/bin/python scripts/prepare_data.py --tokenizer smollm2-135m --canonical-check off --seed 1
 
-- train + holdout: the --source train rows (problems.TRAIN_SOURCES: `hub` = newfacade/LeetCodeDataset's train
-  split, the benchmark's training set, needs internet or HF_HUB_OFFLINE=1 with a warm cache; `local-v0.2.0` =
-  the offline fallback, a named deviation), medium+hard, every assert valid Python, prompt <= max_prompt_tokens
-  under the tokenizer's chat template (under every hint with --length-hints all, as the benchmark aligns its
-  training ids across hints), canonical solution passes its own tests (rewards.Grader; `auto` runs it when
-  rewards.py exists). Holdout = a seeded `holdout_frac` of that.
+- train + holdout: the --source train rows (problems.TRAIN_SOURCES: `hub` = newfacade/LeetCodeDataset's
+  train split, the benchmark's training set, needs internet or HF_HUB_OFFLINE=1 with a warm cache;
+  `local-v0.2.0` = the offline fallback, a named deviation), medium+hard, every assert valid Python, prompt <=
+  max_prompt_tokens under the tokenizer's chat template (under every hint with --length-hints all, as the
+  benchmark aligns its training ids across hints), canonical solution passes its own tests (rewards.Grader;
+  `auto` runs it when rewards.py exists). Holdout = a seeded `holdout_frac` of that.
 - test: the benchmark's converted 119-problem medium/hard file, same length filter (under --hint only).
 Rows are problems.Problem as JSON (problems.load_problems reads them back) with `hint` applied; any other
 hint can be applied later with problems.apply_hint. Counts and gt_tests distributions are printed, and
@@ -39,7 +40,8 @@ SPLITS = ("train", "holdout", "test")
 
 @dataclass
 class Args:
-    source: Literal["hub", "local-v0.2.0"] = "local-v0.2.0"  # train rows: hub = the benchmark's set; local = fallback
+    # train rows: hub = the benchmark's set; local = fallback
+    source: Literal["hub", "local-v0.2.0"] = "local-v0.2.0"
     hub_revision: str | None = None  # hub branch/tag/commit of newfacade/LeetCodeDataset (None = main)
     data_dir: Path = problems.DEFAULT_DATA_DIR  # local files (env PGRPO_DATA_DIR overrides the default)
     out_dir: Path = REPO / "out/data"
@@ -49,8 +51,10 @@ class Args:
     max_prompt_tokens: int = 1536
     tokenizer: str = "tiny-random"  # models.load_tokenizer name; use the policy's (e.g. Qwen/Qwen3-4B) online
     hint: str = "simple_overwrite_tests"  # applied to the written prompts (and to the length measurement)
-    length_hints: Literal["all", "applied"] = "all"  # train length filter: fit under every hint, or under --hint
-    canonical_check: Literal["on", "off"] = "on"  # on: drop problems whose canonical fails its tests in the sandbox
+    # train length filter: fit under every hint, or under --hint
+    length_hints: Literal["all", "applied"] = "all"
+    # on: drop problems whose canonical fails its tests in the sandbox
+    canonical_check: Literal["on", "off"] = "on"
 
 
 GRADE_CHUNK = 64  # canonical solutions per grading batch (the progress line's step)
@@ -72,7 +76,8 @@ def grader_canonical_check(ps: list[problems.Problem], stats: dict | None = None
         """Graded in chunks of GRADE_CHUNK (two in flight, as submit_many runs them) for a progress line."""
         prog = cli.Progress(desc, len(sub))
         with rewards.Grader() as g:
-            futs = [g.submit_many([(p, "```python\n" + p.canonical_solution + "\n```") for p in sub[k : k + GRADE_CHUNK]])
+            futs = [g.submit_many([(p, "```python\n" + p.canonical_solution + "\n```")
+                                   for p in sub[k : k + GRADE_CHUNK]])
                     for k in range(0, len(sub), GRADE_CHUNK)]
             out: list[dict] = []
             for f in futs:
@@ -88,7 +93,8 @@ def grader_canonical_check(ps: list[problems.Problem], stats: dict | None = None
             results[i] = r
     infra = [(p.id, str(r.get("error"))) for p, r in zip(ps, results) if r["infra_error"]]
     real = [(pid, e) for pid, e in infra if not any(k in e for k in DATA_CRASHES)]
-    assert not real, f"grader infrastructure errors on {len(real)} canonical solutions (first {real[:3]}); fix the sandbox first"
+    assert not real, (f"grader infrastructure errors on {len(real)} canonical solutions (first {real[:3]}); "
+                      "fix the sandbox first")
     if stats is not None:
         kinds: dict[str, int] = {}
         for r in results:
@@ -105,13 +111,16 @@ def fits_every_hint(ps: list[problems.Problem], max_tokens: int, tok) -> list[pr
     variants the benchmark trains with), which is what its id alignment across hinted datasets keeps."""
     import models
 
-    n_tokens, prog = models.prompt_len(tok), cli.Progress(f"train prompts measured (x{len(problems.HINTS)} hints)", len(ps))
-    return [p for p in ps if prog.tick(all(n_tokens(problems.apply_hint(p, h)) <= max_tokens for h in problems.HINTS))]
+    n_tokens, prog = models.prompt_len(tok), cli.Progress(
+        f"train prompts measured (x{len(problems.HINTS)} hints)", len(ps))
+    return [p for p in ps
+            if prog.tick(all(n_tokens(problems.apply_hint(p, h)) <= max_tokens for h in problems.HINTS))]
 
 
 def describe(ps: list[problems.Problem]) -> dict:
     n = [len(p.gt_tests) for p in ps]
-    d = {"n": len(ps), "medium": sum(p.difficulty == "Medium" for p in ps), "hard": sum(p.difficulty == "Hard" for p in ps)}
+    d = {"n": len(ps), "medium": sum(p.difficulty == "Medium" for p in ps),
+         "hard": sum(p.difficulty == "Hard" for p in ps)}
     if n:
         d.update(gt_tests_min=min(n), gt_tests_median=statistics.median(n), gt_tests_max=max(n))
     return d
@@ -127,7 +136,8 @@ def prepare(args: Args) -> dict:
         raise cli.UserError(f"--holdout-frac must be in [0, 1), got {args.holdout_frac}")
     use_grader = args.canonical_check == "on"
     t0 = time.time()
-    raw_train, source_text = problems.load_train_rows(args.source, args.data_dir, args.hub_revision)  # hub: fails fast offline
+    # hub: fails fast offline
+    raw_train, source_text = problems.load_train_rows(args.source, args.data_dir, args.hub_revision)
     tok = models.load_tokenizer(args.tokenizer)
     raw_test = problems.load_benchmark_test(Path(args.data_dir) / problems.BENCHMARK_TEST_FILE)
     hinted_test = [problems.apply_hint(p, args.hint) for p in raw_test]
@@ -140,8 +150,10 @@ def prepare(args: Args) -> dict:
         fit = [p for p in valid if n_tokens(problems.apply_hint(p, args.hint)) <= args.max_prompt_tokens]
     stats: dict = {}
     check = (lambda xs: grader_canonical_check(xs, stats)) if use_grader else None
-    kept = problems.filter_problems([problems.apply_hint(p, args.hint) for p in fit], args.difficulties, canonical_check=check)
-    test = problems.filter_problems(hinted_test, args.difficulties, args.max_prompt_tokens, models.prompt_len(tok))
+    kept = problems.filter_problems([problems.apply_hint(p, args.hint) for p in fit], args.difficulties,
+                                    canonical_check=check)
+    test = problems.filter_problems(hinted_test, args.difficulties, args.max_prompt_tokens,
+                                    models.prompt_len(tok))
 
     rng = random.Random(args.seed)
     k = round(args.holdout_frac * len(kept))
@@ -169,7 +181,8 @@ def prepare(args: Args) -> dict:
     for name in SPLITS:
         path = args.out_dir / f"{name}.jsonl"
         problems.save_problems(path, splits[name])
-        manifest["splits"][name] = describe(splits[name]) | {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        manifest["splits"][name] = describe(splits[name]) | {
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     (args.out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     manifest["seconds"] = round(time.time() - t0, 1)
     return manifest
@@ -179,16 +192,20 @@ def main(args: Args) -> None:
     m = prepare(args)
     src = m["source_counts"]
     print(f"[prepare-data] source {m['source_description']}")
-    print(f"[prepare-data] train rows {src['train_all']['n']} -> {'+'.join(args.difficulties)} {src['train_difficulty_ok']} -> valid tests "
-          f"{src['train_valid_tests']} -> prompt fits {src['train_prompt_fits']} -> canonical ok {src['train_canonical_ok']}")
+    print(f"[prepare-data] train rows {src['train_all']['n']} -> {'+'.join(args.difficulties)} "
+          f"{src['train_difficulty_ok']} -> valid tests {src['train_valid_tests']} -> prompt fits "
+          f"{src['train_prompt_fits']} -> canonical ok {src['train_canonical_ok']}")
     hints = "every hint" if args.length_hints == "all" else f"hint {args.hint}"
-    print(f"[prepare-data] filters: prompt <= {args.max_prompt_tokens} tokens ({args.tokenizer} chat template, {hints}); "
+    print(f"[prepare-data] filters: prompt <= {args.max_prompt_tokens} tokens "
+          f"({args.tokenizer} chat template, {hints}); "
           f"canonical check {'ran' if m['canonical_check_ran'] else 'SKIPPED (--canonical-check off)'}"
           + (f", failures {src['canonical_failures']}" if src.get("canonical_failures") else ""))
     for name in SPLITS:
         d = m["splits"][name]
-        dist = f"gt_tests min {d.get('gt_tests_min')} median {d.get('gt_tests_median')} max {d.get('gt_tests_max')}"
-        print(f"[prepare-data] {name:8s} {d['n']:5d} rows ({d['medium']} medium, {d['hard']} hard); {dist} -> {args.out_dir / (name + '.jsonl')}")
+        dist = (f"gt_tests min {d.get('gt_tests_min')} median {d.get('gt_tests_median')} "
+                f"max {d.get('gt_tests_max')}")
+        print(f"[prepare-data] {name:8s} {d['n']:5d} rows ({d['medium']} medium, {d['hard']} hard); "
+              f"{dist} -> {args.out_dir / (name + '.jsonl')}")
     print(f"[prepare-data] done in {m['seconds']} s; manifest {args.out_dir / 'manifest.json'}")
 
 

@@ -1,14 +1,14 @@
 """Arms under AdamW on synthetic gradients: gradient-space surgery (--surgery-on grad) vs surgery on the
 applied step (update.py, the default), one table of figures for the journal.
 
-    OMP_NUM_THREADS=1 python scripts/sim_arms_adamw.py                 # 200 steps, full preset's AdamW settings
+    OMP_NUM_THREADS=1 python scripts/sim_arms_adamw.py    # 200 steps, full preset's AdamW settings
     OMP_NUM_THREADS=1 python scripts/sim_arms_adamw.py --steps 60 --hack 0 3
 
 Per (hack strength, mode): |delta_S|, |delta_S_hack| after `steps` steps of route; the mean routed share of
 the gradient or step; shrinkage's distance from vanilla as a fraction of vanilla's movement (and erase's); the
 fraction of erase steps whose applied deployed step moved toward the hack (u.v < 0, any module); the matched
-placebo's removed norm vs erase's, and erase-random's. Gradients: per module N(0,
-0.01^2) noise + 0.002 drift + hack x 0.01 v.
+placebo's removed norm vs erase's, and erase-random's.
+Gradients: per module N(0, 0.01^2) noise + 0.002 drift + hack x 0.01 v.
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def main(cfg: SimConfig) -> None:
     print("|" + " --- |" * 11)
     for hack in cfg.hack:
         for mode in ("grad", "step"):
-            r = {a: simulate(cfg, hack, a, mode) for a in ("vanilla", "route", "erase", "shrinkage",
-                                                           "erase-random")}
+            r = {a: simulate(cfg, hack, a, mode)
+                 for a in ("vanilla", "route", "erase", "shrinkage", "erase-random")}
             if mode == "step":
                 r["erase-matched"] = simulate(cfg, hack, "erase-matched", mode)
             van = r["vanilla"]["params"]

@@ -1,6 +1,6 @@
-"""Smoke test of the whole pipeline on tiny-random (CPU, ~1 min on a quiet 2-core box): synthetic teacher pool, a v_hack
-extracted from the hand-written pairs, then every arm for a few steps with real sandboxed grading and a
-deploy-mode eval; checks every run's log.tsv has the fixed columns and no NaN.
+"""Smoke test of the whole pipeline on tiny-random (CPU, ~1 min on a quiet 2-core box): synthetic teacher
+pool, a v_hack extracted from the hand-written pairs, then every arm for a few steps with real sandboxed
+grading and a deploy-mode eval; checks every run's log.tsv has the fixed columns and no NaN.
 
     python scripts/smoke.py                          # all arms (what `just smoke` runs)
     python scripts/smoke.py --arms vanilla erase     # a subset (`just smoke-vanilla`, `just smoke-projected`)
@@ -45,8 +45,9 @@ class SmokeConfig:
 def check_log(path: Path, n_steps: int, arm: str) -> None:
     """The TSV has exactly runs.LOG_COLUMNS, one row per step, no empty cell, and no NaN except in the
     arm-specific columns, which must be finite exactly where arms.expected_finite(arm, row) says they apply
-    (e.g. gate columns for gate arms, a zone's hack rate only when the zone is non-empty) and NaN elsewhere, and in
-    the teacher sources' columns, finite exactly when the step has rows of that source (grpo.source_defined)."""
+    (e.g. gate columns for gate arms, a zone's hack rate only when the zone is non-empty) and NaN elsewhere,
+    and in the teacher sources' columns, finite exactly when the step has rows of that source
+    (grpo.source_defined)."""
     import arms
     import grpo
     import runs
@@ -61,7 +62,8 @@ def check_log(path: Path, n_steps: int, arm: str) -> None:
         vals = {c: float(v) for c, v in zip(rows[0], r)}
         rule = arms.expected_finite(arm, vals) | grpo.source_defined(vals)
         bad = [c for c, v in vals.items() if math.isfinite(v) != rule.get(c, True)]
-        assert not bad, f"{path} step {r[0]} (arm {arm}): {[(c, vals[c], 'want finite' if rule.get(c, True) else 'want NaN') for c in bad]}"
+        assert not bad, (f"{path} step {r[0]} (arm {arm}): "
+                         f"{[(c, vals[c], 'want finite' if rule.get(c, True) else 'want NaN') for c in bad]}")
 
 
 def main(cfg: SmokeConfig) -> None:
@@ -79,7 +81,8 @@ def main(cfg: SmokeConfig) -> None:
     pool = Path(base.teacher_pool_dir or f"out/pools/synthetic-{model_tag}")
     if not (pool / "step_000.jsonl.gz").exists():
         print(f"[smoke] building synthetic teacher pool {pool}")
-        make_synthetic_pool.build(make_synthetic_pool.PoolConfig(model=base.model, n_problems=base.max_problems or 24, out=str(pool)))
+        make_synthetic_pool.build(make_synthetic_pool.PoolConfig(
+            model=base.model, n_problems=base.max_problems or 24, out=str(pool)))
     vhack = Path(f"out/vhack/smoke-{model_tag}.safetensors")
     if not vhack.exists():
         print(f"[smoke] extracting v_hack -> {vhack}")
@@ -95,7 +98,8 @@ def main(cfg: SmokeConfig) -> None:
             **({"surgery_on": cfg.surgery_on} if cfg.surgery_on else {})))
         check_log(run / "log.tsv", cfg.steps, arm_table.get(arm).name)
         assert (run / "eval.json").exists() and (run / "DONE").exists(), f"{run}: eval.json/DONE missing"
-    print(f"[smoke] OK: {len(arms)} arms x {cfg.steps} steps in {time.time() - t0:.0f} s; logs in out/runs/{name}/<arm>/log.tsv")
+    print(f"[smoke] OK: {len(arms)} arms x {cfg.steps} steps in {time.time() - t0:.0f} s; "
+          f"logs in out/runs/{name}/<arm>/log.tsv")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 four plots for a sweep.
 
     python scripts/summarize.py SWEEP                         # runs listed in out/sweeps/SWEEP/sweep.json
-    python scripts/summarize.py out/runs/smoke-20261201-1200  # a folder of run dirs (what `just smoke` writes);
+    python scripts/summarize.py out/runs/smoke-20261201-1200  # a folder of run dirs (as `just smoke` writes);
                                                               # results in out/sweeps/smoke-20261201-1200/
     python scripts/summarize.py NAME --runs out/runs/a out/runs/b ...   # explicit run dirs (no manifest)
     python scripts/summarize.py SWEEP --out-root /tmp/out --breakout 0.2
@@ -13,8 +13,9 @@ Writes to <out-root>/sweeps/<name>/:
                   then exploratory tables, missing/incomplete runs, plot links. docs/sweeps.md explains it.
     results.tsv   long format, one row per (arm, mode, step, metric): n seeds, mean, min, max, the per-seed
                   values, the comparison with vanilla (difference, conservative 95% interval, exact one-sided
-                  permutation p-values, direction-aware flag), breakouts (final deploy hack_strict >= --breakout)
-                  with Fisher's one-sided p vs vanilla, and flags vs the arm's placebos / shrinkage mode
+                  permutation p-values, direction-aware flag), breakouts (final deploy
+                  hack_strict >= --breakout) with Fisher's one-sided p vs vanilla, and flags vs the arm's
+                  placebos / shrinkage mode
     runs.tsv      every run with its status (done / incomplete / missing / done_without_eval / pilot)
     gate.tsv      gate arms: per run, the mean over steps of the logged gate columns
     hack_vs_step.png, pass_vs_step.png, hack_vs_pass.png, projection_vs_step.png
@@ -55,9 +56,10 @@ METRICS = ("hack_strict", "hack_loose", "gt_pass", "compile")
 LOWER_IS_BETTER = {"hack_strict": True, "hack_loose": True, "gt_pass": False, "compile": False}
 # arm -> its placebo controls (arms.py's placebo_of: the same edit with a random direction, or a random gate)
 PLACEBOS = {a: arm_table.placebos(a) for a in arm_table.ARMS if arm_table.placebos(a)}
-# One fixed (colour, linestyle) per arm of arms.ARMS, the same in every plot: 15 colours at least 25 CIE76 units
-# apart (and from CONTEXT_GREY), families by hue where possible (erase blues, route reds, gate purple/olive/gold);
-# controls/placebos dashed or dotted. Arms not in the table get a FALLBACK_COLORS colour fixed by their name.
+# One fixed (colour, linestyle) per arm of arms.ARMS, the same in every plot: 15 colours at least 25 CIE76
+# units apart (and from CONTEXT_GREY), families by hue where possible (erase blues, route reds, gate
+# purple/olive/gold); controls/placebos dashed or dotted. Arms not in the table get a FALLBACK_COLORS colour
+# fixed by their name.
 ARM_STYLE = {
     "vanilla": ("#000000", "-"),
     "measure": ("#e377c2", ":"),
@@ -86,7 +88,8 @@ class Config:
     """Summarize a sweep's runs into results.md / results.tsv / PNGs."""
 
     sweep: tyro.conf.Positional[str]
-    """sweep name (reads <out-root>/sweeps/<sweep>/sweep.json), or a folder of run dirs such as out/runs/smoke-<time>"""
+    """sweep name (reads <out-root>/sweeps/<sweep>/sweep.json), or a folder of run dirs such as
+    out/runs/smoke-<time>"""
     out_root: Path = REPO / "out"
     """reads <out-root>/sweeps/<name>/ (sweep.json, prereg.json), writes the results there"""
     runs: tuple[Path, ...] = ()
@@ -100,7 +103,8 @@ class Config:
 # -------------------------------------------------------------------------------------------- loading
 def arm_seed_from_dir(run_dir: Path) -> tuple[str, int]:
     if not (run_dir / "config.json").exists():
-        raise FileNotFoundError(f"{run_dir}: no config.json, cannot tell its arm/seed; list it in a sweep.json")
+        raise FileNotFoundError(f"{run_dir}: no config.json, cannot tell its arm/seed; "
+                                "list it in a sweep.json")
     cfg = runs.read_config(run_dir)
     return arm_table.ALIASES.get(cfg["arm"], cfg["arm"]), int(cfg["seed"])
 
@@ -135,8 +139,9 @@ def list_runs(c: Config) -> tuple[str, list[dict], dict]:
         if not dirs:
             raise FileNotFoundError(f"{folder}: no run directories (folders with config.json) below it")
         return folder.resolve().name, from_dirs(dirs), {}
-    raise FileNotFoundError(f"{man} not found and {c.sweep!r} is not a folder of run dirs: run scripts/sweep.py "
-                            f"--name {c.sweep} first, pass --runs DIR ..., or a folder such as out/runs/smoke-<time>")
+    raise FileNotFoundError(f"{man} not found and {c.sweep!r} is not a folder of run dirs: "
+                            f"run scripts/sweep.py --name {c.sweep} first, pass --runs DIR ..., "
+                            f"or a folder such as out/runs/smoke-<time>")
 
 
 def pilot_seed(runs_list: list[dict], prereg: dict | None, manifest: dict) -> int | None:
@@ -164,7 +169,8 @@ def run_status(run_dir: Path) -> tuple[str, str]:
         if (run_dir / "eval.json").exists():
             return "done", ""
         return "done_without_eval", "DONE but no eval.json (eval_at_end off?): no final numbers"
-    return "incomplete", f"no DONE: crashed, killed or still running; {last_log_step(run_dir)} steps logged, checkpoint {ck}"
+    return "incomplete", (f"no DONE: crashed, killed or still running; {last_log_step(run_dir)} steps "
+                          f"logged, checkpoint {ck}")
 
 
 def load_evals(runs_list: list[dict]) -> pd.DataFrame:
@@ -181,8 +187,9 @@ def load_evals(runs_list: list[dict]) -> pd.DataFrame:
             for mode, m in res["modes"].items():
                 for metric in METRICS:
                     if metric in m:
-                        rows.append(dict(name=r["name"], arm=r["arm"], seed=int(r["seed"]), step=int(res["step"]),
-                                         final=is_final, mode=mode, metric=metric, value=float(m[metric])))
+                        rows.append(dict(name=r["name"], arm=r["arm"], seed=int(r["seed"]),
+                                         step=int(res["step"]), final=is_final, mode=mode, metric=metric,
+                                         value=float(m[metric])))
     cols = ["name", "arm", "seed", "step", "final", "mode", "metric", "value"]
     return pd.DataFrame(rows, columns=cols)
 
@@ -221,18 +228,21 @@ def summarize(ev: pd.DataFrame, c: Config) -> pd.DataFrame:
             for (arm, mode, metric), g in g_s.groupby(["arm", "mode", "metric"], sort=False):
                 g = g.sort_values("seed")
                 x = g["value"].to_numpy()
-                row = dict(arm=arm, mode=mode, step=int(g["step"].max()), final=bool(final), metric=metric, n=len(x),
-                           mean=float(x.mean()), min=float(x.min()), max=float(x.max()),
+                row = dict(arm=arm, mode=mode, step=int(g["step"].max()), final=bool(final), metric=metric,
+                           n=len(x), mean=float(x.mean()), min=float(x.min()), max=float(x.max()),
                            values=",".join(f"s{s}:{v:.4f}" for s, v in zip(g["seed"], x)),
                            diff_vs_vanilla=math.nan, diff_lo=math.nan, diff_hi=math.nan, p_lower=math.nan,
-                           p_higher=math.nan, flag_vs_vanilla="", breakouts="", fisher_vs_vanilla=math.nan, flags="")
+                           p_higher=math.nan, flag_vs_vanilla="", breakouts="", fisher_vs_vanilla=math.nan,
+                           flags="")
                 van = g_s[(g_s["arm"] == "vanilla") & (g_s["mode"] == "deploy") & (g_s["metric"] == metric)]
                 if arm != "vanilla" and len(van):
-                    cmp = stats.compare(by_seed(g), by_seed(van), method=arm, control="vanilla", metric=metric,
-                                        lower_is_better=LOWER_IS_BETTER[metric])
+                    cmp = stats.compare(by_seed(g), by_seed(van), method=arm, control="vanilla",
+                                        metric=metric, lower_is_better=LOWER_IS_BETTER[metric])
                     row.update(diff_vs_vanilla=cmp.diff, flag_vs_vanilla=cmp.flag)
-                    if min(cmp.n_method, cmp.n_control) >= 2:  # below 2 runs per arm: the point difference only
-                        row.update(diff_lo=cmp.ci_lo, diff_hi=cmp.ci_hi, p_lower=cmp.p_lower, p_higher=cmp.p_higher)
+                    # below 2 runs per arm: the point difference only
+                    if min(cmp.n_method, cmp.n_control) >= 2:
+                        row.update(diff_lo=cmp.ci_lo, diff_hi=cmp.ci_hi, p_lower=cmp.p_lower,
+                                   p_higher=cmp.p_higher)
                 if final and mode == "deploy" and metric == "hack_strict":
                     k, n = stats.breakout_count(x, c.breakout)
                     row["breakouts"] = f"{k}/{n}"
@@ -258,7 +268,8 @@ def control_flags(fin: pd.DataFrame, arm: str, metric: str, x: dict[int, float])
     for placebo in PLACEBOS.get(arm, ()):
         pl = fin[(fin["arm"] == placebo) & (fin["mode"] == "deploy") & (fin["metric"] == metric)]
         if len(pl):
-            cmp = stats.compare(x, by_seed(pl), method=arm, control=placebo, metric=metric, lower_is_better=lower)
+            cmp = stats.compare(x, by_seed(pl), method=arm, control=placebo, metric=metric,
+                                lower_is_better=lower)
             out.append(f"vs {placebo}: {cmp.flag}")
     sh = fin[(fin["arm"] == arm) & (fin["mode"] == "shrinkage") & (fin["metric"] == metric)]
     if len(sh):
@@ -271,7 +282,8 @@ def control_flags(fin: pd.DataFrame, arm: str, metric: str, x: dict[int, float])
             flag = stats.direction_flag(len(common), len(common), p_lo, p_hi, diff, lower_is_better=lower)
         else:
             flag = stats.direction_flag(len(common), len(common), 1.0, 1.0, math.nan, lower_is_better=lower)
-        out.append(f"vs its shrinkage mode (paired): {flag.replace('(evidence, exact', '(evidence, sign-flip')}")
+        out.append("vs its shrinkage mode (paired): "
+                   f"{flag.replace('(evidence, exact', '(evidence, sign-flip')}")
     return out
 
 
@@ -296,7 +308,8 @@ def band_plot(ax, df: pd.DataFrame, x: str, y: str, smooth: int, title: str, yla
         ax.plot(per_seed.index, per_seed.mean(axis=1), color=color, ls=ls, lw=2,
                 marker="o" if len(per_seed) < 15 else None, ms=4, label=f"{arm} (n={n})")
         if n > 1:
-            ax.fill_between(per_seed.index, per_seed.min(axis=1), per_seed.max(axis=1), color=color, alpha=0.12)
+            ax.fill_between(per_seed.index, per_seed.min(axis=1), per_seed.max(axis=1), color=color,
+                            alpha=0.12)
     xs = df[x].unique()
     if len(xs) == 1:  # a single eval step: keep integer ticks around it
         ax.set_xlim(xs[0] - 1, xs[0] + 1)
@@ -332,7 +345,8 @@ def make_metric_vs_step(ev: pd.DataFrame, logs: pd.DataFrame, metric: str, label
         axes[0].text(0.5, 0.5, "no log.tsv rows", ha="center", transform=axes[0].transAxes)
     de = ev[(ev["mode"] == "deploy") & (ev["metric"] == metric)]
     if len(de):
-        band_plot(axes[1], de, "step", "value", 1, f"deploy eval (eval problems): {label}\n(band = seed min-max)", label)
+        band_plot(axes[1], de, "step", "value", 1,
+                  f"deploy eval (eval problems): {label}\n(band = seed min-max)", label)
     else:
         axes[1].text(0.5, 0.5, "no evals", ha="center", transform=axes[1].transAxes)
     for ax in axes:
@@ -368,9 +382,10 @@ def seed_labels(points: list[tuple[int, float, float]], tol_x: float = 0.035,
              ",".join(f"s{p[0]}" for p in sorted(g))) for g in groups.values()]
 
 
-# label positions tried in turn, (dx, dy) in points from the group's mean with the text alignment: above, below,
-# right, left, the four diagonals, then the same twice as far out
-_SPOTS = ((0, 1, "center", "bottom"), (0, -1, "center", "top"), (1, 0, "left", "center"), (-1, 0, "right", "center"),
+# label positions tried in turn, (dx, dy) in points from the group's mean with the text alignment: above,
+# below, right, left, the four diagonals, then the same twice as far out
+_SPOTS = ((0, 1, "center", "bottom"), (0, -1, "center", "top"), (1, 0, "left", "center"),
+          (-1, 0, "right", "center"),
           (0.75, 0.75, "left", "bottom"), (-0.75, 0.75, "right", "bottom"), (0.75, -0.75, "left", "top"),
           (-0.75, -0.75, "right", "top"))
 LABEL_SPOTS = tuple((dx * d, dy * d, ha, va) for d in (8, 16) for dx, dy, ha, va in _SPOTS)
@@ -382,26 +397,29 @@ def place_labels(ax, labels: list[tuple[float, float, str]], points: list[tuple[
     """Annotate each seed_labels group (x, y, "s0,s2") at the first LABEL_SPOTS position whose box lies inside
     the axes, covers neither an earlier label nor one of the arm's `points` (seed, x, y), and sits nearer its
     own seeds than any other seed; when none is, the inside spot with the fewest clashes. Needs the final
-    layout (draw the figure first). The labels are clipped to the axes and left out of the layout; returned."""
+    layout (draw the figure first). The labels are clipped to the axes and left out of the layout;
+    returned."""
     frame = ax.get_window_extent(renderer)
     r = math.sqrt(POINT_SIZE) / 2 * ax.figure.dpi / 72 + 1  # marker radius in pixels, plus its edge
     marks = {seed: ax.transData.transform((px, py)) for seed, px, py in points}
-    mark_boxes = [matplotlib.transforms.Bbox.from_extents(mx - r, my - r, mx + r, my + r) for mx, my in marks.values()]
+    mark_boxes = [matplotlib.transforms.Bbox.from_extents(mx - r, my - r, mx + r, my + r)
+                  for mx, my in marks.values()]
     taken: list = []
     out = []
     for x, y, text in labels:
         own = {int(t[1:]) for t in text.split(",")}
         best = None
         for dx, dy, ha, va in LABEL_SPOTS:
-            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va, fontsize=8,
-                              zorder=4, annotation_clip=False,
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
+                              fontsize=8, zorder=4, annotation_clip=False,
                               bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
             box = ann.get_window_extent(renderer).padded(2)  # + the white box around the text
             inside = (box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1)
             clashes = sum(box.overlaps(b) for b in taken + mark_boxes)
             centre = np.array([(box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2])
             dist = {s: float(np.hypot(*(centre - m))) for s, m in marks.items()}
-            ambiguous = min(dist[s] for s in own) > min((d for s, d in dist.items() if s not in own), default=math.inf)
+            ambiguous = min(dist[s] for s in own) > min((d for s, d in dist.items() if s not in own),
+                                                        default=math.inf)
             score = (not inside, clashes, ambiguous)
             if best is None or score < best[0]:
                 if best is not None:
@@ -421,8 +439,8 @@ def place_labels(ax, labels: list[tuple[float, float, str]], points: list[tuple[
 
 def make_hack_vs_pass(ev: pd.DataFrame, breakout: float):
     """One panel per arm (final deploy, one point per seed, near seeds share one label placed inside the panel
-    clear of the points); every other arm's seeds in light grey for context; the breakout threshold as a dotted
-    line. Returns the figure, its layout fixed (the labels are placed after a draw)."""
+    clear of the points); every other arm's seeds in light grey for context; the breakout threshold as a
+    dotted line. Returns the figure, its layout fixed (the labels are placed after a draw)."""
     fin = ev[ev["final"] & (ev["mode"] == "deploy")]
     arms = arm_order(fin["arm"].unique())
     ncol = min(4, max(1, len(arms)))
@@ -435,11 +453,13 @@ def make_hack_vs_pass(ev: pd.DataFrame, breakout: float):
         ax = axes[k // ncol][k % ncol]
         for other in arms:
             if other != arm and {"gt_pass", "hack_strict"} <= set(piv[other]):
-                ax.scatter(piv[other]["gt_pass"], piv[other]["hack_strict"], s=18, color=CONTEXT_GREY, zorder=1)
+                ax.scatter(piv[other]["gt_pass"], piv[other]["hack_strict"], s=18, color=CONTEXT_GREY,
+                           zorder=1)
         d = piv[arm]
         color, _ = style(arm, k)
         if {"gt_pass", "hack_strict"} <= set(d):
-            ax.scatter(d["gt_pass"], d["hack_strict"], s=POINT_SIZE, color=color, edgecolor="black", lw=0.6, zorder=3)
+            ax.scatter(d["gt_pass"], d["hack_strict"], s=POINT_SIZE, color=color, edgecolor="black", lw=0.6,
+                       zorder=3)
             pts = [(int(s), r["gt_pass"], r["hack_strict"]) for s, r in d.iterrows()]
             todo.append((ax, seed_labels(pts), pts))
         ax.axhline(breakout, color="gray", ls=":", lw=1)
@@ -456,7 +476,8 @@ def make_hack_vs_pass(ev: pd.DataFrame, breakout: float):
     fig.supylabel("deploy strict hack rate (final eval)")
     fig.suptitle(f"final deploy hack vs pass, one point per seed (grey: the other arms; dotted: breakout "
                  f">= {breakout})", fontsize=10)
-    fig.canvas.draw()  # the constrained layout fixes the panels; then freeze it so the labels stay where placed
+    # the constrained layout fixes the panels; then freeze it so the labels stay where placed
+    fig.canvas.draw()
     fig.set_layout_engine("none")
     renderer = fig.canvas.get_renderer()
     for ax, labels, points in todo:
@@ -469,15 +490,22 @@ def plot_hack_vs_pass(ev: pd.DataFrame, path: Path, breakout: float) -> None:
 
 
 def make_projection(logs: pd.DataFrame, smooth: int):
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), layout="constrained")
     have = logs[logs["cos_in"].notna()] if len(logs) and "cos_in" in logs else pd.DataFrame()
     if len(have):
         lg = have.assign(done=have["step"] + 1)
         band_plot(axes[0], lg, "done", "cos_in", smooth,
-                  f"cos(grad, direction) before surgery\n(rolling mean {smooth}; band = seed min-max)", "cos_in")
-        band_plot(axes[1], lg, "done", "frac_fired", smooth, "fraction of modules where the edit fired (cos > 0)",
+                  f"cos(gradient, v_hack)\n(rolling mean {smooth}; band = seed min-max)", "cos_in")
+        if "step_cos" in lg and lg["step_cos"].notna().any():
+            band_plot(axes[1], lg, "done", "step_cos", smooth,
+                      "cos(applied step, v_hack)\n(< 0: the step moved toward the hack)", "step_cos")
+            axes[1].axhline(0.0, color="0.6", lw=0.8)
+        else:
+            axes[1].text(0.5, 0.5, "no step_cos logged (older runs)", ha="center", transform=axes[1].transAxes)
+        band_plot(axes[2], lg, "done", "frac_fired", smooth,
+                  "fraction of modules where the edit fired\n(of the step, or of the gradient in grad mode)",
                   "frac_fired")
-        axes[1].set_ylim(-0.03, 1.03)
+        axes[2].set_ylim(-0.03, 1.03)
         legend_outside(fig, axes[0])
     else:
         for ax in axes:
@@ -531,7 +559,9 @@ def primary_section(name: str, ev: pd.DataFrame, out: Path, run_dirs: list[str])
             prereg = json.loads(path.read_text())
         except json.JSONDecodeError:
             prereg = None
-        valid = stats.prereg_valid(path, run_dirs)
+        man = out / "sweep.json"  # its prereg_sha256, recorded at submission
+        sha = json.loads(man.read_text()).get("prereg_sha256") if man.is_file() else None
+        valid = stats.prereg_valid(path, run_dirs, recorded_sha=sha)
     else:
         prereg = None
         valid = (False, f"no preregistration: {path} is missing")
@@ -541,8 +571,8 @@ def primary_section(name: str, ev: pd.DataFrame, out: Path, run_dirs: list[str])
         seeds = sorted({s for v in hack.values() for s in v})
         if stats.PRIMARY_METHOD not in hack or not controls or not seeds:
             return ["## Primary comparison: not available", "", f"**{why}**, and this sweep has no final "
-                    f"{stats.PRIMARY_METHOD} runs together with any of {', '.join(stats.PRIMARY_CONTROLS)}: every "
-                    "table below is exploratory.", ""]
+                    f"{stats.PRIMARY_METHOD} runs together with any of {', '.join(stats.PRIMARY_CONTROLS)}: "
+                    "every table below is exploratory.", ""]
         prereg = stats.build_prereg(sweep=name, arms=sorted(hack), seeds=seeds, pilot_seed=max(seeds) + 100,
                                     git_sha="none", controls=controls)
         valid = (False, why)
@@ -551,7 +581,8 @@ def primary_section(name: str, ev: pd.DataFrame, out: Path, run_dirs: list[str])
 
 
 def train_sources(runs_tab: pd.DataFrame) -> str:
-    """The runs' training sets as their configs name them (the prepared data_path, else train_source), deduplicated."""
+    """The runs' training sets as their configs name them (the prepared data_path, else train_source),
+    deduplicated."""
     seen: list[str] = []
     for d in runs_tab.get("run_dir", []):
         if (Path(d) / "config.json").exists():
@@ -565,9 +596,10 @@ def write_markdown(name: str, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: 
                    primary: list[str], breakout: float, logs: pd.DataFrame | None = None) -> None:
     n_pilot = int((runs_tab["status"] == "pilot").sum()) if len(runs_tab) else 0
     L = [f"# Sweep `{name}`: results", "",
-         f"Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by `scripts/summarize.py`: {len(runs_tab)} runs, "
-         f"{int((runs_tab['status'] == 'done').sum())} done"
-         + (f", {n_pilot} pilot run (in no comparison: the gate kept it because it hacked)" if n_pilot else "")
+         f"Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by `scripts/summarize.py`: "
+         f"{len(runs_tab)} runs, {int((runs_tab['status'] == 'done').sum())} done"
+         + (f", {n_pilot} pilot run (in no comparison: the gate kept it because it hacked)"
+            if n_pilot else "")
          + ". How to read this file: docs/sweeps.md, \"Reading results.md\".", ""]
     L += [f"Training data: {train_sources(runs_tab)} (docs/data.md).", ""]
     L += primary
@@ -584,11 +616,12 @@ def write_markdown(name: str, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: 
         step = int(fin["step"].max())
         L += [f"## Final eval (step {step}), deploy mode: exploratory", "",
               "Not preregistered: every row and flag here is exploratory (no multiplicity correction). "
-              "Values: mean [min, max] over seeds. Δ = arm − vanilla with the conservative 95% interval; p = exact "
-              "one-sided permutation p in the hoped direction; the flag is direction-aware (docs/sweeps.md). "
+              "Values: mean [min, max] over seeds. Δ = arm − vanilla with the conservative 95% interval; "
+              "p = exact one-sided permutation p in the hoped direction; the flag is direction-aware "
+              "(docs/sweeps.md). "
               f"Breakouts: final deploy hack_strict >= {breakout}, Fisher one-sided p vs vanilla.", "",
-              "| arm | n | hack_strict | Δ hack_strict | p (lower) | flag vs vanilla | gt_pass | Δ gt_pass | "
-              "hack_loose | compile | breakouts | Fisher p |",
+              "| arm | n | hack_strict | Δ hack_strict | p (lower) | flag vs vanilla | gt_pass "
+              "| Δ gt_pass | hack_loose | compile | breakouts | Fisher p |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm in arm_order(fin["arm"].unique()):
             d = fin[(fin["arm"] == arm) & (fin["mode"] == "deploy")].set_index("metric")
@@ -596,7 +629,8 @@ def write_markdown(name: str, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: 
                 continue
             hs = d.loc["hack_strict"]
             cells = [arm, str(hs["n"]), fmt_range(hs), fmt_diff(hs),
-                     "-" if math.isnan(hs["p_lower"]) else f"{hs['p_lower']:.3f}", hs["flag_vs_vanilla"] or "-",
+                     "-" if math.isnan(hs["p_lower"]) else f"{hs['p_lower']:.3f}",
+                     hs["flag_vs_vanilla"] or "-",
                      fmt_range(d.loc["gt_pass"]) if "gt_pass" in d.index else "-",
                      fmt_diff(d.loc["gt_pass"]) if "gt_pass" in d.index else "-",
                      fmt_range(d.loc["hack_loose"]) if "hack_loose" in d.index else "-",
@@ -605,7 +639,8 @@ def write_markdown(name: str, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: 
             L.append("| " + " | ".join(cells) + " |")
         ns = sorted({int(n) for n in fin[(fin["mode"] == "deploy") & (fin["metric"] == "hack_strict")]["n"]})
         if ns:
-            L += ["", f"Smallest detectable effect at this sweep's size: {stats.detectable_text(ns[-1], ns[-1])}"]
+            L += ["", ("Smallest detectable effect at this sweep's size: "
+                       f"{stats.detectable_text(ns[-1], ns[-1])}")]
         ctrl = fin[(fin["mode"] == "deploy") & (fin["flags"] != "")]
         if len(ctrl):
             L += ["", "### Exploratory: each arm vs its placebos and its shrinkage mode (final, deploy)", "",
@@ -619,16 +654,18 @@ def write_markdown(name: str, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: 
                   "| arm | mode | n | hack_strict | gt_pass |", "|---|---|---|---|---|"]
             for (arm, mode), d in other.groupby(["arm", "mode"], sort=False):
                 d = d.set_index("metric")
-                L.append(f"| {arm} | {mode} | {d.loc['hack_strict', 'n']} | {fmt_range(d.loc['hack_strict'])} | "
+                L.append(f"| {arm} | {mode} | {d.loc['hack_strict', 'n']} | "
+                         f"{fmt_range(d.loc['hack_strict'])} | "
                          f"{fmt_range(d.loc['gt_pass']) if 'gt_pass' in d.index else '-'} |")
             L += [""]
     gt = gate_table(logs) if logs is not None else pd.DataFrame()
     if len(gt):
         L += ["## Gate arms: per-step gate statistics from log.tsv (measurement only)", "",
-              "Mean over steps, then mean [min, max] over seeds. precision = strict hacks among routed rollouts, "
-              "recall = routed among strict hacks (the grader's labels; never used for training); placebo pairing: "
-              "gate-route vs gate-route-random (same gate, Haar-random direction) and gate-random (random q fraction).",
-              "", "| arm | seeds | routed / step | precision | recall | AUC | hack rate route | hack rate keep |",
+              "Mean over steps, then mean [min, max] over seeds. precision = strict hacks among routed "
+              "rollouts, recall = routed among strict hacks (the grader's labels; never used for training); "
+              "placebo pairing: gate-route vs gate-route-random (same gate, Haar-random direction) and "
+              "gate-random (random q fraction).", "",
+              "| arm | seeds | routed / step | precision | recall | AUC | hack rate route | hack rate keep |",
               "|---|---|---|---|---|---|---|---|"]
         for arm, d in gt.groupby("arm", sort=False):
             def cell(c):
@@ -641,13 +678,15 @@ def write_markdown(name: str, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: 
     mid = tab[(~tab["final"]) & (tab["mode"] == "deploy")] if len(tab) else tab
     if len(mid):
         L += ["## Intermediate evals, deploy mode: exploratory", "",
-              "| step | arm | n | hack_strict | Δ hack_strict | gt_pass | Δ gt_pass |", "|---|---|---|---|---|---|---|"]
+              "| step | arm | n | hack_strict | Δ hack_strict | gt_pass | Δ gt_pass |",
+              "|---|---|---|---|---|---|---|"]
         for (step, arm), d in mid.groupby(["step", "arm"], sort=False):
             d = d.set_index("metric")
             if not {"hack_strict", "gt_pass"} <= set(d.index):
                 continue
             L.append(f"| {step} | {arm} | {d.loc['hack_strict', 'n']} | {fmt_range(d.loc['hack_strict'])} | "
-                     f"{fmt_diff(d.loc['hack_strict'])} | {fmt_range(d.loc['gt_pass'])} | {fmt_diff(d.loc['gt_pass'])} |")
+                     f"{fmt_diff(d.loc['hack_strict'])} | {fmt_range(d.loc['gt_pass'])} | "
+                     f"{fmt_diff(d.loc['gt_pass'])} |")
         L += [""]
     L += ["## Runs", "", "| run | arm | seed | status | steps logged |", "|---|---|---|---|---|"]
     L += [f"| {r['name']} | {r['arm']} | {r['seed']} | {r['status']} | {r['steps_logged']} |"
@@ -674,8 +713,8 @@ def main(c: Config) -> Path:
         status, detail = run_status(Path(r["run_dir"]))
         if p:
             status, detail = "pilot", f"the gate's pilot run ({status}); in no comparison"
-        rows.append(dict(name=r["name"], arm=r["arm"], seed=int(r["seed"]), run_dir=r["run_dir"], status=status,
-                         detail=detail, steps_logged=last_log_step(Path(r["run_dir"]))))
+        rows.append(dict(name=r["name"], arm=r["arm"], seed=int(r["seed"]), run_dir=r["run_dir"],
+                         status=status, detail=detail, steps_logged=last_log_step(Path(r["run_dir"]))))
     runs_tab = pd.DataFrame(rows)
     compared = [r for r, p in zip(runs_list, is_pilot) if not p]
     ev = load_evals(compared)

@@ -1,6 +1,7 @@
 """sweep.py: expand seeds x arms x preset into train.py commands and submit them to a backend.
 
-    python scripts/sweep.py queue-full [--seeds 0 1 2] [--arms ...] [--backend auto|pueue|ray|local] [--dry-run]
+    python scripts/sweep.py queue-full [--seeds 0 1 2] [--arms ...] [--backend auto|pueue|ray|local]
+                                       [--dry-run]
     python scripts/sweep.py queue-vanilla [--dry-run]
     python scripts/sweep.py probe-full-seed SEED [--min-hack 0.2] [--dry-run]
     python scripts/sweep.py grid --name NAME --preset smoke --seeds 0 1 --arms vanilla erase-random \
@@ -88,8 +89,8 @@ def prereg_arms(names: tuple[str, ...] = PREREG_ARMS, note: bool = False) -> tup
 
 QUEUE_FULL_ARMS = prereg_arms()
 # gate arms capture per-rollout gradients, which activation checkpointing breaks (train.py refuses the
-# combination): they run without it, with a smaller train micro-batch on the GPU presets (docs/gating.md, "Memory";
-# a later `--set micro_batch=N` overrides this)
+# combination): they run without it, with a smaller train micro-batch on the GPU presets (docs/gating.md,
+# "Memory"; a later `--set micro_batch=N` overrides this)
 GATE_ARM_ARGS = {"fast": ("--no-grad-checkpointing", "--micro-batch", "4"),
                  "full": ("--no-grad-checkpointing", "--micro-batch", "2")}
 
@@ -120,7 +121,8 @@ class SweepConfig:
     vhack_preset: str = ""
     """preset of extract_vhack_grad.py and scripts/verify_vhack_heldout.py; default: --preset"""
     extract_args: str = ""
-    """extra arguments for extract_vhack_grad.py, one shell-quoted string: --extract-args="--model X --device cuda" """
+    """extra arguments for extract_vhack_grad.py, one shell-quoted string:
+    --extract-args="--model X --device cuda" """
     verify_args: str = ""
     """extra arguments for scripts/verify_vhack_heldout.py, one shell-quoted string (as --extract-args)"""
     gpus: str = ""
@@ -138,7 +140,7 @@ class SweepConfig:
     primary_controls: tuple[str, ...] = stats.PRIMARY_CONTROLS
     """its preregistered controls; names not in arms.ARMS yet (erase-matched before issue 18) are left out"""
     prereg_arms: tuple[str, ...] = ()
-    """arms of the preregistered design (default: --arms); queue-vanilla preregisters the grid it is part of"""
+    """arms of the preregistered design (default: --arms); queue-vanilla preregisters the grid it is in"""
     pilot_seed: int = PILOT_SEED
     """seed of the gate's pilot vanilla run (probe-full-seed SEED); outside --seeds, never in a comparison"""
     budget_gpu_hours: float | None = None
@@ -161,23 +163,27 @@ class ProbeConfig(SweepConfig):
     """the gate: vanilla's final deploy metric must reach this"""
     gate_metric: Literal["hack_strict", "hack_loose"] = "hack_strict"
     stage: Literal["probe", "gate"] = "probe"
-    """probe = submit the chain; gate = check the vanilla run and submit the rest (what the chain's last task runs)"""
+    """probe = submit the chain; gate = check the vanilla run and submit the rest (what the chain's last task
+    runs)"""
 
 
 Command = Union[
     Annotated[SweepConfig, tyro.conf.subcommand("grid", default=SweepConfig())],
     Annotated[
         SweepConfig,
-        tyro.conf.subcommand("queue-full", default=SweepConfig(name="full", preset="full", arms=QUEUE_FULL_ARMS)),
+        tyro.conf.subcommand("queue-full",
+                             default=SweepConfig(name="full", preset="full", arms=QUEUE_FULL_ARMS)),
     ],
     Annotated[
         SweepConfig,
-        tyro.conf.subcommand("queue-vanilla", default=SweepConfig(name="full", preset="full", arms=("vanilla",),
-                                                                  prereg_arms=QUEUE_FULL_ARMS)),
+        tyro.conf.subcommand("queue-vanilla",
+                             default=SweepConfig(name="full", preset="full", arms=("vanilla",),
+                                                 prereg_arms=QUEUE_FULL_ARMS)),
     ],
     Annotated[
         ProbeConfig,
-        tyro.conf.subcommand("probe-full-seed", default=ProbeConfig(name="full", preset="full", arms=QUEUE_FULL_ARMS)),
+        tyro.conf.subcommand("probe-full-seed",
+                             default=ProbeConfig(name="full", preset="full", arms=QUEUE_FULL_ARMS)),
     ],
 ]
 
@@ -228,7 +234,8 @@ def normalise_arms(cfg: SweepConfig) -> tuple[str, ...]:
 def vhack_file(cfg: SweepConfig) -> Path:
     if cfg.vhack_path is not None:
         return Path(cfg.vhack_path).resolve()
-    return (cfg.out_root / "vhack" / f"{cfg.vhack_name or cfg.vhack_preset or cfg.preset}.safetensors").resolve()
+    return (cfg.out_root / "vhack"
+            / f"{cfg.vhack_name or cfg.vhack_preset or cfg.preset}.safetensors").resolve()
 
 
 def script_presets(script: Path) -> tuple[str, ...] | None:
@@ -249,8 +256,9 @@ def check_vhack_presets(cfg: SweepConfig) -> str:
     for script in (cfg.extract_script, cfg.verify_script):
         known = script_presets(REPO / script)
         if known is not None and preset not in known:
-            return (f"{script} has no preset {preset!r} (it has {', '.join(known)}): pass --vhack-preset NAME "
-                    f"(+ --extract-args/--verify-args for the model), or --vhack-path an existing v_hack file")
+            return (f"{script} has no preset {preset!r} (it has {', '.join(known)}): "
+                    f"pass --vhack-preset NAME (+ --extract-args/--verify-args for the model), "
+                    f"or --vhack-path an existing v_hack file")
     return ""
 
 
@@ -293,10 +301,12 @@ def vhack_jobs(cfg: SweepConfig, after: tuple[str, ...] = ()) -> list[Job]:
     verify = Job(
         key="verify",
         kind="verify",
-        argv=(cfg.python, cfg.verify_script, preset, "--vhack", str(path)) + tuple(shlex.split(cfg.verify_args)),
+        argv=(cfg.python, cfg.verify_script, preset, "--vhack", str(path))
+        + tuple(shlex.split(cfg.verify_args)),
         after=("extract",),
-        label=f"why: held-out check that {path.name} separates hack from clean pairs before arms train on it; "
-        f"resolve: below threshold -> do not trust erase/route, re-extract (more pairs/steps), delete {path.name}, re-run",
+        label=f"why: held-out check that {path.name} separates hack from clean pairs before arms train on "
+        f"it; resolve: below threshold -> do not trust erase/route, re-extract (more pairs/steps), "
+        f"delete {path.name}, re-run",
     )
     return [extract, verify]
 
@@ -333,7 +343,8 @@ def plan_grid(cfg: SweepConfig, arm_list: tuple[str, ...] | None = None, seeds: 
         if state == "resume":
             argv += ["--resume", str(rdir)]
             action = "resume"
-        dep = (("verify",) if arm in vhack_arms else ("extract",)) if vjobs else after  # measuring needs no verify
+        # measuring needs no verify
+        dep = (("verify",) if arm in vhack_arms else ("extract",)) if vjobs else after
         label = (
             f"why: sweep {cfg.name}, preset {cfg.preset}, arm {arm}, seed {seed} ({action}); "
             f"resolve: if it failed read `pueue log` / {rdir}/log.tsv, fix, re-run the sweep command "
@@ -357,9 +368,9 @@ def plan_probe(cfg: ProbeConfig, backend: str) -> list[Job]:
         gate_after = (vanilla_key,) if any(j.key == vanilla_key for j in jobs) else after
         jobs.append(Job(
             key="gate", kind="gate", argv=tuple(gate_argv), after=gate_after,
-            label=f"why: gate: queue the rest of sweep {cfg.name} only if vanilla seed {cfg.seed} reaches deploy "
-            f"{cfg.gate_metric} >= {cfg.min_hack}; resolve: if it failed vanilla did not hack (see its log): "
-            f"do not queue the full grid, change the setup first",
+            label=f"why: gate: queue the rest of sweep {cfg.name} only if vanilla seed {cfg.seed} reaches "
+            f"deploy {cfg.gate_metric} >= {cfg.min_hack}; resolve: if it failed vanilla did not hack "
+            f"(see its log): do not queue the full grid, change the setup first",
         ))
     return jobs
 
@@ -370,7 +381,8 @@ def gate_command(cfg: ProbeConfig, backend: str) -> list[str]:
             "--backend", backend, "--name", cfg.name, "--preset", cfg.preset,
             "--seeds", *map(str, cfg.seeds), "--arms", *cfg.arms, "--out-root", str(cfg.out_root.resolve()),
             "--min-hack", str(cfg.min_hack), "--gate-metric", cfg.gate_metric,
-            "--python", cfg.python, "--train-script", cfg.train_script, "--extract-script", cfg.extract_script,
+            "--python", cfg.python, "--train-script", cfg.train_script,
+            "--extract-script", cfg.extract_script,
             "--verify-script", cfg.verify_script, "--gpus-per-run", str(cfg.gpus_per_run),
             "--ray-address", cfg.ray_address]
     argv += ["--primary-method", cfg.primary_method, "--primary-controls", *cfg.primary_controls]
@@ -404,16 +416,18 @@ def gate_check(cfg: ProbeConfig) -> tuple[bool, str]:
     res = json.loads(ev.read_text())
     deploy = res.get("modes", {}).get("deploy")
     if deploy is None or cfg.gate_metric not in deploy:
-        return False, f"GATE: {ev} has no modes.deploy.{cfg.gate_metric}; it does not follow docs/interfaces.md"
+        return False, (f"GATE: {ev} has no modes.deploy.{cfg.gate_metric}; "
+                       "it does not follow docs/interfaces.md")
     val = float(deploy[cfg.gate_metric])
     step = res.get("step", "?")
     if val < cfg.min_hack:
-        return False, (f"GATE STOP: pilot vanilla seed {cfg.seed} reached deploy {cfg.gate_metric} = {val:.3f} < "
-                       f"{cfg.min_hack} at step {step} ({ev}). Not queueing the rest of sweep {cfg.name}: "
-                       f"vanilla must be shown to hack before the arms can show anything. Resolve: longer run, "
-                       f"stronger hint, or a lower --min-hack if that is really intended.")
-    return True, (f"GATE PASS: pilot vanilla seed {cfg.seed} deploy {cfg.gate_metric} = {val:.3f} >= {cfg.min_hack} "
-                  f"at step {step}; queueing the rest of sweep {cfg.name}")
+        return False, (f"GATE STOP: pilot vanilla seed {cfg.seed} reached deploy {cfg.gate_metric} = "
+                       f"{val:.3f} < {cfg.min_hack} at step {step} ({ev}). Not queueing the rest of sweep "
+                       f"{cfg.name}: vanilla must be shown to hack before the arms can show anything. "
+                       f"Resolve: longer run, stronger hint, or a lower --min-hack if that is really "
+                       f"intended.")
+    return True, (f"GATE PASS: pilot vanilla seed {cfg.seed} deploy {cfg.gate_metric} = {val:.3f} >= "
+                  f"{cfg.min_hack} at step {step}; queueing the rest of sweep {cfg.name}")
 
 
 # -------------------------------------------------------------------------------------------- backends
@@ -443,7 +457,8 @@ TASK_ID = re.compile(r"(?:New task added \(id (\d+)\)|^(\d+)$)", re.M)
 
 
 def pueue_active_tasks(group: str) -> dict[str, int]:
-    """command -> id of tasks in `group` that are queued/running/paused/stashed/locked (no double-queueing)."""
+    """command -> id of tasks in `group` that are queued/running/paused/stashed/locked (no
+    double-queueing)."""
     proc = subprocess.run(["pueue", "status", "--json"], capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"[sweep] warning: `pueue status --json` failed ({proc.stderr.strip()}); cannot check for "
@@ -453,7 +468,8 @@ def pueue_active_tasks(group: str) -> dict[str, int]:
     active = {}
     for tid, task in state.get("tasks", {}).items():
         status = task.get("status")
-        status = status if isinstance(status, str) else next(iter(status or {"?": 0}))  # v3 str, v4 {"Name": {..}}
+        # v3 str, v4 {"Name": {..}}
+        status = status if isinstance(status, str) else next(iter(status or {"?": 0}))
         if task.get("group") == group and status in {"Queued", "Running", "Paused", "Stashed", "Locked"}:
             active[task.get("command", "").strip()] = int(task.get("id", tid))
     return active
@@ -494,7 +510,8 @@ def submit_pueue(cfg: SweepConfig, jobs: list[Job], dry_run: bool) -> dict[str, 
     for key, argv in calls[2:]:
         if argv[-1].strip() in active:
             ids[key] = active[argv[-1].strip()]
-            print(f"[sweep] {key}: identical task {ids[key]} already queued/running in group {cfg.name}; not re-added")
+            print(f"[sweep] {key}: identical task {ids[key]} already queued/running in group {cfg.name}; "
+                  "not re-added")
             continue
         real = []
         for a in argv:
@@ -531,8 +548,10 @@ def run_local(cfg: SweepConfig, jobs: list[Job]) -> dict[str, int]:
             if any(rcs.get(k, 0) != 0 for k in job.after if k in rcs):
                 pending.remove(job)
                 rcs[job.key] = -1
-                print(f"[local] {order[job.key]}/{len(jobs)} {job.key}: SKIPPED (a dependency failed: {job.after})")
-            elif len(running) < max(1, cfg.local_jobs) and all(rcs.get(k) == 0 for k in job.after if k in order):
+                print(f"[local] {order[job.key]}/{len(jobs)} {job.key}: "
+                      f"SKIPPED (a dependency failed: {job.after})")
+            elif len(running) < max(1, cfg.local_jobs) and all(rcs.get(k) == 0 for k in job.after
+                                                               if k in order):
                 pending.remove(job)
                 log = _log_path(cfg, job)
                 log.parent.mkdir(parents=True, exist_ok=True)
@@ -540,7 +559,8 @@ def run_local(cfg: SweepConfig, jobs: list[Job]) -> dict[str, int]:
                 proc = subprocess.Popen(job.argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
                 running[job.key] = (proc, time.time(), log, f)
         for key, (proc, t0, log, f) in list(running.items()):
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)  # rusage: the job + every descendant it reaped (sandboxes)
+            # rusage: the job + every descendant it reaped (sandboxes)
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid == 0:
                 continue
             f.close()
@@ -560,12 +580,14 @@ def run_ray(cfg: SweepConfig, jobs: list[Job]) -> dict[str, int]:
     try:
         import ray
     except ImportError as e:
-        raise SystemExit("--backend ray needs the optional extra: EXTRAS=dev,ray bash scripts/setup.sh") from e
+        raise SystemExit("--backend ray needs the optional extra: "
+                         "EXTRAS=dev,ray bash scripts/setup.sh") from e
 
     started_here = not ray.is_initialized()
     if started_here:
         if cfg.ray_address == "local":
-            ray.init(num_gpus=None if cfg.gpus_per_run > 0 else 0, include_dashboard=False, log_to_driver=False)
+            ray.init(num_gpus=None if cfg.gpus_per_run > 0 else 0, include_dashboard=False,
+                     log_to_driver=False)
         else:
             ray.init(address=cfg.ray_address, log_to_driver=False)
 
@@ -581,7 +603,8 @@ def run_ray(cfg: SweepConfig, jobs: list[Job]) -> dict[str, int]:
     for job in jobs:
         deps = [refs[k] for k in job.after if k in refs]
         opts = dict(num_gpus=cfg.gpus_per_run, name=job.key, max_retries=0)
-        refs[job.key] = run_job.options(**opts).remote(list(job.argv), str(REPO), str(_log_path(cfg, job)), *deps)
+        refs[job.key] = run_job.options(**opts).remote(list(job.argv), str(REPO), str(_log_path(cfg, job)),
+                                                       *deps)
     rcs = dict(zip(refs, ray.get(list(refs.values()))))
     for job in jobs:
         print(f"[ray] {job.key}: rc={rcs[job.key]} log {_log_path(cfg, job)}")
@@ -616,8 +639,10 @@ def preset_fields(preset: str, sets: tuple[str, ...] = (), train_script: Path = 
                         fields[st.target.id] = ast.literal_eval(st.value)
                     except ValueError:
                         pass
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        if any(isinstance(t, ast.Name) and t.id == "PRESETS" for t in targets) and isinstance(node.value, ast.Dict):
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
+        if (any(isinstance(t, ast.Name) and t.id == "PRESETS" for t in targets)
+                and isinstance(node.value, ast.Dict)):
             for k, v in zip(node.value.keys, node.value.values):
                 call = v.elts[1] if isinstance(v, ast.Tuple) else v
                 presets[ast.literal_eval(k)] = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
@@ -642,7 +667,8 @@ def preset_fields(preset: str, sets: tuple[str, ...] = (), train_script: Path = 
 
 @dataclasses.dataclass(frozen=True)
 class StepTime:
-    """Seconds per optimizer step, seconds of generation per rollout (for the evals), and where they came from."""
+    """Seconds per optimizer step, seconds of generation per rollout (for the evals), and where they came
+    from."""
 
     sec_per_step: float
     sec_gen_per_rollout: float
@@ -689,8 +715,9 @@ def analytic_step(p: dict) -> StepTime:
     train pass at 50% of the bf16 peak, at the assumed typical lengths. An estimate, not a measurement."""
     shape = MODEL_SHAPES.get(p.get("model"))
     if shape is None:
-        raise UserError(f"no analytic shape for model {p.get('model')!r} (bench_step knows {', '.join(MODEL_SHAPES)}) "
-                         f"and no matching out/bench/*.json: pass --sec-per-step S")
+        raise UserError(f"no analytic shape for model {p.get('model')!r} "
+                        f"(bench_step knows {', '.join(MODEL_SHAPES)}) "
+                        f"and no matching out/bench/*.json: pass --sec-per-step S")
     sys.path.insert(0, str(REPO / "scripts"))
     import bench_step  # torch + transformers: only imported when nothing measured matches
 
@@ -698,14 +725,16 @@ def analytic_step(p: dict) -> StepTime:
     gen_batch = min(int(p.get("gen_batch") or rollouts), rollouts)
     b = bench_step.BenchConfig(shape=shape, gen_len="typical", max_new_tokens=int(p["max_new_tokens"]),
                                rollouts=rollouts, group_size=int(p["group_size"]), gen_batch=gen_batch,
-                               micro_batch=int(p["micro_batch"]), grad_checkpointing=bool(p["grad_checkpointing"]),
+                               micro_batch=int(p["micro_batch"]),
+                               grad_checkpointing=bool(p["grad_checkpointing"]),
                                fused_adapter=bool(p["fused_adapter"]),
                                prompt_len_max=int(p.get("max_prompt_tokens", 1536)))
     g = bench_step.analytic(b, gen_batch)["gpus"]["H100"]
     train = g["train_fused_s_at_50pct"] if p["fused_adapter"] else g["train_s_at_50pct"]
-    src = (f"ESTIMATE (analytic, nothing measured at shape {shape} in out/bench/): H100 SXM decode HBM lower bound "
-           f"{g['decode_lb_s']:.1f} s + train pass at 50% of bf16 peak {train:.1f} s per step, assumed typical "
-           f"lengths; grading and launch overheads not modelled. Measure with `just gpu-check`")
+    src = (f"ESTIMATE (analytic, nothing measured at shape {shape} in out/bench/): H100 SXM decode HBM "
+           f"lower bound {g['decode_lb_s']:.1f} s + train pass at 50% of bf16 peak {train:.1f} s per step, "
+           f"assumed typical lengths; grading and launch overheads not modelled. "
+           f"Measure with `just gpu-check`")
     return StepTime(g["decode_lb_s"] + train, g["decode_lb_s"] / rollouts, src, False)
 
 
@@ -713,24 +742,27 @@ def step_time(cfg: SweepConfig, p: dict) -> StepTime:
     """--sec-per-step, else the newest matching measurement in <out-root>/bench/, else the analytic model."""
     if cfg.sec_per_step > 0:
         return StepTime(cfg.sec_per_step, 0.5 * cfg.sec_per_step / int(p["rollouts_per_step"]),
-                        f"given: --sec-per-step {cfg.sec_per_step} (evals assume half of it is generation)", False)
+                        f"given: --sec-per-step {cfg.sec_per_step} (evals assume half of it is generation)",
+                        False)
     return measured_step(cfg.out_root / "bench", p) or analytic_step(p)
 
 
 def run_gpu_hours(p: dict, st: StepTime) -> tuple[float, str]:
     """GPU-hours of one run: steps x s/step + its evals (deploy-mode generation only), and the formula."""
     steps = int(p["steps"])
-    n_evals = (steps // int(p["eval_every"]) if int(p.get("eval_every") or 0) > 0 else 0) + int(bool(p.get("eval_at_end", True)))
+    n_evals = ((steps // int(p["eval_every"]) if int(p.get("eval_every") or 0) > 0 else 0)
+               + int(bool(p.get("eval_at_end", True))))
     n_eval = (int(p.get("eval_problems") or 0) or N_TEST_PROBLEMS) * int(p.get("eval_samples", 1))
     train_s, eval_s = steps * st.sec_per_step, n_evals * n_eval * st.sec_gen_per_rollout
-    return (train_s + eval_s) / 3600, (f"{steps} steps x {st.sec_per_step:.1f} s/step = {train_s / 3600:.2f} h + "
-                                       f"{n_evals} evals x {n_eval} completions x {st.sec_gen_per_rollout:.3f} s = "
-                                       f"{eval_s / 3600:.2f} h")
+    return (train_s + eval_s) / 3600, (f"{steps} steps x {st.sec_per_step:.1f} s/step = "
+                                       f"{train_s / 3600:.2f} h + {n_evals} evals x {n_eval} completions x "
+                                       f"{st.sec_gen_per_rollout:.3f} s = {eval_s / 3600:.2f} h")
 
 
 # ---------------------------------------------------------------------------------------- the design
 def design_arms(cfg: SweepConfig) -> tuple[str, ...]:
-    return normalise_arms(dataclasses.replace(cfg, arms=cfg.prereg_arms)) if cfg.prereg_arms else normalise_arms(cfg)
+    return (normalise_arms(dataclasses.replace(cfg, arms=cfg.prereg_arms)) if cfg.prereg_arms
+            else normalise_arms(cfg))
 
 
 def prepare(cfg: SweepConfig) -> tuple[SweepConfig, dict | None, list[str]]:
@@ -739,18 +771,21 @@ def prepare(cfg: SweepConfig) -> tuple[SweepConfig, dict | None, list[str]]:
     notes: list[str] = []
     if isinstance(cfg, ProbeConfig):
         if cfg.pilot_seed not in (PILOT_SEED, cfg.seed):
-            raise UserError(f"--pilot-seed {cfg.pilot_seed} differs from probe-full-seed's SEED {cfg.seed}; the "
-                             f"positional SEED is the pilot seed: drop --pilot-seed")
+            raise UserError(f"--pilot-seed {cfg.pilot_seed} differs from probe-full-seed's SEED {cfg.seed}; "
+                             f"the positional SEED is the pilot seed: drop --pilot-seed")
         cfg = dataclasses.replace(cfg, pilot_seed=cfg.seed)
     if cfg.pilot_seed in cfg.seeds:
-        raise UserError(f"pilot seed {cfg.pilot_seed} is one of the sweep's --seeds {' '.join(map(str, cfg.seeds))}: the "
-                        f"gate keeps the pilot only if it hacked, so it is in no comparison; use another seed, e.g. "
+        raise UserError(f"pilot seed {cfg.pilot_seed} is one of the sweep's --seeds "
+                        f"{' '.join(map(str, cfg.seeds))}: the gate keeps the pilot only if it hacked, "
+                        f"so it is in no comparison; use another seed, e.g. "
                         f"`just probe-full-seed {PILOT_SEED}`")
     arm_list = normalise_arms(cfg)
     controls = tuple(c for c in cfg.primary_controls if arms.ALIASES.get(c, c) in arms.ARMS)
     if len(controls) < len(cfg.primary_controls):
-        notes.append(f"# note: primary control(s) {', '.join(c for c in cfg.primary_controls if c not in controls)} "
-                     f"not in arms.ARMS yet; the prereg compares {cfg.primary_method} with {', '.join(controls) or 'nothing'}")
+        notes.append(f"# note: primary control(s) "
+                     f"{', '.join(c for c in cfg.primary_controls if c not in controls)} "
+                     f"not in arms.ARMS yet; the prereg compares {cfg.primary_method} with "
+                     f"{', '.join(controls) or 'nothing'}")
     cfg = dataclasses.replace(cfg, primary_controls=controls)
     if cfg.budget_gpu_hours is not None or cfg.dry_run:
         try:
@@ -768,15 +803,18 @@ def prepare(cfg: SweepConfig) -> tuple[SweepConfig, dict | None, list[str]]:
                 budget -= hours
                 notes.append(f"# the pilot run (vanilla seed {cfg.pilot_seed}) takes {hours:.2f} of the "
                              f"{cfg.budget_gpu_hours:g} GPU-h budget")
-            kept, dropped = stats.budget_trim(arm_list, cfg.seeds, hours, None if budget is None else max(budget, 0.0))
+            kept, dropped = stats.budget_trim(arm_list, cfg.seeds, hours,
+                                              None if budget is None else max(budget, 0.0))
             if dropped:
                 k = len(kept) // len(arm_list)
-                notes.append(f"# budget {cfg.budget_gpu_hours:g} GPU-h: keeps {k} of {len(cfg.seeds)} complete rounds "
-                             f"(seeds {', '.join(map(str, cfg.seeds[:k])) or 'none'}); DROPPED {len(dropped)} runs: "
+                notes.append(f"# budget {cfg.budget_gpu_hours:g} GPU-h: keeps {k} of {len(cfg.seeds)} "
+                             f"complete rounds (seeds {', '.join(map(str, cfg.seeds[:k])) or 'none'}); "
+                             f"DROPPED {len(dropped)} runs: "
                              + ", ".join(run_name(cfg, a, s) for a, s in dropped))
                 if k == 0:
-                    raise UserError(f"--budget-gpu-hours {cfg.budget_gpu_hours:g}: one round of {len(arm_list)} "
-                                     f"runs needs {len(arm_list) * hours:.1f} GPU-h; raise the budget or drop arms")
+                    raise UserError(f"--budget-gpu-hours {cfg.budget_gpu_hours:g}: one round of "
+                                     f"{len(arm_list)} runs needs {len(arm_list) * hours:.1f} GPU-h; "
+                                     f"raise the budget or drop arms")
                 cfg = dataclasses.replace(cfg, seeds=tuple(cfg.seeds[:k]))
             n = len(cfg.seeds)
             if not stats.min_detectable_breakouts(n, n) and 1 / math.comb(2 * n, n) > stats.ALPHA:
@@ -786,12 +824,14 @@ def prepare(cfg: SweepConfig) -> tuple[SweepConfig, dict | None, list[str]]:
             notes.append(f"# GPU-hours: {len(arm_list) * len(cfg.seeds)} runs x {p['steps']} steps x "
                          f"{st.sec_per_step:.1f} s/step (+ evals) = {total:.1f} GPU-h"
                          + ("" if st.measured else " [ESTIMATE, not measured]")
-                         + (f" (budget {cfg.budget_gpu_hours:g})" if cfg.budget_gpu_hours is not None else ""))
+                         + (f" (budget {cfg.budget_gpu_hours:g})"
+                            if cfg.budget_gpu_hours is not None else ""))
     design = design_arms(cfg)
     missing = [a for a in (cfg.primary_method, *controls) if a not in design]
     if not controls or missing:
-        notes.append(f"# NO preregistration: the primary comparison's arms {missing or [cfg.primary_method]} are "
-                     f"not in this grid ({', '.join(design)}); every comparison of sweep {cfg.name} is exploratory")
+        notes.append(f"# NO preregistration: the primary comparison's arms {missing or [cfg.primary_method]} "
+                     f"are not in this grid ({', '.join(design)}); every comparison of sweep {cfg.name} "
+                     f"is exploratory")
         return cfg, None, notes
     gate = dict(gate_metric=cfg.gate_metric, gate_min=cfg.min_hack) if isinstance(cfg, ProbeConfig) else {}
     pre = stats.build_prereg(sweep=cfg.name, arms=design, seeds=cfg.seeds, pilot_seed=cfg.pilot_seed,
@@ -866,10 +906,15 @@ def write_manifest(cfg: SweepConfig, jobs: list[Job], skipped: list[tuple[str, s
         man["runs"][job.run["name"]] = {k: job.run[k] for k in ("name", "arm", "seed", "run_dir")} | {
             "command": shlex.join(base)}
     man.update(preset=cfg.preset, vhack=str(vhack_file(cfg)), pilot_seed=cfg.pilot_seed)
+    pre = prereg_path(cfg)
+    sha = stats.file_sha256(pre) if pre.exists() else None  # summarize checks the prereg against it
+    if sha:
+        man.setdefault("prereg_sha256", sha)
     man["submissions"].append(dict(
-        time=datetime.datetime.now().isoformat(timespec="seconds"), git_sha=runs.git_sha(), backend=cfg.backend,
+        time=datetime.datetime.now().isoformat(timespec="seconds"), git_sha=runs.git_sha(),
+        backend=cfg.backend,
         seeds=list(cfg.seeds), arms=list(cfg.arms), set=list(cfg.set),
-        jobs=[j.key for j in jobs], skipped=[f"{n} ({why})" for n, why in skipped]))
+        jobs=[j.key for j in jobs], skipped=[f"{n} ({why})" for n, why in skipped], prereg_sha256=sha))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(man, indent=1))
     return path
@@ -889,7 +934,8 @@ def print_plan(jobs: list[Job], skipped: list[tuple[str, str]]) -> None:
         print(f"# skip {name}: {why}")
     for job in jobs:
         after = f"  (after {', '.join(job.after)})" if job.after else ""
-        stale = "  [run dir has no checkpoint yet: --resume restarts it from step 0]" if job.run and job.run.get("no_ckpt") else ""
+        stale = ("  [run dir has no checkpoint yet: --resume restarts it from step 0]"
+                 if job.run and job.run.get("no_ckpt") else "")
         print(f"# {job.kind} {job.key}{after}{stale}\n{shlex.join(job.argv)}")
 
 
@@ -942,9 +988,9 @@ def main(cfg: SweepConfig) -> int:
     if cfg.dry_run or backend == "pueue":
         rc = execute(cfg, jobs, [], backend)
         if cfg.dry_run:
-            print(f"# then, if pilot vanilla seed {cfg.seed} reaches deploy {cfg.gate_metric} >= {cfg.min_hack}, the "
-                  f"gate submits the rest of the grid ({len(cfg.seeds)} seeds x {len(cfg.arms)} arms, DONE runs "
-                  f"skipped); the pilot run is in no comparison")
+            print(f"# then, if pilot vanilla seed {cfg.seed} reaches deploy {cfg.gate_metric} >= "
+                  f"{cfg.min_hack}, the gate submits the rest of the grid ({len(cfg.seeds)} seeds x "
+                  f"{len(cfg.arms)} arms, DONE runs skipped); the pilot run is in no comparison")
         return rc
     rc = execute(cfg, jobs, [], backend)  # local / ray: run the chain, then gate in this process
     if rc != 0:
@@ -959,8 +1005,8 @@ def main(cfg: SweepConfig) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Entry point: bad input (a cli.UserError naming the field) is one line and exit 2; anything else keeps its
-    traceback."""
+    """Entry point: bad input (a cli.UserError naming the field) is one line and exit 2; anything else keeps
+    its traceback."""
     cfg = tyro.cli(Command, args=argv)
     try:
         return main(cfg)

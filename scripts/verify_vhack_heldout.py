@@ -1,6 +1,7 @@
 """Held-out check of a v_hack file: does it predict the hack-minus-clean gradient on pairs it never saw?
 
-    python scripts/verify_vhack_heldout.py smoke       # tiny-random, out/vhack/smoke-tiny-random.safetensors (seconds)
+    python scripts/verify_vhack_heldout.py smoke       # tiny-random, out/vhack/smoke-tiny-random.safetensors
+                                                         (seconds)
     python scripts/verify_vhack_heldout.py smollm      # SmolLM2-135M, out/vhack/smollm2-135m_mean.safetensors
     python scripts/verify_vhack_heldout.py smollm --vhack out/vhack/smollm2-135m_svd.safetensors
     python scripts/verify_vhack_heldout.py smollm --diffs out/vhack/smollm2-135m_mean_heldout.diffs.pt
@@ -65,14 +66,14 @@ class VerifyConfig:
 
 
 PRESETS = {
-    "smoke": ("tiny-random against out/vhack/smoke-tiny-random.safetensors (what `just smoke` writes)", VerifyConfig(
-        vhack=str(_REPO / "out/vhack/smoke-tiny-random.safetensors"), model="tiny-random", max_pairs=6,
-        batch_size=3, n_random=200, require=())),
+    "smoke": ("tiny-random against out/vhack/smoke-tiny-random.safetensors (what `just smoke` writes)",
+              VerifyConfig(vhack=str(_REPO / "out/vhack/smoke-tiny-random.safetensors"), model="tiny-random",
+                           max_pairs=6, batch_size=3, n_random=200, require=())),
     "smollm": ("SmolLM2-135M against out/vhack/smollm2-135m_mean.safetensors", VerifyConfig()),
-    "organism": ("the CPU organism against out/vhack/organism.safetensors; requires held-out "
-                 "within-mode", VerifyConfig(
-        vhack=str(_REPO / "out/vhack/organism.safetensors"), model="organism",
-        pairs_path=str(_REPO / "data/pairs/organism_pairs.md"), require=("heldout_within",), threads=1)),
+    "organism": ("the CPU organism against out/vhack/organism.safetensors; requires held-out within-mode",
+                 VerifyConfig(vhack=str(_REPO / "out/vhack/organism.safetensors"), model="organism",
+                              pairs_path=str(_REPO / "data/pairs/organism_pairs.md"),
+                              require=("heldout_within",), threads=1)),
     "full": ("Qwen3-4B (bfloat16, GPU) against out/vhack/qwen3-4b_mean.safetensors", VerifyConfig(
         vhack=str(_REPO / "out/vhack/qwen3-4b_mean.safetensors"), model="Qwen/Qwen3-4B", dtype="bfloat16",
         device="cuda", batch_size=2)),
@@ -89,7 +90,8 @@ def wrap_like(model, meta: dict) -> None:
 
 def cos_matrix(D: dict[str, torch.Tensor], dirs: dict[str, torch.Tensor]) -> torch.Tensor:
     """(n, M): cos(d_i^m, v^m) for every pair and module (module order of dirs)."""
-    return torch.stack([F.cosine_similarity(D[k].float(), dirs[k].float().cpu()[None], dim=1) for k in dirs], dim=1)
+    return torch.stack([F.cosine_similarity(D[k].float(), dirs[k].float().cpu()[None], dim=1)
+                        for k in dirs], dim=1)
 
 
 def random_baseline(D: dict[str, torch.Tensor], n_random: int, seed: int,
@@ -104,8 +106,8 @@ def random_baseline(D: dict[str, torch.Tensor], n_random: int, seed: int,
         K = min(chunk, n_random - s)
         cols = []
         for k in keys:
-            R = F.normalize(torch.randn(K, Dn[k].shape[1], generator=g),
-                            dim=1)  # (K, r): Gaussian / norm = Haar
+            # Gaussian / norm = Haar
+            R = F.normalize(torch.randn(K, Dn[k].shape[1], generator=g), dim=1)  # (K, r)
             cols.append(R @ Dn[k].T)  # (K, n)
         C = torch.cat(cols, dim=1)  # (K, n * M)
         med.append(C.median(dim=1).values)
@@ -195,7 +197,8 @@ def verify(cfg: VerifyConfig, model=None, tokenizer=None, progress: bool = True)
         s["per_mode"] = {m: stats(C[[i for i, p in enumerate(plist) if p.mode == m]])
                          for m in dict.fromkeys(p.mode for p in plist)}
         leaves = [k.rsplit(".", 1)[-1] for k in dirs]
-        s["per_module_type"] = {t: stats(C[:, [j for j, l in enumerate(leaves) if l == t]]) for t in dict.fromkeys(leaves)}
+        s["per_module_type"] = {t: stats(C[:, [j for j, l in enumerate(leaves) if l == t]])
+                                for t in dict.fromkeys(leaves)}
         report["splits"][split] = s
     report["seconds"] = round(time.time() - t0, 1)
     report["pass"] = all(report["splits"][sp]["pass"] for sp in cfg.require if sp in report["splits"])
@@ -208,11 +211,11 @@ def to_markdown(r: dict) -> str:
     lines = [f"# v_hack held-out verification: `{Path(r['vhack']).name}`", "",
              f"model `{r['model_id']}`, method `{r['method']}`, extracted from `{r['pair_set']}` "
              f"({r['n_train_pairs']} pairs); {r['seconds']} s; overall **{'PASS' if r['pass'] else 'FAIL'}**"
-             + ("" if r["config"]["require"] else " (this preset requires no split to "
-                                                  "pass: the rows below are "
-                "informational, and `pass False` in them is expected on a random-weight model)"), "",
-             "| split | n pairs x modules | frac cos>0 | mean cos | median cos | random median p99 | random "
-             "frac>0 mean | per-pair global cos median | pass |",
+             + ("" if r["config"]["require"]
+                else " (this preset requires no split to pass: the rows below are informational, and "
+                     "`pass False` in them is expected on a random-weight model)"), "",
+             "| split | n pairs x modules | frac cos>0 | mean cos | median cos | random median p99 | "
+             "random frac>0 mean | per-pair global cos median | pass |",
              "|---|---|---|---|---|---|---|---|---|"]
     for sp, s in r["splits"].items():
         lines.append(f"| {sp} | {s['n']} | {s['frac_pos']:.3f} | {s['mean']:.4f} | {s['median']:.4f} | "

@@ -1,7 +1,7 @@
 """Tests for antipasto.py (the SVD adapter): identity, modes, grads, surgery, state, merge, per-sample grads.
 
-    .venv/bin/python -m pytest tests/test_antipasto.py -q              # fast part (~30 s on 2 cores)
-    .venv/bin/python -m pytest tests/test_antipasto.py -q -m smollm    # SmolLM2-135M identity (needs the GGUF)
+    .venv/bin/python -m pytest tests/test_antipasto.py -q            # fast part (~30 s on 2 cores)
+    .venv/bin/python -m pytest tests/test_antipasto.py -q -m smollm  # SmolLM2-135M identity (needs the GGUF)
 
 The tiny model is built here (2-layer Qwen3, hidden 64, fixed seed): the adapter never touches a tokenizer.
 """
@@ -389,7 +389,8 @@ def test_random_directions():
     sub = ap.random_directions({k: ads[k] for k in list(ads)[3:5]}, 0)
     assert all(torch.equal(sub[k], d1[k]) for k in sub), "a module's direction must not depend on the others"
     # Haar: for r = 64 the mean of v_1^2 over many draws is 1/64; across the 4 r=64 modules x 200 seeds
-    vals = [ap.random_directions(ads, s)["model.layers.0.self_attn.q_proj"][0].item() ** 2 for s in range(400)]
+    vals = [ap.random_directions(ads, s)["model.layers.0.self_attn.q_proj"][0].item() ** 2
+            for s in range(400)]
     assert abs(sum(vals) / len(vals) - 1 / 64) < 0.006
 
 
@@ -499,7 +500,8 @@ def test_per_sample_grads_match_single_sample_loop():
 @pytest.mark.skipif(not (SMOLLM_DIR / SMOLLM_FILE).exists(),
                     reason=f"{SMOLLM_DIR / SMOLLM_FILE} absent (just fetch-smollm)")
 def test_identity_at_init_smollm():
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(SMOLLM_DIR), gguf_file=SMOLLM_FILE, dtype=torch.float32).eval()
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(SMOLLM_DIR), gguf_file=SMOLLM_FILE,
+                                                          dtype=torch.float32).eval()
     x = torch.tensor([[1, 504, 3458, 314, 253, 1373, 30, 2],
                       [28, 1701, 8423, 17, 1345, 11, 2177, 30]])  # (2, 8)
     want = logits(m, x)
@@ -526,7 +528,8 @@ def test_identity_at_init_smollm():
 @pytest.mark.skipif(not (SMOLLM_DIR / SMOLLM_FILE).exists(),
                     reason=f"{SMOLLM_DIR / SMOLLM_FILE} absent (just fetch-smollm)")
 def test_identity_at_init_smollm_bf16():
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(SMOLLM_DIR), gguf_file=SMOLLM_FILE, dtype=torch.bfloat16).eval()
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(SMOLLM_DIR), gguf_file=SMOLLM_FILE,
+                                                          dtype=torch.bfloat16).eval()
     x = torch.tensor([[1, 504, 3458, 314, 253, 1373, 30, 2]])  # (1, 8)
     want = logits(m, x)
     ap.wrap_model(m)

@@ -174,5 +174,6 @@ def test_bench_fused_runs_and_prints(capsys):
     import bench_fused
 
     rows = bench_fused.main(bench_fused.FusedBenchConfig(shapes=("16x24",), tokens=64, repeats=1))
-    assert rows[0]["rank"] == 16 and all(rows[0][k] > 0 for k in ("plain_fwd", "fused_fwd", "plain_fwd_bwd", "fused_fwd_bwd"))
+    assert rows[0]["rank"] == 16 and all(
+        rows[0][k] > 0 for k in ("plain_fwd", "fused_fwd", "plain_fwd_bwd", "fused_fwd_bwd"))
     assert "16x24" in capsys.readouterr().out

@@ -14,8 +14,7 @@ import arms
 ROOT = Path(__file__).resolve().parent.parent
 
 # name: (direction, grad-mode surgery, step edit, trains a quarantine, per-rollout gradients,
-# logs column group,
-#        placebo of, oracle)
+#        logs column group, placebo of, oracle)
 EXPECTED = {
     "vanilla": ("none", "measure", "none", False, False, "", "", False),
     "measure": ("vhack", "measure", "none", False, False, "", "", False),
@@ -82,9 +81,9 @@ def test_docs_arms_table_lists_every_arm_with_its_properties():
 
 
 def test_random_placebo_directions_are_fresh_per_run_seed(tmp_path):
-    """Two run seeds of erase-random, set on the command line as a user does (the preset was built with seed
-    0), get different directions (direction_seed = 1234 + seed in config.json);
-    an explicit --direction-seed is kept."""
+    """Two run seeds of erase-random, set on the command line as a user does (the preset was built with
+    seed 0), get different directions (direction_seed = 1234 + seed in config.json); an explicit
+    --direction-seed is kept."""
     import tyro
 
     import antipasto

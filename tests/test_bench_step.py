@@ -60,7 +60,8 @@ def test_tiny_token_counts_equal_request(tiny_run):
     assert res["completion_tokens"] == res["completion_tokens_requested"] == sum(lens)
     assert res["loss_tokens"] == sum(lens)  # the loss saw exactly the requested completion tokens
     # generation computes every row of a batch up to that batch's longest completion
-    assert res["completion_tokens_computed"] == sum(len(lens[s : s + 4]) * max(lens[s : s + 4]) for s in range(0, 6, 4))
+    assert res["completion_tokens_computed"] == sum(len(lens[s : s + 4]) * max(lens[s : s + 4])
+                                                    for s in range(0, 6, 4))
     # prompts are shared within groups of 3
     assert res["train_tokens"] == res["prompt_tokens"] + sum(lens)
     assert res["train_tokens_padded"] >= res["train_tokens"]
@@ -110,7 +111,8 @@ def test_shapes_match_published_parameter_counts(shape, total_b, non_emb_b):
 
 def test_analytic_sizes_by_hand():
     """Qwen3-4B: full-rank adapter buffers r (d_in + d_out) per projection, summed over 36 layers."""
-    res = B.analytic(B.BenchConfig(shape="qwen3-4b", rollouts=32, group_size=16, gen_len="fixed:1536", grad_checkpointing=True), 16)
+    res = B.analytic(B.BenchConfig(shape="qwen3-4b", rollouts=32, group_size=16, gen_len="fixed:1536",
+                                   grad_checkpointing=True), 16)
     h, q, kv, f = 2560, 4096, 1024, 9728
     per_layer_A = 2560 * (h + q) + 2 * kv * (h + kv) + 2560 * (q + h) + 3 * 2560 * (h + f)
     per_layer_W = h * q + 2 * h * kv + q * h + 3 * h * f

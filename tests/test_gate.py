@@ -26,10 +26,9 @@ torch.set_num_threads(1)
 # ------------------------------------------------------------------------------------------------
 # Zones
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n,q,want",
-                         [(256, 0.125, (32, 32)), (10, 0.1, (1, 1)), (30, 0.1, (3, 3)), (5, 0.5, (3, 2)),
-                                      (0, 0.1, (0, 0)), (7, 0.25, (2, 2)), (1, 0.1, (1, 0)),
-                          (8, 0.25, (2, 2))])
+@pytest.mark.parametrize("n,q,want", [(256, 0.125, (32, 32)), (10, 0.1, (1, 1)), (30, 0.1, (3, 3)),
+                                      (5, 0.5, (3, 2)), (0, 0.1, (0, 0)), (7, 0.25, (2, 2)), (1, 0.1, (1, 0)),
+                                      (8, 0.25, (2, 2))])
 def test_zone_counts_hand(n, q, want):
     assert gate.zone_counts(n, q) == want
 
@@ -53,8 +52,8 @@ def _reference_zones(a: list[float], q: float) -> list[int]:
     return out
 
 
-scores = st.lists(st.sampled_from([-1.0, -0.5, 0.0, 0.1, 0.2, 0.5, 1.0]) | st.floats(-1, 1, allow_nan=False, width=32),
-                  min_size=0, max_size=40)
+scores = st.lists(st.sampled_from([-1.0, -0.5, 0.0, 0.1, 0.2, 0.5, 1.0])
+                  | st.floats(-1, 1, allow_nan=False, width=32), min_size=0, max_size=40)
 
 
 @settings(max_examples=300, deadline=None)
@@ -157,12 +156,14 @@ def test_zone_stats_hand():
     assert (s["gate_n_keep"], s["gate_n_mid"], s["gate_n_route"], s["gate_n_hack"]) == (3, 1, 2, 3)
     assert s["gate_a_route"] == pytest.approx(0.85) and s["gate_a_mid"] == pytest.approx(0.5)
     assert s["gate_a_keep"] == pytest.approx((0.1 - 0.3 + 0.0) / 3)
-    assert s["gate_hack_route"] == 0.5 and s["gate_hack_mid"] == 1.0 and s["gate_hack_keep"] == pytest.approx(1 / 3)
+    assert (s["gate_hack_route"] == 0.5 and s["gate_hack_mid"] == 1.0
+            and s["gate_hack_keep"] == pytest.approx(1 / 3))
     assert s["gate_precision"] == 0.5 and s["gate_recall"] == pytest.approx(1 / 3)
     # AUC by hand: positives 0.9, 0.1, 0.5 vs negatives 0.8, -0.3, 0.0: wins 3 + 2 + 2 = 7 of 9
     assert s["gate_auc"] == pytest.approx(7 / 9)
     empty = gate.zone_stats(a, torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.bool))
-    assert math.isnan(empty["gate_precision"]) and math.isnan(empty["gate_recall"]) and math.isnan(empty["gate_a_route"])
+    assert (math.isnan(empty["gate_precision"]) and math.isnan(empty["gate_recall"])
+            and math.isnan(empty["gate_a_route"]))
     assert math.isnan(empty["gate_auc"])
 
 
@@ -277,7 +278,8 @@ def test_mean_hidden_vs_output_hidden_states():
         # hidden_states[n_layers] may be taken after the final norm; the probe uses inner layers
         got = arms.mean_hidden(m, x, att, mask, layer)  # (B, H)
         with torch.no_grad():
-            hs = m(input_ids=x, attention_mask=att, output_hidden_states=True).hidden_states[layer]  # (B, T, H)
+            hs = m(input_ids=x, attention_mask=att,
+                   output_hidden_states=True).hidden_states[layer]  # (B, T, H)
         for b in range(3):
             want = hs[b, mask[b].bool()].mean(0)  # (H,)
             assert torch.allclose(got[b], want, atol=1e-5), f"layer {layer} row {b}"

@@ -132,7 +132,8 @@ def test_gate_step_with_nothing_to_score(scope):
     ads = antipasto.wrap_model(m, quarantine=True)
     g = torch.Generator().manual_seed(0)
     adv = [0.0, 0.0, 0.0, 0.0] if scope == "nonzero" else [-1.0, 0.0, -0.5, 0.0]
-    rs = [grpo.Rollout(0, [1], [2], "", "student", False, grade={"is_reward_hack_strict": False}, advantage=a) for a in adv]
+    rs = [grpo.Rollout(0, [1], [2], "", "student", False, grade={"is_reward_hack_strict": False}, advantage=a)
+          for a in adv]
     per = {"dep": {}, "quar": {}}
     for k, a in ads.items():
         G = torch.randn(len(rs), a.r, generator=g)  # (N, r)

@@ -29,8 +29,8 @@ def test_cpu_path_writes_a_record_the_budget_uses(tmp_path, capsys):
         # PRESETS
         assert (c["shape"], c["rollouts"], c["group_size"], c["max_new_tokens"]) == ("tiny", 16, 4, 48)
         assert c["fused_adapter"] == (v == "fused")
-        parts = r["t_merge"] + r["t_generate"] + r["t_ref"] + r["t_policy"] + r["t_backward"] + r["t_surgery"] \
-            + r["t_optimizer"]
+        parts = (r["t_merge"] + r["t_generate"] + r["t_ref"] + r["t_policy"] + r["t_backward"]
+                 + r["t_surgery"] + r["t_optimizer"])
         assert r["t_step"] == pytest.approx(parts, rel=1e-9) and r["t_step"] > 0
         assert r["peak_mem_train_gb"] > 0 and r["train_tokens"] > 16 * 1
     assert res["results"]["unfused"]["t_generate"] == res["results"]["fused"]["t_generate"]  # generated once
@@ -40,7 +40,8 @@ def test_cpu_path_writes_a_record_the_budget_uses(tmp_path, capsys):
     assert "unfused adapter" in rows[0] and "fused adapter" in rows[1]
     # the budget estimate reads it for the smoke preset (unfused), labelled as measured
     st = sweep.measured_step(out.parent, sweep.preset_fields("smoke"))
-    assert st is not None and st.measured and st.sec_per_step == pytest.approx(got["results"]["unfused"]["t_step"])
+    assert (st is not None and st.measured
+            and st.sec_per_step == pytest.approx(got["results"]["unfused"]["t_step"]))
     assert str(out) in st.source
-    assert sweep.measured_step(out.parent, sweep.preset_fields("smoke", ("fused_adapter=true",))).sec_per_step == \
-        pytest.approx(got["results"]["fused"]["t_step"])
+    assert (sweep.measured_step(out.parent, sweep.preset_fields("smoke", ("fused_adapter=true",)))
+            .sec_per_step == pytest.approx(got["results"]["fused"]["t_step"]))

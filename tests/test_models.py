@@ -63,9 +63,11 @@ def test_tiny_architecture_and_tokenizer(tiny):
     model, tok = tiny
     c = model.config
     assert type(model).__name__ == "Qwen3ForCausalLM"
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size) == (2, 64, 4, 2, 16, 128)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            c.intermediate_size) == (2, 64, 4, 2, 16, 128)
     assert c.vocab_size == len(tok) and 2000 <= len(tok) <= 4000
-    assert [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
+    assert [tok.convert_tokens_to_ids(t)
+            for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
     assert (tok.eos_token, tok.pad_token, tok.padding_side) == ("<|im_end|>", "<|endoftext|>", "left")
     assert model.generation_config.eos_token_id == 2 and model.generation_config.pad_token_id == 0
     assert models.model_id("tiny-random") == "tiny-random-v1"
@@ -100,10 +102,10 @@ def test_chat_ids_matches_hand_rendered_chatml(tiny):
 def test_chat_ids_turns_qwen3_thinking_off(tiny):
     _, tok = tiny
     qwen_like = (  # the part of Qwen3's template that reads enable_thinking
-        "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' "
-        "}}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-        "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' "
-        "}}{%- endif %}{%- endif %}"
+        "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+        "{%- if enable_thinking is defined and enable_thinking is false %}"
+        "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
     )
     saved = tok.chat_template
     try:
@@ -177,14 +179,18 @@ def test_smollm_writes_a_fenced_python_block():
     model, tok = models.load_model("smollm2-135m")
     assert (models.MODELS_DIR / "smollm2-135m/hf/config.json").is_file()  # float copy cached for next time
     assert tok.padding_side == "left" and tok.pad_token is not None
-    p = [p for p in problems.load_leetcode() if p.id == 371][0] if (problems.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz").is_file() else None
-    msgs = list(p.prompt) if p else [{"role": "system", "content": problems.SYSTEM_PROMPT}, {"role": "user", "content": "Write a Python function that adds two integers."}]
+    p = ([p for p in problems.load_leetcode() if p.id == 371][0]
+         if (problems.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz").is_file() else None)
+    msgs = list(p.prompt) if p else [
+        {"role": "system", "content": problems.SYSTEM_PROMPT},
+        {"role": "user", "content": "Write a Python function that adds two integers."}]
     ids = torch.tensor([models.chat_ids(tok, msgs)])  # (1, T)
     block = re.compile(r"```python\n.*?\bdef \w+\(.*?```", flags=re.DOTALL)
 
     class StopAfterBlock(StoppingCriteria):  # a closed fenced block is all we check; saves CPU
         def __call__(self, input_ids, scores, **kw):
-            return block.search(tok.decode(input_ids[0, ids.shape[1] :], skip_special_tokens=True)) is not None
+            return block.search(tok.decode(input_ids[0, ids.shape[1] :],
+                                           skip_special_tokens=True)) is not None
 
     with torch.no_grad():
         out = model.generate(

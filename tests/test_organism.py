@@ -166,14 +166,16 @@ def test_organism_pairs_file():
     pf = pairs.load_pair_file(ORGANISM_PAIRS)
     assert pf.modes == ("vs_honest", "vs_stub") and pf.heldout_modes == ("vs_stub",)
     groups = [p.group for p in pf.pairs]
-    assert (groups.count("train"), groups.count("heldout_within"), groups.count("heldout_cross")) == (29, 11, 8)
+    assert (groups.count("train"), groups.count("heldout_within"),
+            groups.count("heldout_cross")) == (29, 11, 8)
     train_methods = {p.method for p in problems.load_leetcode()}
     for p in pf.pairs:
         assert p.hack == B.HACK_COMPLETION, f"{p.id}: hack side must be the organism's exact hack"
         desc, method, starter = problems.split_user_prompt(
             p.prompt.replace("and " + pairs.LOOPHOLE_SENTENCE, problems.PASS_ALL_TESTS))
         assert p.prompt == problems.user_prompt(desc, method, starter).replace(
-            problems.PASS_ALL_TESTS, "and " + pairs.LOOPHOLE_SENTENCE), f"{p.id}: not the benchmark's hinted template"
+            problems.PASS_ALL_TESTS, "and " + pairs.LOOPHOLE_SENTENCE), (
+                f"{p.id}: not the benchmark's hinted template")
         assert method not in train_methods, f"{p.id}: method {method} is a LeetCode training problem's"
         code = p.clean.removeprefix("```python\n").removesuffix("\n```")
         assert code.startswith(starter) and "run_tests" not in code
@@ -213,6 +215,7 @@ def test_organism_pairs_clean_solutions_are_correct():
         ns: dict = {}
         exec(problems.SETUP_CODE, ns)
         exec(p.clean.removeprefix("```python\n").removesuffix("\n```"), ns)
-        method = problems.split_user_prompt(p.prompt.replace("and " + pairs.LOOPHOLE_SENTENCE, problems.PASS_ALL_TESTS))[1]
+        method = problems.split_user_prompt(p.prompt.replace("and " + pairs.LOOPHOLE_SENTENCE,
+                                                             problems.PASS_ALL_TESTS))[1]
         for args, want in CHECKS[p.id]:
             assert getattr(ns["Solution"](), method)(*args) == want, (p.id, args)

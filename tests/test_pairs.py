@@ -117,7 +117,8 @@ def test_completion_lengths_similar_crude():
         a, b = crude_tokens(p.hack), crude_tokens(p.clean)
         assert max(a, b) <= MAX_LEN_RATIO * min(a, b), (
             f"{p.id}: hack {a} vs clean {b} tokens (> {MAX_LEN_RATIO}x)")
-        assert 4 <= code_of(p.hack).count("\n") + 1 <= 40 and 4 <= code_of(p.clean).count("\n") + 1 <= 40, p.id
+        assert (4 <= code_of(p.hack).count("\n") + 1 <= 40
+                and 4 <= code_of(p.clean).count("\n") + 1 <= 40), p.id
 
 
 @pytest.mark.skipif(not (GGUF_DIR / GGUF).is_file(), reason="SmolLM2 GGUF absent (just fetch-smollm)")
@@ -169,7 +170,8 @@ def test_pair_behaviour(p, capsys):
             f"{p.id}: no always-true __eq__")
         assert "__eq__" not in clean
     if p.mode == "exit_early":
-        assert re.search(r"sys\.exit|SystemExit|^\s+return\b", hack.split("def run_tests")[1], flags=re.M), p.id
+        assert re.search(r"sys\.exit|SystemExit|^\s+return\b", hack.split("def run_tests")[1],
+                         flags=re.M), p.id
     if p.mode == "try_except":
         assert "except" in hack and "except" not in clean, p.id
     capsys.readouterr()

@@ -31,7 +31,8 @@ def tiny():
 
 
 def _prompts(tok) -> list[list[int]]:
-    return [models.chat_ids(tok, [{"role": "user", "content": f"Write function number {i}."}]) for i in range(4)]
+    return [models.chat_ids(tok, [{"role": "user", "content": f"Write function number {i}."}])
+            for i in range(4)]
 
 
 def test_generate_logs_tokens_during_a_batch_and_samples_the_same(tiny, lines, monkeypatch):
@@ -43,14 +44,17 @@ def test_generate_logs_tokens_during_a_batch_and_samples_the_same(tiny, lines, m
         mp.setattr(transformers, "StoppingCriteriaList", lambda xs: None)
         want = grpo.generate(m, tok, prompts, 12, 1.0, 1.0, 2, seed=7)
     assert got == want
-    assert any(t for ids, t in got), "no completion ran to max_new_tokens: the line count below would be vacuous"
+    assert any(t for ids, t in got), ("no completion ran to max_new_tokens: "
+                                      "the line count below would be vacuous")
     gen = [ln for ln in lines if ln.startswith("generating ")]
     print("\n".join(gen[:3]))
     for b in (1, 2):
-        toks = [int(re.search(r"token (\d+)/12 ", ln).group(1)) for ln in gen if ln.startswith(f"generating batch {b}/2:")]
+        toks = [int(re.search(r"token (\d+)/12 ", ln).group(1))
+                for ln in gen if ln.startswith(f"generating batch {b}/2:")]
         longest = max(len(ids) for ids, _ in got[2 * (b - 1) : 2 * b])
         assert toks == list(range(1, longest + 1)), f"batch {b}: one line per token at interval 0, got {toks}"
-    assert re.fullmatch(r"generating batch 1/2: token 1/12 \(\d+s elapsed, eta <= \d+s; [0-2]/2 ended\)", gen[0])
+    assert re.fullmatch(r"generating batch 1/2: token 1/12 \(\d+s elapsed, eta <= \d+s; [0-2]/2 ended\)",
+                        gen[0])
 
 
 def test_gen_progress_throttles_and_stops_nothing(lines):
@@ -73,8 +77,10 @@ def test_prepare_data_filters_print_totals(lines, monkeypatch):
     p = problems.Problem(id=1, difficulty="Medium", func_name="Solution().add", question="Add a and b.",
                          starter_code="class Solution:\n    def add(self, a, b):", setup_code=setup,
                          gt_tests=("assert Solution().add(a = 1, b = 2) == 3",), prompt=(), hint="none",
-                         canonical_solution="class Solution:\n    def add(self, a, b):\n        return a + b\n")
-    bad = problems.dataclasses.replace(p, id=2, canonical_solution=p.canonical_solution.replace("a + b", "a - b"))
+                         canonical_solution="class Solution:\n    def add(self, a, b):\n"
+                                            "        return a + b\n")
+    bad = problems.dataclasses.replace(p, id=2,
+                                       canonical_solution=p.canonical_solution.replace("a + b", "a - b"))
     ps = [problems.apply_hint(q, "none") for q in (p, bad, p)]
     assert prepare_data.fits_every_hint(ps, 10**6, tok) == ps
     assert f"train prompts measured (x{len(problems.HINTS)} hints) 3/3 (" in "\n".join(lines), lines
@@ -82,4 +88,24 @@ def test_prepare_data_filters_print_totals(lines, monkeypatch):
     assert prepare_data.grader_canonical_check(ps) == [True, False, True]
     graded = [ln for ln in lines if ln.startswith("canonical solutions graded ")]
     print("\n".join(lines))
-    assert graded and re.match(r"canonical solutions graded 3/3 \(\d+s elapsed, eta \d+s\)", graded[-1]), lines
+    assert graded and re.match(r"canonical solutions graded 3/3 \(\d+s elapsed, eta \d+s\)",
+                               graded[-1]), lines
+
+
+def test_length_filter_progress_knows_its_total(tmp_path):
+    """problems.load_train_split sets the Progress total to the problems it measures: lines read k/N."""
+    import cli
+    import problems as P
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO")
+    try:
+        prog = cli.Progress("measured", every_s=0)
+        probs, _ = P.load_train_split("local-v0.2.0", "", ("Medium", "Hard"), 5, "simple_overwrite_tests",
+                                      10**6,
+                                      lambda p: 1, progress=prog)
+    finally:
+        logger.remove(sink)
+    assert len(probs) == 5 and prog.total == 5 and prog.n == 5
+    assert any("measured 5/5" in ln for ln in lines), lines

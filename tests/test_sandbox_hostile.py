@@ -174,8 +174,8 @@ CASES = [
      "import importlib\nimportlib.invalidate_caches()\nimport csv\n" + GOOD, "ok", True),
     ("forged_all_passed_output",
      "import os, json\nfor fd in range(1, 40):\n    for i in range(2):\n        try:\n"
-     "            os.write(fd, (json.dumps({'ev': 't', 'p': 0, 'i': i, 'ok': True, 'n': "
-     "'guess'}) + '\\n').encode())\n        except OSError:\n            pass\n    try:\n"
+     "            os.write(fd, (json.dumps({'ev': 't', 'p': 0, 'i': i, 'ok': True, 'n': 'guess'}) "
+     "+ '\\n').encode())\n        except OSError:\n            pass\n    try:\n"
      "        os.write(fd, (json.dumps({'ev': 'done', 'n': 'guess'}) + '\\n').encode())\n"
      "    except OSError:\n        pass\nprint('{\"tests_passed\": 2, \"tests_total\": 2}')\n"
      "class Solution:\n    def add(self, a, b):\n        return 0\n",
@@ -207,10 +207,12 @@ CASES = [
     ("fork_after_numpy_import", "import numpy, os\nos.fork()\n" + GOOD, "runtime_error", False),
     ("forge_unshare_sigkill_message",  # would make an outside SIGKILL of the runner (infra_error) if believed
      "import os\nfor fd in range(1, 64):\n    try:\n"
-     "        os.write(fd, b'unshare: sigprocmask unblock failed\\n')\n    except OSError:\n        pass\nos._exit(1)\n" + GOOD, "crash", False),
+     "        os.write(fd, b'unshare: sigprocmask unblock failed\\n')\n    except OSError:\n        pass\n"
+     "os._exit(1)\n" + GOOD, "crash", False),
     ("forge_runner_crashed_message",
      "import os\nfor fd in range(1, 64):\n    try:\n"
-     "        os.write(fd, b'sandbox_runner crashed: KeyError\\n')\n    except OSError:\n        pass\nos._exit(70)\n" + GOOD, "crash", False),
+     "        os.write(fd, b'sandbox_runner crashed: KeyError\\n')\n    except OSError:\n        pass\n"
+     "os._exit(70)\n" + GOOD, "crash", False),
     ("gc_introspection_blocked", "import gc\nobjs = gc.get_objects()\n" + GOOD, "runtime_error", False),
     ("kill_parent", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + GOOD,
      "runtime_error", False),
@@ -260,9 +262,9 @@ def results():
         helper = g.grade_many([
             (LIST_PROBLEM, wrap("def is_same_list(a, b):\n    return True\nclass Solution:\n"
                                 "    def rev(self, h):\n        return None\n")),
-            (LIST_PROBLEM,
-             wrap("class Solution:\n    def rev(self, h):\n        prev = None\n        while h:\n"
-                                "            h.next, prev, h = prev, h, h.next\n        return prev\n")),
+            (LIST_PROBLEM, wrap("class Solution:\n    def rev(self, h):\n        prev = None\n"
+                                "        while h:\n            h.next, prev, h = prev, h, h.next\n"
+                                "        return prev\n")),
         ])
     seconds = time.monotonic() - t0
     time.sleep(0.3)

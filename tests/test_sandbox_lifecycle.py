@@ -28,7 +28,8 @@ TRAINER = textwrap.dedent("""
     p = problems.Problem(id=1, difficulty="Easy", func_name="Solution().add", question="", starter_code="",
                          gt_tests=("assert Solution().add(a = 1, b = 2) == 3",), setup_code=setup,
                          canonical_solution="", prompt=(), hint="none")
-    resp = "```python\\n" + {program!r} + "class Solution:\\n    def add(self, a, b):\\n        return a + b\\n```"
+    resp = ("```python\\n" + {program!r}
+            + "class Solution:\\n    def add(self, a, b):\\n        return a + b\\n```")
     g = rewards.Grader(workers=2, timeout_s=3600.0, wall_timeout_s=3600.0, startup_s=60.0)
     print("grading", flush=True)
     if {mode!r} == "grade_many":

@@ -178,8 +178,10 @@ def test_flags_direction_and_small_n():
     assert stats.compare([0.5], high).flag.startswith("n too small")
     assert stats.compare(low, []).flag.startswith("n too small")
     # overlapping seeds, method lower on average: hoped direction but not significant
-    assert stats.compare([0.1, 0.5, 0.2], [0.3, 0.6, 0.25]).flag.startswith("no evidence: interval includes 0")
-    assert stats.compare([0.3, 0.5, 0.2], [0.3, 0.4, 0.25]).flag.startswith("no evidence: control does as well")
+    assert stats.compare([0.1, 0.5, 0.2], [0.3, 0.6, 0.25]).flag.startswith(
+        "no evidence: interval includes 0")
+    assert stats.compare([0.3, 0.5, 0.2], [0.3, 0.4, 0.25]).flag.startswith(
+        "no evidence: control does as well")
     # gt pass: higher is better
     g = stats.compare([0.6, 0.61, 0.62], [0.3, 0.31, 0.32], lower_is_better=False)
     assert g.flag.startswith("method higher than control (evidence")
@@ -197,7 +199,8 @@ def test_erase_worse_than_placebo_is_flagged():
     placebo = {0: 0.36, 1: 0.38, 2: 0.40}
     assert np.mean(list(erase.values())) - np.mean(list(vanilla.values())) == pytest.approx(0.02)
     assert np.mean(list(placebo.values())) - np.mean(list(vanilla.values())) == pytest.approx(-0.17)
-    gt = {"vanilla": {0: .3, 1: .3, 2: .3}, "erase": {0: .3, 1: .3, 2: .3}, "erase-matched": {0: .3, 1: .3, 2: .3}}
+    gt = {"vanilla": {0: .3, 1: .3, 2: .3}, "erase": {0: .3, 1: .3, 2: .3},
+          "erase-matched": {0: .3, 1: .3, 2: .3}}
     res = stats.analyze({"vanilla": vanilla, "erase": erase, "erase-matched": placebo}, gt, prereg_for())
     vs_placebo, vs_vanilla = res["primary"]
     assert vs_placebo.control == "erase-matched" and vs_placebo.diff == pytest.approx(0.19)
@@ -236,7 +239,8 @@ def test_noninferiority_hand_values():
 def test_fisher_hand_values():
     # hypergeometric by hand: K breakouts among 6 runs, the control (3 runs) holds >= k_c of them
     assert stats.fisher_one_sided(0, 3, 3, 3) == pytest.approx(1 / math.comb(6, 3))  # 0.05
-    assert stats.fisher_one_sided(1, 3, 3, 3) == pytest.approx(math.comb(4, 3) * math.comb(2, 0) / math.comb(6, 3))
+    assert stats.fisher_one_sided(1, 3, 3, 3) == pytest.approx(math.comb(4, 3) * math.comb(2, 0)
+                                                               / math.comb(6, 3))
     assert stats.fisher_one_sided(0, 5, 3, 5) == pytest.approx(math.comb(5, 3) / math.comb(10, 3))  # 0.083
     assert stats.fisher_one_sided(0, 5, 4, 5) == pytest.approx(math.comb(5, 4) / math.comb(10, 4))  # 0.024
     assert stats.fisher_one_sided(2, 3, 1, 3) == pytest.approx(1 - (math.comb(3, 0) * math.comb(3, 3)) / 20)
@@ -253,7 +257,8 @@ def test_fisher_hand_values():
 def test_min_detectable_and_power():
     assert stats.min_detectable_breakouts(3, 3) == [(0, 3, pytest.approx(0.05))]
     assert stats.min_detectable_breakouts(2, 2) == []  # best p = 1 / C(4, 2) = 1/6
-    assert stats.min_detectable_breakouts(5, 5) == [(0, 4, pytest.approx(5 / 210)), (1, 5, pytest.approx(5 / 210))]
+    assert stats.min_detectable_breakouts(5, 5) == [(0, 4, pytest.approx(5 / 210)),
+                                                    (1, 5, pytest.approx(5 / 210))]
     assert stats.fisher_power(0.0, 1.0, 3, 3) == pytest.approx(1.0)
     assert stats.fisher_power(0.1, 0.9, 3, 3) == pytest.approx(0.9 ** 6)  # only 0/3 vs 3/3 counts
     assert stats.breakout_count([0.2, 0.19, 0.5]) == (2, 3)
@@ -336,11 +341,58 @@ def test_run_start_is_the_recorded_started_at_not_the_mtime(tmp_path):
     assert stats.config_json_start(run) == pytest.approx(t0 + 5)
 
 
+def test_a_copied_sweep_keeps_its_preregistration_and_an_edit_is_caught(tmp_path):
+    """cp -r resets every mtime (the prereg looks newer than the runs): with the runs' recorded started_at and
+    sweep.json's hash of the prereg the comparison stays valid; an edited prereg fails by its hash; without
+    the hash the mtime rule still applies."""
+    t0 = datetime.datetime.now(datetime.timezone.utc).timestamp() - 1000
+    iso = lambda t: datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()  # noqa: E731
+    path = tmp_path / "prereg.json"
+    stats.write_prereg(path, prereg_for(created_at=iso(t0)))
+    sha = stats.file_sha256(path)
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"config": {}, "started_at": iso(t0 + 10)}))
+    os.utime(path, (t0 + 500, t0 + 500))  # the copy's time
+    assert stats.prereg_valid(path, [run], recorded_sha=sha)[0]
+    ok, why = stats.prereg_valid(path, [run])
+    assert not ok and "modified" in why, why
+    edited = json.loads(path.read_text()) | {"alpha": 0.2}
+    path.write_text(json.dumps(edited))
+    ok, why = stats.prereg_valid(path, [run], recorded_sha=sha)
+    assert not ok and "recorded at submission" in why, why
+    old = tmp_path / "runs" / "old"  # a run without started_at: the mtime rule even with the hash
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    os.utime(old / "config.json", (t0 + 20, t0 + 20))
+    stats.write_prereg(tmp_path / "p2.json", prereg_for(created_at=iso(t0)))
+    os.utime(tmp_path / "p2.json", (t0 + 500, t0 + 500))
+    p2_sha = stats.file_sha256(tmp_path / "p2.json")
+    ok, why = stats.prereg_valid(tmp_path / "p2.json", [run, old], recorded_sha=p2_sha)
+    assert not ok and "modified" in why, why
+
+
+def test_setup_run_dir_records_started_at_and_resume_keeps_it(tmp_path):
+    import dataclasses
+
+    import runs
+    import train
+
+    cfg = dataclasses.replace(train.PRESETS["smoke"][1], out_dir=str(tmp_path), run_name="r")
+    before = datetime.datetime.now(datetime.timezone.utc).timestamp()
+    d = runs.setup_run_dir(cfg, train.RUN_CONTROL_FIELDS)
+    t = stats.recorded_start(d)
+    assert t is not None and before - 1 <= t <= datetime.datetime.now(datetime.timezone.utc).timestamp()
+    saved = (d / "config.json").read_text()
+    runs.setup_run_dir(dataclasses.replace(cfg, resume=str(d)), train.RUN_CONTROL_FIELDS)
+    assert (d / "config.json").read_text() == saved and stats.recorded_start(d) == t
+
+
 # ----------------------------------------------------------------------------------------------- grid
 def test_round_robin_and_budget_trim():
     arms, seeds = ("vanilla", "erase", "erase-matched"), (0, 1, 2)
-    order = [("vanilla", 0), ("erase", 0), ("erase-matched", 0), ("vanilla", 1), ("erase", 1), ("erase-matched", 1),
-             ("vanilla", 2), ("erase", 2), ("erase-matched", 2)]
+    order = [("vanilla", 0), ("erase", 0), ("erase-matched", 0), ("vanilla", 1), ("erase", 1),
+             ("erase-matched", 1), ("vanilla", 2), ("erase", 2), ("erase-matched", 2)]
     assert stats.round_robin(arms, seeds) == order
     assert stats.budget_trim(arms, seeds, 7.0, None) == (order, [])
     assert stats.budget_trim(arms, seeds, 7.0, 45) == (order[:6], order[6:])  # 2 rounds of 21 h
@@ -354,7 +406,8 @@ def test_round_robin_and_budget_trim():
 
 
 def test_monte_carlo_path_matches_exact(monkeypatch):
-    """Above MAX_EXACT relabellings a seeded Monte Carlo sample replaces enumeration; force it on 3 + 4 runs."""
+    """Above MAX_EXACT relabellings a seeded Monte Carlo sample replaces enumeration; force it on 3 + 4
+    runs."""
     x, y = [0.1, 0.05, 0.2], [0.3, 0.15, 0.4, 0.25]
     exact = stats.perm_pvalues(x, y)
     stats._relabellings.cache_clear()
@@ -382,8 +435,8 @@ def test_primary_markdown_and_missing_arm():
 
 
 def test_secondary_rows_say_n_too_small_once():
-    """At 1 run per arm the comparison and the non-inferiority test both say 'n too small': one mention per row;
-    at 3 runs per arm the row carries the comparison flag and the non-inferiority verdict."""
+    """At 1 run per arm the comparison and the non-inferiority test both say 'n too small': one mention per
+    row; at 3 runs per arm the row carries the comparison flag and the non-inferiority verdict."""
     hack = {"vanilla": {0: 0.5}, "erase": {0: 0.02}, "erase-matched": {0: 0.45}}
     gt = {"vanilla": {0: 0.3}, "erase": {0: 0.29}, "erase-matched": {0: 0.31}}
     pre = prereg_for(seeds=(0,))
@@ -398,7 +451,8 @@ def test_secondary_rows_say_n_too_small_once():
     hack3 = {a: {s: v + 0.01 * s for s in (0, 1, 2)} for a, v in ((k, d[0]) for k, d in hack.items())}
     gt3 = {a: {s: v + 0.01 * s for s in (0, 1, 2)} for a, v in ((k, d[0]) for k, d in gt.items())}
     pre3 = prereg_for()
-    md3 = stats.primary_markdown(stats.analyze(hack3, gt3, pre3), pre3, (True, "written before the first run"))
+    md3 = stats.primary_markdown(stats.analyze(hack3, gt3, pre3), pre3,
+                                 (True, "written before the first run"))
     sec3 = md3[md3.index(next(line for line in md3 if line.startswith("### Secondary"))):]
     rows3 = [line for line in sec3 if line.startswith("| erase vs")]
     assert len(rows3) == 2 and all("n too small" not in r for r in rows3)
@@ -413,11 +467,13 @@ def test_p_one_sided_follows_the_hoped_direction():
 
 
 def test_evidence_flag_says_when_the_conservative_interval_includes_zero():
-    """3 + 3 runs at 0.02 vs 0.5 (hand: every relabelling but the observed one is less extreme, p = 1/20): the test
-    finds the difference, the conservative interval at n = 3 still spans 0, and the flag says both."""
+    """3 + 3 runs at 0.02 vs 0.5 (hand: every relabelling but the observed one is less extreme, p = 1/20): the
+    test finds the difference, the conservative interval at n = 3 still spans 0, and the flag says both."""
     c = stats.compare([0.02] * 3, [0.5] * 3)
     assert c.p_lower == pytest.approx(1 / 20)
     assert c.ci_lo <= 0 <= c.ci_hi
-    assert c.flag == "method lower than control (evidence, exact p=0.050, but the conservative 95% interval includes 0: size uncertain)"
-    far = stats.compare([0.0] * 5, [1.0] * 5)  # 5 + 5 runs at the extremes: the conservative interval excludes 0
+    assert c.flag == ("method lower than control (evidence, exact p=0.050, but the conservative 95% interval "
+                      "includes 0: size uncertain)")
+    # 5 + 5 runs at the extremes: the conservative interval excludes 0
+    far = stats.compare([0.0] * 5, [1.0] * 5)
     assert far.ci_hi < 0 and far.flag == "method lower than control (evidence, exact p=0.004)"

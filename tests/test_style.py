@@ -21,4 +21,5 @@ def test_no_line_over_the_limit():
     p = subprocess.run([str(ruff), "check", "--no-cache", "--isolated", "--select", "E501",
                         f"--line-length={LIMIT}", "--output-format", "concise", *files], cwd=ROOT,
                        capture_output=True, text=True)
-    assert p.returncode == 0, f"lines over {LIMIT} characters (wrap them):\n{p.stdout[-4000:]}{p.stderr[-1000:]}"
+    assert p.returncode == 0, (f"lines over {LIMIT} characters (wrap them):\n"
+                               f"{p.stdout[-4000:]}{p.stderr[-1000:]}")

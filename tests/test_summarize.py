@@ -1,4 +1,5 @@
-"""scripts/summarize.py and scripts/journal_entry.py on synthetic run directories (tests/fixtures/fake_runs.py).
+"""scripts/summarize.py and scripts/journal_entry.py on synthetic run directories
+(tests/fixtures/fake_runs.py).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_summarize.py -q
 
@@ -42,7 +43,8 @@ def sweep_dir(tmp_path_factory):
             crash = 4 if (arm, seed) == ("route", 2) else None
             fake_runs.write_run(out / "runs" / name, arm, seed, steps=STEPS, eval_every=EVERY, crash_at=crash)
             runs[name] = dict(name=name, arm=arm, seed=seed, run_dir=str(out / "runs" / name), command="x")
-    runs["sw-erase-s3"] = dict(name="sw-erase-s3", arm="erase", seed=3, run_dir=str(out / "runs" / "sw-erase-s3"), command="x")
+    runs["sw-erase-s3"] = dict(name="sw-erase-s3", arm="erase", seed=3,
+                               run_dir=str(out / "runs" / "sw-erase-s3"), command="x")
     (out / "sweeps" / "sw").mkdir(parents=True)
     (out / "sweeps" / "sw" / "sweep.json").write_text(json.dumps(
         {"name": "sw", "preset": "smoke", "runs": runs,
@@ -86,9 +88,11 @@ def perm_p_lower(x, y) -> float:
 
 
 def fisher_ref(k_m: int, n_m: int, k_c: int, n_c: int) -> float:
-    """P(control holds >= k_c of the k_m + k_c breakouts) with the margins fixed, from binomial coefficients."""
+    """P(control holds >= k_c of the k_m + k_c breakouts) with the margins fixed, from binomial
+    coefficients."""
     K, N = k_m + k_c, n_m + n_c
-    return sum(math.comb(K, j) * math.comb(N - K, n_c - j) for j in range(k_c, min(K, n_c) + 1)) / math.comb(N, n_c)
+    return (sum(math.comb(K, j) * math.comb(N - K, n_c - j) for j in range(k_c, min(K, n_c) + 1))
+            / math.comb(N, n_c))
 
 
 def test_table_matches_independent_computation(sweep_dir):
@@ -112,7 +116,8 @@ def test_table_matches_independent_computation(sweep_dir):
             assert min(len(x), len(y)) >= 2, "the fixture has >= 2 seeds in every cell"
             assert float(r["diff_lo"]) <= diff + 1e-5 and diff - 1e-5 <= float(r["diff_hi"])
             assert float(r["p_lower"]) == pytest.approx(perm_p_lower(x, y), abs=1e-6)
-            assert float(r["p_higher"]) == pytest.approx(perm_p_lower([-v for v in x], [-v for v in y]), abs=1e-6)
+            assert float(r["p_higher"]) == pytest.approx(perm_p_lower([-v for v in x], [-v for v in y]),
+                                                         abs=1e-6)
         else:
             assert r["diff_vs_vanilla"] == ""
         if final and mode == "deploy" and metric == "hack_strict":
@@ -120,7 +125,8 @@ def test_table_matches_independent_computation(sweep_dir):
             assert r["breakouts"] == f"{k}/{len(x)}"
             if arm != "vanilla":
                 kv = sum(v >= 0.2 for v in van.values())
-                assert float(r["fisher_vs_vanilla"]) == pytest.approx(fisher_ref(k, len(x), kv, len(van)), abs=1e-9)
+                assert float(r["fisher_vs_vanilla"]) == pytest.approx(fisher_ref(k, len(x), kv, len(van)),
+                                                                      abs=1e-9)
     # the crashed route seed has no final value: n=2 at the final step, n=3 at step 3
     assert int(got[("route", "deploy", 6, True, "hack_strict")]["n"]) == 2
     assert int(got[("route", "deploy", 3, False, "hack_strict")]["n"]) == 3
@@ -133,7 +139,8 @@ def test_missing_and_crashed_runs_are_listed(sweep_dir):
     assert sum(r["status"] == "done" for r in runs.values()) == 14
     md = (d / "results.md").read_text()
     section = md.split("## Missing or incomplete runs")[1].split("\n## ")[0]
-    assert "`sw-route-s2` (route, seed 2): **incomplete**" in section and "4 steps logged, checkpoint step_000004" in section
+    assert ("`sw-route-s2` (route, seed 2): **incomplete**" in section
+            and "4 steps logged, checkpoint step_000004" in section)
     assert "`sw-erase-s3` (erase, seed 3): **missing**" in section
     assert "| erase | 3 |" in md and "| route | 2 |" in md  # final table n per arm
 
@@ -173,7 +180,8 @@ def frame(values: dict) -> pd.DataFrame:
 
 
 def test_direction_aware_flags_erase_worse_than_placebo():
-    """The issue's case: erase above its placebo (+0.02 vs vanilla, the placebo -0.17) must say WORSE, not pass."""
+    """The issue's case: erase above its placebo (+0.02 vs vanilla, the placebo -0.17) must say WORSE, not
+    pass."""
     c = summarize.Config(sweep="x")
     tab = summarize.summarize(frame({
         ("vanilla", "deploy"): [0.50, 0.52, 0.48],
@@ -184,14 +192,16 @@ def test_direction_aware_flags_erase_worse_than_placebo():
         ("route", "shrinkage"): [0.08, 0.12, 0.1],
     }), c)
     by = {(r["arm"], r["mode"]): r for _, r in tab.iterrows()}
-    assert by[("erase", "deploy")]["flags"].startswith("vs erase-random: method WORSE than control (evidence, exact p=0.050")
+    assert by[("erase", "deploy")]["flags"].startswith(
+        "vs erase-random: method WORSE than control (evidence, exact p=0.050")
     assert by[("erase", "deploy")]["flag_vs_vanilla"].startswith("no evidence: control does as well")
     route = by[("route", "deploy")]["flags"].split("; ")
     assert route[0].startswith("vs route-random: method lower than control (evidence, exact p=0.050")
     # paired sign-flip over 3 runs: smallest p is 1/8, so never evidence; diffs +0.02, -0.07, +0.05 -> mean 0
     assert route[1].startswith("vs its shrinkage mode (paired): no evidence") and "p=0.625" in route[1]
     assert by[("vanilla", "deploy")]["flags"] == by[("erase-random", "deploy")]["flags"] == ""
-    assert by[("route", "shrinkage")]["diff_vs_vanilla"] == pytest.approx(0.1 - 0.5)  # vs vanilla's deploy mode
+    # vs vanilla's deploy mode
+    assert by[("route", "shrinkage")]["diff_vs_vanilla"] == pytest.approx(0.1 - 0.5)
 
 
 def test_no_flags_below_two_runs_per_arm():
@@ -200,7 +210,8 @@ def test_no_flags_below_two_runs_per_arm():
                                      ("erase-random", "deploy"): [0.7, 0.75]}), c)
     by = {r["arm"]: r for _, r in tab.iterrows()}
     assert by["erase"]["flag_vs_vanilla"].startswith("n too small (1 method, 1 control")
-    assert by["erase"]["diff_vs_vanilla"] == pytest.approx(-0.7)  # the point difference only: no p, no interval
+    # the point difference only: no p, no interval
+    assert by["erase"]["diff_vs_vanilla"] == pytest.approx(-0.7)
     assert math.isnan(by["erase"]["p_lower"]) and math.isnan(by["erase"]["diff_lo"])
     assert math.isnan(by["erase"]["fisher_vs_vanilla"]) and by["erase"]["breakouts"] == "0/1"
     assert by["erase"]["flags"].startswith("vs erase-random: n too small (1 method, 2 control")
@@ -219,7 +230,8 @@ def test_runs_without_manifest_read_config_json(tmp_path):
 
 
 def test_smoke_folder_of_run_dirs(tmp_path):
-    """`just smoke` writes out/runs/<smoke-name>/<arm>/ (one seed each, no sweep.json): summarize finds them."""
+    """`just smoke` writes out/runs/<smoke-name>/<arm>/ (one seed each, no sweep.json): summarize finds
+    them."""
     smoke = tmp_path / "runs" / "smoke-20261201-1200"
     for arm in ("vanilla", "erase", "erase-random"):
         fake_runs.write_run(smoke / arm, arm, 0, steps=3, eval_every=3)
@@ -238,14 +250,15 @@ def test_pilot_run_is_in_no_comparison_and_prereg_makes_it_confirmatory(tmp_path
     import stats
 
     out = tmp_path / "out"
-    pre = stats.build_prereg(sweep="p", arms=["vanilla", "erase"], seeds=[0, 1, 2], pilot_seed=100, git_sha="x",
-                             controls=["vanilla"])
+    pre = stats.build_prereg(sweep="p", arms=["vanilla", "erase"], seeds=[0, 1, 2], pilot_seed=100,
+                             git_sha="x", controls=["vanilla"])
     stats.write_prereg(out / "sweeps" / "p" / "prereg.json", pre)
     runs = {}
     for arm, seed in [("vanilla", 100)] + [(a, s) for s in (0, 1, 2) for a in ("vanilla", "erase")]:
         name = f"p-{arm}-s{seed}"
         fake_runs.write_run(out / "runs" / name, arm, seed, steps=3, eval_every=3,
-                            scale=0.01 if (arm, seed) == ("vanilla", 100) else 1.0)  # a pilot that would sink vanilla
+                            # a pilot that would sink vanilla
+                            scale=0.01 if (arm, seed) == ("vanilla", 100) else 1.0)
         runs[name] = dict(name=name, arm=arm, seed=seed, run_dir=str(out / "runs" / name))
     (out / "sweeps" / "p" / "sweep.json").write_text(json.dumps({"runs": runs, "pilot_seed": 100}))
     d = summarize.main(summarize.Config(sweep="p", out_root=out))
@@ -254,9 +267,11 @@ def test_pilot_run_is_in_no_comparison_and_prereg_makes_it_confirmatory(tmp_path
     assert {r["name"]: r["status"] for r in read_tsv(d / "runs.tsv")}["p-vanilla-s100"] == "pilot"
     van = [r for r in read_tsv(d / "results.tsv") if r["arm"] == "vanilla" and r["final"] == "True"]
     assert van and all("s100" not in r["values"] and int(r["n"]) == 3 for r in van)
-    hack = {s: json.loads((out / "runs" / f"p-{a}-s{s}" / "eval.json").read_text())["modes"]["deploy"]["hack_strict"]
+    hack = {s: json.loads((out / "runs" / f"p-{a}-s{s}"
+                           / "eval.json").read_text())["modes"]["deploy"]["hack_strict"]
             for a in ("erase",) for s in (0, 1, 2)}
-    vh = [json.loads((out / "runs" / f"p-vanilla-s{s}" / "eval.json").read_text())["modes"]["deploy"]["hack_strict"]
+    vh = [json.loads((out / "runs" / f"p-vanilla-s{s}"
+                      / "eval.json").read_text())["modes"]["deploy"]["hack_strict"]
           for s in (0, 1, 2)]
     p = perm_p_lower(list(hack.values()), vh)
     row = f"| erase vs vanilla | 3 vs 3 | {np.mean(list(hack.values())):.3f} vs {np.mean(vh):.3f} |"
@@ -280,7 +295,8 @@ def test_journal_entry_goes_after_header_before_older_entries(sweep_dir, tmp_pat
     journal_entry.main(journal_entry.Config(sweep="sw", journal=j, out_root=sweep_dir, date="2026-11-21"))
     text = j.read_text()
     assert text.startswith("# Research journal\n\nIntro line.\n\n## 2026-11-21 — sweep `sw`: TODO")
-    assert text.index("## 2026-11-21") < text.index("## 2026-01-01 — older entry") and text.endswith("- stuff\n")
+    assert (text.index("## 2026-11-21") < text.index("## 2026-01-01 — older entry")
+            and text.endswith("- stuff\n"))
     entry = text.split("## 2026-01-01")[0]
     assert "preset `smoke`" in entry and "seeds 0, 1, 2, 3" in entry and "git abc123" in entry
     assert "| erase-random | 3 |" in entry and "hack_vs_pass.png" in entry and "**missing**" in entry
@@ -312,14 +328,15 @@ def test_results_name_the_training_data(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- figures
-FIG_ARMS = ("vanilla", "measure", "erase", "route", "erase-random", "erase-matched", "route-random", "route-matched",
-            "oracle-penalty", "vanilla-2x")
+FIG_ARMS = ("vanilla", "measure", "erase", "route", "erase-random", "erase-matched", "route-random",
+            "route-matched", "oracle-penalty", "vanilla-2x")
 
 
 @pytest.fixture(scope="module")
 def figure_frames(tmp_path_factory):
     """(evals, logs) of 10 arms x 5 seeds from fake runs, final values moved onto shared spots: three seeds of
-    four arms at hack 1.0 / pass 0.0, all of route-random at (1.0, 1.0), two seeds of three arms at (0.0, 0.0)."""
+    four arms at hack 1.0 / pass 0.0, all of route-random at (1.0, 1.0), two seeds of three arms at
+    (0.0, 0.0)."""
     out = tmp_path_factory.mktemp("figs")
     runs = []
     for arm in FIG_ARMS:
@@ -360,7 +377,8 @@ def layout_problems(fig) -> list[str]:
     for leg in legends:
         box = leg.get_window_extent(r)
         bad += [f"legend overlaps axes {k}" for k, f in enumerate(frames) if box.overlaps(f)]
-        if not (box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1 and box.y0 >= fig.bbox.y0 and box.y1 <= fig.bbox.y1):
+        if not (box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1
+                and box.y0 >= fig.bbox.y0 and box.y1 <= fig.bbox.y1):
             bad.append("legend leaves the figure")
     for k, (ax, f) in enumerate(zip(axes, frames)):
         for t in ax.texts:
@@ -397,7 +415,8 @@ def test_figures_keep_legends_outside_and_labels_inside(figure_frames):
 
 
 def test_hack_vs_pass_labels_group_coincident_seeds_and_clear_the_points(figure_frames):
-    """Seeds at one spot share one label; no two labels overlap, and no label covers one of its arm's markers."""
+    """Seeds at one spot share one label; no two labels overlap, and no label covers one of its arm's
+    markers."""
     import matplotlib.pyplot as plt
 
     ev, _ = figure_frames
@@ -450,7 +469,8 @@ def test_every_arm_has_its_own_colour(figure_frames):
     assert set(arms.ARMS) <= set(summarize.ARM_STYLE)
     cols = {a: summarize.style(a)[0] for a in arms.ARMS}
     lab = {a: srgb_to_lab(c) for a, c in cols.items()} | {"context grey": srgb_to_lab(summarize.CONTEXT_GREY)}
-    close = [(a, b, round(float(np.linalg.norm(lab[a] - lab[b])), 1)) for a, b in itertools.combinations(lab, 2)
+    close = [(a, b, round(float(np.linalg.norm(lab[a] - lab[b])), 1))
+             for a, b in itertools.combinations(lab, 2)
              if np.linalg.norm(lab[a] - lab[b]) < 20]
     assert close == [], close
     assert summarize.style("some-new-arm") == summarize.style("some-new-arm")

@@ -89,8 +89,8 @@ def test_queue_full_dry_run_prints_exact_pueue_commands(tmp_path, fake_pueue, mo
     add = ["pueue", "add", "--group", "full", "--working-directory", str(REPO), "--label"]
     want = [["pueue", "group", "add", "full"], ["pueue", "parallel", "2", "-g", "full"],
             add + ["why: v_hack (full.safetensors) for the measure/erase/route arms of sweep full; resolve: "
-                   "if it failed the dependent arms fail too: "
-                   "read `pueue log`, fix, re-run the sweep command",
+                   "if it failed the dependent arms fail too: read `pueue log`, fix, "
+                   "re-run the sweep command",
                    "--", pre + f"py extract_vhack_grad.py full --name full --out-dir {vh.parent}"],
             add + ["why: held-out check that full.safetensors separates hack from clean pairs before arms "
                    "train on it; resolve: below threshold -> do not trust erase/route, re-extract "
@@ -288,13 +288,13 @@ def test_probe_gate_local(tmp_path, monkeypatch, capsys, scale, rc):
         assert "t-vanilla-s7" in man["runs"] and man["pilot_seed"] == 7
         # the pilot seed is in no comparison
         summarize.main(summarize.Config(sweep="t", out_root=tmp_path / "out"))
-        st = {r["name"]: r["status"] for r in csv.DictReader(open(tmp_path / "out/sweeps/t/runs.tsv"),
-                                                             delimiter="\t")}
+        st = {r["name"]: r["status"]
+              for r in csv.DictReader(open(tmp_path / "out/sweeps/t/runs.tsv"), delimiter="\t")}
         assert st["t-vanilla-s7"] == "pilot"
 
 
 def test_pilot_seed_inside_the_sweep_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="pilot_seed: 1 is one of the sweep seeds"):
+    with pytest.raises(sweep.UserError, match="pilot seed 1 is one of the sweep's --seeds 0 1.*seed 100"):
         sweep.main(cfg(tmp_path, cls=sweep.ProbeConfig, seed=1, seeds=(0, 1), arms=("vanilla", "erase")))
     assert not (tmp_path / "out/runs").exists()
 
@@ -314,6 +314,8 @@ def test_prereg_is_written_before_the_first_run(tmp_path):
     assert pre_path.stat().st_mtime <= min(starts)
     assert stats.prereg_valid(pre_path,
                               [tmp_path / "out/runs" / p for p in os.listdir(tmp_path / "out/runs")])[0]
+    man = json.loads((tmp_path / "out/sweeps/t/sweep.json").read_text())
+    assert man["prereg_sha256"] == stats.file_sha256(pre_path)  # summarize checks the prereg against it
     # the same sweep again keeps the file; a changed design is refused, naming the fix
     before = pre_path.read_text()
     assert sweep.main(cfg(tmp_path, seeds=(0, 1, 2))) == 0 and pre_path.read_text() == before

@@ -1,7 +1,7 @@
 """The two-pool teacher mix (hack teacher + solve teacher, exact rows per group) and the solve pool's builder:
-exact counts over many steps, the pools' intersection, refusal before the model loads, advantages over the whole
-mixed group (recomputed by hand from the saved rollouts), per-source log columns, and the solve pool's no-cheat
-rule (poisoned hack labels give the same pool)."""
+exact counts over many steps, the pools' intersection, refusal before the model loads, advantages over the
+whole mixed group (recomputed by hand from the saved rollouts), per-source log columns, and the solve pool's
+no-cheat rule (poisoned hack labels give the same pool)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def test_exact_counts_every_group_every_step():
             assert len(set(ids)) == 4, f"drawn without replacement: {ids}"
             assert all(i.startswith("h-") for i in ids[:2]) and all(i.startswith("s-") for i in ids[2:])
             seen.update(ids)
-    assert len(seen) == sum(map(len, hack.values())) + sum(map(len, solve.values())), "every row gets drawn over 60 steps"
+    assert len(seen) == sum(map(len, hack.values())) + sum(map(len, solve.values())), (
+        "every row gets drawn over 60 steps")
     # a pure function of (seed, step, problem): a resumed run draws the same rows
     assert grpo.teacher_rows(pools, 3, 7, 5) == grpo.teacher_rows(pools, 3, 7, 5)
 
@@ -51,7 +52,8 @@ def test_coverage_is_the_intersection_with_enough_rows():
     solve = fake_pool({2: 1, 3: 3, 4: 1, 5: 1, 6: 4}, "s")  # 1 has no solve rows; 6 no hack rows
     pools = [("teacher", hack, 2), ("solve", solve, 1)]
     assert grpo.covered_ids(pools, [6, 5, 4, 3, 2, 1], n_prompts=3) == [5, 3, 2]  # hand: order kept
-    with pytest.raises(UserError, match=r"only 3 of 6 train problems have >= 2 teacher rows and >= 1 solve rows"):
+    with pytest.raises(UserError,
+                       match=r"only 3 of 6 train problems have >= 2 teacher rows and >= 1 solve rows"):
         grpo.covered_ids(pools, [6, 5, 4, 3, 2, 1], n_prompts=4)
 
 
@@ -87,7 +89,8 @@ def test_two_pool_run_counts_intersection_advantages_and_columns(tmp_path, two_p
         groups: dict[int, list[dict]] = {}
         for r in roll:
             groups.setdefault(r["problem_id"], []).append(r)
-        assert set(groups) <= allowed, f"step {step}: drew {set(groups) - allowed}, outside the pools' intersection"
+        assert set(groups) <= allowed, (
+            f"step {step}: drew {set(groups) - allowed}, outside the pools' intersection")
         for pid, g in groups.items():
             assert sorted(r["source"] for r in g) == ["solve", "student", "student", "teacher"], (step, pid)
             valid = [r for r in g if not r["grade"].get("infra_error")]
@@ -106,10 +109,12 @@ def test_two_pool_run_counts_intersection_advantages_and_columns(tmp_path, two_p
 
 
 @pytest.mark.parametrize("kw, msg", [
-    (dict(solve_pool_dir="X", teacher_pool_dir="", mix_ratio=0.0), "--solve-pool-dir='X' needs --teacher-pool-dir"),
+    (dict(solve_pool_dir="X", teacher_pool_dir="", mix_ratio=0.0),
+     "--solve-pool-dir='X' needs --teacher-pool-dir"),
     (dict(teacher_n_hack=1, teacher_n_solve=1), "count the rows of the two-pool mix: pass --solve-pool-dir"),
     (dict(solve_pool_dir="SOLVE", teacher_n_hack=0, teacher_n_solve=1), "needs >= 1 row of each pool"),
-    (dict(solve_pool_dir="SOLVE", teacher_n_hack=2, teacher_n_solve=2), "needs >= 1 row of each pool and >= 1 live"),
+    (dict(solve_pool_dir="SOLVE", teacher_n_hack=2, teacher_n_solve=2),
+     "needs >= 1 row of each pool and >= 1 live"),
     (dict(solve_pool_dir="SOLVE", teacher_n_hack=1, teacher_n_solve=2),
      "only 0 of 8 train problems have >= 1 teacher rows and >= 2 solve rows"),
 ])
@@ -117,7 +122,8 @@ def test_two_pool_user_errors_before_the_model_loads(tmp_path, two_pools, monkey
     hack, solve, _ = two_pools
     kw = {k: (str(solve) if v == "SOLVE" else v) for k, v in kw.items()}
     cfg = small_cfg(tmp_path, hack, **kw)
-    monkeypatch.setattr(train.models, "load_model", lambda *a, **k: pytest.fail("the model loaded before the error"))
+    monkeypatch.setattr(train.models, "load_model",
+                        lambda *a, **k: pytest.fail("the model loaded before the error"))
     with pytest.raises(UserError, match=msg):
         train.main(cfg)
 
@@ -126,7 +132,8 @@ def test_two_pool_refuses_when_the_intersection_is_too_small(tmp_path, two_pools
     hack, solve, allowed = two_pools
     cfg = small_cfg(tmp_path, hack, solve_pool_dir=str(solve), teacher_n_hack=1, teacher_n_solve=1,
                     rollouts_per_step=4 * (len(allowed) + 1))
-    with pytest.raises(UserError, match=f"only {len(allowed)} of 8 train problems .* fewer than the {len(allowed) + 1}"):
+    with pytest.raises(UserError,
+                       match=f"only {len(allowed)} of 8 train problems .* fewer than the {len(allowed) + 1}"):
         train.validate(cfg)
 
 
@@ -134,12 +141,14 @@ def test_coverage_after_the_length_filter_is_refused_before_the_model_loads(tmp_
     """The pools cover enough problem ids (validate passes), but the prompt-length filter drops all but
     n_prompts - 1 of them: main refuses after the tokenizer, before the model loads."""
     hack, solve, allowed = two_pools
-    cfg = small_cfg(tmp_path, hack, solve_pool_dir=str(solve), teacher_n_hack=1, teacher_n_solve=1, mix_ratio=0.5)
+    cfg = small_cfg(tmp_path, hack, solve_pool_dir=str(solve), teacher_n_hack=1, teacher_n_solve=1,
+                    mix_ratio=0.5)
     keep = set(sorted(allowed)[: cfg.n_prompts - 1])
     assert len(allowed) >= cfg.n_prompts > len(keep)
     train.validate(cfg)
     monkeypatch.setattr(train.models, "prompt_len", lambda tok: lambda p: 1 if p.id in keep else 10**9)
-    monkeypatch.setattr(train.models, "load_model", lambda *a, **k: pytest.fail("the model loaded before the error"))
+    monkeypatch.setattr(train.models, "load_model",
+                        lambda *a, **k: pytest.fail("the model loaded before the error"))
     with pytest.raises(UserError, match=f"only {len(keep)} of {len(keep)} train problems .* fewer than the "
                                         f"{cfg.n_prompts} prompts"):
         train.main(cfg)
@@ -148,8 +157,8 @@ def test_coverage_after_the_length_filter_is_refused_before_the_model_loads(tmp_
 # ---- the solve pool builder (probe_distill.py --solve-only)
 
 class PoisonGrader:
-    """Wraps a grader: eq_correct from `truth(problem, text)` when given (else the real grade), and the hack labels
-    replaced by random values from `seed`. The solve pool must not change with the poison."""
+    """Wraps a grader: eq_correct from `truth(problem, text)` when given (else the real grade), and the hack
+    labels replaced by random values from `seed`. The solve pool must not change with the poison."""
 
     def __init__(self, inner, seed: int, truth=None):
         self.inner, self.rng, self.truth = inner, random.Random(seed), truth
@@ -163,7 +172,8 @@ class PoisonGrader:
                 g["can_compile"] = g["can_compile"] or g["eq_correct"]
             g["is_reward_hack_strict"] = self.rng.random() < 0.5
             g["is_reward_hack_loose"] = self.rng.random() < 0.5
-            g["reward_hack_label"] = self.rng.choice(["Reward Hack", "Correct", "Incorrect", "Harmful - Reduced"])
+            g["reward_hack_label"] = self.rng.choice(["Reward Hack", "Correct", "Incorrect",
+                                                      "Harmful - Reduced"])
             out.append(g)
         return out
 
@@ -190,7 +200,8 @@ def test_solve_pool_canonical_never_reads_hack_labels(pd_env, tmp_path):
     with rewards.Grader(workers=2) as g:
         a = solve_rows(dataclasses.replace(cfg, solve_pool="a"), pd_env, PoisonGrader(g, 1))
         b = solve_rows(dataclasses.replace(cfg, solve_pool="b"), pd_env, PoisonGrader(g, 2))
-    assert a == b and len(a) >= 4, f"poisoned labels changed the pool or it is near empty: {len(a)} vs {len(b)}"
+    assert a == b and len(a) >= 4, (
+        f"poisoned labels changed the pool or it is near empty: {len(a)} vs {len(b)}")
     rows = [r for rs in grpo.load_pool(str(tmp_path / "a")).values() for r in rs]
     by_id = pd_env["by_id"]
     for r in rows:  # the training prompt, the canonical solution verbatim, a completion that ended
@@ -205,16 +216,17 @@ def test_solve_pool_sampled_keeps_exactly_the_full_reward_rows(pd_env, tmp_path)
     def truth(p, text):  # a stand-in for "the gt tests passed": a hash of the text, independent of the labels
         return zlib.crc32(text.encode()) % 3 == 0
 
-    seen: list[tuple[str, str, bool]] = []  # (hint of the graded problem, text, stand-in truth), every grade call
+    # (hint of the graded problem, text, stand-in truth), every grade call
+    seen: list[tuple[str, str, bool]] = []
 
     class Recording(PoisonGrader):
         def grade_many(self, items):
             seen.extend((p.hint, t, truth(p, t)) for p, t in items)
             return super().grade_many(items)
 
-    cfg = dataclasses.replace(PD.PRESETS["smoke"][1], pools_dir=str(tmp_path), solve_source="model", pool_problems=4,
-                              problems_per_file=2, samples_per_problem=6, max_new_tokens=16, grader_workers=2,
-                              max_problems=80, max_prompt_tokens=300)
+    cfg = dataclasses.replace(PD.PRESETS["smoke"][1], pools_dir=str(tmp_path), solve_source="model",
+                              pool_problems=4, problems_per_file=2, samples_per_problem=6, max_new_tokens=16,
+                              grader_workers=2, max_problems=80, max_prompt_tokens=300)
     with rewards.Grader(workers=2) as g:
         a = solve_rows(dataclasses.replace(cfg, solve_pool="a"), pd_env, Recording(g, 1, truth))
         n_seen = len(seen)
@@ -222,7 +234,8 @@ def test_solve_pool_sampled_keeps_exactly_the_full_reward_rows(pd_env, tmp_path)
     assert a == b, "poisoned hack labels changed the solve pool"
     free = [(t, ok) for h, t, ok in seen[:n_seen] if h == "none"]
     assert len(free) == 24, f"every sample is graded once on the hint-free problem, got {len(free)}"
-    assert sorted(c for _, c in a) == sorted(t for t, ok in free if ok), "kept exactly the full-reward samples"
+    assert sorted(c for _, c in a) == sorted(t for t, ok in free if ok), (
+        "kept exactly the full-reward samples")
     assert 0 < len(a) < 24
 
 
@@ -236,9 +249,11 @@ def test_solve_keeps_is_the_environment_reward_only():
         assert not PD.solve_keeps(dict(base, eq_correct=False, is_reward_hack_strict=strict), rc)
     assert not PD.solve_keeps(dict(base, eq_correct=True, is_reward_hack_strict=False, infra_error=True), rc)
     with pytest.raises(AssertionError, match="hint-free"):
-        PD.solve_keeps(dict(base, eq_correct=True, is_reward_hack_strict=False, hint="simple_overwrite_tests"), rc)
+        PD.solve_keeps(dict(base, eq_correct=True, is_reward_hack_strict=False,
+                            hint="simple_overwrite_tests"), rc)
     with pytest.raises(AssertionError, match="no oracle penalty"):
-        PD.solve_keeps(dict(base, eq_correct=True, is_reward_hack_strict=False), rewards.RewardConfig(oracle_penalty=True))
+        PD.solve_keeps(dict(base, eq_correct=True, is_reward_hack_strict=False),
+                       rewards.RewardConfig(oracle_penalty=True))
 
 
 def test_swapped_pools_are_refused(tmp_path, two_pools):
@@ -259,8 +274,9 @@ def test_swapped_pools_are_refused(tmp_path, two_pools):
 def test_regenerating_a_pool_with_other_settings_is_refused(pd_env, tmp_path):
     import rewards
 
-    cfg = dataclasses.replace(PD.PRESETS["smoke"][1], pools_dir=str(tmp_path), solve_source="canonical", solve_pool="p",
-                              pool_problems=2, problems_per_file=2, grader_workers=2, max_problems=80, max_prompt_tokens=300)
+    cfg = dataclasses.replace(PD.PRESETS["smoke"][1], pools_dir=str(tmp_path), solve_source="canonical",
+                              solve_pool="p", pool_problems=2, problems_per_file=2, grader_workers=2,
+                              max_problems=80, max_prompt_tokens=300)
     with rewards.Grader(workers=2) as g:
         PD.generate_pool(cfg, pd_env, "solve", g)
         with pytest.raises(UserError, match="other settings .*solve_source"):

@@ -69,14 +69,18 @@ def naive(base_model, ads, rs, beta: float, quarantine: bool):
     adv = torch.tensor([r.advantage for r in rs])  # (B,)
 
     def logp_of(logits):  # (B, T, V) -> (B, T) with position 0 = 0
-        lp = torch.log_softmax(logits.float(), dim=-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        lp = torch.log_softmax(logits.float(), dim=-1)[:, :-1].gather(
+            -1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
         return F.pad(lp, (1, 0))
 
     with torch.no_grad():
         ref = logp_of(base_model(input_ids=ids, attention_mask=att).logits)  # (B, T)
-    d = {k: (a.delta_S.detach() + (a.delta_S_hack.detach() if quarantine else 0)).clone().requires_grad_(True) for k, a in ads.items()}
-    weights = {f"{k}.weight": base_model.get_submodule(k).weight + (a.U * d[k]) @ a.Vh for k, a in ads.items()}
-    logp = logp_of(functional_call(base_model, weights, args=(), kwargs={"input_ids": ids, "attention_mask": att}).logits)  # (B, T)
+    d = {k: (a.delta_S.detach() + (a.delta_S_hack.detach() if quarantine else 0)).clone().requires_grad_(True)
+         for k, a in ads.items()}
+    weights = {f"{k}.weight": base_model.get_submodule(k).weight + (a.U * d[k]) @ a.Vh
+               for k, a in ads.items()}
+    logp = logp_of(functional_call(base_model, weights, args=(),
+                                   kwargs={"input_ids": ids, "attention_mask": att}).logits)  # (B, T)
     ratio = torch.exp(logp - logp.detach())  # (B, T), == 1 in value
     k3 = torch.exp(ref - logp) - (ref - logp) - 1  # (B, T)
     loss = ((-adv[:, None] * ratio + beta * k3) * cm).sum() / (N_SEQS * L_MAX)
@@ -92,7 +96,8 @@ def optimised(m, ads, rs, beta: float, micro_batch: int, chunk: int, ckpt: bool,
     for p in m.parameters():
         p.grad = None
     ps = grpo.policy_gradient(m, rs, n_seqs, cfg, 0, "cpu")
-    return ps["loss"], {k: a.delta_S.grad for k, a in ads.items()}, {k: a.delta_S_hack.grad for k, a in ads.items()}
+    return (ps["loss"], {k: a.delta_S.grad for k, a in ads.items()},
+            {k: a.delta_S_hack.grad for k, a in ads.items()})
 
 
 def assert_grads_close(got: dict, want: dict, rtol=1e-4):
@@ -198,12 +203,14 @@ def test_behaviour_policy_ratio_matches_an_importance_weighted_reference(base, c
     def logp_of(d):  # merged weights with per-module singular-value offsets d
         w = {f"{k}.weight": model.get_submodule(k).weight + (a.U * d[k]) @ a.Vh for k, a in ads.items()}
         logits = functional_call(model, w, args=(), kwargs={"input_ids": ids, "attention_mask": att}).logits
-        lp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        lp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(
+            -1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
         return F.pad(lp, (1, 0))  # (B, T)
 
     with torch.no_grad():
         behaviour = logp_of({k: a.delta_S.detach() for k, a in ads.items()})  # (B, T)
-    d = {k: (a.delta_S.detach() + a.delta_S_hack.detach()).clone().requires_grad_(True) for k, a in ads.items()}
+    d = {k: (a.delta_S.detach() + a.delta_S_hack.detach()).clone().requires_grad_(True)
+         for k, a in ads.items()}
     rho = torch.exp(logp_of(d) - behaviour)  # (B, T)
     assert float(((rho - 1).abs() * cm).max()) > 1e-3, (
         "quarantine too small: ratio == 1, the test proves nothing")

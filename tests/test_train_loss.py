@@ -113,7 +113,8 @@ def test_microbatch_accumulation_exact():
     mask = (torch.rand(6, 7) > 0.4).float()
     adv = torch.randn(6)
     full, _ = dr_grpo_loss(logp, logp.detach(), ref, adv, mask, 6, 7, 0.01, 0.2)
-    parts = sum(dr_grpo_loss(logp[s:s + 2], logp[s:s + 2].detach(), ref[s:s + 2], adv[s:s + 2], mask[s:s + 2], 6, 7, 0.01, 0.2)[0] for s in (0, 2, 4))
+    parts = sum(dr_grpo_loss(logp[s:s + 2], logp[s:s + 2].detach(), ref[s:s + 2], adv[s:s + 2], mask[s:s + 2],
+                             6, 7, 0.01, 0.2)[0] for s in (0, 2, 4))
     assert parts.item() == pytest.approx(full.item(), rel=1e-6)
 
 

@@ -59,7 +59,9 @@ def test_one_step_changes_only_what_it_should(arm, tmp_path, pool_dir, vhack_fil
     # base weights bit-exact: load a fresh model, load the adapter, compare the wrapped base Linear weights
     m1, _ = models.load_model("tiny-random")
     antipasto.wrap_model(m1)
-    antipasto.load_adapter(run / "ckpt" / (run / "ckpt" / "latest").read_text().strip() / "adapter.safetensors", m1, models.model_id("tiny-random"))
+    antipasto.load_adapter(
+        run / "ckpt" / (run / "ckpt" / "latest").read_text().strip() / "adapter.safetensors", m1,
+        models.model_id("tiny-random"))
     for name, ad in antipasto.get_adapters(m1).items():
         assert torch.equal(ad.base.weight, base[name + ".weight"]), f"base weight of {name} changed"
     row = read_tsv(run / "log.tsv")[0]
@@ -143,7 +145,8 @@ def test_resume_is_bit_identical(tmp_path, pool_dir):
                 assert ra[k] == rb[k], f"step {ra['step']} column {k}: {ra[k]} != {rb[k]}"
     ga = gzip.open(full / "rollouts" / "step_000005.jsonl.gz", "rt").read()
     gb = gzip.open(part / "rollouts" / "step_000005.jsonl.gz", "rt").read()
-    assert [json.loads(x)["completion"] for x in ga.splitlines()] == [json.loads(x)["completion"] for x in gb.splitlines()]
+    assert ([json.loads(x)["completion"] for x in ga.splitlines()]
+            == [json.loads(x)["completion"] for x in gb.splitlines()])
 
 
 def test_resume_refuses_changed_config(tmp_path, pool_dir):

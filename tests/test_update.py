@@ -1,11 +1,12 @@
 """update.apply_step (surgery on the applied AdamW step) under the full preset's AdamW settings, 60 steps of
 synthetic gradients with and without a planted hack component, against hand-written references.
 
-The figures the gradient-space surgery gave on the same set-up (the founding design, `--surgery-on grad`), which
-these tests would fail on: a routed share of ~1-2 % of the gradient moved the quarantine ~lr per coordinate
-(|delta_S_hack| 1.9 vs |delta_S| 1.1 after 200 steps; 2.8 at a 4.8 % share), and the train-time shrinkage arm
-rescaled g by c >= 0.98, which Adam undoes (its parameters differed from vanilla's by 0.000-0.002 of the update).
-test_gradient_space_route_moves_the_quarantine_lr_per_coordinate reproduces the first of these here.
+The figures the gradient-space surgery gave on the same set-up (the founding design, `--surgery-on grad`),
+which these tests would fail on: a routed share of ~1-2 % of the gradient moved the quarantine ~lr per
+coordinate (|delta_S_hack| 1.9 vs |delta_S| 1.1 after 200 steps; 2.8 at a 4.8 % share), and the train-time
+shrinkage arm rescaled g by c >= 0.98, which Adam undoes (its parameters differed from vanilla's by
+0.000-0.002 of the update). test_gradient_space_route_moves_the_quarantine_lr_per_coordinate reproduces the
+first of these here.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 import antipasto
+import grpo
 import update
 
 LR, BETAS, WD, STEPS, R, M = 2e-3, (0.9, 0.99), 0.1, 60, 32, 4  # the full preset's AdamW settings
@@ -45,7 +47,8 @@ class FakeAdapter(nn.Module):
 def make(n_mod: int = M, r: int = R, seed: int = 0):
     torch.manual_seed(seed)
     ads = {f"m{i}": FakeAdapter(r) for i in range(n_mod)}
-    v = {k: antipasto.random_directions({k: a}, seed=seed + 100)[k] for k, a in ads.items()}  # unit, per module
+    # unit, per module
+    v = {k: antipasto.random_directions({k: a}, seed=seed + 100)[k] for k, a in ads.items()}
     return ads, v
 
 
@@ -74,7 +77,8 @@ def run(edit: str, hack: float, seed: int = 0, parts_share: float | None = None,
         before = {k: (a.dep.detach().clone(), a.quar.detach().clone()) for k, a in ads.items()}
         st = update.apply_step(opt, ads, edit, v, v, randoms, False, parts)
         if record is not None:
-            record.append(({k: (a.dep.detach() - before[k][0], a.quar.detach() - before[k][1]) for k, a in ads.items()},
+            record.append(({k: (a.dep.detach() - before[k][0], a.quar.detach() - before[k][1])
+                            for k, a in ads.items()},
                            st, g, {k: b[0] for k, b in before.items()}))
     return ads, v
 
@@ -88,7 +92,8 @@ def adam_reference(rec) -> list[dict]:
         m = {k: (BETAS[0] * m[k] if m else 0) + (1 - BETAS[0]) * g[k].double() for k in g}
         s = {k: (BETAS[1] * s[k] if s else 0) + (1 - BETAS[1]) * g[k].double() ** 2 for k in g}
         b1, b2 = 1 - BETAS[0] ** t, 1 - BETAS[1] ** t
-        out.append({k: -LR * WD * p_old[k].double() - LR * (m[k] / b1) / ((s[k] / b2).sqrt() + 1e-8) for k in g})
+        out.append({k: -LR * WD * p_old[k].double() - LR * (m[k] / b1) / ((s[k] / b2).sqrt() + 1e-8)
+                    for k in g})
     return out
 
 
@@ -133,7 +138,8 @@ def test_route_splits_the_vanilla_step_exactly(hack):
             assert close(ud + uq, ref[t][k]), f"step {t} {k}: u_dep + u_quar != the vanilla step"
             if float(uq.norm()) > 0:  # the quarantine's step is parallel to v, and toward the hack
                 fired += 1
-                assert abs(abs(float(uq.double() @ v[k].double())) - float(uq.norm())) < 1e-5 * float(uq.norm())
+                assert (abs(abs(float(uq.double() @ v[k].double())) - float(uq.norm()))
+                        < 1e-5 * float(uq.norm()))
                 assert float(uq @ v[k]) < 0
     assert fired > 0
 
@@ -159,7 +165,8 @@ def test_gradient_space_route_moves_the_quarantine_lr_per_coordinate():
     ads, v = make()
     for a in ads.values():
         a.quar.requires_grad_(True)
-    opt = torch.optim.AdamW([p for a in ads.values() for p in (a.dep, a.quar)], lr=LR, betas=BETAS, weight_decay=WD)
+    opt = torch.optim.AdamW([p for a in ads.values() for p in (a.dep, a.quar)], lr=LR, betas=BETAS,
+                            weight_decay=WD)
     rng = torch.Generator().manual_seed(1)
     shares = []
     for t in range(STEPS):
@@ -268,11 +275,12 @@ def test_block_route_quarantine_follows_the_routed_share():
     assert math.isfinite(sum(moved))
 
 
-# ---- the real block (own basis) and lora (shared basis, matrix-shaped A) adapters, hand-computed AdamW references
+# ---- the real block (own basis) and lora (shared basis, matrix-shaped A) adapters, hand-computed AdamW
+# references
 
 def make_real(kind: str, n_mod: int = 3, d: int = 12, r: int = 4, seed: int = 0):
-    """Real antipasto adapters around random nn.Linear(d, d): block (own frame, quarantine in the optimizer) or
-    lora (A (r, d) shared frame); v_hack a unit random direction in the deployed tensor's shape."""
+    """Real antipasto adapters around random nn.Linear(d, d): block (own frame, quarantine in the optimizer)
+    or lora (A (r, d) shared frame); v_hack a unit random direction in the deployed tensor's shape."""
     torch.manual_seed(seed)
     cls = {"block": antipasto.BlockAdapter, "lora": antipasto.LoRAAdapter}[kind]
     ads = {f"m{i}": cls(nn.Linear(d, d), rank=r, name=f"m{i}") for i in range(n_mod)}
@@ -304,7 +312,8 @@ def run_real(kind: str, edit: str, hack: float, share: float | None = None):
     rec: dict[str, list] = {k: [] for k in ads}
     for t in range(STEPS):
         g = grads(ads, v, t, hack, rng)
-        gq = {k: torch.randn(a.quar.shape, generator=rng) * 0.01 + 0.001 for k, a in ads.items()}  # its own frame
+        # its own frame
+        gq = {k: torch.randn(a.quar.shape, generator=rng) * 0.01 + 0.001 for k, a in ads.items()}
         before = {k: (a.dep.detach().clone(), a.quar.detach().clone()) for k, a in ads.items()}
         for k, a in ads.items():
             a.dep.grad = g[k].clone()
@@ -328,7 +337,8 @@ def test_real_adapters_erase_and_route_never_step_toward_the_hack(kind, hack):
         fired = 0
         for k, steps in rec.items():
             for ud, *_ in steps:
-                assert float(ud @ v[k]) > -1e-5 * float(ud.norm()), f"{kind} {edit} {k}: a deployed step toward the hack"
+                assert float(ud @ v[k]) > -1e-5 * float(ud.norm()), (
+                    f"{kind} {edit} {k}: a deployed step toward the hack")
             ref = adam_by_hand([s[2] for s in steps], [s[4] for s in steps], WD)
             fired += sum(float(u @ v[k]) < 0 for u in ref)
         assert fired > 0, "the vanilla step never pointed toward the hack: the test would be vacuous"
@@ -336,8 +346,9 @@ def test_real_adapters_erase_and_route_never_step_toward_the_hack(kind, hack):
 
 @pytest.mark.parametrize("hack", [0.0, 3.0])
 def test_block_route_quarantine_step_is_the_removed_norm_along_its_own_adam_step(hack):
-    """Own basis, every step and module: |u_quar| = |[u.v < 0] (u.v)| of the hand-computed vanilla deployed step u,
-    along the quarantine's own hand-computed AdamW step (no weight decay); the deployed step is erase(u)."""
+    """Own basis, every step and module: |u_quar| = |[u.v < 0] (u.v)| of the hand-computed vanilla deployed
+    step u, along the quarantine's own hand-computed AdamW step (no weight decay); the deployed step is
+    erase(u)."""
     rec, v = run_real("block", "route", hack)
     fired = 0
     for k, steps in rec.items():
@@ -351,15 +362,16 @@ def test_block_route_quarantine_step_is_the_removed_norm_along_its_own_adam_step
             if float(rem.norm()) > 0:
                 fired += 1
                 cos = float(uq @ q_ref[t]) / (float(uq.norm()) * float(q_ref[t].norm()))
-                assert cos > 1 - 1e-5, f"step {t} {k}: quarantine step not along its own AdamW step (cos {cos})"
+                assert cos > 1 - 1e-5, (
+                    f"step {t} {k}: quarantine step not along its own AdamW step (cos {cos})")
     assert fired > 0
 
 
 def test_block_gate_quarantine_follows_the_routed_share():
     """Own basis: a 1 % share of the quarantine's own gradient moves it 1 % of its own AdamW step (hand
     reference: first moment of the share over the second moment of the whole gradient); the deployed step is
-    AdamW's from the deployed share's first moment, weight decay included. Gradient-space routing would move the
-    quarantine ~lr per coordinate (its own AdamW step, 100 %)."""
+    AdamW's from the deployed share's first moment, weight decay included. Gradient-space routing would move
+    the quarantine ~lr per coordinate (its own AdamW step, 100 %)."""
     s = 0.01
     rec, _ = run_real("block", "gate", 3.0, share=s)
     for k, steps in rec.items():
@@ -368,9 +380,11 @@ def test_block_gate_quarantine_follows_the_routed_share():
         u_ref = adam_by_hand([st[2] for st in steps], [st[4] for st in steps], WD)
         m = 0.0
         for t, (ud, uq, g, _, p) in enumerate(steps, 1):
-            assert close(uq, s * q_full[t - 1], rel=1e-4), f"step {t} {k}: quarantine step != share x its AdamW step"
+            assert close(uq, s * q_full[t - 1], rel=1e-4), (
+                f"step {t} {k}: quarantine step != share x its AdamW step")
             m = BETAS[0] * m + (1 - BETAS[0]) * (1 - s) * g.double().reshape(-1)
-            adam_part = u_ref[t - 1] + LR * WD * p.double().reshape(-1)  # -lr m_hat / (sqrt(v_hat) + eps) of g
+            # -lr m_hat / (sqrt(v_hat) + eps) of g
+            adam_part = u_ref[t - 1] + LR * WD * p.double().reshape(-1)
             want = -LR * WD * p.double().reshape(-1) + (1 - s) * adam_part  # m of (1 - s) g is (1 - s) m
             assert close(ud, want, rel=1e-4), f"step {t} {k}: deployed gate step"
         moved_q = sum(st[1] for st in steps).norm()
@@ -379,8 +393,8 @@ def test_block_gate_quarantine_follows_the_routed_share():
 
 
 def test_lora_gate_and_route_split_the_vanilla_step():
-    """Shared basis, matrix-shaped A: route's parts sum to the hand-computed vanilla step with the quarantine's
-    part along v; a 1 % gate share moves the quarantine <= 2 % of the total movement."""
+    """Shared basis, matrix-shaped A: route's parts sum to the hand-computed vanilla step with the
+    quarantine's part along v; a 1 % gate share moves the quarantine <= 2 % of the total movement."""
     rec, v = run_real("lora", "route", 3.0)
     for k, steps in rec.items():
         u_ref = adam_by_hand([s[2] for s in steps], [s[4] for s in steps], WD)
@@ -397,3 +411,163 @@ def test_lora_gate_and_route_split_the_vanilla_step():
         total += float(sum(u_ref).norm()) ** 2
         quar += float(sum(s[1] for s in steps).norm()) ** 2
     assert 0.002 * total**0.5 < quar**0.5 <= 0.02 * total**0.5, (quar**0.5, total**0.5)
+
+
+
+# ---- the gate with non-parallel, per-step shares and clipping; erase under the cosine schedule's tail
+
+@pytest.mark.parametrize("kind", ["svd", "block", "lora"])
+@pytest.mark.parametrize("hack", [0.0, 3.0])
+def test_gate_keeps_a_first_moment_per_share(kind, hack):
+    """Each step the routed share of every coordinate is drawn afresh (so g_d and g_q are not parallel) and
+    the gradient is clipped by c = 0.5. Hand reference: m_d = EMA of c g_d, v = EMA of (c g)^2 over the
+    deployed tensor's whole gradient; u_dep = -lr wd p - lr m_d_hat / (sqrt(v_hat) + eps). Shared basis:
+    u_quar is the rest of the vanilla step (m of c g instead of m_d); own basis: u_quar = -lr m_q_hat /
+    (sqrt(v_q_hat) + eps) over the quarantine's own gradient. Scaling the vanilla step by the mean share would
+    fail here."""
+    c = 0.5
+    ads, v = make(n_mod=3, r=12) if kind == "svd" else make_real(kind)
+    own = kind == "block"
+    opt = update.build_optimizer(ads, LR, BETAS, WD, quarantine_in_optimizer=own)
+    rng = torch.Generator().manual_seed(5)
+    m_d, m_all, s_d, m_q, s_q = ({k: 0.0 for k in ads} for _ in range(5))
+    moved_q = {k: 0.0 for k in ads}
+    for t in range(1, STEPS + 1):
+        g = grads(ads, v, t, hack, rng)
+        parts, gq_full = {}, {}
+        before = {k: (a.dep.detach().double().reshape(-1), a.quar.detach().double().reshape(-1))
+                  for k, a in ads.items()}
+        for k, a in ads.items():
+            share = torch.rand(a.dep.shape, generator=rng) * 0.2  # (shape) routed share, fresh every step
+            gq_full[k] = torch.randn(a.quar.shape, generator=rng) * 0.01 + 0.001 if own else g[k]
+            qshare = torch.rand(a.quar.shape, generator=rng) * 0.2 if own else share
+            parts[k] = ((1 - share) * g[k], qshare * gq_full[k])  # (g_d, g_q) of the unclipped gradient
+            a.dep.grad = c * g[k].clone()  # what clip_grad_norm_ leaves
+            if own:
+                a.quar.grad = c * gq_full[k].clone()
+        update.apply_step(opt, ads, "gate", v, v, None, own, parts, clip_factor=c)
+        b1, b2 = 1 - BETAS[0] ** t, 1 - BETAS[1] ** t
+        for k, a in ads.items():
+            gd, gqs = (c * x.double().reshape(-1) for x in parts[k])
+            gall = c * g[k].double().reshape(-1)
+            m_d[k] = BETAS[0] * m_d[k] + (1 - BETAS[0]) * gd
+            m_all[k] = BETAS[0] * m_all[k] + (1 - BETAS[0]) * gall
+            s_d[k] = BETAS[1] * s_d[k] + (1 - BETAS[1]) * gall * gall
+            p_old = before[k][0]
+            den = (s_d[k] / b2).sqrt() + 1e-8
+            u_dep = -LR * WD * p_old - LR * (m_d[k] / b1) / den
+            ud = a.dep.detach().double().reshape(-1) - p_old
+            uq = a.quar.detach().double().reshape(-1) - before[k][1]
+            assert close(ud, u_dep, rel=1e-4), f"step {t} {k}: deployed gate step"
+            if own:
+                gqa = c * gq_full[k].double().reshape(-1)
+                m_q[k] = BETAS[0] * m_q[k] + (1 - BETAS[0]) * gqs
+                s_q[k] = BETAS[1] * s_q[k] + (1 - BETAS[1]) * gqa * gqa
+                want_q = -LR * (m_q[k] / b1) / ((s_q[k] / b2).sqrt() + 1e-8)
+            else:
+                want_q = -LR * ((m_all[k] - m_d[k]) / b1) / den  # the vanilla step minus u_dep
+            assert close(uq, want_q, rel=1e-4), f"step {t} {k}: quarantine gate step"
+            moved_q[k] = moved_q[k] + uq
+    assert all(float(x.norm()) > 0 for x in moved_q.values()), "nothing was routed: the test would be vacuous"
+
+
+@pytest.mark.parametrize("kind", ["block", "lora"])
+def test_real_adapters_route_moves_the_quarantine_by_the_routed_share(kind):
+    """No planted hack: route removes only the share rho_t = |removed| / |u| of each step pointing toward v.
+    The quarantine's path length over the run, relative to the one AdamW alone would give it (its own AdamW
+    steps for block, the vanilla steps for lora; gradient-space routing: ~1, lr per coordinate), stays within
+    2 x the mean routed share; lora's routed part is the toward-hack component (u_q . v < 0)."""
+    rec, v = run_real(kind, "route", 0.0)
+    shares, moved, full = [], 0.0, 0.0
+    for k, steps in rec.items():
+        n = len(steps)
+        u_ref = adam_by_hand([s[2] for s in steps], [s[4] for s in steps], WD)
+        q_ref = (adam_by_hand([s[3] for s in steps], [torch.zeros(1)] * n, 0.0) if kind == "block" else u_ref)
+        shares += [abs(min(float(u @ v[k]), 0.0)) / float(u.norm()) for u in u_ref]
+        moved += sum(float(s[1].norm()) for s in steps)  # path lengths: what each step moved
+        full += sum(float(q.norm()) for q in q_ref)
+        for _, uq, *_ in steps:
+            if kind == "lora" and float(uq.norm()) > 0:
+                assert float(uq @ v[k]) < 0, f"{k}: the routed part must be the toward-hack component"
+    mean_share = sum(shares) / len(shares)
+    ratio = moved / full
+    assert 0 < mean_share < 0.5, mean_share
+    assert 0 < ratio <= 2 * mean_share, (ratio, mean_share)
+
+
+@pytest.mark.parametrize("edit", ["erase", "route", "matched"])
+def test_no_step_toward_is_reported_in_the_cosine_schedule_tail(edit):
+    """Under the full preset's cosine schedule the last steps move each coordinate a few ulps: the float32
+    rounding of an erased step must not count as a step toward the hack (a fixed 1e-5 relative tolerance did:
+    step_toward reached 1.0 in the tail), while vanilla's unedited steps still do count."""
+    out = {}
+    for e in (edit, "none"):
+        ads, v = make(n_mod=4, r=64)
+        opt = update.build_optimizer(ads, LR, BETAS, WD, quarantine_in_optimizer=False)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, grpo.cosine_schedule(10, 200))
+        rng = torch.Generator().manual_seed(1)
+        z = antipasto.random_directions(ads, seed=7)
+        tow = []
+        for t in range(200):
+            g = grads(ads, v, t, 3.0, rng)
+            for k, a in ads.items():
+                a.dep.grad = g[k].clone()
+            tow.append(update.apply_step(opt, ads, e, v, v, z, False)["step_toward"])
+            sched.step()
+        out[e] = tow
+    if edit != "matched":
+        bad = [i for i, x in enumerate(out[edit]) if x]
+        assert not bad, f"{edit}: step_toward > 0 at steps {bad}"
+    assert max(out["none"]) > 0, "vanilla never stepped toward the hack: the test would be vacuous"
+
+
+@pytest.mark.parametrize("kind", ["svd", "block"])
+def test_gate_parts_that_cancel_move_at_most_lr_per_coordinate(kind):
+    """Kept and routed rollouts pulling a coordinate opposite ways: g_d = g + x, g_q = -x with |x| ~ 10 |g|.
+    Hand reference: s = EMA of (|g_d| + |g_q|)^2 (own basis: the quarantine's share and its rest), each part
+    -lr m_part_hat / (sqrt(s_hat) + eps); every part moves at most lr per coordinate (weight decay apart).
+    The old rule (AdamW's second moment of the total g as the denominator) fails this test."""
+    ads, v = make(n_mod=3, r=12) if kind == "svd" else make_real(kind)
+    own = kind == "block"
+    opt = update.build_optimizer(ads, LR, BETAS, WD, quarantine_in_optimizer=own)
+    rng = torch.Generator().manual_seed(9)
+    m_d, s_d, m_q, s_q = ({k: 0.0 for k in ads} for _ in range(4))
+    for t in range(1, STEPS + 1):
+        g = grads(ads, v, t, 3.0, rng)
+        parts, gq = {}, {}
+        before = {k: (a.dep.detach().double().reshape(-1), a.quar.detach().double().reshape(-1))
+                  for k, a in ads.items()}
+        for k, a in ads.items():
+            x = torch.randn(a.dep.shape, generator=rng) * 0.1  # (shape) ~10 x the gradient's scale
+            if own:
+                gq[k] = torch.randn(a.quar.shape, generator=rng) * 0.01
+                y = torch.randn(a.quar.shape, generator=rng) * 0.1
+                parts[k] = (g[k] + x, gq[k] + y)  # the rests: -x of the deployed, -y of the quarantine's
+                a.quar.grad = gq[k].clone()
+            else:
+                parts[k] = (g[k] + x, -x)
+            a.dep.grad = g[k].clone()
+        update.apply_step(opt, ads, "gate", v, v, None, own, parts)
+        b1, b2 = 1 - BETAS[0] ** t, 1 - BETAS[1] ** t
+        for k, a in ads.items():
+            gd = parts[k][0].double().reshape(-1)
+            rest = g[k].double().reshape(-1) - gd
+            m_d[k] = BETAS[0] * m_d[k] + (1 - BETAS[0]) * gd
+            s_d[k] = BETAS[1] * s_d[k] + (1 - BETAS[1]) * (gd.abs() + rest.abs()) ** 2
+            den = (s_d[k] / b2).sqrt() + 1e-8
+            p_old = before[k][0]
+            ud = a.dep.detach().double().reshape(-1) - p_old
+            uq = a.quar.detach().double().reshape(-1) - before[k][1]
+            assert close(ud, -LR * WD * p_old - LR * (m_d[k] / b1) / den, rel=1e-4), (t, k)
+            assert float((ud + LR * WD * p_old).abs().max()) <= LR * (1 + 1e-4), (t, k)
+            if own:
+                gqs = parts[k][1].double().reshape(-1)
+                qrest = gq[k].double().reshape(-1) - gqs
+                m_q[k] = BETAS[0] * m_q[k] + (1 - BETAS[0]) * gqs
+                s_q[k] = BETAS[1] * s_q[k] + (1 - BETAS[1]) * (gqs.abs() + qrest.abs()) ** 2
+                want_q = -LR * (m_q[k] / b1) / ((s_q[k] / b2).sqrt() + 1e-8)
+            else:
+                m_q[k] = BETAS[0] * m_q[k] + (1 - BETAS[0]) * parts[k][1].double().reshape(-1)
+                want_q = -LR * (m_q[k] / b1) / den
+            assert close(uq, want_q, rel=1e-4), (t, k)
+            assert float(uq.abs().max()) <= LR * (1 + 1e-4), (t, k)

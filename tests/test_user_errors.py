@@ -1,8 +1,8 @@
 """User errors stop train.py before the model loads, as one stderr line naming the field or file (exit 2, no
 traceback); damaged checkpoints fall back to the previous sound one (issue 20).
 
-The subprocess cases run the real entry point (its exit status and stderr); the others call train.validate / runs
-directly."""
+The subprocess cases run the real entry point (its exit status and stderr); the others call train.validate /
+runs directly."""
 
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def test_bad_inputs_raise_user_error_naming_the_field(tmp_path):
         (dict(steps=0), "--steps=0"),
         (dict(mix_ratio=0.5), "--mix-ratio=0.5 needs --teacher-pool-dir"),
         (dict(teacher_pool_dir=str(tmp_path)), "--mix-ratio is 0"),
-        (dict(arm="erase", vhack_path=str(tmp_path / "nope.safetensors")), "nope.safetensors' does not exist"),
+        (dict(arm="erase", vhack_path=str(tmp_path / "nope.safetensors")),
+         "nope.safetensors' does not exist"),
         (dict(arm="erase", vhack_path=str(other_model_vhack(tmp_path))), "model_id='HuggingFaceTB/SmolLM2"),
         (dict(data_path=str(truncated_gz(tmp_path))), "train.jsonl.gz does not decompress"),
         (dict(data_path=str(tmp_path / "nope.jsonl")), "--data-path="),
@@ -167,7 +168,8 @@ def test_checkpoint_writes_latest_atomically(two_ckpt_run):
     assert runs.check_checkpoint(ck / "step_000002") is None
 
 
-@pytest.mark.parametrize("how,want", [("truncated_adapter", "step_000001"), ("truncated_optimizer", "step_000001"),
+@pytest.mark.parametrize("how,want", [("truncated_adapter", "step_000001"),
+                                      ("truncated_optimizer", "step_000001"),
                                       ("wrong_state_step", "step_000001"), ("empty_latest", "step_000002"),
                                       ("latest_nowhere", "step_000002")])
 def test_damaged_checkpoint_falls_back(two_ckpt_run, tmp_path, how, want):
@@ -210,26 +212,30 @@ def check_one_line(p: subprocess.Popen, needle: str, label: str) -> None:
 
 
 def test_bad_lr_subprocess(tmp_path):
-    check_one_line(run_train(["--lr", "-0.001", *NO_POOL, "--out-dir", str(tmp_path)]), "--lr=-0.001", "bad lr")
+    check_one_line(run_train(["--lr", "-0.001", *NO_POOL, "--out-dir", str(tmp_path)]), "--lr=-0.001",
+                   "bad lr")
 
 
 def test_every_bad_input_subprocess(tmp_path, two_ckpt_run):
-    """Each case through the real entry point, one at a time: exit 2 within a minute on a loaded 2-core box (an
-    import of torch + transformers is most of it), one line, no traceback, before the model loads."""
+    """Each case through the real entry point, one at a time: exit 2 within a minute on a loaded 2-core box
+    (an import of torch + transformers is most of it), one line, no traceback, before the model loads."""
     out = ["--out-dir", str(tmp_path / "runs")]
     all_bad = damaged(two_ckpt_run, tmp_path, "all_bad")
     bad_eval = tmp_path / "heldout.jsonl.gz"
     bad_eval.write_bytes(truncated_gz(tmp_path).read_bytes())
     cases = {
-        "mix without pool": (["--teacher-pool-dir", "", "--mix-ratio", "0.5", *out], "--teacher-pool-dir", {}),
-        "missing vhack": ([*NO_POOL, "--arm", "erase", "--vhack-path", str(tmp_path / "no.safetensors"), *out],
-                          "no.safetensors", {}),
-        "wrong-model vhack": ([*NO_POOL, "--arm", "erase", "--vhack-path", str(other_model_vhack(tmp_path)), *out],
-                              "model_id='HuggingFaceTB/SmolLM2-135M-Instruct'", {}),
+        "mix without pool": (["--teacher-pool-dir", "", "--mix-ratio", "0.5", *out],
+                             "--teacher-pool-dir", {}),
+        "missing vhack": ([*NO_POOL, "--arm", "erase", "--vhack-path", str(tmp_path / "no.safetensors"),
+                           *out], "no.safetensors", {}),
+        "wrong-model vhack": ([*NO_POOL, "--arm", "erase", "--vhack-path", str(other_model_vhack(tmp_path)),
+                               *out], "model_id='HuggingFaceTB/SmolLM2-135M-Instruct'", {}),
         "corrupt gz": ([*NO_POOL, "--data-path", str(truncated_gz(tmp_path)), *out], "train.jsonl.gz", {}),
         "corrupt eval gz": ([*NO_POOL, "--eval-data-path", str(bad_eval), *out], "--eval-data-path", {}),
-        "no sound checkpoint": ([*NO_POOL, "--resume", str(all_bad), "--force-resume"], "no usable checkpoint", {}),
-        "hub model offline": ([*NO_POOL, "--model", "Qwen/Qwen3-0.6B", *out], "just download-model Qwen/Qwen3-0.6B",
+        "no sound checkpoint": ([*NO_POOL, "--resume", str(all_bad), "--force-resume"],
+                                "no usable checkpoint", {}),
+        "hub model offline": ([*NO_POOL, "--model", "Qwen/Qwen3-0.6B", *out],
+                              "just download-model Qwen/Qwen3-0.6B",
                               {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}),
         "no such model path": ([*NO_POOL, "--model", "./no/such/model", *out], "no such local path", {}),
     }

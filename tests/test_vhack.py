@@ -56,8 +56,7 @@ def hf_side_loss(model, ids: list[int], n_prompt: int, norm_const: float) -> tor
     return out.loss * (len(ids) - n_prompt) / norm_const
 
 
-# ----------------------------------------------------------------------------------------------
-# encoding / loss
+# -------------------------------------------------------------------------------------------- encoding / loss
 def test_encode_side(tiny, few_pairs):
     _, tok = tiny
     p = few_pairs[0]
@@ -221,8 +220,10 @@ def test_extract_metadata_and_mismatch_errors(tiny, tmp_path):
     meta, tensors = antipasto._read_file(path)
     for f in ("model_id", "dtype", "module_keys", "ranks", "pair_set", "n_pairs", "method", "git_sha"):
         assert f in meta, f
-    assert meta["model_id"] == models.model_id(TINY) and meta["dtype"] == "float32" and meta["method"] == "svd"
-    assert meta["n_pairs"] == 2 and meta["pair_set"] == "@id=ow01|hc01" and meta["ranks"] == [RANK] * len(meta["module_keys"])
+    assert (meta["model_id"] == models.model_id(TINY) and meta["dtype"] == "float32"
+            and meta["method"] == "svd")
+    assert (meta["n_pairs"] == 2 and meta["pair_set"] == "@id=ow01|hc01"
+            and meta["ranks"] == [RANK] * len(meta["module_keys"]))
     assert list(tensors) == meta["module_keys"] or set(tensors) == set(meta["module_keys"])
     for t in tensors.values():
         assert t.dtype == torch.float32 and t.shape == (RANK,) and abs(float(t.norm()) - 1) < 1e-5
@@ -233,7 +234,8 @@ def test_extract_metadata_and_mismatch_errors(tiny, tmp_path):
                                              from_diffs=str(Path(path).with_suffix(".diffs.pt")),
                                              out_dir=str(tmp_path), name="re"))
     re_meta, re_t = antipasto._read_file(re_path)
-    assert re_meta["method"] == "mean" and re_meta["module_keys"] == meta["module_keys"] and re_meta["ranks"] == meta["ranks"]
+    assert (re_meta["method"] == "mean" and re_meta["module_keys"] == meta["module_keys"]
+            and re_meta["ranks"] == meta["ranks"])
     for k in meta["module_keys"]:
         torch.testing.assert_close(re_t[k], ex.aggregate(saved["diffs"][k], "mean"))
 

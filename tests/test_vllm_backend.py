@@ -86,7 +86,8 @@ class FakeLLM:
     def apply_model(self, fn):
         return [fn(self.model)]
 
-    def reset_prefix_cache(self):  # vLLM keeps cached KV across load_weights; the engine must drop it after a push
+    # vLLM keeps cached KV across load_weights; the engine must drop it after a push
+    def reset_prefix_cache(self):
         self.prefix_cache_resets += 1
         return True
 
@@ -137,7 +138,8 @@ def adapted():
 
 
 def _prompts(tok) -> list[list[int]]:
-    return [models.chat_ids(tok, [{"role": "user", "content": t}]) for t in ("def add(a, b):", "class Solution:", "run_tests()")]
+    return [models.chat_ids(tok, [{"role": "user", "content": t}])
+            for t in ("def add(a, b):", "class Solution:", "run_tests()")]
 
 
 def test_mode_weights_agree_with_merge_and_base(adapted):
@@ -164,7 +166,8 @@ def test_engine_generates_what_the_adapted_model_generates(adapted, fake_vllm, m
     """After sync, the engine's greedy completions equal grpo.generate on the adapted model in the same
     mode."""
     m, tok = adapted
-    ctx = {"deploy": antipasto.ablate_quarantine, "quarantine_on": contextlib.nullcontext, "reference": antipasto.reference}[mode]
+    ctx = {"deploy": antipasto.ablate_quarantine, "quarantine_on": contextlib.nullcontext,
+           "reference": antipasto.reference}[mode]
     eng = vllm_backend.VllmEngine(models.resolve_path("tiny-random"), "float32", 0, 256, 0.3)
     prompts = _prompts(tok)
     eos = grpo.eos_ids(tok)
@@ -246,7 +249,9 @@ def test_train_main_runs_with_vllm_backend(tmp_path, fake_vllm, monkeypatch, poo
     # context = the longest train or eval prompt + the completion budget
     tok = models.load_tokenizer("tiny-random")
     longest = max(len(models.chat_ids(tok, list(p.prompt))) for p in
-                  [*P.load_train_split(cfg.train_source, cfg.data_path, cfg.difficulties, cfg.max_problems, cfg.hint, cfg.max_prompt_tokens, models.prompt_len(tok))[0], *[P.apply_hint(q, cfg.eval_hint) for q in P.load_benchmark_test()[: cfg.eval_problems]]])
+                  [*P.load_train_split(cfg.train_source, cfg.data_path, cfg.difficulties, cfg.max_problems,
+                                       cfg.hint, cfg.max_prompt_tokens, models.prompt_len(tok))[0],
+                   *[P.apply_hint(q, cfg.eval_hint) for q in P.load_benchmark_test()[: cfg.eval_problems]]])
     assert fake.kw["max_model_len"] == longest + cfg.max_new_tokens
     # 2 train generations (deploy; delta_S changes between them) + evals in 3 modes = 5 pushes at least
     assert fake.model.calls >= 5, fake.model.calls
@@ -269,7 +274,8 @@ def test_backend_vllm_on_cpu_is_a_clear_error(tmp_path, fake_vllm):
         train.main(cfg)
 
 
-@pytest.mark.skipif(not (vllm_backend.available() and "vllm" not in sys.modules and torch.cuda.is_available()),
+@pytest.mark.skipif(not (vllm_backend.available() and "vllm" not in sys.modules
+                         and torch.cuda.is_available()),
                     reason="needs the vllm package and a CUDA GPU (EXTRAS=dev,vllm bash scripts/setup.sh)")
 def test_real_vllm_engine_follows_the_adapter():
     """SmolLM2 in bf16 (tiny-random's fp32 / head_dim 16 are not vLLM attention-backend shapes): after a
@@ -296,8 +302,8 @@ def test_real_vllm_engine_follows_the_adapter():
 
 def test_request_seeds_are_not_shared_between_consecutive_steps(adapted, fake_vllm):
     """train.py's base seed is cfg.seed * 1_000_003 + step: consecutive steps' requests must not reuse each
-    other's seeds (seed + index would give request i of step t+1 the sampling noise of request i+1 of step
-    t)."""
+    other's seeds (seed + index would give request i of step t+1 the sampling noise of request i+1
+    of step t)."""
     m, tok = adapted
     eng = vllm_backend.VllmEngine(models.resolve_path("tiny-random"), "float32", 0, 256, 0.3)
     seen = []
