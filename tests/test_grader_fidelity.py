@@ -58,19 +58,7 @@ def test_stdin_reads_empty_like_the_benchmark(grader, bench):
 # ----------------------------------------------------------------------------------------------------
 # 2. match_test_func: raw prompt text vs ast.unparse of the response's function (the benchmark's quirk)
 # ----------------------------------------------------------------------------------------------------
-def _hardcode(p, k):
-    """A Solution answering exactly the first k gt asserts by table lookup (None otherwise)."""
-    import ast
-
-    lines = [f"class Solution:\n    _table = {{}}\n    def {p.method}(self, *args, **kwargs):",
-             "        return Solution._table.get(repr((args, sorted(kwargs.items()))), None)"]
-    for t in p.gt_tests[:k]:
-        call = ast.parse(t).body[0].test
-        kw = ", ".join(f"({a.arg!r}, {ast.unparse(a.value)})" for a in call.left.keywords)
-        args = ", ".join(ast.unparse(a) for a in call.left.args)
-        lines.append(f"Solution._table[repr((({args}{',' if args else ''}), sorted([{kw}])))] = "
-                     f"{ast.unparse(call.comparators[0])}")
-    return "\n".join(lines) + "\n"
+from test_rewards import _hardcode  # noqa: E402  (a Solution answering the first k gt asserts)
 
 
 def test_match_test_func_compares_raw_prompt_text(grader, bench):
