@@ -333,8 +333,11 @@ def validate(cfg: TrainConfig) -> None:
     models.check_available(cfg.model)  # local files, the HF cache or a reachable hub
     cli.check_data(cfg.data_path, P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz",
                    P.DEFAULT_DATA_DIR / P.BENCHMARK_TEST_FILE)
-    if cfg.eval_data_path:  # exists and (.gz) decompresses
-        cli.check_gz(cfg.eval_data_path, "--eval-data-path (a problems jsonl, or '' for the test set)")
+    if cfg.eval_data_path and not Path(cfg.eval_data_path).is_file():
+        raise UserError(f"--eval-data-path={cfg.eval_data_path!r} does not exist; pass a problems jsonl "
+                        "or '' for the benchmark's test set")
+    if cfg.eval_data_path:
+        cli.check_gz(cfg.eval_data_path, "--eval-data-path")  # (.gz) decompresses
     if arm.per_sample:
         if cfg.grad_checkpointing:
             raise UserError(f"arm={cfg.arm!r} captures per-rollout gradients in one forward + backward, "

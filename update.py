@@ -15,15 +15,15 @@ then rewrites it:
     matched   removes from u the norm erase_v would remove, along a random unit z: u - rho sign(u.z) z,
               rho = |[u.v < 0] (u.v)| (the mass-matched placebo; route-matched routes that part)
     copy      the quarantine gets u too (vanilla-2x: capacity without routing)
-    gate      per-rollout routing: the gradient is split into a deployed part g_d and a quarantine part g_q
-              (g_d + g_q = g); a first moment is kept per part and one second moment of the parts' mass
-              s = EMA of (|g_d| + |g_q|)^2, so u_d = -lr m_d_hat / (sqrt(s_hat) + eps) - lr wd p and
-              u_q = -lr m_q_hat / (sqrt(s_hat) + eps): each part is proportional to its share of the gradient
-              (1 % routed -> ~1 % of the step) and moves at most ~lr per coordinate. Where the parts agree in
-              sign s is AdamW's own second moment and u_d + u_q is the vanilla step exactly; where they cancel
-              (kept and routed rollouts pull a coordinate opposite ways) the sum is smaller than vanilla's.
-              (With AdamW's second moment of the total g instead, a cancelling coordinate divides two large
-              first moments by a tiny root: both parts stepped up to ~25 x the vanilla step on tiny-random.)
+    gate      per-rollout routing: the gradient is split into a deployed part g_d and a routed part g_q
+              (g_d + g_q = g); the routed part steps by its own first moment m_q = m - m_d over one second
+              moment of the parts' mass, s = EMA of (|g_d| + |g_q|)^2:
+              u_q = -lr m_q_hat / (sqrt(s_hat) + eps), and the deployed tensor gets u_d = u - u_q
+              (route's rule: the parts sum to the vanilla step exactly). A 1 % share gives ~1 % of the
+              step (where the shares agree in sign, s is AdamW's second moment); u_q moves at most ~lr per
+              coordinate (Adam's bound) even where kept and routed rollouts cancel. (Dividing by AdamW's
+              second moment of the total g instead, a cancelling coordinate divides large first moments by
+              a tiny root: the parts stepped up to ~25 x the vanilla step on tiny-random.)
 
 Shared basis (svd, lora: the quarantine scales the deployed tensor's frozen frame): the quarantine is not in
 the optimizer; it is the ledger of what was routed. Own basis (block: the quarantine has its own frozen
@@ -101,14 +101,16 @@ def edit_step(u: Tensor, edit: str, w: Tensor | None, v: Tensor | None,
 
 
 def _part_moments(st: dict, key: str, g_part: Tensor, g_total: Tensor, b1: float, b2: float) -> None:
-    """The gate's moments of one tensor's share g_part of its clipped gradient g_total: st[key] = EMA of g_part,
-    st[MASS_KEY] = EMA of (|g_part| + |g_total - g_part|)^2 (AdamW's own second moment where share and rest
-    agree in sign, larger where they cancel)."""
+    """The gate's moments of one tensor's share g_part of its clipped gradient g_total: st[key] = EMA of
+    g_part, st[MASS_KEY] = EMA of (|g_part| + |g_total - g_part|)^2 (AdamW's own second moment where share
+    and rest agreed in sign, larger where they cancel). A state from before MASS_KEY existed (a resumed
+    checkpoint) starts it from AdamW's second moment, not from 0 (which would blow the first steps up)."""
     m = st.get(key, torch.zeros_like(g_total))
     st[key] = m.mul_(b1).add_(g_part, alpha=1 - b1)
     mass = g_part.abs() + (g_total - g_part).abs()
-    s = st.get(MASS_KEY, torch.zeros_like(g_total))
-    st[MASS_KEY] = s.mul_(b2).addcmul_(mass, mass, value=1 - b2)
+    if MASS_KEY not in st:
+        st[MASS_KEY] = (st["exp_avg_sq"].clone() if float(st["step"]) > 1 else torch.zeros_like(g_total))
+    st[MASS_KEY].mul_(b2).addcmul_(mass, mass, value=1 - b2)
 
 
 @torch.no_grad()
@@ -132,10 +134,10 @@ def apply_step(optimizer: torch.optim.AdamW, adapters: dict, edit: str, directio
     if parts is not None:
         # the parts' moments (after the step: AdamW initialises its state on the first one)
         for k, a in adapters.items():
-            _part_moments(optimizer.state[a.dep], PART_KEY, parts[k][0].to(a.dep) * clip_factor, a.dep.grad, b1, b2)
+            g_d, g_q = parts[k][0].to(a.dep) * clip_factor, parts[k][1].to(a.quar) * clip_factor
+            _part_moments(optimizer.state[a.dep], PART_KEY, g_d, a.dep.grad, b1, b2)
             if own_basis:
-                _part_moments(optimizer.state[a.quar], QPART_KEY, parts[k][1].to(a.quar) * clip_factor, a.quar.grad,
-                              b1, b2)
+                _part_moments(optimizer.state[a.quar], QPART_KEY, g_q, a.quar.grad, b1, b2)
     sq_u = sq_rem = sq_q = sq_er = 0.0
     fired = toward = 0
     cos = []
@@ -144,20 +146,21 @@ def apply_step(optimizer: torch.optim.AdamW, adapters: dict, edit: str, directio
         u = (a.dep.detach().double() - dep_old[k].double()).reshape(-1)  # (n,)
         quar_step = None
         if edit == "gate":
+            # the routed rest of the deployed gradient (g - g_d) steps by its own first moment (AdamW's m
+            # minus the deployed share's) over the mass second moment; the deployed tensor keeps the rest of u
             st = optimizer.state[a.dep]
             t = float(st["step"])
             denom = (st[MASS_KEY].double().sqrt() / math.sqrt(1 - b2**t)).add_(eps)
-            u_dep = (-lr * wd * dep_old[k].double()
-                     - lr / (1 - b1**t) * st[PART_KEY].double() / denom).reshape(-1)
-            rem = u - u_dep
-            if own_basis:
+            m_rest = st["exp_avg"].double() - st[PART_KEY].double()
+            rem = (-lr / (1 - b1**t) * m_rest / denom).reshape(-1)  # (n,) what the gate takes from u
+            u_dep = u - rem
+            if own_basis:  # the quarantine: its own share's first moment over its own mass second moment
                 sq = optimizer.state[a.quar]
                 tq = float(sq["step"])
                 dq = (sq[MASS_KEY].double().sqrt() / math.sqrt(1 - b2**tq)).add_(eps)
                 quar_step = -lr / (1 - b1**tq) * sq[QPART_KEY].double() / dq
-            else:  # the quarantine share's first moment is AdamW's (of g_d + g_q) minus the deployed one
-                m_q = st["exp_avg"].double() - st[PART_KEY].double()
-                quar_step = (-lr / (1 - b1**t) * m_q / denom).reshape(a.quar.shape)
+            else:
+                quar_step = rem.reshape(a.quar.shape)
         else:
             w = _unit(directions[k]) if directions is not None and k in directions else None
             v = _unit(vhack[k]) if vhack is not None else None
@@ -187,7 +190,10 @@ def apply_step(optimizer: torch.optim.AdamW, adapters: dict, edit: str, directio
         sq_q += float(quar_step.double().pow(2).sum())
         sq_u += float(u @ u)
         sq_rem += float(rem @ rem)
-        fired += float(rem.abs().max()) > 0 if rem.numel() else 0
+        if edit == "gate":  # fired: something was routed this step
+            fired += float(parts[k][1].abs().max()) > 0
+        else:
+            fired += float(rem.abs().max()) > 0 if rem.numel() else 0
         if vhack is not None:
             vv = _unit(vhack[k])
             sq_er += float(_erase_part(u, vv).pow(2).sum())  # what erase with v_hack would remove from u

@@ -501,7 +501,8 @@ def make_projection(logs: pd.DataFrame, smooth: int):
                       "cos(applied step, v_hack)\n(< 0: the step moved toward the hack)", "step_cos")
             axes[1].axhline(0.0, color="0.6", lw=0.8)
         else:
-            axes[1].text(0.5, 0.5, "no step_cos logged (older runs)", ha="center", transform=axes[1].transAxes)
+            axes[1].text(0.5, 0.5, "no step_cos logged (older runs)", ha="center",
+                         transform=axes[1].transAxes)
         band_plot(axes[2], lg, "done", "frac_fired", smooth,
                   "fraction of modules where the edit fired\n(of the step, or of the gradient in grad mode)",
                   "frac_fired")

@@ -521,17 +521,21 @@ def test_no_step_toward_is_reported_in_the_cosine_schedule_tail(edit):
     assert max(out["none"]) > 0, "vanilla never stepped toward the hack: the test would be vacuous"
 
 
-@pytest.mark.parametrize("kind", ["svd", "block"])
-def test_gate_parts_that_cancel_move_at_most_lr_per_coordinate(kind):
-    """Kept and routed rollouts pulling a coordinate opposite ways: g_d = g + x, g_q = -x with |x| ~ 10 |g|.
-    Hand reference: s = EMA of (|g_d| + |g_q|)^2 (own basis: the quarantine's share and its rest), each part
-    -lr m_part_hat / (sqrt(s_hat) + eps); every part moves at most lr per coordinate (weight decay apart).
-    The old rule (AdamW's second moment of the total g as the denominator) fails this test."""
+@pytest.mark.parametrize("kind", ["svd", "block", "lora"])
+def test_gate_parts_that_cancel_stay_bounded_and_sum_to_the_vanilla_step(kind):
+    """Kept and routed rollouts pulling a coordinate opposite ways: g_d = g + x, routed g - g_d = -x with
+    |x| ~ 10 |g|, clipped by c = 0.5. Hand reference: u = AdamW's vanilla step (m, v of c g); s = EMA of
+    (|c g_d| + |c (g - g_d)|)^2; the routed step q = -lr (m_hat - m_d_hat) / (sqrt(s_hat) + eps);
+    u_dep = u - q.
+    Shared basis: u_quar = q, so u_dep + u_quar = u; own basis: the quarantine's own share over its own mass
+    rule. The routed step moves at most ~lr per coordinate (the gradients here are stationary), the deployed
+    one at most ~2 lr. The old rule (AdamW's second moment of the total g) fails the bounds."""
+    c = 0.5
     ads, v = make(n_mod=3, r=12) if kind == "svd" else make_real(kind)
     own = kind == "block"
     opt = update.build_optimizer(ads, LR, BETAS, WD, quarantine_in_optimizer=own)
     rng = torch.Generator().manual_seed(9)
-    m_d, s_d, m_q, s_q = ({k: 0.0 for k in ads} for _ in range(4))
+    m_a, v_a, m_d, s_d, m_q, s_q = ({k: 0.0 for k in ads} for _ in range(6))
     for t in range(1, STEPS + 1):
         g = grads(ads, v, t, 3.0, rng)
         parts, gq = {}, {}
@@ -543,31 +547,81 @@ def test_gate_parts_that_cancel_move_at_most_lr_per_coordinate(kind):
                 gq[k] = torch.randn(a.quar.shape, generator=rng) * 0.01
                 y = torch.randn(a.quar.shape, generator=rng) * 0.1
                 parts[k] = (g[k] + x, gq[k] + y)  # the rests: -x of the deployed, -y of the quarantine's
-                a.quar.grad = gq[k].clone()
+                a.quar.grad = c * gq[k].clone()
             else:
                 parts[k] = (g[k] + x, -x)
-            a.dep.grad = g[k].clone()
-        update.apply_step(opt, ads, "gate", v, v, None, own, parts)
+            a.dep.grad = c * g[k].clone()
+        update.apply_step(opt, ads, "gate", v, v, None, own, parts, clip_factor=c)
         b1, b2 = 1 - BETAS[0] ** t, 1 - BETAS[1] ** t
         for k, a in ads.items():
-            gd = parts[k][0].double().reshape(-1)
-            rest = g[k].double().reshape(-1) - gd
+            ga = c * g[k].double().reshape(-1)
+            gd = c * parts[k][0].double().reshape(-1)
+            m_a[k] = BETAS[0] * m_a[k] + (1 - BETAS[0]) * ga
+            v_a[k] = BETAS[1] * v_a[k] + (1 - BETAS[1]) * ga * ga
             m_d[k] = BETAS[0] * m_d[k] + (1 - BETAS[0]) * gd
-            s_d[k] = BETAS[1] * s_d[k] + (1 - BETAS[1]) * (gd.abs() + rest.abs()) ** 2
-            den = (s_d[k] / b2).sqrt() + 1e-8
+            s_d[k] = BETAS[1] * s_d[k] + (1 - BETAS[1]) * (gd.abs() + (ga - gd).abs()) ** 2
             p_old = before[k][0]
+            u = -LR * WD * p_old - LR * (m_a[k] / b1) / ((v_a[k] / b2).sqrt() + 1e-8)
+            q = -LR * ((m_a[k] - m_d[k]) / b1) / ((s_d[k] / b2).sqrt() + 1e-8)
             ud = a.dep.detach().double().reshape(-1) - p_old
             uq = a.quar.detach().double().reshape(-1) - before[k][1]
-            assert close(ud, -LR * WD * p_old - LR * (m_d[k] / b1) / den, rel=1e-4), (t, k)
-            assert float((ud + LR * WD * p_old).abs().max()) <= LR * (1 + 1e-4), (t, k)
+            assert close(ud, u - q, rel=1e-4), (t, k)
+            assert float(q.abs().max()) <= LR * (1 + 1e-4), (t, k)
+            assert float((ud + LR * WD * p_old).abs().max()) <= 2 * LR * (1 + 1e-4), (t, k)
             if own:
-                gqs = parts[k][1].double().reshape(-1)
-                qrest = gq[k].double().reshape(-1) - gqs
+                gqa = c * gq[k].double().reshape(-1)
+                gqs = c * parts[k][1].double().reshape(-1)
                 m_q[k] = BETAS[0] * m_q[k] + (1 - BETAS[0]) * gqs
-                s_q[k] = BETAS[1] * s_q[k] + (1 - BETAS[1]) * (gqs.abs() + qrest.abs()) ** 2
+                s_q[k] = BETAS[1] * s_q[k] + (1 - BETAS[1]) * (gqs.abs() + (gqa - gqs).abs()) ** 2
                 want_q = -LR * (m_q[k] / b1) / ((s_q[k] / b2).sqrt() + 1e-8)
+                assert float(uq.abs().max()) <= LR * (1 + 1e-4), (t, k)
             else:
-                m_q[k] = BETAS[0] * m_q[k] + (1 - BETAS[0]) * parts[k][1].double().reshape(-1)
-                want_q = -LR * (m_q[k] / b1) / den
+                want_q = q
+                assert close(ud + uq, u, rel=1e-4), (t, k)
             assert close(uq, want_q, rel=1e-4), (t, k)
-            assert float(uq.abs().max()) <= LR * (1 + 1e-4), (t, k)
+
+
+def test_gate_with_an_opposite_one_percent_share():
+    """g_d = 1.01 g, routed -0.01 g (a rollout pulling against the rest): by hand s = (1.02)^2 v, the routed
+    step is -0.01/1.02 of vanilla's Adam part and the deployed tensor keeps 1 + 0.01/1.02 of it."""
+    ads, v = make(n_mod=2, r=16)
+    opt = update.build_optimizer(ads, LR, BETAS, WD, quarantine_in_optimizer=False)
+    rng = torch.Generator().manual_seed(3)
+    ref = torch.optim.AdamW([nn.Parameter(torch.zeros(16)) for _ in ads], lr=LR, betas=BETAS, weight_decay=WD)
+    for t in range(STEPS):
+        g = grads(ads, v, t, 0.0, rng)
+        before = {k: a.dep.detach().double().clone() for k, a in ads.items()}
+        q_before = {k: a.quar.detach().double().clone() for k, a in ads.items()}
+        for (k, a), p in zip(ads.items(), ref.param_groups[0]["params"]):
+            a.dep.grad = g[k].clone()
+            with torch.no_grad():
+                p.copy_(a.dep.detach())
+            p.grad = g[k].clone()
+        ref.step()  # the vanilla step from the same state and parameters
+        update.apply_step(opt, ads, "gate", v, v, None, False, {k: (1.01 * g[k], -0.01 * g[k]) for k in ads})
+        for (k, a), p in zip(ads.items(), ref.param_groups[0]["params"]):
+            u = p.detach().double() - before[k]
+            adam = u + LR * WD * before[k]  # the Adam part of the vanilla step
+            ud = a.dep.detach().double() - before[k]
+            uq = a.quar.detach().double() - q_before[k]
+            assert close(ud + LR * WD * before[k], (1 + 0.01 / 1.02) * adam, rel=1e-4), (t, k)
+            assert close(uq, -0.01 / 1.02 * adam, rel=1e-3), (t, k)
+
+
+def test_gate_resumed_from_a_state_without_the_mass_moment_stays_bounded():
+    """A checkpoint from before the mass second moment existed: its first gate step starts s from AdamW's
+    second moment (a zero s at a late step would divide by ~sqrt(1 - b2^t) |g| and step ~10 x lr)."""
+    ads, v = make(n_mod=2, r=16)
+    opt = update.build_optimizer(ads, LR, BETAS, WD, quarantine_in_optimizer=False)
+    rng = torch.Generator().manual_seed(4)
+    for t in range(30):
+        g = grads(ads, v, t, 0.0, rng)
+        for k, a in ads.items():
+            a.dep.grad = g[k].clone()
+        if t == 20:  # the resumed checkpoint lacks the key
+            for a in ads.values():
+                del opt.state[a.dep][update.MASS_KEY]
+        before = {k: a.quar.detach().double().clone() for k, a in ads.items()}
+        update.apply_step(opt, ads, "gate", v, v, None, False, {k: (0.5 * g[k], 0.5 * g[k]) for k in ads})
+        for k, a in ads.items():
+            assert float((a.quar.detach().double() - before[k]).abs().max()) <= 0.6 * LR, (t, k)
