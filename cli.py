@@ -190,9 +190,11 @@ def check_ranges(cfg, ranges: dict[str, str], allowed: dict[str, tuple] | None =
             raise UserError(f"--{field.replace('_', '-')}={v!r}: need one of {list(values)}")
 
 
-def check_vhack_file(path: str | Path, flag: str, model_id: str, dtype: str | None = None) -> dict:
-    """The v_hack file exists, its safetensors header reads and its metadata names `model_id` (and `dtype`
-    when given); reads the header only. Returns the metadata."""
+def check_vhack_file(path: str | Path, flag: str, model_id: str, dtype: str | None = None,
+                     weights_hash: str | None = None) -> dict:
+    """The v_hack file exists, its safetensors header reads and its metadata names `model_id` (and `dtype`,
+    and the build's `weights_hash` when given and the file records one); reads the header only. Returns
+    the metadata."""
     import json
 
     from safetensors import safe_open
@@ -207,7 +209,8 @@ def check_vhack_file(path: str | Path, flag: str, model_id: str, dtype: str | No
     except Exception as e:  # noqa: BLE001 -- not a safetensors file, a truncated header, non-JSON metadata
         raise UserError(f"{flag}={str(path)!r} is not a readable v_hack file ({type(e).__name__}); "
                         "re-extract it with `just extract-vhack <preset>`") from None
-    want = {"model_id": model_id, **({"dtype": dtype} if dtype else {})}
+    want = {"model_id": model_id, **({"dtype": dtype} if dtype else {}),
+            **({"weights_hash": weights_hash} if weights_hash and "weights_hash" in meta else {})}
     for k, v in want.items():
         if meta.get(k) != v:
             raise UserError(f"{flag}={str(path)!r} was extracted with {k}={meta.get(k)!r}, "

@@ -21,7 +21,8 @@ is what antipasto.surgery's one-sided erase (`if g.v > 0`) expects; see docs/pai
 
 Writes out/vhack/<name>.safetensors (module-name keys, (r,) float32 unit vectors) via
 antipasto.save_directions with metadata {model_id, dtype, module_keys, ranks, git_sha, pair_set, n_pairs,
-method, ...}; train.py loads it with antipasto.load_directions (which runs antipasto.check_meta).
+method, ..., and for the organism its build's weights_hash}; train.py checks the header first
+(cli.check_vhack_file) and loads it with antipasto.load_directions (which runs antipasto.check_meta).
 """
 from __future__ import annotations
 
@@ -226,6 +227,7 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None, progress: bool = Tru
         "pairs_path": (str(Path(cfg.pairs_path).resolve().relative_to(_REPO))
                        if Path(cfg.pairs_path).resolve().is_relative_to(_REPO) else str(cfg.pairs_path)),
         "norm_const": cfg.norm_const, "seed": cfg.seed,
+        **({"weights_hash": wh} if (wh := models.weights_hash(cfg.model)) else {}),
         "loss": "sum completion NLL / norm_const, incl. end-of-turn",
         "sign": "+grad(NLL_hack) - grad(NLL_clean)",
     })

@@ -186,6 +186,16 @@ def organism_dir(models_dir: Path | None = None) -> Path:
     return d
 
 
+def weights_hash(name: str) -> str | None:
+    """The weights hash the organism's build recorded (BUILD_INFO.json): `organism-v1` names a recipe, and
+    a rebuild on other code can give other weights, so v_hack files record this too. None for other models
+    (a hub id or a path names its weights) and for an organism not built yet."""
+    if name != "organism":
+        return None
+    info = MODELS_DIR / "organism" / "BUILD_INFO.json"
+    return json.loads(info.read_text()).get("weights_hash") if info.is_file() else None
+
+
 # ----------------------------------------------------------------------------------------------------
 # smollm2-135m
 

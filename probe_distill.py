@@ -1060,7 +1060,8 @@ def main(cfg: ProbeConfig) -> Path:
     cli.check_data(cfg.data_path, P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz",
                    P.DEFAULT_DATA_DIR / P.BENCHMARK_TEST_FILE)
     if {"probe_distill", "probe_mixed"} & set(stages):
-        cli.check_vhack_file(cfg.vhack_path, "--vhack-path", models.model_id(cfg.model), cfg.dtype)
+        cli.check_vhack_file(cfg.vhack_path, "--vhack-path", models.model_id(cfg.model), cfg.dtype,
+                             models.weights_hash(cfg.model))
     env = setup(cfg)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / f"config.{'_'.join(stages) if chosen else 'all'}.json").write_text(

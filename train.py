@@ -329,7 +329,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.surgery_on == "grad" and arm.surgery == "":
         raise UserError(f"--arm={cfg.arm} edits the applied step only; pass --surgery-on step")
     if cfg.vhack_path:
-        cli.check_vhack_file(cfg.vhack_path, "--vhack-path", models.model_id(cfg.model), cfg.dtype)
+        cli.check_vhack_file(cfg.vhack_path, "--vhack-path", models.model_id(cfg.model), cfg.dtype,
+                             models.weights_hash(cfg.model))
     models.check_available(cfg.model)  # local files, the HF cache or a reachable hub
     cli.check_data(cfg.data_path, P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz",
                    P.DEFAULT_DATA_DIR / P.BENCHMARK_TEST_FILE)

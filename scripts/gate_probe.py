@@ -45,7 +45,7 @@ def measure(
     torch.set_num_threads(threads)
     t0 = time.time()
     models.check_available(model_name)
-    cli.check_vhack_file(vhack, "--vhack", models.model_id(model_name))
+    cli.check_vhack_file(vhack, "--vhack", models.model_id(model_name), None, models.weights_hash(model_name))
     for p in pools:
         cli.check_pool_dir(p, "--pools")
     model, tok = models.load_model(model_name)

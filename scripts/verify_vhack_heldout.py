@@ -145,7 +145,8 @@ def verify(cfg: VerifyConfig, model=None, tokenizer=None, progress: bool = True)
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
     # header only, before the model
-    cli.check_vhack_file(cfg.vhack, "--vhack", models.model_id(cfg.model), cfg.dtype)
+    cli.check_vhack_file(cfg.vhack, "--vhack", models.model_id(cfg.model), cfg.dtype,
+                         models.weights_hash(cfg.model))
     meta, _ = antipasto._read_file(cfg.vhack)
     pf = pairs_mod.load_pair_file(cfg.pairs_path)
     split_pairs = {sp: pairs_mod.select_pairs(pf.pairs, sp)[: cfg.max_pairs] for sp in cfg.splits}

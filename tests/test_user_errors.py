@@ -81,6 +81,31 @@ def test_bad_inputs_raise_user_error_naming_the_field(tmp_path):
         assert needle in msg and "\n" not in msg, f"{kw}: {msg!r} lacks {needle!r}"
 
 
+def test_a_v_hack_from_another_organism_build_is_refused(tmp_path, monkeypatch):
+    """organism-v1 names a recipe: a rebuild can give other weights. A v_hack whose recorded weights_hash
+    differs from this build's is refused in one line (hand-made header); the same hash, or a file from before
+    the field existed, passes."""
+    import models
+
+    def vhack(wh: str | None) -> Path:
+        p = tmp_path / f"v-{wh}.safetensors"
+        meta = {"model_id": json.dumps("organism-v1"), "dtype": json.dumps("float32"),
+                **({"weights_hash": json.dumps(wh)} if wh else {})}
+        save_file({"x": torch.zeros(2)}, str(p), metadata=meta)
+        return p
+
+    info = tmp_path / "models" / "organism" / "BUILD_INFO.json"
+    info.parent.mkdir(parents=True)
+    info.write_text(json.dumps({"model_id": "organism-v1", "weights_hash": "aaaa"}))
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path / "models")
+    assert models.weights_hash("organism") == "aaaa" and models.weights_hash("tiny-random") is None
+    with pytest.raises(cli.UserError, match="weights_hash='bbbb', this run has weights_hash='aaaa'"):
+        cli.check_vhack_file(vhack("bbbb"), "--vhack-path", "organism-v1", "float32",
+                             models.weights_hash("organism"))
+    cli.check_vhack_file(vhack("aaaa"), "--vhack-path", "organism-v1", "float32", "aaaa")
+    cli.check_vhack_file(vhack(None), "--vhack-path", "organism-v1", "float32", "aaaa")
+
+
 def test_check_gz_names_the_file_of_a_truncated_pool(tmp_path):
     pool = tmp_path / "pool"
     pool.mkdir()
