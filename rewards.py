@@ -140,7 +140,8 @@ def find_function(code: str, name: str) -> tuple[str, str | None]:
     order or None) -- the benchmark's extract_function / extract_function_parent. ("", None) if absent
     or unparsable."""
     try:
-        tree = ast.parse(code)
+        with AST_LOCK:  # (defined below; see there)
+            tree = ast.parse(code)
         src = next((ast.unparse(n) for n in ast.walk(tree)
                     if isinstance(n, ast.FunctionDef) and n.name == name), "")
         parent: list[str | None] = [None]
@@ -476,13 +477,20 @@ def _count_nodes(v) -> int:
     return n
 
 
+# CPython 3.11's AST constructor keeps one recursion counter per interpreter: two threads in ast.parse at once
+# (a switch happens when GC runs Python code mid-parse) raise a spurious SystemError, python/cpython#106905.
+# The grader's worker threads parse tests and child outputs, so every parse here holds this lock.
+AST_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1 << 18)
 def split_test(src: str) -> tuple[dict, object]:
     """`assert A == B` with a literal B -> ({"v": A, "budget": n}, B's value): the child only ever sees A and
     sends A's value back; the parent compares. Anything else -> ({"a": src}, CHILD).
     Cached per test string."""
     try:
-        tree = ast.parse(src)
+        with AST_LOCK:
+            tree = ast.parse(src)
         node = tree.body[0] if len(tree.body) == 1 else None
         if (isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1
                 and isinstance(node.test.ops[0], ast.Eq)):
@@ -499,7 +507,9 @@ def decode_value(hexstr: str):
     """Parse the child's repr() of a plain value back into a Python object (ValueError if it is not one)."""
     try:
         text = bytes.fromhex(hexstr).decode("utf-8", "surrogatepass")
-        return safe_literal(ast.parse(text, mode="eval"))
+        with AST_LOCK:
+            tree = ast.parse(text, mode="eval")
+        return safe_literal(tree)
     except (SyntaxError, TypeError, RecursionError, MemoryError, UnicodeDecodeError) as e:
         raise ValueError(f"undecodable value: {type(e).__name__}") from None
 

@@ -332,3 +332,43 @@ def test_split_grant_covers_the_tree_minus_the_excluded_folders(tmp_path):
                                  root + "/lib/python3.11/json", root + "/lib/python3.11/os.py"])
     assert rewards.split_grant(root, []) == ([root], [])
     assert rewards.split_grant(root, [root]) == ([], [])
+
+
+def test_parsing_in_threads_never_raises_the_cpython_ast_systemerror():
+    """CPython 3.11: two threads inside ast.parse, with GC running Python code mid-parse (a thread switch),
+    raised "AST constructor recursion depth mismatch" (a canonical solution was once graded infra_error in CI
+    this way). The grader's parses hold rewards.AST_LOCK; 8 threads of split_test / decode_value must not
+    raise it (without the lock this test fails on every run here)."""
+    import gc
+    import sys
+    import threading
+    import time
+
+    import rewards
+
+    errors: list[str] = []
+
+    def work(k: int) -> None:
+        for i in range(600):
+            args = ",".join(f"[{j}, ({i}, {k})]" for j in range(30))
+            try:
+                rewards.split_test(f"assert f({args}) == [{args}]")
+                rewards.decode_value(repr([[j, (i, k)] for j in range(30)]).encode().hex())
+            except SystemError as e:
+                errors.append(str(e))
+                return
+
+    cb = lambda phase, info: time.sleep(0)  # noqa: E731
+    gc.callbacks.append(cb)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+        gc.callbacks.remove(cb)
+    assert not errors, errors[:2]
