@@ -160,6 +160,14 @@ def last_log_step(run_dir: Path) -> int | None:
     return int(lines[-1].split("\t")[0]) + 1 if len(lines) > 1 else 0  # log `step` is 0-based: +1 = completed
 
 
+def verify_failure(out: Path) -> str:
+    """The FAIL line of the sweep's v_hack verification log (logs/verify.log, local backend), else ''."""
+    log = out / "logs" / "verify.log"
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return f"logs/verify.log: {lines[-1]}" if lines and lines[-1].startswith("FAIL") else ""
+
+
 def run_status(run_dir: Path) -> tuple[str, str]:
     """(status, detail): done | done_without_eval | incomplete | missing."""
     if not run_dir.exists():
@@ -710,8 +718,11 @@ def main(c: Config) -> Path:
     pilot = pilot_seed(runs_list, prereg if prereg and "pilot" in prereg else None, manifest)
     is_pilot = [r["arm"] == "vanilla" and pilot is not None and int(r["seed"]) == pilot for r in runs_list]
     rows = []
+    failed_check = verify_failure(out)
     for r, p in zip(runs_list, is_pilot):
         status, detail = run_status(Path(r["run_dir"]))
+        if status == "missing" and failed_check and arm_table.get(r["arm"]).direction == "vhack":
+            status, detail = "missing", f"not started: the v_hack held-out check failed ({failed_check})"
         if p:
             status, detail = "pilot", f"the gate's pilot run ({status}); in no comparison"
         rows.append(dict(name=r["name"], arm=r["arm"], seed=int(r["seed"]), run_dir=r["run_dir"],

@@ -53,6 +53,28 @@ def sweep_dir(tmp_path_factory):
     return out
 
 
+def test_runs_the_verify_gate_skipped_say_so(sweep_dir, tmp_path):
+    """A failed v_hack check (the local backend's logs/verify.log ends in FAIL) explains the missing v_hack
+    arm runs; a missing measuring-arm run stays "never started"."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(sweep_dir, out)
+    man = json.loads((out / "sweeps/sw/sweep.json").read_text())
+    for name, arm in (("sw-route-s9", "route"), ("sw-vanilla-s9", "vanilla")):
+        man["runs"][name] = dict(name=name, arm=arm, seed=9, run_dir=str(out / "runs" / name), command="x")
+        man["runs"] = {k: v | {"run_dir": v["run_dir"].replace(str(sweep_dir), str(out))}
+                       for k, v in man["runs"].items()}
+    (out / "sweeps/sw/sweep.json").write_text(json.dumps(man))
+    (out / "sweeps/sw/logs").mkdir()
+    (out / "sweeps/sw/logs/verify.log").write_text("| table |\n\nFAIL: ['heldout_within'] below threshold\n")
+    summarize.main(summarize.Config(sweep="sw", out_root=out))
+    runs = {r["name"]: r for r in read_tsv(out / "sweeps/sw/runs.tsv")}
+    assert "v_hack held-out check failed" in runs["sw-route-s9"]["detail"], runs["sw-route-s9"]
+    assert "FAIL: ['heldout_within']" in runs["sw-route-s9"]["detail"]
+    assert "never started" in runs["sw-vanilla-s9"]["detail"], runs["sw-vanilla-s9"]
+
+
 def read_tsv(path: Path) -> list[dict]:
     with open(path) as f:
         return list(csv.DictReader(f, delimiter="\t"))
