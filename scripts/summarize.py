@@ -296,9 +296,9 @@ def control_flags(fin: pd.DataFrame, arm: str, metric: str, x: dict[int, float])
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def style(arm: str, k: int = 0) -> tuple[str, str]:
-    """(colour, linestyle) of an arm: fixed per arm (ARM_STYLE), so the same arm looks the same in every plot;
-    `k` is unused (kept for callers)."""
+def style(arm: str) -> tuple[str, str]:
+    """(colour, linestyle) of an arm: fixed per arm (ARM_STYLE), so the same arm looks the same in every
+    plot; an arm not in ARM_STYLE gets a fallback colour fixed by its name."""
     if arm in ARM_STYLE:
         return ARM_STYLE[arm]
     return FALLBACK_COLORS[zlib.crc32(arm.encode()) % len(FALLBACK_COLORS)], "-"
@@ -306,12 +306,12 @@ def style(arm: str, k: int = 0) -> tuple[str, str]:
 
 def band_plot(ax, df: pd.DataFrame, x: str, y: str, smooth: int, title: str, ylabel: str) -> None:
     """Mean over seeds (line) and min-max over seeds (band) per arm."""
-    for k, arm in enumerate(arm_order(df["arm"].unique())):
+    for arm in arm_order(df["arm"].unique()):
         d = df[df["arm"] == arm]
         per_seed = d.pivot_table(index=x, columns="seed", values=y)  # (steps, seeds)
         if smooth > 1:
             per_seed = per_seed.rolling(smooth, min_periods=1).mean()
-        color, ls = style(arm, k)
+        color, ls = style(arm)
         n = per_seed.shape[1]
         ax.plot(per_seed.index, per_seed.mean(axis=1), color=color, ls=ls, lw=2,
                 marker="o" if len(per_seed) < 15 else None, ms=4, label=f"{arm} (n={n})")
@@ -464,7 +464,7 @@ def make_hack_vs_pass(ev: pd.DataFrame, breakout: float):
                 ax.scatter(piv[other]["gt_pass"], piv[other]["hack_strict"], s=18, color=CONTEXT_GREY,
                            zorder=1)
         d = piv[arm]
-        color, _ = style(arm, k)
+        color, _ = style(arm)
         if {"gt_pass", "hack_strict"} <= set(d):
             ax.scatter(d["gt_pass"], d["hack_strict"], s=POINT_SIZE, color=color, edgecolor="black", lw=0.6,
                        zorder=3)
