@@ -124,7 +124,7 @@ def side_grads(model, batch: list[tuple[list[int], int]], pad_id: int,
     ads = antipasto.get_adapters(model)
     model.zero_grad(set_to_none=True)
     with antipasto.capture_per_sample(model) as cap:
-        logits = model(input_ids=ids, attention_mask=attn).logits  # (B, T, V)
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # (B, T, V)
         loss = completion_nll(logits, ids, n_prompt, lengths, norm_const)  # (B,)
         loss.sum().backward()
     assert set(cap.grads) == set(ads), (

@@ -137,7 +137,8 @@ def token_logprobs(
     is O(chunk * V) instead of O(B * T * V)."""
     backbone = model.get_decoder()
     head = model.get_output_embeddings()
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,  # (B, T, H); no KV cache to build
+                      use_cache=False).last_hidden_state
     B, T, H = hidden.shape
     h = hidden[:, :-1].reshape(-1, H)  # (B*(T-1), H)
     y = input_ids[:, 1:].reshape(-1)  # (B*(T-1),)

@@ -185,6 +185,10 @@ journal-entry SWEEP *ARGS: setup
 gpu-check *ARGS: setup
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} {{py}} scripts/gpu_check.py {{ARGS}}
 
+# before a lent device's gpu-check (docs/performance.md): the wheels its image lacks, into .whl/ (carry it)
+device-wheels:
+    bash scripts/device_wheels.sh
+
 # time one GRPO step of the real train.py paths (tiny on CPU; --shape qwen3-4b on a GPU)
 bench *ARGS: setup
     {{py}} scripts/bench_step.py {{ARGS}}

@@ -45,3 +45,72 @@ def test_cpu_path_writes_a_record_the_budget_uses(tmp_path, capsys):
     assert str(out) in st.source
     assert (sweep.measured_step(out.parent, sweep.preset_fields("smoke", ("fused_adapter=true",)))
             .sec_per_step == pytest.approx(got["results"]["fused"]["t_step"]))
+
+
+def test_a_crash_after_the_train_passes_keeps_their_figures(tmp_path, monkeypatch):
+    """The record is rewritten after every phase: a failure in generation leaves both train passes on disk,
+    without t_step (so the budget does not read a partial step as a measured one)."""
+    out = tmp_path / "bench" / "gpu-check.json"
+    real, calls = gpu_check.generate, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:  # the warm-up's generation runs; the timed one dies
+            raise RuntimeError("CUDA error: out of memory (planted)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(gpu_check, "generate", failing)
+    with pytest.raises(RuntimeError, match="planted"):
+        gpu_check.main(gpu_check.GpuCheckConfig(device="cpu", json=out, prompt_len_mean=32))
+    got = json.loads(out.read_text())
+    assert got["complete"] is False and got["last_phase"] == "train fused"
+    assert set(got["results"]) == {"unfused", "fused"}
+    for r in got["results"].values():
+        assert r["t_train"] > 0 and "t_step" not in r and "t_generate" not in r
+    assert sweep.measured_step(out.parent, sweep.preset_fields("smoke")) is None
+
+
+class _Cfg:
+    vocab_size = 50
+
+
+class _Model:
+    config = _Cfg()
+
+    def eval(self):
+        return self
+
+
+def test_generation_past_the_time_limit_is_extrapolated_from_the_batches_timed(monkeypatch):
+    """Batches of 4 rows decoding to 20, 10 and 20 tokens at 0.01 s a token (a stand-in for grpo.generate);
+    once the time left is short, the rest is estimated at the first batch's seconds per decode step."""
+    import contextlib
+    import time as _time
+
+    monkeypatch.setattr(gpu_check.antipasto, "merged_inference", lambda m: contextlib.nullcontext())
+
+    def fake_generate(model, tok, chunk, max_new, *a, **k):
+        _time.sleep(0.01 * max_new)
+        return [([5] * max_new, None) for _ in chunk]
+
+    monkeypatch.setattr(gpu_check.grpo, "generate", fake_generate)
+    b = gpu_check.B.BenchConfig(rollouts=12, group_size=4, max_new_tokens=20)
+    prompts, lens = [[3, 4]] * 12, [20] * 4 + [10] * 4 + [20] * 4
+    full, r_full = gpu_check.generate(b, _Model(), prompts, lens, 4, "cpu", time_left=lambda: 1e9)
+    assert r_full["gen_batches_timed"] == 3 and not r_full["t_generate_extrapolated"] and len(full) == 12
+    assert r_full["t_generate"] == pytest.approx(0.5, abs=0.08)  # 50 decode steps x 0.01 s
+    part, r = gpu_check.generate(b, _Model(), prompts, lens, 4, "cpu", time_left=lambda: 0.0)
+    assert r["gen_batches_timed"] == 1 and r["t_generate_extrapolated"] and len(part) == 4
+    t1 = r["gen_batch_seconds"][0]
+    assert r["t_generate"] == pytest.approx(t1 * (1 + 10 / 20 + 20 / 20))  # by decode steps: 20 + 10 + 20
+    assert r["t_generate"] == pytest.approx(0.5, abs=0.08)
+
+
+def test_a_timed_out_subprocess_group_is_killed_with_its_grandchildren():
+    """vLLM's engine workers inherit the test's output; a timeout must not wait for them."""
+    import time as _time
+
+    t = _time.perf_counter()
+    rc, out = gpu_check.run_group(["bash", "-c", "sleep 30 & echo started; sleep 30"], timeout_s=1.0)
+    assert _time.perf_counter() - t < 10, "waited for the grandchild"
+    assert rc != 0 and "timed out after 1 s" in out and "started" in out
