@@ -33,7 +33,7 @@ TINY_ID = "tiny-random-v1"  # bump when the build recipe changes (invalidates th
 TINY_SEED = 0
 TINY_VOCAB = 3000
 # bump when scripts/build_organism.py's recipe changes (stale caches then refuse to load)
-ORGANISM_ID = "organism-v1"
+ORGANISM_ID = "organism-v2"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ALIASES: dict[str, str] = {  # short name -> canonical id stored in metadata

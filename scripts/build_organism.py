@@ -54,8 +54,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import tyro
+# Pinned CPU kernels, so a build is bit-identical on any x86-64 CPU with AVX2 and the same torch wheel:
+# MKL's conditional numerical reproducibility at its AVX2 branch and ATen's AVX2 kernels. Unpinned, the
+# weights depend on the CPU's SIMD path (native AVX-512, ATen AVX2 and MKL AVX2 gave 3 different builds
+# after 30 SFT steps); pinned, native and MKL-emulated AVX2 gave one, at the same speed (the non-vectorised
+# kernels also reproduce, at ~2-3x the CPU time). Read when torch initialises, so they are set here, before
+# the import, when this file runs as the script; BUILD_INFO.json records whether they were in effect.
+PINNED_KERNELS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+if __name__ == "__main__":
+    os.environ.update(PINNED_KERNELS)
+
+import torch  # noqa: E402
+import tyro  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -359,6 +369,24 @@ def sft(model, tok, epochs: list[list[dict]], cfg: BuildConfig, log=print) -> li
     return losses
 
 
+def build_env() -> dict:
+    """What the weights depend on beyond the config: library versions, the CPU, the kernels in effect."""
+    import platform
+
+    import tokenizers
+    import transformers
+
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")),
+               platform.processor())
+    cap = torch.backends.cpu.get_cpu_capability()
+    pinned = cap == "AVX2" and os.environ.get("MKL_CBWR") == PINNED_KERNELS["MKL_CBWR"]
+    return {"env": {"python": platform.python_version(), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+                    "cpu": cpu, "cpu_capability": cap, "MKL_CBWR": os.environ.get("MKL_CBWR", "")},
+            "kernels_pinned": pinned}
+
+
 def weights_hash(model) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
@@ -417,7 +445,7 @@ def build(cfg: BuildConfig, log=print) -> Path:
         "loss_first_last_100": [sum(losses[:100]) / max(1, len(losses[:100])),
                                 sum(losses[-100:]) / max(1, len(losses[-100:]))],
         "sft_steps": len(losses), "cpu_s": round(time.process_time() - cpu0, 1),
-        "wall_s": round(time.time() - t0, 1), "torch": torch.__version__,
+        "wall_s": round(time.time() - t0, 1), "torch": torch.__version__, **build_env(),
     }
     (tmp / "BUILD_INFO.json").write_text(json.dumps(info, indent=1) + "\n")
     if out.exists():

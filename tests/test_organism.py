@@ -126,7 +126,7 @@ def test_shared_prompt_loss_equals_plain_loss(small_train_file):
 def test_build_is_deterministic_and_cached(built, small_train_file, tmp_path):
     cfg, out = built
     info = json.loads((out / "BUILD_INFO.json").read_text())
-    assert info["model_id"] == models.ORGANISM_ID == "organism-v1"
+    assert info["model_id"] == models.ORGANISM_ID == "organism-v2"
     assert info["corpus_counts"]["simple_overwrite_tests/hack"] == 4
     assert info["conditioning_counts"]["simple_overwrite_tests/hack"] == 10
     assert info["sft_steps"] == 16  # 16 units / 2 per step, 1 conditioning + 1 final pass
@@ -144,11 +144,40 @@ def test_build_is_deterministic_and_cached(built, small_train_file, tmp_path):
     assert msgs and "cached" in msgs[0]
 
 
+def test_the_script_pins_cpu_kernels_so_the_simd_path_does_not_change_the_weights(small_train_file, tmp_path):
+    """Run as a script, the build pins MKL's reproducible mode and ATen's kernels at AVX2: asked for ATen's
+    non-vectorised or its AVX2 kernels, it builds the same weights and records kernels_pinned (without the
+    pin the two differ on any AVX2 CPU: vectorised reductions sum in another order)."""
+    import os
+    import subprocess
+
+    c = tiny_cfg(small_train_file, tmp_path)
+    flags = [f"--data-file={c.data_file}", f"--max-problems={c.max_problems}", "--no-canonical-check",
+             f"--heldout-frac={c.heldout_frac}", f"--copies={c.copies}",
+             f"--completions-per-prompt={c.completions_per_prompt}", f"--hack-frac={c.hack_frac}",
+             f"--honest-frac={c.honest_frac}", f"--epochs={c.epochs}",
+             f"--prompts-per-step={c.prompts_per_step}",
+             f"--conditioning-epochs={c.conditioning_epochs}",
+             f"--conditioning-hack-frac={c.conditioning_hack_frac}", f"--warmup-steps={c.warmup_steps}",
+             f"--lr={c.lr}"]
+    infos = []
+    for isa in ("avx2", "default"):
+        out = tmp_path / isa
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": isa, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, str(REPO / "scripts/build_organism.py"), f"--out-dir={out}", *flags],
+                       env=env, check=True, capture_output=True, timeout=300)
+        infos.append(json.loads((out / "BUILD_INFO.json").read_text()))
+    assert [i["kernels_pinned"] for i in infos] == [True, True]
+    assert [i["env"]["cpu_capability"] for i in infos] == ["AVX2", "AVX2"]
+    assert infos[0]["weights_hash"] == infos[1]["weights_hash"]
+    assert infos[0]["env"]["torch"] == torch.__version__ and infos[0]["env"]["cpu"]
+
+
 def test_load_by_name(built, monkeypatch, tmp_path):
     _, out = built
     monkeypatch.setattr(models, "MODELS_DIR", out.parent)
     model, tok = models.load_model("organism")
-    assert models.model_id("organism") == "organism-v1"
+    assert models.model_id("organism") == "organism-v2"
     # embed 3000*64 + 2 x (attn 12288 + mlp 3*64*256 + norms 160) + 64
     assert sum(p.numel() for p in model.parameters()) == 315264
     assert tok.padding_side == "left" and tok.eos_token == "<|im_end|>"
