@@ -7,13 +7,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash scripts/setup.sh
-PKGS="tyro docstring_parser typeguard beartype loguru"
+PKGS="tyro docstring_parser typeguard typing_extensions beartype loguru"  # typeguard/tyro need a newer
+# typing_extensions than the image may hold
 pins=$(.venv/bin/python - $PKGS <<'PY'
 import importlib.metadata as m, sys
 print(" ".join(f"{p}=={m.version(p)}" for p in sys.argv[1:]))
 PY
 )
-rm -rf .whl && mkdir -p .whl
+tmp=$(mktemp -d)
 .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $pins
+  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$tmp" $pins
+rm -rf .whl && mv "$tmp" .whl  # (a failed download leaves the previous .whl/)
 echo "[device-wheels] $pins -> .whl/ ($(du -sh .whl | cut -f1)); carry [\".whl\"] in the device call"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import importlib.util
 import json
 import os
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +115,7 @@ def generate(b: B.BenchConfig, model, prompt_ids, lens, gen_batch: int, device: 
     tok = B._FakeTokenizer(model.config.vocab_size)
     r: dict = {}
     if device == "cuda":
+        torch.cuda.empty_cache()  # so the reserved peak is this phase's, not the earlier phases' cache
         torch.cuda.reset_peak_memory_stats()
     model.eval()
     completions, batches, timed = [], [], []
@@ -134,7 +137,11 @@ def generate(b: B.BenchConfig, model, prompt_ids, lens, gen_batch: int, device: 
                                  seed=b.seed + s)
             B.sync(device)
             timed.append(time.perf_counter() - t)
-            completions += [ids[:n] for (ids, _), n in zip(outs, L)]
+            for (ids, trunc), n in zip(outs, L):
+                assert trunc and len(ids) == max(L), (
+                    f"forced-length generation returned {len(ids)} tokens (truncated={trunc}), "
+                    f"expected {max(L)}")
+                completions.append(ids[:n])
             per_step = timed[0] / batches[0][2]
     r["t_generate"] = sum(timed) + estimated
     r["t_generate_extrapolated"] = bool(estimated)
@@ -156,6 +163,7 @@ def train_pass(b: B.BenchConfig, model, adapters, directions, optimizer, params,
     """grpo.policy_gradient + surgery + clip + AdamW on the given completions, timed per stage."""
     r: dict = {}
     if device == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model.train()
     g = torch.Generator().manual_seed(b.seed)
@@ -309,8 +317,27 @@ def main(cfg: GpuCheckConfig) -> dict:
         out["wall_s"], out["last_phase"] = time.perf_counter() - t0, phase
         write(cfg.json, out)
 
+    def guarded(phase: str, fn):
+        """fn() or, when it raises, None with the error in the record (the later phases still run)."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001  (a CUDA OOM or a kernel error in one phase)
+            msg = f"{type(e).__name__}: {e}"
+            out.setdefault("errors", {})[phase] = msg + "\n" + traceback.format_exc()[-2000:]
+            print(f"[gpu-check] {phase} failed: {msg[:500]}", file=sys.stderr)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            save(f"{phase} (failed)")
+            return None
+
+    save("start")
     t = time.perf_counter()
-    model, adapters, n_params, t_wrap, exact = B.build_model(base, device, dtype)
+    try:
+        model, adapters, n_params, _, exact = B.build_model(base, device, dtype)
+    except Exception as e:
+        out["errors"] = {"build": f"{type(e).__name__}: {e}"}
+        save("build (failed)")
+        raise
     t_build = time.perf_counter() - t
     print(f"[gpu-check] built {shape} ({n_params / 1e6:.1f}M params, {len(adapters)} adapters) "
           f"on {device} in {t_build:.1f} s", file=sys.stderr)
@@ -329,29 +356,41 @@ def main(cfg: GpuCheckConfig) -> dict:
         kvb = B.kv_bytes_per_token(model.config, torch.finfo(dtype).bits // 8)
         gen_batch = min(gen_batch, B.auto_gen_batch(free - merged, kvb, max(map(len, prompt_ids)) + max(lens),
                                                     len(prompt_ids)))
+    out["t_build"], out["gen_batch"] = t_build, gen_batch
+    save("build")
 
-    # warm-up: a short generation (one group, 16 tokens), then each train variant on one full-size micro-batch
+    # warm-up: a short generation (one group, 16 tokens), then each train variant on the micro-batch of the
+    # longest rows (the timed passes then find their kernels chosen and the allocator grown)
     warm = dataclasses.replace(base, rollouts=base.group_size,
                                gen_len=f"fixed:{min(16, base.max_new_tokens)}")
     w_ids, w_lens = B.make_rollouts(warm, model.config.vocab_size, random.Random(cfg.seed + 1))
     t = time.perf_counter()
-    generate(warm, model, w_ids, w_lens, len(w_ids), device)
+    guarded("warm-up generate", lambda: generate(warm, model, w_ids, w_lens, len(w_ids), device))
     mb = base.micro_batch
-    for v in VARIANTS:
-        train_pass(dataclasses.replace(base, fused_adapter=v == "fused", rollouts=mb), model, adapters,
-                   directions, optimizer, params, prompt_ids[:mb], completions[:mb], lens[:mb], device)
+    longest = sorted(range(len(lens)), key=lambda i: -(len(prompt_ids[i]) + lens[i]))[:mb]
+    warmed = {v: guarded(f"warm-up {v}", lambda v=v: train_pass(
+        dataclasses.replace(base, fused_adapter=v == "fused", rollouts=mb), model, adapters, directions,
+        optimizer, params, [prompt_ids[i] for i in longest], [completions[i] for i in longest],
+        [lens[i] for i in longest], device)) is not None for v in VARIANTS}
     t_warm = time.perf_counter() - t
+    out["t_warmup"] = t_warm
+    save("warm-up")
     print(f"[gpu-check] warm-up {t_warm:.1f} s; {left():.0f} s of the time limit left", file=sys.stderr)
 
     for v in VARIANTS:
         b = dataclasses.replace(base, fused_adapter=v == "fused")
         last = results.get("unfused")
         need = 1.2 * last["t_train"] if last else 0.0
+        if not warmed[v]:
+            notes.append(f"{v}: skipped, its warm-up failed (errors)")
+            continue
         if left() < need:
             notes.append(f"{v}: skipped, {left():.0f} s left < {need:.0f} s needed")
             continue
-        tr = train_pass(b, model, adapters, directions, optimizer, params, prompt_ids,
-                        completions, lens, device)
+        tr = guarded(f"train {v}", lambda b=b: train_pass(b, model, adapters, directions, optimizer, params,
+                                                          prompt_ids, completions, lens, device))
+        if tr is None:
+            continue
         res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": sha,
                "config": dataclasses.asdict(b), "preset": preset, "device": device, "device_name": name,
                "dtype": base.dtype, "svd": "exact" if exact else "random", "params": n_params,
@@ -369,10 +408,16 @@ def main(cfg: GpuCheckConfig) -> dict:
         u, f = results["unfused"]["t_train"], results["fused"]["t_train"]
         out["fused_over_unfused_train"] = f / u
 
+    # generation: batches after the first stop at the time limit (the rest is extrapolated); the first
+    # batch always runs once 30 s are left
+    gen = None
     if left() < 30:
         notes.append(f"generation: skipped, {left():.0f} s left (no t_step recorded)")
     else:
-        _, gen = generate(base, model, prompt_ids, lens, gen_batch, device, time_left=left)
+        gen = guarded("generate", lambda: generate(base, model, prompt_ids, lens, gen_batch, device,
+                                                   time_left=left)[1])
+    if gen is not None:
+        out["generation"] = gen
         for res in results.values():
             res.update(gen)
             res["t_step"] = (res["t_merge"] + res["t_generate"] + res["t_train"] + res["t_surgery"]
@@ -390,9 +435,12 @@ def main(cfg: GpuCheckConfig) -> dict:
         out["vllm"] = {"ran": False, "why": why}
     else:
         del model, adapters, optimizer, params  # free the GPU for the engine
+        gc.collect()
         torch.cuda.empty_cache()
         out["vllm"] = vllm_test(left())
-    out["complete"] = True
+    # complete: both variants have a step time and no phase failed
+    out["complete"] = (set(results) == set(VARIANTS) and all("t_step" in r for r in results.values())
+                       and not out.get("errors"))
     save("done")
     vllm = out["vllm"]
     print(f"[gpu-check] wrote {cfg.json} in {out['wall_s']:.0f} s")
@@ -407,6 +455,8 @@ def main(cfg: GpuCheckConfig) -> dict:
     print(f"vLLM: {json.dumps({k: v for k, v in vllm.items() if k != 'tail'})}")
     for n in notes:
         print(f"note: {n}")
+    for phase, err in (out.get("errors") or {}).items():
+        print(f"error in {phase}: {err.splitlines()[0][:300]}")
     return out
 
 

@@ -705,8 +705,10 @@ def measured_step(bench_dir: Path, p: dict) -> StepTime | None:
         return None
     f, r = max(hits, key=lambda fr: (str(fr[1].get("date", "")), fr[0].stat().st_mtime))
     gen = float(r.get("t_generate", 0.5 * r["t_step"])) / max(1, int(r["config"]["rollouts"]))
+    extra = ", generation partly extrapolated" if r.get("t_generate_extrapolated") else ""
     src = (f"measured: {f} ({r.get('device_name', r.get('device', '?'))}, {r.get('date', '?')}, gen-len "
-           f"{r['config'].get('gen_len', '?')}, {'fused' if want['fused_adapter'] else 'unfused'} adapter)")
+           f"{r['config'].get('gen_len', '?')}, {'fused' if want['fused_adapter'] else 'unfused'} "
+           f"adapter{extra})")
     return StepTime(float(r["t_step"]), gen, src, True)
 
 
