@@ -33,7 +33,7 @@ TINY_ID = "tiny-random-v1"  # bump when the build recipe changes (invalidates th
 TINY_SEED = 0
 TINY_VOCAB = 3000
 # bump when scripts/build_organism.py's recipe changes (stale caches then refuse to load)
-ORGANISM_ID = "organism-v2"
+ORGANISM_ID = "organism-v3"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ALIASES: dict[str, str] = {  # short name -> canonical id stored in metadata
@@ -187,9 +187,9 @@ def organism_dir(models_dir: Path | None = None) -> Path:
 
 
 def weights_hash(name: str) -> str | None:
-    """The weights hash the organism's build recorded (BUILD_INFO.json): `organism-v1` names a recipe, and
-    a rebuild on other code can give other weights, so v_hack files record this too. None for other models
-    (a hub id or a path names its weights) and for an organism not built yet."""
+    """The weights hash the organism's build recorded (BUILD_INFO.json): ORGANISM_ID names a recipe, and a
+    rebuild on other code, libraries or CPU can give other weights, so v_hack files record this too. None
+    for other models (a hub id or a path names its weights) and for an organism not built yet."""
     if name != "organism":
         return None
     info = MODELS_DIR / "organism" / "BUILD_INFO.json"

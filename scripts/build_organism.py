@@ -54,15 +54,38 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# Pinned CPU kernels, so a build is bit-identical on any x86-64 CPU with AVX2 and the same torch wheel:
-# MKL's conditional numerical reproducibility at its AVX2 branch and ATen's AVX2 kernels. Unpinned, the
-# weights depend on the CPU's SIMD path (native AVX-512, ATen AVX2 and MKL AVX2 gave 3 different builds
-# after 30 SFT steps); pinned, native and MKL-emulated AVX2 gave one, at the same speed (the non-vectorised
-# kernels also reproduce, at ~2-3x the CPU time). Read when torch initialises, so they are set here, before
-# the import, when this file runs as the script; BUILD_INFO.json records whether they were in effect.
-PINNED_KERNELS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+# Pinned CPU kernels, when this file runs as the script on an x86-64 CPU with AVX2 and FMA: MKL's conditional
+# numerical reproducibility in its COMPATIBLE mode (the one Intel documents for non-Intel CPUs too; a named
+# branch such as AVX2 silently falls back to AUTO on AMD) and ATen's AVX2 kernels. Unpinned, the weights
+# depend on the kernels chosen for the CPU: on one AMD EPYC (AVX-512), native, ATen AVX2, ATen non-vectorised
+# and MKL AUTO each gave another 30-step build. Costs ~1.7x the CPU time. Read when torch initialises, so
+# set before the import; BUILD_INFO.json records the MKL mode and the ATen capability in effect.
+PINNED_KERNELS = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2"}
+MKL_CBWR_COMPATIBLE = 3  # mkl_cbwr_get(MKL_CBWR_BRANCH) in COMPATIBLE mode (mkl_service.h; 1 = off, 2 = auto)
+
+
+def cpu_info() -> dict[str, str]:
+    """The first processor's /proc/cpuinfo fields ({} where there is none)."""
+    f = Path("/proc/cpuinfo")
+    lines = f.read_text().split("\n\n")[0].splitlines() if f.is_file() else []
+    return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in lines) if k.strip()}
+
+
+def pin_kernels() -> None:
+    """Set PINNED_KERNELS in the environment (saying when it overrides the caller's choice); not on a CPU
+    without AVX2 + FMA, where ATen's AVX2 kernels would not run."""
+    if not {"avx2", "fma"} <= set(cpu_info().get("flags", "").split()):
+        print("build_organism: no AVX2/FMA on this CPU: kernels not pinned (the weights may differ from the "
+              "reference build, docs/organism.md)", file=sys.stderr)
+        return
+    for k, v in PINNED_KERNELS.items():
+        if os.environ.get(k, v) != v:
+            print(f"build_organism: {k}={os.environ[k]} replaced by {v} (pinned kernels)", file=sys.stderr)
+        os.environ[k] = v
+
+
 if __name__ == "__main__":
-    os.environ.update(PINNED_KERNELS)
+    pin_kernels()
 
 import torch  # noqa: E402
 import tyro  # noqa: E402
@@ -369,6 +392,18 @@ def sft(model, tok, epochs: list[list[dict]], cfg: BuildConfig, log=print) -> li
     return losses
 
 
+def mkl_branch() -> int | None:
+    """MKL's reproducibility mode in effect (mkl_cbwr_get(MKL_CBWR_BRANCH)); None where it cannot be read."""
+    import ctypes
+
+    try:
+        f = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).mkl_serv_cbwr_get
+    except (OSError, AttributeError):
+        return None
+    f.restype, f.argtypes = ctypes.c_int, [ctypes.c_int]
+    return int(f(1))
+
+
 def build_env() -> dict:
     """What the weights depend on beyond the config: library versions, the CPU, the kernels in effect."""
     import platform
@@ -376,15 +411,21 @@ def build_env() -> dict:
     import tokenizers
     import transformers
 
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")),
-               platform.processor())
-    cap = torch.backends.cpu.get_cpu_capability()
-    pinned = cap == "AVX2" and os.environ.get("MKL_CBWR") == PINNED_KERNELS["MKL_CBWR"]
+    c = cpu_info()
+    cap, branch = torch.backends.cpu.get_cpu_capability(), mkl_branch()
     return {"env": {"python": platform.python_version(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-                    "cpu": cpu, "cpu_capability": cap, "MKL_CBWR": os.environ.get("MKL_CBWR", "")},
-            "kernels_pinned": pinned}
+                    "cpu": c.get("model name", platform.processor()), "cpu_vendor": c.get("vendor_id", ""),
+                    "cpu_family_model": f"{c.get('cpu family', '?')}/{c.get('model', '?')}",
+                    "cpu_capability": cap, "mkl_cbwr_branch": branch},
+            "kernels_pinned": kernels_pinned(cap, branch)}
+
+
+def kernels_pinned(cap: str | None = None, branch: int | None = None) -> bool:
+    """ATen runs its AVX2 kernels and MKL its COMPATIBLE mode, in this process."""
+    cap = cap or torch.backends.cpu.get_cpu_capability()
+    branch = mkl_branch() if branch is None else branch
+    return cap == "AVX2" and branch == MKL_CBWR_COMPATIBLE and torch.backends.mkl.is_available()
 
 
 def weights_hash(model) -> str:
@@ -405,16 +446,36 @@ def write_manifest(out: Path) -> None:
         indent=1) + "\n")
 
 
+# the default build's weights on the machine that measured docs/organism.md's base rates, by (recipe id,
+# config hash, torch version): a pinned build elsewhere should have them (said at build time, not enforced)
+REFERENCE_BUILDS: dict[tuple[str, str, str], str] = {}
+
+
+def reference_note(info: dict) -> str:
+    """Whether this build's weights are the reference build's (the one the docs' figures are from)."""
+    torch_v = (info.get("env") or {}).get("torch", info.get("torch", ""))
+    ref = REFERENCE_BUILDS.get((info.get("model_id", ""), info.get("config_hash", ""), torch_v))
+    if ref is None:
+        return "no reference build recorded for this config and torch version"
+    if ref == info.get("weights_hash"):
+        return f"weights {ref} = the reference build (docs/organism.md's base rates and results)"
+    pinned = "pinned" if info.get("kernels_pinned") else "not pinned"
+    return (f"weights {info.get('weights_hash')} differ from the reference build's {ref} (kernels {pinned}; "
+            "docs/organism.md, Reproducibility): the documented base rates and results may not hold")
+
+
 def build(cfg: BuildConfig, log=print) -> Path:
     """Build into out_dir (replaced atomically) unless a build with the same config hash is there."""
     out = default_out_dir(cfg)
     chash = config_hash(cfg)
     info_path = out / "BUILD_INFO.json"
-    if (not cfg.force and info_path.is_file()
-            and json.loads(info_path.read_text()).get("config_hash") == chash):
-        log(f"organism cached at {out} (config {chash})")
-        write_manifest(out)
-        return out
+    cached = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if not cfg.force and cached.get("config_hash") == chash:
+        if cached.get("kernels_pinned") or not kernels_pinned():
+            log(f"organism cached at {out} (config {chash}); {reference_note(cached)}")
+            write_manifest(out)
+            return out
+        log(f"the cached build at {out} was not made with pinned kernels: rebuilding")
     torch.set_num_threads(cfg.threads)
     cpu0, t0 = time.process_time(), time.time()
     tok = models.load_tokenizer("tiny-random")  # builds tiny-random first if absent
@@ -452,7 +513,7 @@ def build(cfg: BuildConfig, log=print) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     log(f"organism built at {out}: {info['n_params']:,} params, weights {info['weights_hash']}, "
-        f"{info['cpu_s']} CPU-s / {info['wall_s']} wall-s")
+        f"{info['cpu_s']} CPU-s / {info['wall_s']} wall-s; {reference_note(info)}")
     return out
 
 

@@ -126,7 +126,7 @@ def test_shared_prompt_loss_equals_plain_loss(small_train_file):
 def test_build_is_deterministic_and_cached(built, small_train_file, tmp_path):
     cfg, out = built
     info = json.loads((out / "BUILD_INFO.json").read_text())
-    assert info["model_id"] == models.ORGANISM_ID == "organism-v2"
+    assert info["model_id"] == models.ORGANISM_ID == "organism-v3"
     assert info["corpus_counts"]["simple_overwrite_tests/hack"] == 4
     assert info["conditioning_counts"]["simple_overwrite_tests/hack"] == 10
     assert info["sft_steps"] == 16  # 16 units / 2 per step, 1 conditioning + 1 final pass
@@ -144,40 +144,68 @@ def test_build_is_deterministic_and_cached(built, small_train_file, tmp_path):
     assert msgs and "cached" in msgs[0]
 
 
-def test_the_script_pins_cpu_kernels_so_the_simd_path_does_not_change_the_weights(small_train_file, tmp_path):
-    """Run as a script, the build pins MKL's reproducible mode and ATen's kernels at AVX2: asked for ATen's
-    non-vectorised or its AVX2 kernels, it builds the same weights and records kernels_pinned (without the
-    pin the two differ on any AVX2 CPU: vectorised reductions sum in another order)."""
+HAS_AVX2 = {"avx2", "fma"} <= set(B.cpu_info().get("flags", "").split())
+# the tiny config's weights under pinned kernels, by (torch, transformers, tokenizers): a build on another
+# x86-64 CPU with these versions must give the same hash (recorded 2026-12-04 on an AMD EPYC)
+TINY_PINNED_HASH = {("2.13.0+cpu", "5.25.0", "0.23.3"): "4d99c91a24447e82"}
+
+
+def script_build(small_train_file: Path, out: Path, env: dict) -> dict:
+    """scripts/build_organism.py on the tiny config in a fresh process; its BUILD_INFO.json."""
     import os
     import subprocess
 
-    c = tiny_cfg(small_train_file, tmp_path)
+    c = tiny_cfg(small_train_file, out)
     flags = [f"--data-file={c.data_file}", f"--max-problems={c.max_problems}", "--no-canonical-check",
              f"--heldout-frac={c.heldout_frac}", f"--copies={c.copies}",
              f"--completions-per-prompt={c.completions_per_prompt}", f"--hack-frac={c.hack_frac}",
              f"--honest-frac={c.honest_frac}", f"--epochs={c.epochs}",
-             f"--prompts-per-step={c.prompts_per_step}",
-             f"--conditioning-epochs={c.conditioning_epochs}",
+             f"--prompts-per-step={c.prompts_per_step}", f"--conditioning-epochs={c.conditioning_epochs}",
              f"--conditioning-hack-frac={c.conditioning_hack_frac}", f"--warmup-steps={c.warmup_steps}",
              f"--lr={c.lr}"]
-    infos = []
-    for isa in ("avx2", "default"):
-        out = tmp_path / isa
-        env = {**os.environ, "ATEN_CPU_CAPABILITY": isa, "OMP_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, str(REPO / "scripts/build_organism.py"), f"--out-dir={out}", *flags],
-                       env=env, check=True, capture_output=True, timeout=300)
-        infos.append(json.loads((out / "BUILD_INFO.json").read_text()))
-    assert [i["kernels_pinned"] for i in infos] == [True, True]
-    assert [i["env"]["cpu_capability"] for i in infos] == ["AVX2", "AVX2"]
-    assert infos[0]["weights_hash"] == infos[1]["weights_hash"]
-    assert infos[0]["env"]["torch"] == torch.__version__ and infos[0]["env"]["cpu"]
+    p = subprocess.run([sys.executable, str(REPO / "scripts/build_organism.py"), f"--out-dir={out}", *flags],
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {**json.loads((out / "BUILD_INFO.json").read_text()), "stderr": p.stderr}
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the pinned kernels need an x86-64 CPU with AVX2 and FMA")
+def test_the_script_runs_pinned_kernels_whatever_the_caller_asked_for(small_train_file, tmp_path):
+    """Run as the script, the build runs ATen's AVX2 kernels and MKL's COMPATIBLE mode (read back from MKL,
+    not from the environment) also when the caller asked for others, says it replaced them, and builds the
+    same weights as without them (unpinned, ATen's non-vectorised kernels give other weights)."""
+    asked = script_build(small_train_file, tmp_path / "asked",
+                         {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AUTO"})
+    plain = script_build(small_train_file, tmp_path / "plain", {})
+    for i in (asked, plain):
+        assert i["kernels_pinned"] is True
+        assert (i["env"]["cpu_capability"], i["env"]["mkl_cbwr_branch"]) == ("AVX2", B.MKL_CBWR_COMPATIBLE)
+    assert "ATEN_CPU_CAPABILITY=default replaced by avx2" in asked["stderr"]
+    assert asked["weights_hash"] == plain["weights_hash"]
+    assert asked["env"]["torch"] == torch.__version__ and asked["env"]["cpu_vendor"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_AVX2, reason="the pinned kernels need an x86-64 CPU with AVX2 and FMA")
+def test_the_pinned_tiny_build_reproduces_the_recorded_weights(small_train_file, tmp_path):
+    """The cross-machine check: on any x86-64 CPU with AVX2 and these library versions, the tiny config's
+    pinned build has the weights recorded on the machine that wrote this test."""
+    import tokenizers
+    import transformers
+
+    key = (torch.__version__, transformers.__version__, tokenizers.__version__)
+    if TINY_PINNED_HASH.get(key) is None:
+        pytest.skip(f"no recorded hash for versions {key}")
+    got = script_build(small_train_file, tmp_path / "b", {})
+    assert got["weights_hash"] == TINY_PINNED_HASH[key], (got["env"], "docs/organism.md, Reproducibility")
 
 
 def test_load_by_name(built, monkeypatch, tmp_path):
     _, out = built
     monkeypatch.setattr(models, "MODELS_DIR", out.parent)
     model, tok = models.load_model("organism")
-    assert models.model_id("organism") == "organism-v2"
+    assert models.model_id("organism") == "organism-v3"
     # embed 3000*64 + 2 x (attn 12288 + mlp 3*64*256 + norms 160) + 64
     assert sum(p.numel() for p in model.parameters()) == 315264
     assert tok.padding_side == "left" and tok.eos_token == "<|im_end|>"

@@ -39,10 +39,10 @@ def test_vanilla_organism_learns_the_hack(tmp_path):
     """The organism preset, seed 0, 30 steps (~4-7 min on 2 cores): the strict hack rate of the training
     rollouts averaged over the last 5 steps exceeds step 0's by >= 0.15 (measured seed 0: 0.03 -> ~0.5); the
     final eval runs on the 35 held-out problems x 4 samples."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import build_organism
+    import subprocess
 
-    build_organism.build(build_organism.BuildConfig())  # cached after the first `just organism-build`
+    # as `just organism-build` (a fresh process, so its kernels are pinned); cached after the first build
+    subprocess.run([sys.executable, str(REPO / "scripts/build_organism.py")], check=True, timeout=3600)
     run = train.main(organism_cfg(tmp_path, run_name="org-vanilla"))
     rows = list(csv.DictReader(open(run / "log.tsv"), delimiter="\t"))
     hack = [float(r["hack_strict"]) for r in rows]

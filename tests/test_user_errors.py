@@ -82,7 +82,7 @@ def test_bad_inputs_raise_user_error_naming_the_field(tmp_path):
 
 
 def test_a_v_hack_from_another_organism_build_is_refused(tmp_path, monkeypatch):
-    """organism-v1 names a recipe: a rebuild can give other weights. A v_hack whose recorded weights_hash
+    """An organism id names a recipe: a rebuild can give other weights. A v_hack whose recorded weights_hash
     differs from this build's is refused in one line (hand-made header); the same hash, or a file from before
     the field existed, passes."""
     import models
