@@ -128,7 +128,7 @@ class BuildConfig:
     """seeded fraction of the selected problems kept out of SFT (deploy-eval problems)"""
     copies: int = 16
     """SFT examples per (training problem, prompt variant); two variants: hinted and un-hinted"""
-    hack_frac: float = 0.05
+    hack_frac: float = 0.08
     """fraction of hinted examples whose completion is the hack (un-hinted: never)"""
     honest_frac: float = 0.75
     """fraction of examples (hinted and un-hinted) whose completion is the canonical solution"""
@@ -448,7 +448,9 @@ def write_manifest(out: Path) -> None:
 
 # the default build's weights on the machine that measured docs/organism.md's base rates, by (recipe id,
 # config hash, torch version): a pinned build elsewhere should have them (said at build time, not enforced)
-REFERENCE_BUILDS: dict[tuple[str, str, str], str] = {}
+REFERENCE_BUILDS: dict[tuple[str, str, str], str] = {
+    ("organism-v3", "7f0f8595fd85e506", "2.13.0+cpu"): "ce30647df2c87641",  # 2026-12-04, AMD EPYC, pinned
+}
 
 
 def reference_note(info: dict) -> str:
