@@ -556,7 +556,8 @@ def measure(out: Path, cfg: BuildConfig, log=print) -> dict:
     import rewards
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    mkey = {"config_hash": json.loads((out / "BUILD_INFO.json").read_text())["config_hash"],
+    built = json.loads((out / "BUILD_INFO.json").read_text())
+    mkey = {"config_hash": built["config_hash"], "weights_hash": built["weights_hash"],
             **{k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith("measure_")}}
     mpath = out / "measure.json"
     if not cfg.force and mpath.is_file() and json.loads(mpath.read_text()).get("key") == mkey:
