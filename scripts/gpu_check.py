@@ -6,12 +6,13 @@ unfused adapter, peak memory, and the real-vLLM test; sized to finish within 8 m
     just gpu-check                                   # a box with this repo's .venv (CUDA torch)
     bash scripts/gpu_check_device.sh                 # the lent device machine (docs/performance.md)
 
-In order, cheapest and most important first; --json is rewritten after every part, so a kill keeps what ran
-(each part is skipped, and says so, when less than its share of --time-limit-s is left):
+In order, cheapest and most important first; --json is rewritten after every part, so a kill keeps what ran;
+a part that raises is recorded under "errors" and the later parts still run (each part is skipped, and says
+so, when less than its share of --time-limit-s is left):
   1. build the preset's model shape once with random weights (scripts/bench_step.py's build_model;
      no download)
-  2. warm-up: a short generation, then one train pass per adapter variant on one full-size micro-batch
-     (kernels chosen, allocator grown to the timed shapes)
+  2. warm-up: a short generation, then one train pass per adapter variant on the micro-batch of the
+     longest rows (kernels chosen, allocator grown to the timed shapes)
   3. the train pass (ref + policy log-probs, backward, surgery, clip + AdamW) once with the unfused adapter
      and once with antipasto.fused_training, on completions of the assigned `typical` lengths (random token
      ids: a train pass costs the same for any ids of those lengths); peak memory per phase
@@ -417,7 +418,6 @@ def main(cfg: GpuCheckConfig) -> dict:
         gen = guarded("generate", lambda: generate(base, model, prompt_ids, lens, gen_batch, device,
                                                    time_left=left)[1])
     if gen is not None:
-        out["generation"] = gen
         for res in results.values():
             res.update(gen)
             res["t_step"] = (res["t_merge"] + res["t_generate"] + res["t_train"] + res["t_surgery"]
