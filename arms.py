@@ -58,44 +58,52 @@ class Arm:
     """the arm whose direction this random-direction placebo replaces (summarize compares the two)"""
     grid: Literal["", "core", "extra"] = ""
     """sweep grids: core = `grid`'s default, core + extra = queue-full; "" = by name only"""
+    style: tuple[str, str] = ("", "-")
+    """(matplotlib colour, linestyle) in every plot of summarize: method arms solid, controls dashed or
+    dotted; colours at least 20 CIE76 units apart (tests/test_summarize.py); "" = a fallback by name"""
 
 
 ARMS: dict[str, Arm] = {a.name: a for a in (
-    Arm("vanilla", "plain Dr.GRPO (cosines with v_hack measured when one is given)", grid="core"),
-    Arm("measure", "vanilla + cosine logging against v_hack (requires --vhack-path)", direction="vhack"),
+    Arm("vanilla", "plain Dr.GRPO (cosines with v_hack measured when one is given)", grid="core",
+        style=("#000000", "-")),
+    Arm("measure", "vanilla + cosine logging against v_hack (requires --vhack-path)", direction="vhack",
+        style=("#e377c2", ":")),
     Arm("erase", "remove the applied step's component toward the hack along v_hack (u.v < 0)",
-        direction="vhack", step_edit="erase", surgery="erase", grid="core"),
+        direction="vhack", step_edit="erase", surgery="erase", grid="core", style=("#1f77b4", "-")),
     Arm("route", "send that component to delta_S_hack instead; delta_S_hack is ablated at deploy",
-        direction="vhack", step_edit="route", surgery="route", quarantine=True, grid="core"),
+        direction="vhack", step_edit="route", surgery="route", quarantine=True, grid="core",
+        style=("#d62728", "-")),
     Arm("erase-random", "erase with a Haar-random direction per module, seeded by the run (placebo)",
-        direction="random", step_edit="erase", surgery="erase", placebo_of="erase", grid="core"),
+        direction="random", step_edit="erase", surgery="erase", placebo_of="erase", grid="core",
+        style=("#17becf", "--")),
     Arm("erase-matched",
         "remove the norm erase would remove, along a random direction (mass-matched placebo)",
-        direction="vhack", step_edit="matched", surgery="", placebo_of="erase", grid="core"),
+        direction="vhack", step_edit="matched", surgery="", placebo_of="erase", grid="core",
+        style=("#393b79", "--")),
     Arm("route-random", "route with a Haar-random direction per module, seeded by the run (placebo)",
         direction="random", step_edit="route", surgery="route", quarantine=True, placebo_of="route",
-        grid="core"),
+        grid="core", style=("#ff7f0e", "--")),
     Arm("route-matched",
         "route the norm route would route, along a random direction (mass-matched placebo)",
         direction="vhack", step_edit="route-matched", surgery="", quarantine=True, placebo_of="route",
-        grid="extra"),
+        grid="extra", style=("#8c1c13", "--")),
     Arm("oracle-penalty", "REFERENCE ONLY: reward minus correctness_reward on the grader's strict hacks",
-        oracle=True, grid="extra"),
+        oracle=True, grid="extra", style=("#2ca02c", "-.")),
     Arm("gate-route", "per-rollout gate: top q of cos(g_i, v_hack) -> quarantine only, next q -> both",
         direction="vhack", step_edit="gate", quarantine=True, per_sample=True, grad_hook="gate",
-        columns="gate", grid="extra"),
+        columns="gate", grid="extra", style=("#9467bd", "-")),
     Arm("gate-route-random", "the same gate with a Haar-random direction per module (placebo)",
         direction="random", step_edit="gate", quarantine=True, per_sample=True, grad_hook="gate",
-        columns="gate", placebo_of="gate-route", grid="extra"),
+        columns="gate", placebo_of="gate-route", grid="extra", style=("#637939", "--")),
     Arm("gate-random", "non-directional gate: a seeded random q fraction routed (and q in mid)",
         step_edit="gate", quarantine=True, per_sample=True, grad_hook="gate-random", columns="gate",
-        placebo_of="gate-route", grid="extra"),
+        placebo_of="gate-route", grid="extra", style=("#e7ba52", ":")),
     Arm("vanilla-2x", "capacity control: delta_S and delta_S_hack both take the full step",
-        step_edit="copy", quarantine=True, grid="extra"),
+        step_edit="copy", quarantine=True, grid="extra", style=("#7f7f7f", "--")),
     Arm("shrinkage", "magnitude control: the step shrunk to erase's applied norm, vanilla's direction",
-        direction="vhack", step_edit="shrink", grad_hook="shrink", grid="extra"),
+        direction="vhack", step_edit="shrink", grad_hook="shrink", grid="extra", style=("#8c564b", "-.")),
     Arm("am", "Advantage Modification baseline: reward scaled down by an activation probe",
-        reward_hook="am", columns="am", grid="extra"),
+        reward_hook="am", columns="am", grid="extra", style=("#bcbd22", "-")),
 )}
 ALIASES = {"projected": "erase"}
 NAMES = tuple(ARMS) + tuple(ALIASES)  # what --arm accepts

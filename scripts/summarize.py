@@ -56,27 +56,7 @@ METRICS = ("hack_strict", "hack_loose", "gt_pass", "compile")
 LOWER_IS_BETTER = {"hack_strict": True, "hack_loose": True, "gt_pass": False, "compile": False}
 # arm -> its placebo controls (arms.py's placebo_of: the same edit with a random direction, or a random gate)
 PLACEBOS = {a: arm_table.placebos(a) for a in arm_table.ARMS if arm_table.placebos(a)}
-# One fixed (colour, linestyle) per arm of arms.ARMS, the same in every plot: 15 colours at least 25 CIE76
-# units apart (and from CONTEXT_GREY), families by hue where possible (erase blues, route reds, gate
-# purple/olive/gold); controls/placebos dashed or dotted. Arms not in the table get a FALLBACK_COLORS colour
-# fixed by their name.
-ARM_STYLE = {
-    "vanilla": ("#000000", "-"),
-    "measure": ("#e377c2", ":"),
-    "erase": ("#1f77b4", "-"),
-    "route": ("#d62728", "-"),
-    "erase-random": ("#17becf", "--"),
-    "erase-matched": ("#393b79", "--"),
-    "route-random": ("#ff7f0e", "--"),
-    "route-matched": ("#8c1c13", "--"),
-    "oracle-penalty": ("#2ca02c", "-."),
-    "gate-route": ("#9467bd", "-"),
-    "gate-route-random": ("#637939", "--"),
-    "gate-random": ("#e7ba52", ":"),
-    "vanilla-2x": ("#7f7f7f", "--"),
-    "shrinkage": ("#8c564b", "-."),
-    "am": ("#bcbd22", "-"),
-}
+# Arms not in arms.ARMS (or with no colour there) get a FALLBACK_COLORS colour fixed by their name.
 FALLBACK_COLORS = ("#5254a3", "#8ca252", "#ad494a", "#a55194", "#6b6ecf", "#b5cf6b")
 CONTEXT_GREY = "0.85"  # the other arms' seeds in hack_vs_pass
 GATE_LOG_COLUMNS = arm_table.COLUMN_GROUPS["gate"]
@@ -297,10 +277,11 @@ def control_flags(fin: pd.DataFrame, arm: str, metric: str, x: dict[int, float])
 
 # ------------------------------------------------------------------------------------------------ plots
 def style(arm: str) -> tuple[str, str]:
-    """(colour, linestyle) of an arm: fixed per arm (ARM_STYLE), so the same arm looks the same in every
-    plot; an arm not in ARM_STYLE gets a fallback colour fixed by its name."""
-    if arm in ARM_STYLE:
-        return ARM_STYLE[arm]
+    """(colour, linestyle) of an arm: its row's `style` in arms.ARMS, so the same arm looks the same in every
+    plot; an arm without one gets a fallback colour fixed by its name."""
+    row = arm_table.ARMS.get(arm)
+    if row is not None and row.style[0]:
+        return row.style
     return FALLBACK_COLORS[zlib.crc32(arm.encode()) % len(FALLBACK_COLORS)], "-"
 
 
