@@ -213,9 +213,14 @@ def _gate_zones(cfg, adapters: dict, directions: dict | None, per_sample: dict[s
     assert not missing, f"per-sample capture missed {len(missing)} modules (first {missing[0]!r})"
     g_in = {}
     for k, a in adapters.items():
-        antipasto.check_per_sample_sum(f"{k} (deployed)", G[k], a.dep.grad)
-        antipasto.check_per_sample_sum(f"{k} (quarantine)", Gq[k], a.quar.grad)
+        antipasto.check_per_sample_sum(f"{k} (deployed)", G[k], a.dep.grad, a.S.dtype)
+        antipasto.check_per_sample_sum(f"{k} (quarantine)", Gq[k], a.quar.grad, a.S.dtype)
         g_in[k] = G[k].sum(0).float()
+        # the float32 sums replace autograd's .grad (bf16-rounded in a bf16 model), so AdamW's moments and the
+        # gate's per-rollout shares are built from the same gradient
+        a.dep.grad = g_in[k].to(a.dep.dtype)
+        if a.quar.grad is not None:
+            a.quar.grad = Gq[k].sum(0).float().to(a.quar.dtype)
     adv = torch.tensor([r.advantage for r in rollouts])  # (N,)
     active = ((adv > 0) if cfg.gate_scope == "positive" else (adv != 0)).nonzero().squeeze(1)  # (n,)
     if random_scores:

@@ -133,7 +133,8 @@ def side_grads(model, batch: list[tuple[list[int], int]], pad_id: int,
     assert set(grads) == set(ads), f"per-sample capture missed modules: {sorted(set(ads) - set(grads))[:3]}"
     for name, a in ads.items():
         assert a.delta_S.grad is not None, f"{name}: delta_S got no gradient"
-        antipasto.check_per_sample_sum(name, grads[name], a.delta_S.grad, atol=1e-6)  # (B, r) vs (r,)
+        # (B, r) vs (r,)
+        antipasto.check_per_sample_sum(name, grads[name], a.delta_S.grad, a.S.dtype, atol=1e-6)
     model.zero_grad(set_to_none=True)
     return grads
 

@@ -597,7 +597,7 @@ def nll_grads(model, rollouts: list[grpo.Rollout], pad_id: int, device, l_max: i
             "grad checkpointing on?")
         for k, a in ads.items():
             assert a.delta_S.grad is not None, f"{k}: delta_S got no gradient"
-            antipasto.check_per_sample_sum(k, cap.grads[k], a.delta_S.grad)  # (b, r) vs (r,)
+            antipasto.check_per_sample_sum(k, cap.grads[k], a.delta_S.grad, a.S.dtype)  # (b, r) vs (r,)
             out[k].append(cap.grads[k].detach().cpu())
     model.zero_grad(set_to_none=True)
     return {k: torch.cat(v) for k, v in out.items()}
