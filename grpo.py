@@ -48,6 +48,9 @@ class LossConfig:
     """tokens per chunk of the memory-light log-softmax"""
     fused_adapter: bool = False
     """svd adapters: one-matmul train pass (antipasto.fused_training)"""
+    temperature: float = 1.0
+    """the rollouts' sampling temperature: the policy, behaviour and reference passes score tokens under
+    softmax(logits / temperature), the distribution they were sampled from before top-p (0 = greedy: 1)"""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,8 +118,8 @@ def dr_grpo_loss(
     return loss, {"kl_sum": kl_sum, "tokens": mask.sum().detach(), **diag}
 
 
-def _logp_chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
-    logits = F.linear(hidden, weight, bias).float()  # (n, V)
+def _logp_chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, inv_t: float) -> Tensor:
+    logits = F.linear(hidden, weight, bias).float() * inv_t  # (n, V)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (n,)
 
 
@@ -127,8 +130,10 @@ def token_logprobs(
     attention_mask: Int[Tensor, "B T"] | Bool[Tensor, "B T"],
     chunk: int = 512,
     where: Float[Tensor, "B T"] | Bool[Tensor, "B T"] | None = None,
+    temperature: float = 1.0,
 ) -> Float[Tensor, "B T"]:
-    """log p(input_ids[t] | input_ids[:t]) for t >= 1 (position 0 gets 0), float32.
+    """log p(input_ids[t] | input_ids[:t]) for t >= 1 (position 0 gets 0), float32, with p the softmax of
+    logits / temperature (the sampling distribution before top-p; temperature 0, greedy, scores at 1).
 
     `where` (B, T), e.g. the completion mask: only those positions go through the LM head; every other
     position gets 0 (a loss that masks them sees the same values). Without it every position t >= 1 does.
@@ -145,6 +150,7 @@ def token_logprobs(
     if where is not None:
         keep = where[:, 1:].reshape(-1).bool().nonzero().squeeze(-1)  # (n,) flat positions the loss reads
         h, y = h[keep], y[keep]  # (n, H), (n,)
+    inv_t = 1.0 / temperature if temperature > 0 else 1.0
     out = []
     for s in range(0, h.shape[0], chunk):
         if torch.is_grad_enabled():
@@ -155,11 +161,12 @@ def token_logprobs(
                     head.weight,
                     head.bias,
                     y[s : s + chunk],
+                    inv_t,
                     use_reentrant=False,
                 )
             )
         else:
-            out.append(_logp_chunk(h[s : s + chunk], head.weight, head.bias, y[s : s + chunk]))
+            out.append(_logp_chunk(h[s : s + chunk], head.weight, head.bias, y[s : s + chunk], inv_t))
     lp = torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)  # (n,) or (B*(T-1),)
     if where is not None:
         lp = torch.zeros(B * (T - 1), dtype=lp.dtype, device=lp.device).index_put((keep,), lp)  # (B*(T-1),)
@@ -375,14 +382,15 @@ def _policy_gradient(
         ref = None
         if cfg.beta_kl:
             with torch.no_grad(), antipasto.reference(model):
-                ref = token_logprobs(model, ids, att, cfg.logits_chunk, cm)  # (b, T)
+                ref = token_logprobs(model, ids, att, cfg.logits_chunk, cm, cfg.temperature)  # (b, T)
         with (
             antipasto.capture_per_sample(model) if per_sample is not None else contextlib.nullcontext()
         ) as cap:
-            logp = token_logprobs(model, ids, att, cfg.logits_chunk, cm)  # (b, T)
+            logp = token_logprobs(model, ids, att, cfg.logits_chunk, cm, cfg.temperature)  # (b, T)
             if inner == 0 and behaviour is not None:
                 with torch.no_grad(), behaviour(model):
-                    old = token_logprobs(model, ids, att, cfg.logits_chunk, cm)  # (b, T) the sampling policy
+                    # (b, T) the sampling policy
+                    old = token_logprobs(model, ids, att, cfg.logits_chunk, cm, cfg.temperature)
                 if cfg.inner_steps > 1 and old_cache is not None:
                     old_cache[s] = old
             elif inner == 0:

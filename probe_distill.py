@@ -295,7 +295,7 @@ def resolve_pool(name: str, pools_dir: str) -> Path:
 def loss_config(cfg: ProbeConfig) -> grpo.LossConfig:
     """The train-pass settings whose step 5 the probe reproduces (one inner step, no fused adapter)."""
     return grpo.LossConfig(micro_batch=cfg.micro_batch, l_max=cfg.max_new_tokens, beta_kl=cfg.beta_kl,
-                           logits_chunk=cfg.logits_chunk)
+                           logits_chunk=cfg.logits_chunk, temperature=cfg.temperature)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -292,7 +292,7 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
 def loss_config(cfg: TrainConfig) -> grpo.LossConfig:
     return grpo.LossConfig(micro_batch=cfg.micro_batch, l_max=cfg.max_new_tokens, beta_kl=cfg.beta_kl,
                            clip_eps=cfg.clip_eps, inner_steps=cfg.inner_steps, logits_chunk=cfg.logits_chunk,
-                           fused_adapter=cfg.fused_adapter)
+                           fused_adapter=cfg.fused_adapter, temperature=cfg.temperature)
 
 
 # field -> allowed range (cli.in_range); validate() names the field, its value, the range and the default

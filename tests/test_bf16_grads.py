@@ -18,7 +18,7 @@ from tiny_qwen import ids, tiny_model
 
 @pytest.fixture(scope="module")
 def bf16_capture():
-    """A bf16 tiny Qwen3 with a quarantine, delta_S != 0, one Dr.GRPO loss backward under per-sample capture."""
+    """A bf16 tiny Qwen3 with a quarantine, delta_S != 0, one Dr.GRPO backward under per-sample capture."""
     torch.manual_seed(0)
     m = tiny_model(dtype=torch.bfloat16)
     ads = antipasto.wrap_model(m, quarantine=True)
@@ -88,7 +88,7 @@ def test_gate_uses_the_float32_sum_as_grad(bf16_capture):
 
 
 def test_gate_route_trains_a_step_in_bf16(tmp_path, pool_dir):
-    """One gate-route step of train.py on the tiny model in bf16 (it stopped at the per-sample check before)."""
+    """One gate-route step of train.py on the tiny model in bf16 (it stopped at the per-sample check)."""
     import models
     from test_gate_arms import adapter_state, small_cfg
 

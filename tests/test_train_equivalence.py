@@ -53,8 +53,9 @@ def rollouts(vocab: int, seed: int = 0, zero_adv: bool = False) -> list[grpo.Rol
     return out
 
 
-def naive(base_model, ads, rs, beta: float, quarantine: bool):
-    """Full batch, full (B, T, V) logits, adapter as merged weights W + U diag(d) Vh with d a leaf.
+def naive(base_model, ads, rs, beta: float, quarantine: bool, temperature: float = 1.0):
+    """Full batch, full (B, T, V) logits, adapter as merged weights W + U diag(d) Vh with d a leaf; every
+    log-prob (policy and KL reference) under softmax(logits / temperature).
     Returns (loss, {module name: dL/d(delta)})."""
     B = len(rs)
     T = max(len(r.prompt_ids) + len(r.completion_ids) for r in rs)
@@ -69,7 +70,7 @@ def naive(base_model, ads, rs, beta: float, quarantine: bool):
     adv = torch.tensor([r.advantage for r in rs])  # (B,)
 
     def logp_of(logits):  # (B, T, V) -> (B, T) with position 0 = 0
-        lp = torch.log_softmax(logits.float(), dim=-1)[:, :-1].gather(
+        lp = torch.log_softmax(logits.float() / temperature, dim=-1)[:, :-1].gather(
             -1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
         return F.pad(lp, (1, 0))
 
@@ -88,8 +89,10 @@ def naive(base_model, ads, rs, beta: float, quarantine: bool):
     return loss.item(), {k: v.grad for k, v in d.items()}
 
 
-def optimised(m, ads, rs, beta: float, micro_batch: int, chunk: int, ckpt: bool, n_seqs: int = N_SEQS):
-    cfg = grpo.LossConfig(micro_batch=micro_batch, logits_chunk=chunk, beta_kl=beta, l_max=L_MAX)
+def optimised(m, ads, rs, beta: float, micro_batch: int, chunk: int, ckpt: bool, n_seqs: int = N_SEQS,
+              temperature: float = 1.0):
+    cfg = grpo.LossConfig(micro_batch=micro_batch, logits_chunk=chunk, beta_kl=beta, l_max=L_MAX,
+                          temperature=temperature)
     if ckpt:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     m.train()
@@ -118,6 +121,49 @@ def test_policy_gradient_matches_full_batch(base, micro_batch, chunk, ckpt):
     loss, got, _ = optimised(m, ads, rs, beta=0.05, micro_batch=micro_batch, chunk=chunk, ckpt=ckpt)
     assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-8)
     assert_grads_close(got, want)
+
+
+def test_policy_gradient_scores_at_the_sampling_temperature(base):
+    """With LossConfig.temperature = 0.7 the policy and KL-reference log-probs are those of logits / 0.7:
+    loss and gradient equal the full-logits reference at 0.7, and the gradient differs from the one at 1."""
+    model, tok = base
+    m, ads = wrapped(model, seed=3)
+    rs = rollouts(len(tok), seed=3)
+    want_loss, want = naive(model, ads, rs, beta=0.05, quarantine=False, temperature=0.7)
+    _, want_one = naive(model, ads, rs, beta=0.05, quarantine=False)
+    loss, got, _ = optimised(m, ads, rs, beta=0.05, micro_batch=3, chunk=7, ckpt=False, temperature=0.7)
+    assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-8)
+    assert_grads_close(got, want)
+    with pytest.raises(AssertionError, match="max .grad diff"):
+        assert_grads_close(got, want_one)
+
+
+def test_sampled_tokens_follow_the_scored_distribution(base):
+    """Generation at temperature 0.25 (top_p 1) and the train pass's token_logprobs at 0.25 describe one
+    distribution: over 4000 sampled first tokens, the mean of log p_0.25(x) - log p_1(x) (both from
+    token_logprobs) is KL(p_0.25 || p_1) computed from the logits, within 4 standard errors; sampled from
+    p_1 it would be -KL(p_1 || p_0.25) (~ -0.12 here, ~20 standard errors away)."""
+    model, tok = base
+    T = 0.25
+    prompt = tok("def run_tests():")["input_ids"]
+    outs = grpo.generate(model, tok, [prompt] * 4000, 1, T, 1.0, 1000, seed=3)
+    x = torch.tensor([o[0][0] for o in outs])  # (N,)
+    with torch.no_grad():
+        lg = model(torch.tensor([prompt])).logits[0, -1].float()  # (V,)
+        ids = torch.tensor([prompt + [t] for t in x.unique().tolist()])  # (u, P + 1)
+        att, where = torch.ones_like(ids), torch.zeros(ids.shape)
+        where[:, -1] = 1
+        lp_t = grpo.token_logprobs(model, ids, att, where=where, temperature=T)[:, -1]  # (u,)
+        lp_1 = grpo.token_logprobs(model, ids, att, where=where)[:, -1]  # (u,)
+    lpT, lp1 = torch.log_softmax(lg / T, -1), torch.log_softmax(lg, -1)  # (V,) the hand reference
+    torch.testing.assert_close(lp_t, lpT[ids[:, -1]], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lp_1, lp1[ids[:, -1]], rtol=1e-4, atol=1e-5)
+    d = dict(zip(ids[:, -1].tolist(), (lp_t - lp_1).tolist()))
+    r = torch.tensor([d[t] for t in x.tolist()])  # (N,) per-sample log-ratio
+    kl = float((lpT.exp() * (lpT - lp1)).sum())
+    se = float(r.std() / len(r) ** 0.5)
+    assert kl > 10 * se, f"KL {kl:.3g} vs standard error {se:.3g}: the test cannot tell the two apart"
+    assert abs(float(r.mean()) - kl) < 4 * se, (float(r.mean()), kl, se)
 
 
 def test_skipping_zero_advantage_rollouts_without_kl_is_exact(base):
@@ -236,3 +282,15 @@ def test_without_a_behaviour_policy_the_ratio_is_exactly_one(base):
     st = grpo.policy_gradient(m, rollouts(len(tok), seed=4), N_SEQS,
                               grpo.LossConfig(l_max=L_MAX, beta_kl=0.0), 0, "cpu")
     assert st["ratio_mean"] == 1.0 and st["frac_clipped"] == 0.0 and st["logratio_abs"] == 0.0
+
+
+def test_runs_score_at_their_sampling_temperature():
+    """train.py and probe_distill.py hand their sampling temperature to the train pass."""
+    import probe_distill
+    import train
+
+    for name, (_, cfg) in train.PRESETS.items():
+        assert train.loss_config(cfg).temperature == cfg.temperature, name
+    assert train.loss_config(train.PRESETS["full"][1]).temperature == 0.7
+    cfg = probe_distill.ProbeConfig(temperature=0.6)
+    assert probe_distill.loss_config(cfg).temperature == 0.6
