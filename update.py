@@ -12,8 +12,10 @@ then rewrites it:
     erase     u - [u.w < 0] (u.w) w                       w = the arm's direction (v_hack or a random placebo)
     route     deployed gets erase(u), the quarantine gets exactly the removed part (their sum is u)
     shrink    u * |erase_v(u)| / |u|: erase's applied norm with vanilla's direction (v = v_hack)
-    matched   removes from u the norm erase_v would remove, along a random unit z: u - rho sign(u.z) z,
-              rho = |[u.v < 0] (u.v)| (the mass-matched placebo; route-matched routes that part)
+    matched   erase along w = -(rho/|u|) u_hat + sqrt(1 - rho^2/|u|^2) z_perp, rho = |[u.v < 0] (u.v)| and
+              z_perp the part of a random unit z orthogonal to u: the removed part has erase_v's norm and
+              its share along u, so the deployed step is as long as erase's (the mass-matched placebo;
+              route-matched routes that part)
     copy      the quarantine gets u too (vanilla-2x: capacity without routing)
     gate      per-rollout routing: the gradient is split into a deployed part g_d and a routed part g_q
               (g_d + g_q = g); the routed part steps by its own first moment m_q = m - m_d over one second

@@ -82,11 +82,12 @@ def test_erase_on_the_step_never_applies_a_step_toward_the_hack(tmp_path, pool_d
 
 
 def test_erase_planted_direction(tmp_path, pool_dir, vhack_file):
-    """--surgery-on grad (the founding design): the edited gradient has no positive component along v."""
+    """--surgery-on grad (the founding design): the edited gradient has no positive component along v, and
+    vanilla's gradient, measured after the same surgery call (mode measure), is unedited."""
     run_e = train.main(small_cfg(tmp_path, pool_dir, arm="erase", steps=5, run_name="erase",
                                  vhack_path=vhack_file, surgery_on="grad"))
     run_v = train.main(small_cfg(tmp_path, pool_dir, arm="vanilla", steps=5, run_name="van",
-                                 vhack_path=vhack_file))
+                                 vhack_path=vhack_file, surgery_on="grad"))
     er, va = read_tsv(run_e / "log.tsv"), read_tsv(run_v / "log.tsv")
     assert len(er) == len(va) == 5
     fired_any = False

@@ -206,9 +206,16 @@ def test_matched_placebo_removes_erases_norm_every_step(hack):
     rec: list = []
     _, v = run("matched", hack, record=rec)
     fired = 0
-    for steps, st, *_ in rec:
+    for (steps, st, *_), u in zip(rec, adam_reference(rec)):
         assert abs(st["removed_norm_frac"] - st["erase_norm_frac"]) < 1e-9, st
         fired += st["erase_norm_frac"] > 0
+        # by hand from the vanilla step u: erase removes (u.v) v where u.v < 0, so rho_k = max(0, -u_k.v_k);
+        # the placebo's change differs from u by exactly that norm over all modules
+        rho2 = sum(max(0.0, -float(u[k] @ v[k].double())) ** 2 for k in u)
+        removed2 = sum(float((u[k] - steps[k][0].double()).pow(2).sum()) for k in u)
+        un = math.sqrt(sum(float(u[k].pow(2).sum()) for k in u))
+        assert abs(math.sqrt(removed2) - math.sqrt(rho2)) <= 1e-4 * un + 1e-9, (removed2, rho2)
+        assert abs(st["erase_norm_frac"] - math.sqrt(rho2) / un) < 1e-4
     assert fired > 0, "erase would never have fired: the test would be vacuous"
 
 
