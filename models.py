@@ -165,6 +165,13 @@ def tiny_dir(models_dir: Path = MODELS_DIR) -> Path:
     d = models_dir / "tiny-random"
     info = d / "BUILD_INFO.json"
     if not (info.is_file() and json.loads(info.read_text()).get("model_id") == TINY_ID):
+        import problems
+        from cli import UserError
+
+        data = problems.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz"
+        if not data.is_file():  # its tokenizer is trained on this file
+            raise UserError(f"tiny-random is built from {data}, which does not exist; set PGRPO_DATA_DIR to "
+                            "the folder holding the LeetCode .jsonl.gz files (default ../shared/data/leetcode)")
         build_tiny_random(d)
     return d
 

@@ -334,6 +334,15 @@ def validate(cfg: TrainConfig) -> None:
     models.check_available(cfg.model)  # local files, the HF cache or a reachable hub
     cli.check_data(cfg.data_path, P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz",
                    P.DEFAULT_DATA_DIR / P.BENCHMARK_TEST_FILE)
+    if cfg.data_path:  # the manifest beside it names the source it was prepared from (P.load_train_set)
+        try:
+            got, _ = P.prepared_source(cfg.data_path)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(str(e)) from None
+        if got != cfg.train_source:
+            raise UserError(f"--data-path={cfg.data_path!r} was prepared from source {got!r} but "
+                            f"--train-source={cfg.train_source}; run `just prepare-data --source "
+                            f"{cfg.train_source}` (hub: with --tokenizer <model>) or pass --train-source {got}")
     if cfg.eval_data_path and not Path(cfg.eval_data_path).is_file():
         raise UserError(f"--eval-data-path={cfg.eval_data_path!r} does not exist; pass a problems jsonl "
                         "or '' for the benchmark's test set")

@@ -6,7 +6,8 @@ steps that need a GPU or the hub are replaced by their smoke-preset twin or skip
 README step                        here
   just download-model              offline: must fail in one line, exit 2, within seconds (HF_ENDPOINT
                                    unreachable)
-  just prepare-data                --canonical-check off (the canonical run of ~1.5k solutions takes minutes)
+  just prepare-data --source hub   offline: must fail in one line, exit 2; then the local split with
+                                   --canonical-check off (the canonical run of ~1.5k solutions takes minutes)
   just smoke                       scripts/smoke.py --arms vanilla erase --steps 2 (every arm: `just smoke`)
   just extract-vhack full          just extract-vhack smoke
   just verify-vhack full           just verify-vhack smoke (finds what smoke wrote; requires nothing)
@@ -97,7 +98,8 @@ def readme_real_runs() -> list[str]:
 # README step -> its tiny twin here (None: handled in the test); a README step missing here fails the test
 TWINS = {
     "download-model": None,  # offline: one line, exit 2 (test_download_model_offline_fails_in_one_line too)
-    "prepare-data": ("prepare-data", "--canonical-check", "off"),
+    # offline: one line, exit 2; then the local split the later steps read
+    "prepare-data --source hub --tokenizer Qwen/Qwen3-4B": ("prepare-data", "--canonical-check", "off"),
     "smoke": None,  # scripts/smoke.py --arms vanilla erase --steps 2
     "extract-vhack full": ("extract-vhack", "smoke"),
     "verify-vhack full": ("verify-vhack", "smoke"),
@@ -121,6 +123,11 @@ def test_real_runs_section_in_order(clone):
         if name == "download-model":
             one_line_error(just(clone, "download-model", ok=False, HF_ENDPOINT="http://127.0.0.1:9"),
                            "cannot reach the Hugging Face hub")
+        elif name == "prepare-data":
+            one_line_error(just(clone, *st.split(), ok=False, HF_ENDPOINT="http://127.0.0.1:9"),
+                           "cannot reach the Hugging Face hub")
+            just(clone, *TWINS[st])
+            assert (clone / "out/data/train.jsonl").is_file()
         elif name == "smoke":
             p = subprocess.run([str(clone / ".venv/bin/python"), "scripts/smoke.py", "--arms", "vanilla",
                                 "erase", "--steps", "2"], check=False, cwd=clone, capture_output=True,
@@ -144,8 +151,6 @@ def test_real_runs_section_in_order(clone):
                 assert (clone / "out/vhack/smoke-tiny-random.safetensors").is_file()
             if name == "verify-vhack":
                 assert "requires no split" in p.stdout
-            if name == "prepare-data":
-                assert (clone / "out/data/train.jsonl").is_file()
     run = next(d for d in sorted((clone / "out/runs").glob("smoke-*/*")) if (d / "DONE").exists())
     before = ((run / "eval.json").read_text(), (run / "eval.tsv").read_text())
     just(clone, "eval", str(run.relative_to(clone / "out/runs")), "--eval-problems", "2")

@@ -56,6 +56,13 @@ def truncated_gz(tmp: Path) -> Path:
 
 
 def test_bad_inputs_raise_user_error_naming_the_field(tmp_path):
+    prepared = tmp_path / "data" / "train.jsonl"  # a prepared split of the local source, with its manifest
+    prepared.parent.mkdir()
+    prepared.write_text("{}\n")
+    (prepared.parent / "manifest.json").write_text(json.dumps({"source": "local-v0.2.0"}))
+    bare = tmp_path / "bare" / "train.jsonl"  # no manifest beside it
+    bare.parent.mkdir()
+    bare.write_text("{}\n")
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     (tmp_path / "runs" / "taken" / "config.json").write_text("{}")
     (tmp_path / "notarun").mkdir()
@@ -71,6 +78,9 @@ def test_bad_inputs_raise_user_error_naming_the_field(tmp_path):
         (dict(arm="erase", vhack_path=str(other_model_vhack(tmp_path))), "model_id='HuggingFaceTB/SmolLM2"),
         (dict(data_path=str(truncated_gz(tmp_path))), "train.jsonl.gz does not decompress"),
         (dict(data_path=str(tmp_path / "nope.jsonl")), "--data-path="),
+        (dict(data_path=str(prepared), train_source="hub"), "prepared from source 'local-v0.2.0' but "
+         "--train-source=hub; run `just prepare-data --source hub`"),
+        (dict(data_path=str(bare)), "manifest.json not found"),
         (dict(run_name="taken"), "--run-name='taken'"),
         (dict(resume=str(tmp_path / "notarun")), "not a run directory"),
     ]
@@ -116,6 +126,16 @@ def test_check_gz_names_the_file_of_a_truncated_pool(tmp_path):
     (pool / "step_000.jsonl.gz").write_bytes(raw[:-9])
     with pytest.raises(cli.UserError, match="step_000.jsonl.gz does not decompress"):
         cli.check_pool_dir(pool, "--teacher-pool-dir")
+
+
+def test_tiny_random_without_its_data_is_a_user_error(tmp_path, monkeypatch):
+    """A fresh clone without the LeetCode data: building tiny-random stops in one line naming PGRPO_DATA_DIR."""
+    import models
+
+    monkeypatch.setattr(P, "DEFAULT_DATA_DIR", tmp_path / "nowhere")
+    with pytest.raises(cli.UserError, match="set PGRPO_DATA_DIR") as e:
+        models.tiny_dir(tmp_path / "models")
+    assert "\n" not in str(e.value) and not (tmp_path / "models").exists()
 
 
 def test_in_range_specs():
