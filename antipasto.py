@@ -1016,6 +1016,23 @@ def git_sha() -> str:
         return "unknown"
 
 
+def git_dirty(root: Path | None = None) -> tuple[list[str], str]:
+    """(tracked files that differ from HEAD, `git diff HEAD` text) of this repository (or `root`); ([], "")
+    when clean or without git. Untracked files are not listed (out/ and scratch files would drown the
+    signal)."""
+    root = root or Path(__file__).resolve().parent
+    try:
+        st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                            capture_output=True, text=True, timeout=10)
+        files = [ln[3:] for ln in st.stdout.splitlines() if ln.strip()] if st.returncode == 0 else []
+        if not files:
+            return [], ""
+        diff = subprocess.run(["git", "diff", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30)
+        return files, diff.stdout if diff.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return [], ""
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -175,15 +175,13 @@ def in_range(v: float, spec: str) -> bool:
 
 def check_ranges(cfg, ranges: dict[str, str], allowed: dict[str, tuple] | None = None) -> None:
     """UserError naming the first field of cfg outside its range (`ranges`: field -> in_range spec, applied to
-    every element of a tuple field) or not among its `allowed` values, with the value, the range and the
-    field's default."""
+    every element of a tuple field) or not among its `allowed` values, with the value and the range (not a
+    default: a preset has its own, which the parsed config no longer knows)."""
     for field, spec in ranges.items():
         v = getattr(cfg, field)
         if not all(in_range(x, spec) for x in (v if isinstance(v, tuple | list) else (v,))):
-            default = getattr(type(cfg), field, None)
             want = re.sub(r"^([<>]=?)", r"\1 ", spec) if spec[0] in "<>" else f"in {spec}"
-            raise UserError(f"--{field.replace('_', '-')}={v!r} is out of range: need {field} {want} "
-                            f"(default {default!r})")
+            raise UserError(f"--{field.replace('_', '-')}={v!r} is out of range: need {field} {want}")
     for field, values in (allowed or {}).items():
         v = getattr(cfg, field)
         if v not in values:

@@ -1,12 +1,14 @@
 """A run directory end to end: set-up and the resume-config check, checkpoints, the per-step TSV, eval and
 rollout records, and the readers that scripts/sweep.py and scripts/summarize.py use.
 
-    out/runs/<run>/config.json           {config, git_sha, argv, created, started_at (UTC)}, before step 0
+    out/runs/<run>/config.json           {config, git_sha, git_dirty (tracked files changed since HEAD; their
+                                         diff in git_diff.patch), argv, created, started_at (UTC)}, before step 0
     out/runs/<run>/log.tsv               LOG_COLUMNS, one row per step, flushed
     out/runs/<run>/rollouts/step_NNNNNN.jsonl.gz
     out/runs/<run>/ckpt/step_NNNNNN/{adapter.safetensors, optimizer.pt, rng.pt, state.json}, ckpt/latest
     out/runs/<run>/evals/step_NNNNNN.json, eval.json (final), eval.tsv, DONE
     out/runs/<run>/evals/eval-<YYYYmmdd-HHMMSS>.json   one per --eval-only evaluation
+    out/runs/<run>/resumes.jsonl         one line per --resume {time, git_sha, git_dirty, argv} (+ its patch)
 
     python -c "import runs; print(runs.LOG_COLUMNS)"
 """
@@ -36,6 +38,7 @@ import rewards
 from cli import UserError
 
 git_sha = antipasto.git_sha  # one implementation: HEAD of this repository, or "unknown"
+git_dirty = antipasto.git_dirty  # (tracked files changed since HEAD, their diff)
 
 BASE_COLUMNS = (
     "step", "epoch", "lr", "reward_mean", "reward_std", "frac_zero_std", "hack_strict", "hack_loose",
@@ -98,7 +101,15 @@ def setup_run_dir(cfg, control_fields: tuple[str, ...]) -> Path:
     if cfg.resume:
         check_resume(cfg, control_fields)
         cfg.run_name = Path(cfg.resume).name
-        return Path(cfg.resume)
+        run_dir = Path(cfg.resume)
+        dirty, diff = git_dirty()  # the code a resume runs with can differ from the start's
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if diff:
+            (run_dir / f"git_diff-resume-{stamp}.patch").write_text(diff)
+        with open(run_dir / "resumes.jsonl", "a") as f:
+            f.write(json.dumps({"time": stamp, "git_sha": git_sha(), "git_dirty": dirty, "argv": sys.argv})
+                    + "\n")
+        return run_dir
     if not cfg.run_name:
         cfg.run_name = f"{cfg.arm}__s{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.out_dir) / cfg.run_name
@@ -108,11 +119,15 @@ def setup_run_dir(cfg, control_fields: tuple[str, ...]) -> Path:
             "another --run-name"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    dirty, diff = git_dirty()
+    if diff:  # the uncommitted edits this run ran with, beside its config
+        (run_dir / "git_diff.patch").write_text(diff)
     (run_dir / "config.json").write_text(
         json.dumps(
             {
                 "config": dataclasses.asdict(cfg),
                 "git_sha": git_sha(),
+                "git_dirty": dirty,
                 "argv": sys.argv,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),

@@ -295,7 +295,7 @@ def loss_config(cfg: TrainConfig) -> grpo.LossConfig:
                            fused_adapter=cfg.fused_adapter, temperature=cfg.temperature)
 
 
-# field -> allowed range (cli.in_range); validate() names the field, its value, the range and the default
+# field -> allowed range (cli.in_range); validate() names the field, its value and the range
 RANGES = {"steps": ">=1", "lr": ">0", "weight_decay": ">=0", "betas": "[0,1)", "grad_clip": ">0",
           "warmup_steps": ">=0", "beta_kl": ">=0", "inner_steps": ">=1", "clip_eps": ">0",
           "micro_batch": ">=1", "logits_chunk": ">=1", "temperature": ">=0", "top_p": "(0,1]",

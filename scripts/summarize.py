@@ -49,6 +49,7 @@ import tyro  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import arms as arm_table  # noqa: E402  (`arms` names arm lists below)
+import cli as cli_lib  # noqa: E402  (`cli` is this script's entry point)
 import runs  # noqa: E402
 import stats  # noqa: E402
 
@@ -687,6 +688,7 @@ def write_markdown(name: str, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: 
 
 
 def main(c: Config) -> Path:
+    cli_lib.check_ranges(c, {"breakout": "(0,1]", "smooth": ">=0"})
     name, runs_list, manifest = list_runs(c)
     assert runs_list, f"sweep {name}: no runs listed"
     out = c.out_root / "sweeps" / name
@@ -737,7 +739,7 @@ def cli(argv: list[str] | None = None) -> int:
     c = tyro.cli(Config, args=argv)
     try:
         main(c)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, cli_lib.UserError) as e:
         print(f"summarize.py: {e}", file=sys.stderr)
         return 2
     return 0

@@ -249,6 +249,8 @@ def test_runs_without_manifest_read_config_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="sweep.json.*--runs"):
         summarize.main(summarize.Config(sweep="nope", out_root=tmp_path))
     assert summarize.cli(["nope", "--out-root", str(tmp_path)]) == 2
+    for bad in (["--breakout", "-1"], ["--breakout", "1.5"], ["--smooth", "-5"]):
+        assert summarize.cli(["adhoc", "--out-root", str(tmp_path), "--runs", str(d), *bad]) == 2, bad
 
 
 def test_smoke_folder_of_run_dirs(tmp_path):

@@ -116,8 +116,12 @@ def test_vhack_only_measures_in_vanilla(tmp_path, pool_dir, vhack_file):
         assert r0["step_cos"] == "nan" and float(r["removed_norm_frac"]) == 0.0
 
 
-def test_resume_is_bit_identical(tmp_path, pool_dir):
+def test_resume_is_bit_identical(tmp_path, pool_dir, monkeypatch):
+    """... and the run records the uncommitted edits it ran with: at the start and at each resume."""
+    monkeypatch.setattr(runs, "git_dirty", lambda: (["arms.py"], "diff --git a/arms.py b/arms.py\n+edit\n"))
     full = train.main(small_cfg(tmp_path, pool_dir, steps=6, ckpt_every=3, run_name="full6"))
+    assert json.loads((full / "config.json").read_text())["git_dirty"] == ["arms.py"]
+    assert (full / "git_diff.patch").read_text().endswith("+edit\n")
     cfg = small_cfg(tmp_path, pool_dir, steps=6, ckpt_every=3, run_name="part")
     # a run killed right after its step-3 checkpoint, then resumed: 3 + 3 steps
     calls = {"n": 0}
@@ -137,7 +141,10 @@ def test_resume_is_bit_identical(tmp_path, pool_dir):
         runs.save_checkpoint = orig
     part = Path(tmp_path) / "part"
     assert len(read_tsv(part / "log.tsv")) == 3
+    monkeypatch.setattr(runs, "git_dirty", lambda: ([], ""))
     train.main(dataclasses.replace(cfg, resume=str(part), run_name=""))
+    resumes = [json.loads(x) for x in (part / "resumes.jsonl").read_text().splitlines()]
+    assert len(resumes) == 1 and resumes[0]["git_dirty"] == [] and not list(part.glob("git_diff-resume-*"))
     a, b = read_tsv(full / "log.tsv"), read_tsv(part / "log.tsv")
     assert len(a) == len(b) == 6
     for ra, rb in zip(a, b):

@@ -138,6 +138,26 @@ def test_tiny_random_without_its_data_is_a_user_error(tmp_path, monkeypatch):
     assert "\n" not in str(e.value) and not (tmp_path / "models").exists()
 
 
+def test_git_dirty_lists_changed_tracked_files(tmp_path):
+    """A throwaway repository: clean -> ([], ""); an edited tracked file and an untracked one -> only the
+    tracked file, with its diff."""
+    import antipasto
+
+    def git(*a):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "one")
+    assert antipasto.git_dirty(tmp_path) == ([], "")
+    (tmp_path / "a.py").write_text("x = 2\n")
+    (tmp_path / "scratch.txt").write_text("untracked\n")
+    files, diff = antipasto.git_dirty(tmp_path)
+    assert files == ["a.py"] and "-x = 1" in diff and "+x = 2" in diff
+
+
 def test_in_range_specs():
     assert cli.in_range(1, ">=1") and not cli.in_range(0, ">=1")
     assert cli.in_range(1e-9, ">0") and not cli.in_range(0, ">0")
