@@ -47,6 +47,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import datetime
+import difflib
 import json
 import math
 import os
@@ -64,7 +65,7 @@ import tyro
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import arms  # noqa: E402
-from cli import UserError  # noqa: E402
+from cli import UserError, in_range  # noqa: E402
 import runs  # noqa: E402
 import stats  # noqa: E402
 
@@ -630,10 +631,14 @@ def preset_fields(preset: str, sets: tuple[str, ...] = (), train_script: Path = 
     ast (literal defaults and preset keywords only; importing train.py would load torch)."""
     tree = ast.parse(Path(train_script).read_text())
     fields: dict = {}
+    names: set[str] = set()  # every TrainConfig field, literal default or not
     presets: dict = {}
+    ranges: dict = {}
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "TrainConfig":
             for st in node.body:
+                if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name):
+                    names.add(st.target.id)
                 if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name) and st.value is not None:
                     try:
                         fields[st.target.id] = ast.literal_eval(st.value)
@@ -646,14 +651,24 @@ def preset_fields(preset: str, sets: tuple[str, ...] = (), train_script: Path = 
             for k, v in zip(node.value.keys, node.value.values):
                 call = v.elts[1] if isinstance(v, ast.Tuple) else v
                 presets[ast.literal_eval(k)] = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+        if any(isinstance(t, ast.Name) and t.id == "RANGES" for t in targets):
+            ranges = ast.literal_eval(node.value)
     if preset not in presets:
         raise UserError(f"--preset {preset!r}: train.py has presets {', '.join(presets)}")
     out = fields | presets[preset]
     for item in sets:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: need FIELD=VALUE (a train.py flag without its dashes)")
         k, v = item.split("=", 1)
         k = k.strip().replace("-", "_")
+        if k not in names:
+            close = difflib.get_close_matches(k, sorted(names), n=1)
+            raise UserError(f"--set {item!r}: train.py has no field {k!r}"
+                            + (f" (did you mean {close[0]}?)" if close else ""))
         old = out.get(k)
         if isinstance(old, bool):
+            if v.lower() not in ("true", "false"):
+                raise UserError(f"--set {item!r}: {k} takes true or false, got {v!r}")
             out[k] = v.lower() == "true"
         elif isinstance(old, (int, float)):
             try:
@@ -662,6 +677,8 @@ def preset_fields(preset: str, sets: tuple[str, ...] = (), train_script: Path = 
                 raise UserError(f"--set {item!r}: {k} takes a number, got {v!r}") from e
         else:
             out[k] = v
+        if k in ranges and isinstance(out[k], (int, float)) and not in_range(out[k], ranges[k]):
+            raise UserError(f"--set {item!r} is out of range: train.py needs {k} {ranges[k]}")
     return out
 
 
@@ -789,6 +806,7 @@ def prepare(cfg: SweepConfig) -> tuple[SweepConfig, dict | None, list[str]]:
                      f"not in arms.ARMS yet; the prereg compares {cfg.primary_method} with "
                      f"{', '.join(controls) or 'nothing'}")
     cfg = dataclasses.replace(cfg, primary_controls=controls)
+    preset_fields(cfg.preset, cfg.set)  # unknown or out-of-range --set fields stop the sweep here
     if cfg.budget_gpu_hours is not None or cfg.dry_run:
         try:
             p = preset_fields(cfg.preset, cfg.set)
@@ -967,8 +985,18 @@ def execute(cfg: SweepConfig, jobs: list[Job], skipped: list[tuple[str, str]], b
     return 0
 
 
+def backend_line(requested: str, backend: str) -> str:
+    """What runs the jobs, said before anything is submitted."""
+    if backend == "local":
+        why = " (--backend auto: `pueue` is not on PATH)" if requested == "auto" else ""
+        return (f"# backend: local{why}: the jobs run in this process, in this terminal (--local-jobs at "
+                "once); for a queue that outlives the terminal, install pueue and start `pueued -d`")
+    return f"# backend: {backend}" + (" (--backend auto: pueue on PATH)" if requested == "auto" else "")
+
+
 def main(cfg: SweepConfig) -> int:
     backend = resolve_backend(cfg.backend)
+    print(backend_line(cfg.backend, backend))
     cfg, prereg, notes = prepare(cfg)
     if not isinstance(cfg, ProbeConfig):
         jobs, skipped = plan_grid(cfg)

@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -32,6 +33,7 @@ import sweep  # noqa: E402
 import summarize  # noqa: E402
 import arms  # noqa: E402  (after sweep: it puts the repo on sys.path)
 import stats  # noqa: E402
+import cli  # noqa: E402
 
 PY = sys.executable
 FAKES = dict(train_script="tests/fixtures/fake_train.py", extract_script="tests/fixtures/fake_extract.py",
@@ -390,6 +392,22 @@ def test_preset_fields_read_train_py_without_importing_it():
     assert (p["steps"], p["fused_adapter"], p["eval_every"], p["lr"]) == (50, True, 50, 2e-3)
     with pytest.raises(ValueError, match="--preset 'nope'"):
         sweep.preset_fields("nope")
+    # a typo, a value out of train.py's RANGES, a non-boolean boolean, no '=': one line each, at submission
+    for item, needle in (("stepz=3", "no field 'stepz' (did you mean steps?)"),
+                         ("steps=-3", "out of range: train.py needs steps >=1"),
+                         ("top_p=1.5", "needs top_p (0,1]"), ("fused_adapter=yes", "takes true or false"),
+                         ("steps", "need FIELD=VALUE")):
+        with pytest.raises(cli.UserError, match=re.escape(needle)):
+            sweep.preset_fields("full", (item,))
+
+
+def test_bad_set_stops_the_sweep_before_anything_runs(tmp_path, capsys):
+    """`--set` is checked when the sweep is planned, not when each job starts; the plan names its backend."""
+    assert sweep.cli(["grid", "--name", "bad", "--out-root", str(tmp_path), "--dry-run", "--set",
+                      "stepz=3"]) == 2
+    assert not (tmp_path / "sweeps" / "bad").exists()
+    assert sweep.main(cfg(tmp_path, dry_run=True)) == 0
+    assert "# backend: local" in capsys.readouterr().out
 
 
 def test_analytic_estimate_is_labelled(tmp_path, capsys):
