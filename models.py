@@ -171,7 +171,8 @@ def tiny_dir(models_dir: Path = MODELS_DIR) -> Path:
         data = problems.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz"
         if not data.is_file():  # its tokenizer is trained on this file
             raise UserError(f"tiny-random is built from {data}, which does not exist; set PGRPO_DATA_DIR to "
-                            "the folder holding the LeetCode .jsonl.gz files (default ../shared/data/leetcode)")
+                            "the folder holding the LeetCode .jsonl.gz files (default "
+                            "../shared/data/leetcode)")
         build_tiny_random(d)
     return d
 

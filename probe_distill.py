@@ -1055,7 +1055,22 @@ def main(cfg: ProbeConfig) -> Path:
     stages = chosen or list(DEFAULT_STAGES)
     import models  # the user-facing inputs, checked before the model loads
 
-    cli.check_ranges(cfg, RANGES)
+    cli.check_ranges(cfg, RANGES, {"dtype": tuple(models.DTYPES), "hint": P.HINTS, "teacher_hint": P.HINTS,
+                                   "base_hint": P.HINTS})
+    for flag, path in (("--adapter", cfg.adapter), ("--probe-adapter", cfg.probe_adapter)):
+        if path and not Path(path).is_file():
+            raise cli.UserError(f"{flag}={path!r} does not exist; pass a checkpoint's adapter.safetensors "
+                                "(out/runs/<run>/ckpt/step_NNNNNN/) or '' for the base model")
+    generated = {k for k, st in (("teacher", "teacher_only"), ("base", "base_only"), ("solve", "solve_only"))
+                 if st in stages}
+    needed = set()  # pools a probe stage reads that this invocation does not generate first
+    if "probe_distill" in stages:
+        needed |= ({resolve_pool(p, cfg.pools_dir) for p in cfg.probe_pools}
+                   or {cfg.pool_dir(k) for k in ("teacher", "base") if k not in generated})
+    if "probe_mixed" in stages:
+        needed |= {cfg.pool_dir(k) for k in ("teacher", "base") if k not in generated}
+    for pool in sorted(needed - {cfg.pool_dir(k) for k in generated}):
+        cli.check_pool_dir(pool, "--teacher-pool / --base-pool / --probe-pools")
     models.check_available(cfg.model)
     cli.check_data(cfg.data_path, P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz",
                    P.DEFAULT_DATA_DIR / P.BENCHMARK_TEST_FILE)

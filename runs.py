@@ -1,8 +1,9 @@
 """A run directory end to end: set-up and the resume-config check, checkpoints, the per-step TSV, eval and
 rollout records, and the readers that scripts/sweep.py and scripts/summarize.py use.
 
-    out/runs/<run>/config.json           {config, git_sha, git_dirty (tracked files changed since HEAD; their
-                                         diff in git_diff.patch), argv, created, started_at (UTC)}, before step 0
+    out/runs/<run>/config.json           {config, git_sha, git_dirty (tracked files changed since HEAD;
+                                         their diff in git_diff.patch), argv, created, started_at (UTC)},
+                                         before step 0
     out/runs/<run>/log.tsv               LOG_COLUMNS, one row per step, flushed
     out/runs/<run>/rollouts/step_NNNNNN.jsonl.gz
     out/runs/<run>/ckpt/step_NNNNNN/{adapter.safetensors, optimizer.pt, rng.pt, state.json}, ckpt/latest

@@ -342,7 +342,8 @@ def validate(cfg: TrainConfig) -> None:
         if got != cfg.train_source:
             raise UserError(f"--data-path={cfg.data_path!r} was prepared from source {got!r} but "
                             f"--train-source={cfg.train_source}; run `just prepare-data --source "
-                            f"{cfg.train_source}` (hub: with --tokenizer <model>) or pass --train-source {got}")
+                            f"{cfg.train_source}` (hub: with --tokenizer <model>) or pass --train-source "
+                            f"{got}")
     if cfg.eval_data_path and not Path(cfg.eval_data_path).is_file():
         raise UserError(f"--eval-data-path={cfg.eval_data_path!r} does not exist; pass a problems jsonl "
                         "or '' for the benchmark's test set")
@@ -423,7 +424,7 @@ def main(cfg: TrainConfig) -> Path:
         cfg = dataclasses.replace(cfg, direction_seed=1234 + cfg.seed)
     validate(cfg)  # (after the seed's resolution: --resume compares with the saved, resolved config)
     arm = arms.get(cfg.arm)
-    t_start = time.time()
+    t_start, cpu_start = time.time(), cli.cpu_s()  # a caller (smoke) may run several in one process
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -585,8 +586,8 @@ def main(cfg: TrainConfig) -> Path:
         runs.write_eval(run_dir, result, final=True)
     grader.close()
     (run_dir / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
-    logger.info(f"done in {(time.time() - t_start) / 60:.1f} min wall, {cli.cpu_s() / 60:.1f} CPU-min: "
-                f"{run_dir}/log.tsv, {run_dir}/rollouts/"
+    logger.info(f"done in {(time.time() - t_start) / 60:.1f} min wall, "
+                f"{(cli.cpu_s() - cpu_start) / 60:.1f} CPU-min: {run_dir}/log.tsv, {run_dir}/rollouts/"
                 + (f", {run_dir}/eval.json" if cfg.eval_at_end else " (no eval: --no-eval-at-end)"))
     return run_dir
 

@@ -71,7 +71,13 @@ def main(cfg: SmokeConfig) -> None:
     import make_synthetic_pool
     import train
 
+    import cli
+
     t0 = time.time()
+    if cfg.preset not in train.PRESETS:  # one-line errors before anything builds
+        raise cli.UserError(f"--preset={cfg.preset!r}: train.py has presets {', '.join(train.PRESETS)}")
+    if cfg.steps < 1:
+        raise cli.UserError(f"--steps={cfg.steps}: need >= 1")
     base = train.PRESETS[cfg.preset][1]
     arms = cfg.arms or tuple(arm_table.ARMS)
     for a in arms:  # a one-line error for an unknown arm before anything builds

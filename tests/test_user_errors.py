@@ -129,7 +129,7 @@ def test_check_gz_names_the_file_of_a_truncated_pool(tmp_path):
 
 
 def test_tiny_random_without_its_data_is_a_user_error(tmp_path, monkeypatch):
-    """A fresh clone without the LeetCode data: building tiny-random stops in one line naming PGRPO_DATA_DIR."""
+    """A fresh clone without the LeetCode data: building tiny-random stops in one line (PGRPO_DATA_DIR)."""
     import models
 
     monkeypatch.setattr(P, "DEFAULT_DATA_DIR", tmp_path / "nowhere")
@@ -326,3 +326,39 @@ def test_download_model_aliases_match_models():
     for k, v in download_model.ALIASES.items():
         assert models.ALIASES[k] == v, f"download_model.ALIASES[{k!r}] != models.ALIASES"
     assert set(download_model.LOCAL) == set(models.ALIASES) - set(download_model.ALIASES)
+
+
+def test_other_entry_points_refuse_bad_input_before_the_model(tmp_path, monkeypatch):
+    """probe_distill.py, extract_vhack_grad.py and scripts/smoke.py: one-line UserErrors naming the flag,
+    raised before any model loads (models.load_model would fail the test)."""
+    import extract_vhack_grad as ex
+    import models
+    import probe_distill as pd
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import smoke
+
+    def no_load(*a, **k):
+        raise AssertionError("a model loaded before the bad input was refused")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    base = dataclasses.replace(pd.PRESETS["smoke"][1], pools_dir=str(tmp_path / "pools"),
+                               probes_dir=str(tmp_path / "probes"))
+    cases = [
+        (lambda: pd.main(dataclasses.replace(base, teacher_only=True,
+                                             adapter=str(tmp_path / "no.safetensors"))), "--adapter="),
+        (lambda: pd.main(dataclasses.replace(base, teacher_only=True, teacher_hint="nosuch")),
+         "--teacher-hint="),
+        (lambda: pd.main(dataclasses.replace(base, probe_mixed=True)), "has no step_*.jsonl.gz files"),
+        (lambda: pd.main(dataclasses.replace(base, probe_distill=True, dtype="float33")), "--dtype="),
+        (lambda: ex.extract(dataclasses.replace(ex.PRESETS["smoke"][1], select="@mode=nosuchmode")),
+         "--select='@mode=nosuchmode'"),
+        (lambda: ex.extract(dataclasses.replace(ex.PRESETS["smoke"][1], dtype="float33")), "--dtype="),
+        (lambda: smoke.main(smoke.SmokeConfig(preset="smolm")), "--preset='smolm'"),
+        (lambda: smoke.main(smoke.SmokeConfig(steps=0)), "--steps=0"),
+    ]
+    for call, needle in cases:
+        with pytest.raises(cli.UserError) as e:
+            call()
+        assert needle in str(e.value) and "\n" not in str(e.value), (needle, str(e.value))
+    assert not (tmp_path / "probes").exists(), "a refused probe wrote its output folder"
