@@ -119,7 +119,9 @@ def dr_grpo_loss(
 
 
 def _logp_chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, inv_t: float) -> Tensor:
-    logits = F.linear(hidden, weight, bias).float() * inv_t  # (n, V)
+    logits = F.linear(hidden, weight, bias).float()  # (n, V)
+    if inv_t != 1.0:
+        logits = logits * inv_t  # (n, V) the sampling temperature
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (n,)
 
 

@@ -447,7 +447,8 @@ def run(cfg: BenchConfig) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
     tcfg = grpo.LossConfig(micro_batch=cfg.micro_batch, logits_chunk=cfg.logits_chunk, beta_kl=cfg.beta_kl,
-                           l_max=cfg.max_new_tokens, inner_steps=1, fused_adapter=cfg.fused_adapter)
+                           l_max=cfg.max_new_tokens, inner_steps=1, fused_adapter=cfg.fused_adapter,
+                           temperature=cfg.temperature)
     prompt_ids, lens = make_rollouts(cfg, hf.vocab_size, rng)
     dbytes = torch.finfo(dtype).bits // 8
     kvb = kv_bytes_per_token(hf, dbytes)

@@ -29,6 +29,17 @@ import grpo  # noqa: E402
 import models  # noqa: E402
 
 
+def pools_temperature(pools: list[str]) -> float:
+    """The sampling temperature the pools' meta.json files record (probe_distill.py writes it; 1.0 where none
+    does, e.g. synthetic pools); pools sampled at different temperatures are refused."""
+    temps = {float(json.loads(m.read_text()).get("temperature", 1.0)) if (m := Path(p) / "meta.json").is_file()
+             else 1.0 for p in pools}
+    if len(temps) > 1:
+        raise cli.UserError(f"--pools were sampled at temperatures {sorted(temps)}; a group is scored at one "
+                            "temperature: pass --temperature or pools of one temperature")
+    return temps.pop()
+
+
 def measure(
     model_name: str,
     vhack: str,
@@ -39,6 +50,7 @@ def measure(
     threads: int = 2,
     max_rows: int = 0,
     out: str = "",
+    temperature: float = -1.0,
 ) -> dict:
     """Gate precision / recall / AUC on cached pool rows (see the module docstring).
     Returns the summary dict."""
@@ -48,6 +60,7 @@ def measure(
     cli.check_vhack_file(vhack, "--vhack", models.model_id(model_name), None, models.weights_hash(model_name))
     for p in pools:
         cli.check_pool_dir(p, "--pools")
+    temperature = pools_temperature(pools) if temperature < 0 else temperature
     model, tok = models.load_model(model_name)
     model.requires_grad_(False)
     ads = antipasto.wrap_model(model)
@@ -81,7 +94,7 @@ def measure(
     active = [r for r in rollouts if r.advantage != 0.0]
     assert active, "no rollout has a nonzero advantage: every problem's rows have equal rewards"
     L = l_max or max(len(r.completion_ids) for r in rollouts)
-    lcfg = grpo.LossConfig(micro_batch=micro_batch, l_max=L, beta_kl=0.0)
+    lcfg = grpo.LossConfig(micro_batch=micro_batch, l_max=L, beta_kl=0.0, temperature=temperature)
     per: dict = {}
     model.zero_grad(set_to_none=True)
     grpo.policy_gradient(
@@ -187,9 +200,11 @@ class GateProbeConfig:
     """use only the first N rows (0 = all)"""
     out: str = ""
     """also write the summary JSON here"""
+    temperature: float = -1.0
+    """score rows under softmax(logits / T) as the arm would (-1 = the pools' recorded sampling temperature)"""
 
 
 if __name__ == "__main__":
     c = tyro.cli(GateProbeConfig)
     cli.run(lambda: measure(c.model, c.vhack, list(c.pools), c.q, c.micro_batch, c.l_max, c.threads,
-                            c.max_rows, c.out))
+                            c.max_rows, c.out, c.temperature))

@@ -103,7 +103,8 @@ def bench_config(p: dict, shape: str, cfg: GpuCheckConfig, fused: bool, device: 
 
 def loss_config(b: B.BenchConfig) -> grpo.LossConfig:
     return grpo.LossConfig(micro_batch=b.micro_batch, logits_chunk=b.logits_chunk, beta_kl=b.beta_kl,
-                           l_max=b.max_new_tokens, inner_steps=1, fused_adapter=b.fused_adapter)
+                           l_max=b.max_new_tokens, inner_steps=1, fused_adapter=b.fused_adapter,
+                           temperature=b.temperature)
 
 
 def generate(b: B.BenchConfig, model, prompt_ids, lens, gen_batch: int, device: str,

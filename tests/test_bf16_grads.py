@@ -16,12 +16,12 @@ import train
 from tiny_qwen import ids, tiny_model
 
 
-@pytest.fixture(scope="module")
-def bf16_capture():
-    """A bf16 tiny Qwen3 with a quarantine, delta_S != 0, one Dr.GRPO backward under per-sample capture."""
+def capture(kind: str):
+    """A bf16 tiny Qwen3 with a quarantine (adapter `kind`), delta_S != 0, one Dr.GRPO backward under
+    per-sample capture."""
     torch.manual_seed(0)
     m = tiny_model(dtype=torch.bfloat16)
-    ads = antipasto.wrap_model(m, quarantine=True)
+    ads = antipasto.wrap_model(m, quarantine=True, kind=kind)
     with torch.no_grad():
         for a in ads.values():
             a.delta_S.normal_(0, 0.02)
@@ -36,6 +36,11 @@ def bf16_capture():
         loss, _ = grpo.dr_grpo_loss(lp, lp.detach(), None, adv, cm, B, 64, 0.0, 0.2)
         loss.backward()
     return m, ads, cap, adv
+
+
+@pytest.fixture(scope="module")
+def bf16_capture():
+    return capture("svd")
 
 
 def test_check_is_as_tight_as_bf16_allows(bf16_capture):
@@ -65,10 +70,13 @@ def test_side_grads_runs_in_bf16():
     assert all(v.shape[0] == 3 and v.dtype == torch.float32 and torch.isfinite(v).all() for v in g.values())
 
 
-def test_gate_uses_the_float32_sum_as_grad(bf16_capture):
+@pytest.mark.parametrize("kind", ["svd", "block"])
+def test_gate_uses_the_float32_sum_as_grad(kind):
     """gate_parts in a bf16 model: .grad becomes the float32 per-rollout sum, so the deployed and quarantine
-    shares add up to the gradient AdamW's moments see (no bf16 rounding residual routed every step)."""
-    _, ads0, cap, adv = bf16_capture
+    shares add up to the gradient AdamW's moments see (no bf16 rounding residual routed every step); the
+    block adapter's own-basis quarantine (its own per-rollout grads and optimizer state) too."""
+    _, ads0, cap, adv = capture(kind)
+    quar_before = {k: a.quar.grad.clone() for k, a in ads0.items()}
     grads_before = {k: a.delta_S.grad.clone() for k, a in ads0.items()}
     rs = [grpo.Rollout(0, [1], [2], "", "student", False, grade={"is_reward_hack_strict": False},
                        advantage=float(v)) for v in adv]
@@ -82,8 +90,11 @@ def test_gate_uses_the_float32_sum_as_grad(bf16_capture):
         want = cap.grads[k].sum(0)  # (r,) float32
         torch.testing.assert_close(a.delta_S.grad, want, rtol=0, atol=0)
         g_d, g_q = parts[k]
-        torch.testing.assert_close((g_d + g_q).float(), a.delta_S.grad, rtol=1e-6, atol=1e-9)
-        rounded += int(not torch.equal(grads_before[k], want))
+        if kind == "svd":  # shared frame: the two shares split one gradient
+            torch.testing.assert_close((g_d + g_q).float(), a.delta_S.grad, rtol=1e-6, atol=1e-9)
+        want_q = cap.grads_hack[k].sum(0)  # (r,) float32, the quarantine's own per-rollout grads
+        torch.testing.assert_close(a.quar.grad, want_q, rtol=0, atol=0)
+        rounded += int(not torch.equal(grads_before[k], want)) + int(not torch.equal(quar_before[k], want_q))
     assert rounded > 0, "autograd's bf16 .grad equalled the float32 sums: the test lost its case"
 
 

@@ -149,6 +149,26 @@ def test_gate_step_with_nothing_to_score(scope):
     assert all(r.extra["gate_zone"] == -1 for r in rs)
 
 
+def test_gate_probe_scores_at_the_pools_temperature(tmp_path):
+    """gate_probe reads the sampling temperature from the pools' meta.json (1 without one) and refuses pools
+    of different temperatures."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import cli
+    import gate_probe
+
+    a, b, c = (tmp_path / n for n in "abc")
+    for d, t in ((a, 0.7), (b, 0.7), (c, 1.0)):
+        d.mkdir()
+        (d / "meta.json").write_text(json.dumps({"temperature": t}))
+    (tmp_path / "bare").mkdir()
+    assert gate_probe.pools_temperature([str(a), str(b)]) == 0.7
+    assert gate_probe.pools_temperature([str(tmp_path / "bare")]) == 1.0
+    with pytest.raises(cli.UserError, match=r"temperatures \[0.7, 1.0\]"):
+        gate_probe.pools_temperature([str(a), str(c)])
+
+
 def test_gate_measure_on_a_pool(tmp_path, pool_dir, vhack_file):
     """scripts/gate_probe.measure (`just gate-probe`): both scopes reported,
     consistent with each other and with the rows."""

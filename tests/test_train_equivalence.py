@@ -228,13 +228,13 @@ def test_bf16_train_pass_direction_matches_fp32(base):
     assert l16 == pytest.approx(l32, rel=0.05)
 
 
-@pytest.mark.parametrize("clip_eps", [0.2, 10.0])
-def test_behaviour_policy_ratio_matches_an_importance_weighted_reference(base, clip_eps):
+@pytest.mark.parametrize("clip_eps,temperature", [(0.2, 1.0), (10.0, 1.0), (0.2, 0.7)])
+def test_behaviour_policy_ratio_matches_an_importance_weighted_reference(base, clip_eps, temperature):
     """Rollouts sampled in deploy mode (quarantine ablated), trained with the quarantine on: the policy
     gradient uses the behaviour log-probs as old_logp and equals the clipped importance-weighted surrogate
     written here, full batch and full logits: -min(rho A, clip(rho) A), rho = pi_train / pi_behaviour,
-    behaviour = W + U diag(dS) Vh, train = W + U diag(dS + dS_hack) Vh. clip_eps = 10: the unclipped
-    importance-weighted gradient."""
+    behaviour = W + U diag(dS) Vh, train = W + U diag(dS + dS_hack) Vh, both at the sampling temperature.
+    clip_eps = 10: the unclipped importance-weighted gradient."""
     model, tok = base
     m, ads = wrapped(model, quarantine=True, seed=3)
     rs = rollouts(len(tok), seed=3)
@@ -249,7 +249,7 @@ def test_behaviour_policy_ratio_matches_an_importance_weighted_reference(base, c
     def logp_of(d):  # merged weights with per-module singular-value offsets d
         w = {f"{k}.weight": model.get_submodule(k).weight + (a.U * d[k]) @ a.Vh for k, a in ads.items()}
         logits = functional_call(model, w, args=(), kwargs={"input_ids": ids, "attention_mask": att}).logits
-        lp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(
+        lp = torch.log_softmax(logits.float() / temperature, -1)[:, :-1].gather(
             -1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
         return F.pad(lp, (1, 0))  # (B, T)
 
@@ -264,7 +264,8 @@ def test_behaviour_policy_ratio_matches_an_importance_weighted_reference(base, c
     (-(surr * cm).sum() / (N_SEQS * L_MAX)).backward()
     want = {k: v.grad for k, v in d.items()}
 
-    cfg = grpo.LossConfig(micro_batch=3, logits_chunk=7, beta_kl=0.0, l_max=L_MAX, clip_eps=clip_eps)
+    cfg = grpo.LossConfig(micro_batch=3, logits_chunk=7, beta_kl=0.0, l_max=L_MAX, clip_eps=clip_eps,
+                          temperature=temperature)
     m.train()
     for p in m.parameters():
         p.grad = None

@@ -83,7 +83,7 @@ def test_erase_on_the_step_never_applies_a_step_toward_the_hack(tmp_path, pool_d
 
 def test_erase_planted_direction(tmp_path, pool_dir, vhack_file):
     """--surgery-on grad (the founding design): the edited gradient has no positive component along v, and
-    vanilla's gradient, measured after the same surgery call (mode measure), is unedited."""
+    vanilla through the same surgery call (mode measure) trains the adapter bit for bit as in step mode."""
     run_e = train.main(small_cfg(tmp_path, pool_dir, arm="erase", steps=5, run_name="erase",
                                  vhack_path=vhack_file, surgery_on="grad"))
     run_v = train.main(small_cfg(tmp_path, pool_dir, arm="vanilla", steps=5, run_name="van",
@@ -101,6 +101,11 @@ def test_erase_planted_direction(tmp_path, pool_dir, vhack_file):
     for r in va:
         assert float(r["cos_out"]) == pytest.approx(float(r["cos_in"]), abs=1e-9)
         assert float(r["removed_norm_frac"]) == 0.0
+    run_s = train.main(small_cfg(tmp_path, pool_dir, arm="vanilla", steps=5, run_name="van-step",
+                                 vhack_path=vhack_file))
+    st_g, st_s = adapter_state(run_v), adapter_state(run_s)
+    assert st_g.keys() == st_s.keys() and all(torch.equal(st_g[k], st_s[k]) for k in st_g), (
+        "vanilla's measure-mode surgery changed what it trained")
 
 
 def test_vhack_only_measures_in_vanilla(tmp_path, pool_dir, vhack_file):
