@@ -32,8 +32,8 @@ import models  # noqa: E402
 def pools_temperature(pools: list[str]) -> float:
     """The sampling temperature the pools' meta.json files record (probe_distill.py writes it; 1.0 where none
     does, e.g. synthetic pools); pools sampled at different temperatures are refused."""
-    temps = {float(json.loads(m.read_text()).get("temperature", 1.0)) if (m := Path(p) / "meta.json").is_file()
-             else 1.0 for p in pools}
+    metas = [Path(p) / "meta.json" for p in pools]
+    temps = {float(json.loads(m.read_text()).get("temperature", 1.0)) if m.is_file() else 1.0 for m in metas}
     if len(temps) > 1:
         raise cli.UserError(f"--pools were sampled at temperatures {sorted(temps)}; a group is scored at one "
                             "temperature: pass --temperature or pools of one temperature")
@@ -201,7 +201,7 @@ class GateProbeConfig:
     out: str = ""
     """also write the summary JSON here"""
     temperature: float = -1.0
-    """score rows under softmax(logits / T) as the arm would (-1 = the pools' recorded sampling temperature)"""
+    """score rows under softmax(logits / T) as the arm would (-1 = the pools' recorded temperature)"""
 
 
 if __name__ == "__main__":
