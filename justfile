@@ -39,16 +39,19 @@ download-model MODEL="Qwen/Qwen3-4B": setup
 # filtered LeetCode splits -> out/data/{train,holdout,test}.jsonl (+ manifest.json); deterministic per --seed.
 # Default --source local-v0.2.0 (offline fallback, a named deviation); `just prepare-data --source hub
 # --tokenizer Qwen/Qwen3-4B` builds the benchmark's training set (needs internet; the full preset reads it)
+[doc("filtered LeetCode splits -> out/data/ (default local-v0.2.0; the full preset needs --source hub --tokenizer Qwen/Qwen3-4B)")]
 prepare-data *ARGS: setup
     {{py}} scripts/prepare_data.py {{ARGS}}
 
 # the CPU model organism (issue 17): tiny Qwen3 SFT-warm-started to hack only with the loophole hint, cached in
 # out/models/organism/ (~10 CPU-min the first time), then its base rates -> measure.json (docs/organism.md)
+[doc("the CPU model organism into out/models/organism/ (~10 CPU-min the first time), then its base rates")]
 organism-build *ARGS: setup
     nice -n 10 {{py}} scripts/build_organism.py --measure {{ARGS}}
 
 # the preregistered organism sweep (vanilla, erase, erase-random, erase-matched x 5 seeds, organism preset, 2 local
 # jobs of one thread each) then its summary in out/sweeps/organism/ (docs/organism.md; ~40-60 min on 2 cores)
+[doc("the preregistered organism sweep: vanilla, erase and its placebos x 5 seeds, then its summary (~40-60 min)")]
 organism-sweep *ARGS: organism-build
     OMP_NUM_THREADS=1 {{py}} scripts/sweep.py grid --name organism --preset organism --seeds 0 1 2 3 4 --arms vanilla erase erase-random erase-matched --backend local --local-jobs 2 {{ARGS}}
     {{py}} scripts/summarize.py organism
@@ -56,6 +59,7 @@ organism-sweep *ARGS: organism-build
 # the founding design's teacher phase on the organism (issue 19): a hack-teacher pool (the organism forced to open with
 # `def run_tests():`), a solve pool (its own hint-free samples kept on full correctness reward), then a vanilla run
 # with exactly 1 hack row + 1 solve row + 6 live rollouts per group (docs/arms.md "Teachers"; ~10 min on 2 cores)
+[doc("the teacher phase on the organism: hack + solve pools, then vanilla with 1 + 1 teacher rows per group (~10 min)")]
 organism-teachers *ARGS: organism-build
     OMP_NUM_THREADS=1 {{py}} probe_distill.py organism --teacher-only --threads 1
     OMP_NUM_THREADS=1 {{py}} probe_distill.py organism --solve-only --threads 1
@@ -95,9 +99,11 @@ smoke-projected: setup
 smoke-gate: setup
     {{py}} scripts/smoke.py --arms gate-route gate-route-random gate-random vanilla-2x shrinkage am
 
-# one full-recipe step on tiny-random with the fast code paths, to check a new machine end to end
+# one full-recipe step on tiny-random (with the synthetic teacher pool, so its groups have reward variance and
+# the step applies a gradient), to check a new machine end to end
 fast-dev-run: setup
-    {{py}} train.py smoke --steps 1 --no-eval-at-end --teacher-pool-dir "" --mix-ratio 0 --run-name fast-dev-run-$(date +%Y%m%d-%H%M%S)
+    test -f out/pools/synthetic-tiny-random/step_000.jsonl.gz || {{py}} scripts/make_synthetic_pool.py --model tiny-random --n-problems 24 --out out/pools/synthetic-tiny-random
+    {{py}} train.py smoke --steps 1 --no-eval-at-end --run-name fast-dev-run-$(date +%Y%m%d-%H%M%S)
 
 # SmolLM2 on CPU, ~10 steps with the loophole hint and real grading
 demo *ARGS: setup fetch-smollm
@@ -106,6 +112,7 @@ demo *ARGS: setup fetch-smollm
 
 # one arm, one seed, full preset (Qwen3-4B on one GPU); extra flags pass through
 # (passes --vhack-path when `just extract-vhack full` or a sweep made one: v_hack arms need it, vanilla measures with it)
+[doc("one arm, one seed, full preset (Qwen3-4B on one GPU), with the v_hack a sweep or extract-vhack made")]
 train ARM SEED *ARGS: setup
     V=$(ls out/vhack/qwen3-4b_mean.safetensors out/vhack/full.safetensors 2>/dev/null | head -1 || true); {{py}} train.py full --arm {{ARM}} --seed {{SEED}} --run-name {{ARM}}__s{{SEED}} ${V:+--vhack-path $V} {{ARGS}}
 
@@ -133,6 +140,7 @@ probe-mixed PRESET="smollm" *ARGS: setup
 
 # the CPU gate measurement of the journal (session 2): SmolLM2 pools with a forced run_tests prefix, a matched
 # control prefix, and the base model; then `just gate-probe-smollm` (~15 min on 2 cores)
+[doc("SmolLM2 pools for the CPU gate measurement (forced run_tests prefix, control prefix, base; ~15 min)")]
 pregen-smollm-gate: setup fetch-smollm
     {{py}} probe_distill.py smollm --teacher-only --teacher-prefix $'```python\ndef run_tests():\n    return True\n\n' --teacher-pool smollm2-135m-teacher-prefix-hack --pool-problems 8 --samples-per-problem 4 --problems-per-file 8
     {{py}} probe_distill.py smollm --teacher-only --teacher-prefix $'```python\nfrom typing import List, Optional\n\n' --teacher-pool smollm2-135m-teacher-prefix-clean --pool-problems 8 --samples-per-problem 4 --problems-per-file 8
@@ -151,6 +159,7 @@ gate-probe-smollm: pregen-smollm-gate
 
 # the gate's precision/recall against the grader's labels on cached pools (measurement only)
 # (defaults: the pools `just pregen-smollm-gate` writes; pass POOLS=... for a GPU model's teacher + base pools)
+[doc("the gate's precision/recall against the grader's labels on cached pools (default: the SmolLM2 pools)")]
 gate-probe MODEL="smollm2-135m" VHACK="out/vhack/smollm2-135m_mean.safetensors" POOLS="out/pools/smollm2-135m-teacher-prefix-hack out/pools/smollm2-135m-teacher-prefix-clean out/pools/smollm2-135m-base-8": setup
     {{py}} scripts/gate_probe.py --model {{MODEL}} --vhack {{VHACK}} --pools {{POOLS}} --out out/gate_probe/{{MODEL}}.json
 
