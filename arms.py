@@ -457,11 +457,11 @@ def optimizer_step(cfg, arm: Arm, adapters: dict, optimizer, directions: dict | 
         out = {k: float(surg[k]) if k in surg else float("nan")
                for k in ("cos_in", "cos_out", "frac_fired", "removed_norm_frac")}
     else:
-        surg = antipasto.surgery(adapters, vhack, "measure") if vhack is not None else {}
         parts = None
-        if arm.step_edit == "gate":
+        if arm.step_edit == "gate":  # first: it replaces .grad by the float32 per-rollout sums
             parts, hook_row = gate_parts(cfg, adapters, directions, per_sample, rollouts, seed,
                                          random_scores=arm.grad_hook == "gate-random")
+        surg = antipasto.surgery(adapters, vhack, "measure") if vhack is not None else {}
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         assert math.isfinite(grad_norm), f"non-finite grad norm {grad_norm}"
         clip_factor = min(1.0, cfg.grad_clip / (grad_norm + 1e-6))  # what clip_grad_norm_ multiplied by
