@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures as cf
+import contextlib
 import functools
 import json
 import logging
@@ -280,10 +281,13 @@ class SandboxCaps:
     landlock_abi: int
     cgroup_v1: bool  # pids + memory cgroups per worker slot
     python: str
+    ipc_ns: bool = False  # own System V IPC / POSIX mqueue namespace (no shared memory with the host)
+    dropcaps: tuple[str, ...] = ()  # prefix command run inside the namespaces: empty capability sets
 
     def describe(self) -> str:
         return (f"pdeathsig={'setpriv' if self.pdeathsig else 'runner'} "
-                f"pid_ns={self.pid_ns} net_ns={self.net_ns} landlock_abi={self.landlock_abi} "
+                f"pid_ns={self.pid_ns} net_ns={self.net_ns} ipc_ns={self.ipc_ns} "
+                f"caps={'dropped' if self.dropcaps else 'kept'} landlock_abi={self.landlock_abi} "
                 f"cgroups={'v1 pids+memory' if self.cgroup_v1 else 'no'} python={self.python}")
 
 
@@ -314,16 +318,29 @@ def detect_sandbox() -> SandboxCaps:
         tries = []
         if shutil.which("unshare"):
             user = [] if root else ["--user", "--map-root-user"]
-            tries = [(["unshare", *user, *base, "--net"], True), (["unshare", *user, *base], False)]
-        chosen, net = (), False
-        for cmd, has_net in tries:
+            # --ipc: System V shared memory / semaphores / message queues of the host are out of reach (a
+            # program could otherwise pass data between sandboxes, e.g. from the canonical run to its own)
+            tries = [(["unshare", *user, *base, *ipc, *net], bool(ipc), bool(net))
+                     for ipc in (["--ipc", "--uts"], []) for net in (["--net"], [])]
+        chosen, net_ok, ipc_ok = (), False, False
+        for cmd, has_ipc, has_net in tries:
             try:
                 r = subprocess.run([*cmd, "true"], capture_output=True, timeout=10)
                 if r.returncode == 0:
-                    chosen, net = tuple(cmd), has_net
+                    chosen, net_ok, ipc_ok = tuple(cmd), has_net, has_ipc
                     break
             except (OSError, subprocess.SubprocessError):
                 continue
+        # inside the namespaces, before Python: no capabilities (a root sandbox could otherwise mknod, chattr
+        # +i, raise its rlimits or take a real-time priority); uid stays (Landlock confines the file system)
+        drop = ("setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all",
+                "--no-new-privs", "--")
+        try:
+            drop_ok = (bool(chosen) and bool(shutil.which("setpriv"))
+                       and subprocess.run([*chosen, *drop, "true"], capture_output=True,
+                                          timeout=10).returncode == 0)
+        except (OSError, subprocess.SubprocessError):
+            drop_ok = False
         cg = root and all(os.access(f"/sys/fs/cgroup/{c}", os.W_OK) for c in ("pids", "memory"))
         # the wrapper (unshare, or the runner itself) gets SIGKILL when the grading thread's process dies;
         # unshare --kill-child passes it on to the runner, whose PID namespace then takes every grandchild
@@ -336,9 +353,10 @@ def detect_sandbox() -> SandboxCaps:
         if not ok and chosen:
             log.warning("sandbox: setpriv --pdeathsig unavailable: a SIGKILLed trainer leaves its sandboxes "
                         "until the next Grader start sweeps them")
-        _CAPS = SandboxCaps(pdeathsig=pds if ok else (), unshare=chosen, pid_ns=bool(chosen), net_ns=net,
-                            landlock_abi=_landlock_abi(), cgroup_v1=cg,
-                            python=os.path.realpath(sys.executable))
+        _CAPS = SandboxCaps(pdeathsig=pds if ok else (), unshare=chosen, pid_ns=bool(chosen),
+                            net_ns=net_ok, landlock_abi=_landlock_abi(), cgroup_v1=cg,
+                            python=os.path.realpath(sys.executable), ipc_ns=ipc_ok,
+                            dropcaps=drop if drop_ok else ())
         level = logging.INFO if (_CAPS.pid_ns and _CAPS.landlock_abi) else logging.WARNING
         log.log(level, "sandbox: %s", _CAPS.describe())
         return _CAPS
@@ -427,6 +445,9 @@ CHILD = "<child compares>"  # expected-value sentinel: the child runs the whole 
 # sandbox from outside: the runner is PID 1 of its namespace, which ignores default-action signals sent from
 # inside it. SIGKILL is the program's own only when its CPU hard limit or its cgroup's OOM killer sent it.
 _UNSHARE_SIGKILLED = b"unshare: sigprocmask unblock failed"  # util-linux 2.38, child killed by SIGKILL
+_RECORD_BYTES = 1 << 24  # one runner record (a returned value) is at most 16 MB
+_RESULT_BYTES = 1 << 26  # more than 64 MB on the result channel in one run, or
+_FORGED_LINES = 100_000  # this many lines without the nonce: a flood, killed and charged to the program
 _OWN_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
                           signal.SIGTRAP, signal.SIGSYS, signal.SIGXCPU, signal.SIGXFSZ, signal.SIGPIPE})
 
@@ -912,8 +933,8 @@ class Grader:
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp,
                    "PGRPO_SANDBOX": owner_tag(), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                    "MKL_NUM_THREADS": "1"}
-            cmd = [*caps.pdeathsig, *caps.unshare, caps.python, "-I", "-S", "-B", str(RUNNER), str(memfd),
-                   str(w_res), str(w_prog), owner_tag()]
+            cmd = [*caps.pdeathsig, *caps.unshare, *caps.dropcaps, caps.python, "-I", "-S", "-B", str(RUNNER),
+                   str(memfd), str(w_res), str(w_prog), owner_tag()]
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=w_out, stderr=w_out,
                                     pass_fds=(memfd, w_res, w_prog),
                                     cwd=tmp, env=env, start_new_session=True, close_fds=True)
@@ -964,16 +985,23 @@ class Grader:
         sel.register(r_res, selectors.EVENT_READ, "res")
         sel.register(r_out, selectors.EVENT_READ, "out")
         sel.register(r_prog, selectors.EVENT_READ, "prog")
-        buf, n_out = b"", 0
-        started = loaded = finished = False
+        buf, n_out, n_res = bytearray(), 0, 0
+        nonce_b = nonce.encode()
+        started = loaded = finished = compiled_seen = False
         cur: int | None = None  # phase index in progress
+        last_phase = skip - 1  # phases start in increasing order, each once
         stage_ok = cpu_timeout = False
-        deadline = time.monotonic() + self.startup_s
+        t_open = time.monotonic()
+        deadline = t_open + self.startup_s
+        # one absolute bound no record can extend: start-up, the program's top level and every phase, each
+        # with its wall timeout (a program that learns the nonce cannot hold the worker by re-announcing)
+        run_deadline = t_open + 2 * self.startup_s + self.wall_timeout_s * (len(phases) - skip + 1) + 1.0
         res: dict[int, dict] = {}
         seen: dict[int, set] = {}
         exited_at = None
         while True:
             now = time.monotonic()
+            deadline = min(deadline, run_deadline)
             if finished or now >= deadline:
                 break
             if exited_at is not None and (not sel.get_map() or now - exited_at > 0.2):
@@ -995,44 +1023,57 @@ class Grader:
                     n_out += len(data)
                     out["output_tail"] = (out.get("output_tail", b"") + data)[-256:]  # unshare's last words
                     continue
+                n_res += len(data)
+                if n_res > _RESULT_BYTES or out["forged"] > _FORGED_LINES:  # a flood: the program's doing
+                    out["flood"] = True
+                    with contextlib.suppress(OSError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    sel.unregister(key.fd)
+                    continue
+                if b"\n" not in data:  # amortised O(len(data)): no re-split of a long partial line
+                    buf += data
+                    if len(buf) > _RECORD_BYTES:
+                        buf, out["forged"] = bytearray(), out["forged"] + 1
+                    continue
                 buf += data
-                lines = buf.split(b"\n")
-                buf = lines.pop()
-                if len(buf) > 1 << 24:
-                    buf, out["forged"] = b"", out["forged"] + 1
+                *lines, rest = bytes(buf).split(b"\n")
+                buf = bytearray(rest)
                 for line in lines:
-                    try:
-                        rec = json.loads(line)
-                        ok = isinstance(rec, dict) and rec.get("n") == nonce
-                    except ValueError:
-                        ok = False
-                    if not ok:
+                    rec = None
+                    if nonce_b in line and len(line) <= _RECORD_BYTES:  # only the runner knows the nonce
+                        try:
+                            rec = json.loads(line)
+                        except Exception:  # noqa: BLE001 -- ValueError, and RecursionError on deep nesting
+                            rec = None
+                    if not (isinstance(rec, dict) and rec.get("n") == nonce):
                         out["forged"] += line.strip() != b""
                         continue
                     ev = rec.get("ev")
                     now = time.monotonic()
-                    if ev == "start":
+                    if ev == "start" and not started:
                         started, deadline = True, now + self.startup_s
                     elif ev == "setup_error":
                         out["infra"], out["infra_cause"] = (f"problem setup_code failed: {rec.get('err')}",
                                                             "setup")
                         finished = True
-                    elif ev == "compile":
+                    elif ev == "compile" and not compiled_seen:
+                        compiled_seen = True
                         out["compiled"] = bool(rec.get("ok"))
                         if not rec.get("ok"):
                             for i in range(skip, len(phases)):
                                 res[i] = _phase_result("syntax_error", len(phases[i].tests) or 1)
                                 res[i]["err"] = rec.get("err")
                         deadline = now + self.wall_timeout_s  # top-level program code gets one timeout
-                    elif ev == "loaded":
+                    elif ev == "loaded" and not loaded:
                         loaded = True
                         if not rec.get("ok"):
                             st = "memory_error" if rec.get("mem") else "runtime_error"
                             for i in range(skip, len(phases)):
                                 res[i] = _phase_result(st, len(phases[i].tests) or 1)
                                 res[i]["err"] = rec.get("err")
-                    elif ev == "phase" and isinstance(rec.get("p"), int) and skip <= rec["p"] < len(phases):
-                        cur = rec["p"]
+                    elif (ev == "phase" and isinstance(rec.get("p"), int) and cur is None
+                          and last_phase < rec["p"] < len(phases)):
+                        cur = last_phase = rec["p"]
                         res[cur] = _phase_result("running", len(phases[cur].tests) or 1)
                         seen[cur] = set()
                         deadline = now + self.wall_timeout_s
@@ -1086,7 +1127,7 @@ class Grader:
         if rc == 1 and self.caps.unshare and _UNSHARE_SIGKILLED in out.get("output_tail", b""):
             # unshare cannot re-raise a SIGKILL that killed its child: it says so, exits 1
             rc = -signal.SIGKILL
-        if rc is not None and rc < 0 and not timed_out and not cpu_timeout:
+        if rc is not None and rc < 0 and not timed_out and not cpu_timeout and not out.get("flood"):
             sig = -rc
             if sig == signal.SIGKILL and out.get("cpu_s", 0.0) >= cpu_hard - 0.5:
                 cpu_timeout = True  # the kernel enforced the CPU hard limit (SIGXCPU was ignored)

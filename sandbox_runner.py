@@ -66,6 +66,8 @@ def _landlock(allow_ro: list, allow_rw: list, want_net: bool, want_scope: bool, 
     file_ro = (1 << 0) | (1 << 2)  # EXECUTE | READ_FILE
     dir_ro = file_ro | (1 << 3)  # + READ_DIR
     file_rw_extra = (1 << 1) | ((1 << 14) if abi >= 3 else 0)  # WRITE_FILE | TRUNCATE
+    # read/write dirs: everything handled except making device nodes and ioctls on devices
+    dir_rw = fs_all & ~((1 << 6) | (1 << 11) | (1 << 15))  # MAKE_CHAR, MAKE_BLOCK, IOCTL_DEV
     for path, rw in ([(p, None) for p in list_only] + [(p, False) for p in allow_ro]
                      + [(p, True) for p in allow_rw]):
         try:
@@ -76,7 +78,7 @@ def _landlock(allow_ro: list, allow_rw: list, want_net: bool, want_scope: bool, 
         if rw is None and not is_dir:
             os.close(fd)
             continue
-        allowed = ((1 << 3) if rw is None else (fs_all if rw else dir_ro) if is_dir
+        allowed = ((1 << 3) if rw is None else (dir_rw if rw else dir_ro) if is_dir
                    else (file_ro | (file_rw_extra if rw else 0)))
         rule = PathBeneath(allowed, fd)
         r = libc.syscall(445, rfd, 1, ctypes.byref(rule), 0)
@@ -111,19 +113,31 @@ _BLOCKED_EVENTS = frozenset({
 _BLOCKED_IMPORTS = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "pty", "multiprocessing"})
 
 
-def _install_guard(trusted: list) -> None:
+def _install_guard(rlimit_cpu: int, cpu_hard: int) -> None:
     """Audit hook (cannot be removed from Python code): blocks gc/trace introspection, ctypes, process
-    creation, signals, sockets and raising rlimits. Defence in depth on top of the OS layer. Frames are
-    NOT blocked (namedtuple, enum, typing need sys._getframe): ground-truth verdicts do not depend on
-    anything in this process, because the parent compares the returned values itself.
+    creation, signals, sockets and every rlimit change but one. Defence in depth on top of the OS layer.
+    Frames are NOT blocked (namedtuple, enum, typing need sys._getframe): ground-truth verdicts do not depend
+    on anything in this process, because the parent compares the returned values itself.
 
-    `trusted` is a one-element list only the runner holds; trusted[0] is True only around the runner's
-    own setrlimit calls (no program code runs in that window)."""
+    The one rlimit call allowed is the shape of the runner's own per-stage CPU window: RLIMIT_CPU with the
+    hard limit unchanged (cpu_hard) and a soft limit below it. The hook holds no flag that code could set
+    (frames can reach any local): a program that makes that call itself only moves its soft CPU limit within
+    the run's hard total."""
     blocked_events, blocked_imports = _BLOCKED_EVENTS, _BLOCKED_IMPORTS
     perm, no_module = PermissionError, ModuleNotFoundError
+    _type, _int, _tuple, _len, _base = type, int, tuple, len, BaseException  # builtins are patchable later
+
+    def window_call(args) -> bool:
+        try:
+            res, lims = args
+            return (_type(res) is _int and res == rlimit_cpu and _type(lims) is _tuple and _len(lims) == 2
+                    and _type(lims[0]) is _int and _type(lims[1]) is _int and lims[1] == cpu_hard
+                    and 0 <= lims[0] < cpu_hard)
+        except _base:
+            return False
 
     def hook(event, args):
-        if trusted[0]:
+        if event == "resource.setrlimit" and window_call(args):
             return
         if event in blocked_events:
             raise perm(f"sandbox: {event} is not allowed")
@@ -287,21 +301,15 @@ def main() -> None:
         emit({"ev": "done"})
         _exit(0)
     cpu_budget = lim["cpu_phase_s"]
-    _getrusage, _setrlimit, _ceil = resource.getrusage, resource.setrlimit, __import__("math").ceil
+    _getrusage, _setrlimit, _ceil, _min = resource.getrusage, resource.setrlimit, __import__("math").ceil, min
     cpu_hard = lim["cpu_s"] + 1
 
-    trusted = [False]
     rlimit_cpu, rusage_self = resource.RLIMIT_CPU, resource.RUSAGE_SELF
 
     def cpu_window() -> None:
         # each stage (load, every phase) gets cpu_phase_s of CPU on top of what was already used
         ru = _getrusage(rusage_self)
-        trusted[0] = True
-        try:
-            _setrlimit(rlimit_cpu,
-                       (min(_ceil(ru.ru_utime + ru.ru_stime + cpu_budget), cpu_hard - 1), cpu_hard))
-        finally:
-            trusted[0] = False
+        _setrlimit(rlimit_cpu, (_min(_ceil(ru.ru_utime + ru.ru_stime + cpu_budget), cpu_hard - 1), cpu_hard))
 
     def on_xcpu(signum, frame) -> None:
         emit({"ev": "cpu"})
@@ -314,7 +322,7 @@ def main() -> None:
         # ctypes stays unimportable: `import ctypes` raises ImportError (numpy's optional ctypes import then
         # falls back to None), and removing the None entry makes the next import an audited, blocked event
         sys.modules["ctypes"] = sys.modules["_ctypes"] = None
-        _install_guard(trusted)
+        _install_guard(rlimit_cpu, cpu_hard)
     # the program's fds 1 and 2 become its own output pipe: from here on nothing it writes can reach the pipe
     # on which the wrappers and this runner report (unshare's "child killed", "sandbox_runner crashed")
     os.dup2(prog_out, 1)

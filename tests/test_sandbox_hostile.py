@@ -216,6 +216,21 @@ CASES = [
     ("gc_introspection_blocked", "import gc\nobjs = gc.get_objects()\n" + GOOD, "runtime_error", False),
     ("kill_parent", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + GOOD,
      "runtime_error", False),
+    # the audit hook keeps no flag a frame walk could set (a red team's bypass, 2026-12-04): fork still fails
+    ("flip_guard_flags_in_runner_frames",
+     "import sys, os\nf = sys._getframe(0)\nwhile f is not None:\n    for v in list(f.f_locals.values()):\n"
+     "        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], bool):\n            v[0] = True\n"
+     "    f = f.f_back\nos.fork()\n" + GOOD, "runtime_error", False),
+    ("lower_the_cpu_hard_limit",  # would turn the kernel's SIGKILL into a masked infra error
+     "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (1, 2))\n" + GOOD, "runtime_error", False),
+    # a forged record that json cannot parse (RecursionError) is ignored, not an infra error
+    ("deeply_nested_json_on_the_result_fd",
+     "import os, sys\nos.write(int(sys.argv[2]), b'[' * 200000 + b'\\n')\n" + GOOD, "ok", True),
+    ("mknod_a_device_in_tmp",  # Landlock grants no MAKE_CHAR; no CAP_MKNOD either
+     "import os, stat\nos.mknod('kmsg', stat.S_IFCHR | 0o600, os.makedev(1, 11))\n" + GOOD,
+     "runtime_error", False),
+    ("realtime_priority",  # no CAP_SYS_NICE: a program cannot starve the host's CPUs
+     "import os\nos.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))\n" + GOOD, "runtime_error", False),
 ]
 if CAPS.landlock_abi:  # without Landlock these writes would land in the real site-packages
     CASES.append(("write_into_allowed_package_dirs", _write_allowed_program(), "ok", True))
@@ -223,7 +238,7 @@ if CAPS.landlock_abi:  # without Landlock these writes would land in the real si
 OS_CASES = ["fork_bomb", "fork_and_exit", "setsid_double_fork_daemon", "grandchild_holds_stdout",
             "memory_spread_over_children", "read_files_outside_tmp", "write_repo_and_home", "network_access",
             "threads_left_running", "infinite_loop", "sleep_past_deadline", "alloc_10GB", "kill_parent",
-            "import_every_other_site_package",
+            "import_every_other_site_package", "mknod_a_device_in_tmp", "realtime_priority",
             *(["write_into_allowed_package_dirs"] if CAPS.landlock_abi else [])]
 
 
@@ -305,6 +320,8 @@ def test_hostile_case_os_layer_only(results, name):
         assert (r["status"], r["eq_correct"]) == ("ok", True), r  # Landlock alone keeps them out / read-only
     elif name == "kill_parent":
         assert not r["infra_error"]  # we are still alive to assert this
+    elif name in ("mknod_a_device_in_tmp", "realtime_priority") and CAPS.dropcaps:
+        assert (r["status"], r["eq_correct"]) == ("runtime_error", False), r
     assert r["seconds"] < 20, (name, r["seconds"])
 
 
@@ -334,3 +351,49 @@ def test_no_process_left_and_no_file_outside_tmp(results):
     assert not (Path("/tmp") / CANARY).exists(), "hostile program wrote into the real /tmp"
     assert not list(REPO.glob("csv.py")) and not list(REPO.glob("big.bin"))
     print(f"hostile suite graded {len(CASES) + len(OS_CASES) + 2} programs in {results['seconds']:.1f} s")
+
+
+def test_a_flooded_result_channel_is_killed_and_charged_to_the_program():
+    """70 MB without a newline on the result fd: the parent stops reading at 64 MB, kills the sandbox and
+    grades it as the program's crash, not as an infrastructure error (which would mask it)."""
+    flood = ("import os, sys\nfd = int(sys.argv[2])\nchunk = b'x' * (1 << 20)\nfor _ in range(70):\n"
+             "    os.write(fd, chunk)\n" + GOOD)
+    with rewards.Grader(workers=1, timeout_s=5.0, wall_timeout_s=10.0) as g:
+        r = g.grade_many([(PROBLEM, wrap(flood))])[0]
+    assert not r["infra_error"] and r["status"] == "crash" and not r["eq_correct"], r
+
+
+def test_a_stolen_nonce_cannot_hold_the_worker():
+    """A program that reads the nonce from the runner's frames and re-announces its phase every 0.2 s: each
+    record used to push the deadline out; one absolute bound per run now stops it (startup 2 s, wall 2 s,
+    two gt asserts: < 2 * 2 + 2 * 4 + 1 = 13 s), graded as a timeout."""
+    hold = ("import sys, os, time\nclass Solution:\n    def add(self, a, b):\n        f = sys._getframe(1)\n"
+            "        while f is not None:\n            loc = f.f_locals\n"
+            "            if 'nonce' in loc and 'result_fd' in loc:\n"
+            "                rec = ('{\"ev\": \"phase\", \"p\": 0, \"n\": \"%s\"}\\n' % loc['nonce']).encode()\n"
+            "                for _ in range(600):\n                    os.write(loc['result_fd'], rec)\n"
+            "                    time.sleep(0.2)\n            f = f.f_back\n        return a + b\n")
+    t0 = time.monotonic()
+    with rewards.Grader(workers=1, timeout_s=1.0, wall_timeout_s=2.0, startup_s=2.0) as g:
+        r = g.grade_many([(PROBLEM, wrap(hold))])[0]
+    assert time.monotonic() - t0 < 20 and r["seconds"] < 14, r["seconds"]
+    assert not r["infra_error"] and not r["eq_correct"] and r["status"] == "timeout", r
+
+
+@pytest.mark.skipif(not CAPS.ipc_ns, reason="unshare --ipc unavailable here")
+def test_system_v_shared_memory_does_not_reach_the_host():
+    """Without the audit guard (OS layer only): a program creates a System V shared-memory segment under a
+    fixed key; in its own IPC namespace the host never sees it (the red team passed the canonical solution
+    from the grader's own run to the program's through such a segment)."""
+    import ctypes
+
+    key = 0x5047_0000 + os.getpid() % 0xFFFF
+    prog = (f"import ctypes\nlibc = ctypes.CDLL(None)\nassert libc.shmget({key}, 4096, 0o1666) >= 0\n" + GOOD)
+    with rewards.Grader(workers=1, timeout_s=2.0, wall_timeout_s=4.0, guard=False) as g:
+        r = g.grade_many([(PROBLEM, wrap(prog))])[0]
+    assert r["eq_correct"], r  # the segment was made inside the sandbox
+    libc = ctypes.CDLL(None, use_errno=True)
+    shmid = libc.shmget(key, 0, 0)
+    if shmid >= 0:  # leaked to the host: clean it up, then fail
+        libc.shmctl(shmid, 0, None)  # IPC_RMID
+    assert shmid < 0, "the sandbox's shared-memory segment is visible on the host"
