@@ -504,11 +504,41 @@ def _count_nodes(v) -> int:
 AST_LOCK = threading.Lock()
 
 
+_SHAPES = {"is_same_list": ("list", "list_node"), "is_same_tree": ("tree", "tree_node")}
+
+
+def canonical_tree(values: list) -> list:
+    """The level order (None for a missing child, trailing Nones dropped) of the tree the setup code's
+    `tree_node(values)` builds: the form the runner sends a returned tree in. Nodes are [val, left, right]."""
+    if not values:
+        return []
+    root = [values[0], None, None]
+    queue, i = [root], 1
+    for node in queue:  # tree_node's algorithm: children from values in order, None = no child
+        for side in (1, 2):
+            if i < len(values) and values[i] is not None:
+                node[side] = [values[i], None, None]
+                queue.append(node[side])
+            i += 1
+    out, order = [], [root]
+    for node in order:
+        if node is None:
+            out.append(None)
+            continue
+        out.append(node[0])
+        order += [node[1], node[2]]
+    while out and out[-1] is None:
+        out.pop()
+    return out
+
+
 @functools.lru_cache(maxsize=1 << 18)
 def split_test(src: str) -> tuple[dict, object]:
     """`assert A == B` with a literal B -> ({"v": A, "budget": n}, B's value): the child only ever sees A and
-    sends A's value back; the parent compares. Anything else -> ({"a": src}, CHILD).
-    Cached per test string."""
+    sends A's value back; the parent compares. `assert is_same_list(A, list_node(L))` (or `..., None)`) and
+    `assert is_same_tree(A, tree_node(L))` with a literal L the same way, A sent as its node values ("shape";
+    the expected value L, or canonical_tree(L)): an answer object's own __eq__ never decides. Anything else
+    -> ({"a": src}, CHILD). Cached per test string."""
     try:
         with AST_LOCK:
             tree = ast.parse(src)
@@ -519,6 +549,22 @@ def split_test(src: str) -> tuple[dict, object]:
             left = ast.get_source_segment(src, node.test.left)
             if left:
                 return {"v": left, "budget": _count_nodes(expected) + 16}, expected
+        call = node.test if isinstance(node, ast.Assert) else None
+        if (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in _SHAPES
+                and len(call.args) == 2 and not call.keywords):
+            shape, builder = _SHAPES[call.func.id]
+            got, want = call.args
+            if isinstance(want, ast.Constant) and want.value is None:
+                values = []
+            elif (isinstance(want, ast.Call) and isinstance(want.func, ast.Name) and want.func.id == builder
+                  and len(want.args) == 1 and not want.keywords):
+                values = safe_literal(want.args[0])
+            else:
+                values = None
+            left = ast.get_source_segment(src, got)
+            if isinstance(values, list) and left:
+                expected = values if shape == "list" else canonical_tree(values)
+                return {"v": left, "budget": _count_nodes(expected) + 16, "shape": shape}, expected
     except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
         pass
     return {"a": src}, CHILD

@@ -210,7 +210,8 @@ def main() -> None:
     _write, _exit, _loads = os.write, os._exit, json.loads
     _exec, _eval, _compile, _type, _len, _isinst, _str, _repr = (exec, eval, compile, type, len, isinstance,
                                                                  str, repr)
-    is_plain, enc = _is_plain, _encode_record  # module globals are patchable
+    is_plain, enc, flatten = _is_plain, _encode_record, _flatten_nodes  # module globals are patchable
+    _getattr_obj = object.__getattribute__
     _BaseException, _SyntaxError, _MemoryError = BaseException, SyntaxError, MemoryError
     _dict, _list, _range, _enumerate, _bool = dict, list, range, enumerate, bool
 
@@ -274,10 +275,12 @@ def main() -> None:
             compiled = []
             for t in ph["tests"]:
                 # {"v": expr, "budget": n}: send back the value; {"a": stmt}: run the assert
+                # "shape": "list" / "tree": the value is a linked list / binary tree, sent as its values
                 if "v" in t:
-                    compiled.append((True, _compile(t["v"], "<test>", "eval"), t["budget"]))
+                    compiled.append((True, _compile(t["v"], "<test>", "eval"), t["budget"],
+                                     t.get("shape", "")))
                 else:
-                    compiled.append((False, _compile(t["a"], "<test>", "exec"), 0))
+                    compiled.append((False, _compile(t["a"], "<test>", "exec"), 0, ""))
             phases.append((ph["name"], "asserts", compiled, None, None))
         else:
             call = _compile(ph["call"], "<call>", "exec")
@@ -349,11 +352,14 @@ def main() -> None:
         emit({"ev": "phase", "p": pi, "name": name})
         if kind == "asserts":
             passed, failures = 0, 0
-            for ti, (is_value, code, budget) in _enumerate(tests):
+            for ti, (is_value, code, budget, shape) in _enumerate(tests):
                 ok, err, val = False, None, None
                 try:
                     if is_value:  # the parent holds the expected value and does the comparison
                         actual = _eval(code, test_ns)
+                        if shape:  # nodes -> their values, read from each node's own instance dict
+                            actual = flatten(actual, shape, budget, _type, _dict, _list, _len, _getattr_obj,
+                                             _BaseException)
                         if not is_plain(actual, plain_types, budget, _type, seqs, _dict):
                             err = ("NotPlain: answer of type " + _type(actual).__name__[:60]
                                    + " (or too large)")
@@ -410,6 +416,44 @@ def _encode_record(rec: dict, _type, _str, _len) -> bytes:
             s = '"' + "".join(c if (" " <= c <= "~" and c != '"' and c != "\\") else "?" for c in v) + '"'
         parts.append('"' + k + '":' + s)
     return ("{" + ",".join(parts) + "}\n").encode("ascii")
+
+
+def _flatten_nodes(x, shape: str, budget: int, _type, dict_t, list_t, _len, getattr_obj, base_exc):
+    """A linked list's values in order ("list": val, next), or a binary tree's level order with None for a
+    missing child and trailing Nones dropped ("tree": val, left, right; LeetCode's serialisation), read from
+    each node's instance __dict__ (no attribute lookup the node's class could intercept); None for anything
+    else or more than `budget` nodes. The parent compares the values with the expected literal's."""
+    if x is None:
+        return list_t()
+    keys = ("val", "next") if shape == "list" else ("val", "left", "right")
+    out, queue, i = list_t(), list_t([x]), 0
+    while i < _len(queue):
+        node = queue[i]
+        i += 1
+        if _len(queue) > 2 * budget + 2:
+            return None
+        if node is None:  # tree only
+            out.append(None)
+            continue
+        try:
+            d = getattr_obj(node, "__dict__")
+        except base_exc:
+            return None
+        if _type(d) is not dict_t:
+            return None
+        for k in keys:
+            if k not in d:
+                return None
+        out.append(d["val"])
+        if shape == "list":
+            if d["next"] is not None:
+                queue.append(d["next"])
+        else:
+            queue.append(d["left"])
+            queue.append(d["right"])
+    while shape == "tree" and out and out[-1] is None:
+        out.pop()
+    return out
 
 
 def _is_plain(x, plain_types, budget, _type, seqs, dict_t) -> bool:

@@ -34,6 +34,22 @@ LIST_PROBLEM = problems.Problem(
     id=2, difficulty="Easy", func_name="Solution().rev", question="reverse a list", starter_code="",
     gt_tests=("assert is_same_list(Solution().rev(list_node([1, 2])), list_node([2, 1]))",),
     setup_code=SETUP, canonical_solution="", prompt=(), hint="none")
+TREE_PROBLEM = problems.Problem(
+    id=3, difficulty="Easy", func_name="Solution().mirror", question="mirror a tree", starter_code="",
+    gt_tests=("assert is_same_tree(Solution().mirror(tree_node([1, 2, 3, None, 4])), "
+              "tree_node([1, 3, 2, None, None, 4]))",),
+    setup_code=SETUP, canonical_solution="", prompt=(), hint="none")
+# an answer whose values compare equal to anything, with a list as long as the input (no algorithm at all)
+EQ_ANY = ("class A:\n    def __eq__(self, o):\n        return True\n    def __ne__(self, o):\n"
+          "        return False\n")
+ALWAYS_EQUAL_LIST = (EQ_ANY + "class Solution:\n    def rev(self, h):\n        out = None\n"
+                     "        while h:\n            out, h = ListNode(A(), out), h.next\n"
+                     "        return out\n")
+ALWAYS_EQUAL_TREE = (EQ_ANY + "class Solution:\n    def mirror(self, t):\n        if t is None:\n"
+                     "            return None\n"
+                     "        return TreeNode(A(), self.mirror(t.right), self.mirror(t.left))\n")
+HONEST_TREE = ("class Solution:\n    def mirror(self, t):\n        if t is None:\n            return None\n"
+               "        return TreeNode(t.val, self.mirror(t.right), self.mirror(t.left))\n")
 
 
 def wrap(code: str) -> str:
@@ -230,7 +246,8 @@ CASES = [
      "import os, stat\nos.mknod('kmsg', stat.S_IFCHR | 0o600, os.makedev(1, 11))\n" + GOOD,
      "runtime_error", False),
     ("realtime_priority",  # no CAP_SYS_NICE: a program cannot starve the host's CPUs
-     "import os\nos.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))\n" + GOOD, "runtime_error", False),
+     "import os\nos.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))\n" + GOOD,
+     "runtime_error", False),
 ]
 if CAPS.landlock_abi:  # without Landlock these writes would land in the real site-packages
     CASES.append(("write_into_allowed_package_dirs", _write_allowed_program(), "ok", True))
@@ -281,10 +298,13 @@ def results():
                                 "        while h:\n            h.next, prev, h = prev, h, h.next\n"
                                 "        return prev\n")),
         ])
+        shapes = g.grade_many([(LIST_PROBLEM, wrap(ALWAYS_EQUAL_LIST)),
+                               (TREE_PROBLEM, wrap(ALWAYS_EQUAL_TREE)),
+                               (TREE_PROBLEM, wrap(HONEST_TREE))])
     seconds = time.monotonic() - t0
     time.sleep(0.3)
     return {"guarded": dict(zip([c[0] for c in CASES], guarded)), "unguarded": dict(zip(OS_CASES, unguarded)),
-            "helper": helper, "before": before, "seconds": seconds}
+            "helper": helper, "shapes": shapes, "before": before, "seconds": seconds}
 
 
 def test_at_least_25_cases():
@@ -337,6 +357,24 @@ def test_comparison_helpers_cannot_be_monkeypatched(results):
     assert not patched["eq_correct"] and honest["eq_correct"], (patched, honest)
 
 
+def test_always_equal_nodes_do_not_pass_list_or_tree_asserts(results):
+    """is_same_list / is_same_tree asserts are decided in the parent from the nodes' values: an always-equal
+    value in nodes of the right shape fails (it passed when the child ran the helper), an honest tree passes
+    (the expected tree is built by hand: [1, 2, 3, None, 4] mirrored is [1, 3, 2, None, None, 4])."""
+    eq_list, eq_tree, honest = results["shapes"]
+    assert not eq_list["eq_correct"] and not eq_tree["eq_correct"], (eq_list, eq_tree)
+    assert honest["eq_correct"], honest
+
+
+def test_canonical_tree_by_hand():
+    assert rewards.canonical_tree([]) == []
+    assert rewards.canonical_tree([1, None, 2, 3]) == [1, None, 2, 3]
+    assert rewards.canonical_tree([1, None, 2, None, None, 3]) == [1, None, 2]  # tree_node ignores the 3
+    assert rewards.canonical_tree([1, 2, 3, None, 4, None, None]) == [1, 2, 3, None, 4]
+    assert rewards.split_test("assert is_same_list(f(x), None)")[1] == []
+    assert rewards.split_test("assert is_same_list(f(x), g([1]))")[1] is rewards.CHILD  # not the builder
+
+
 def test_no_process_left_and_no_file_outside_tmp(results):
     for _ in range(30):  # PID-namespace teardown is asynchronous: give it up to 3 s
         left = set(_alive_marked()) - results["before"]
@@ -370,7 +408,8 @@ def test_a_stolen_nonce_cannot_hold_the_worker():
     hold = ("import sys, os, time\nclass Solution:\n    def add(self, a, b):\n        f = sys._getframe(1)\n"
             "        while f is not None:\n            loc = f.f_locals\n"
             "            if 'nonce' in loc and 'result_fd' in loc:\n"
-            "                rec = ('{\"ev\": \"phase\", \"p\": 0, \"n\": \"%s\"}\\n' % loc['nonce']).encode()\n"
+            "                rec = ('{\"ev\": \"phase\", \"p\": 0, \"n\": \"%s\"}\\n'\n"
+            "                       % loc['nonce']).encode()\n"
             "                for _ in range(600):\n                    os.write(loc['result_fd'], rec)\n"
             "                    time.sleep(0.2)\n            f = f.f_back\n        return a + b\n")
     t0 = time.monotonic()
