@@ -317,11 +317,13 @@ def detect_sandbox() -> SandboxCaps:
         base = ["--pid", "--fork", "--kill-child"]
         tries = []
         if shutil.which("unshare"):
-            user = [] if root else ["--user", "--map-root-user"]
+            # a user namespace as root too: the kernel keyrings (and the rest that is per user namespace)
+            # are the sandbox's own; root only falls back to none when it is unavailable
+            users = ([["--user", "--map-root-user"], []] if root else [["--user", "--map-root-user"]])
             # --ipc: System V shared memory / semaphores / message queues of the host are out of reach (a
             # program could otherwise pass data between sandboxes, e.g. from the canonical run to its own)
             tries = [(["unshare", *user, *base, *ipc, *net], bool(ipc), bool(net))
-                     for ipc in (["--ipc", "--uts"], []) for net in (["--net"], [])]
+                     for user in users for ipc in (["--ipc", "--uts"], []) for net in (["--net"], [])]
         chosen, net_ok, ipc_ok = (), False, False
         for cmd, has_ipc, has_net in tries:
             try:
@@ -1098,7 +1100,7 @@ class Grader:
                     now = time.monotonic()
                     if ev == "start" and not started:
                         started, deadline = True, now + self.startup_s
-                    elif ev == "setup_error":
+                    elif ev == "setup_error" and not compiled_seen:  # the runner's, before the program
                         out["infra"], out["infra_cause"] = (f"problem setup_code failed: {rec.get('err')}",
                                                             "setup")
                         finished = True
@@ -1131,7 +1133,11 @@ class Grader:
                             expected = split_test(phases[cur].tests[i])[1] if phases[cur].tests else CHILD
                             if ok and expected is not CHILD:  # the parent decides value tests
                                 try:
-                                    ok = isinstance(rec.get("v"), str) and decode_value(rec["v"]) == expected
+                                    v = rec.get("v")
+                                    # an answer far longer than the expected literal is wrong: never parsed
+                                    # (a forged deep expression would hold AST_LOCK and the memory)
+                                    ok = (isinstance(v, str) and len(v) <= 8 * len(repr(expected)) + 4096
+                                          and decode_value(v) == expected)
                                 except ValueError as e:
                                     ok = False
                                     err = f"ValueError: {e}"

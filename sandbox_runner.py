@@ -113,19 +113,22 @@ _BLOCKED_EVENTS = frozenset({
 _BLOCKED_IMPORTS = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "pty", "multiprocessing"})
 
 
-def _install_guard(rlimit_cpu: int, cpu_hard: int) -> None:
+def _install_guard(rlimit_cpu: int, cpu_hard: int, windows: int) -> None:
     """Audit hook (cannot be removed from Python code): blocks gc/trace introspection, ctypes, process
     creation, signals, sockets and every rlimit change but one. Defence in depth on top of the OS layer.
     Frames are NOT blocked (namedtuple, enum, typing need sys._getframe): ground-truth verdicts do not depend
     on anything in this process, because the parent compares the returned values itself.
 
-    The one rlimit call allowed is the shape of the runner's own per-stage CPU window: RLIMIT_CPU with the
-    hard limit unchanged (cpu_hard) and a soft limit below it. The hook holds no flag that code could set
-    (frames can reach any local): a program that makes that call itself only moves its soft CPU limit within
-    the run's hard total."""
+    The one rlimit call allowed is the shape of the runner's own per-stage CPU window (RLIMIT_CPU, hard limit
+    unchanged, soft below it), at most `windows` times: the runner's own calls after the hook is in place. Its
+    state lives in this closure, which no frame walk reaches (frames only lead outwards); a program that makes
+    the call itself uses up a window and the runner's own call then fails, which ends the run as the
+    program's crash. Import names must be exact str (a str subclass could override split/hash)."""
     blocked_events, blocked_imports = _BLOCKED_EVENTS, _BLOCKED_IMPORTS
     perm, no_module = PermissionError, ModuleNotFoundError
     _type, _int, _tuple, _len, _base = type, int, tuple, len, BaseException  # builtins are patchable later
+    _str, _partition = str, str.partition
+    left = [windows]
 
     def window_call(args) -> bool:
         try:
@@ -137,11 +140,14 @@ def _install_guard(rlimit_cpu: int, cpu_hard: int) -> None:
             return False
 
     def hook(event, args):
-        if event == "resource.setrlimit" and window_call(args):
+        if event == "resource.setrlimit" and left[0] > 0 and window_call(args):
+            left[0] -= 1
             return
         if event in blocked_events:
             raise perm(f"sandbox: {event} is not allowed")
-        if event == "import" and args and args[0].split(".")[0] in blocked_imports:
+        if event == "import" and args and _type(args[0]) is not _str:
+            raise no_module("sandbox: import of a name that is not a plain str")
+        if event == "import" and args and _partition(args[0], ".")[0] in blocked_imports:
             # ImportError, so that optional imports (numpy's `try: import ctypes`) fall back as on a system
             # without it
             raise no_module(f"sandbox: import {args[0]} is not allowed")
@@ -325,7 +331,10 @@ def main() -> None:
         # ctypes stays unimportable: `import ctypes` raises ImportError (numpy's optional ctypes import then
         # falls back to None), and removing the None entry makes the next import an audited, blocked event
         sys.modules["ctypes"] = sys.modules["_ctypes"] = None
-        _install_guard(rlimit_cpu, cpu_hard)
+        for name in _BLOCKED_IMPORTS:  # a module already loaded would import from the cache, unaudited
+            if sys.modules.get(name) is not None:
+                sys.modules[name] = None
+        _install_guard(rlimit_cpu, cpu_hard, sum(1 for pi in range(len(phases)) if pi >= skip))
     # the program's fds 1 and 2 become its own output pipe: from here on nothing it writes can reach the pipe
     # on which the wrappers and this runner report (unshare's "child killed", "sandbox_runner crashed")
     os.dup2(prog_out, 1)
@@ -421,8 +430,9 @@ def _encode_record(rec: dict, _type, _str, _len) -> bytes:
 def _flatten_nodes(x, shape: str, budget: int, _type, dict_t, list_t, _len, getattr_obj, base_exc):
     """A linked list's values in order ("list": val, next), or a binary tree's level order with None for a
     missing child and trailing Nones dropped ("tree": val, left, right; LeetCode's serialisation), read from
-    each node's instance __dict__ (no attribute lookup the node's class could intercept); None for anything
-    else or more than `budget` nodes. The parent compares the values with the expected literal's."""
+    each node's attributes (object.__getattribute__: slots, class defaults and properties behave as in the
+    setup's helpers); None for anything else, a tree node whose val is None (it would read as a missing
+    child), or more than `budget` nodes. The parent compares the values with the expected literal's."""
     if x is None:
         return list_t()
     keys = ("val", "next") if shape == "list" else ("val", "left", "right")
@@ -436,21 +446,18 @@ def _flatten_nodes(x, shape: str, budget: int, _type, dict_t, list_t, _len, geta
             out.append(None)
             continue
         try:
-            d = getattr_obj(node, "__dict__")
+            d = [getattr_obj(node, k) for k in keys]  # (val, next) or (val, left, right)
         except base_exc:
             return None
-        if _type(d) is not dict_t:
+        if shape == "tree" and d[0] is None:
             return None
-        for k in keys:
-            if k not in d:
-                return None
-        out.append(d["val"])
+        out.append(d[0])
         if shape == "list":
-            if d["next"] is not None:
-                queue.append(d["next"])
+            if d[1] is not None:
+                queue.append(d[1])
         else:
-            queue.append(d["left"])
-            queue.append(d["right"])
+            queue.append(d[1])
+            queue.append(d[2])
     while shape == "tree" and out and out[-1] is None:
         out.pop()
     return out

@@ -48,6 +48,16 @@ ALWAYS_EQUAL_LIST = (EQ_ANY + "class Solution:\n    def rev(self, h):\n        o
 ALWAYS_EQUAL_TREE = (EQ_ANY + "class Solution:\n    def mirror(self, t):\n        if t is None:\n"
                      "            return None\n"
                      "        return TreeNode(A(), self.mirror(t.right), self.mirror(t.left))\n")
+# the right mirror plus a node whose val is None where a child is missing: reads like the expected level order
+NONE_NODE_TREE = ("class Solution:\n    def mirror(self, t):\n        m = self.m(t)\n"
+                  "        m.left.left = TreeNode(None)\n        return m\n    def m(self, t):\n"
+                  "        if t is None:\n            return None\n"
+                  "        return TreeNode(t.val, self.m(t.right), self.m(t.left))\n")
+# an honest answer in a node class of its own, with __slots__ (no instance __dict__)
+SLOTS_LIST = ("class N:\n    __slots__ = ('val', 'next')\n    def __init__(self, val, next=None):\n"
+              "        self.val, self.next = val, next\nclass Solution:\n    def rev(self, h):\n"
+              "        out = None\n"
+              "        while h:\n            out, h = N(h.val, out), h.next\n        return out\n")
 HONEST_TREE = ("class Solution:\n    def mirror(self, t):\n        if t is None:\n            return None\n"
                "        return TreeNode(t.val, self.mirror(t.right), self.mirror(t.left))\n")
 
@@ -237,6 +247,23 @@ CASES = [
      "import sys, os\nf = sys._getframe(0)\nwhile f is not None:\n    for v in list(f.f_locals.values()):\n"
      "        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], bool):\n            v[0] = True\n"
      "    f = f.f_back\nos.fork()\n" + GOOD, "runtime_error", False),
+    # an import name that is a str subclass used to pass the hook's filter (its split was the program's)
+    ("import_blocked_module_by_str_subclass",
+     "class S(str):\n    def split(self, *a):\n        return ['x']\n    def partition(self, *a):\n"
+     "        return ('x', '', '')\nm = __import__(S('_posixsubprocess'))\n" + GOOD, "runtime_error", False),
+    # a forged setup_error (nonce from the runner's frames) would have made the grade infra_error (masked)
+    ("forge_setup_error_with_stolen_nonce",
+     "import sys, os\nclass Solution:\n    def add(self, a, b):\n        f = sys._getframe(1)\n"
+     "        while f is not None:\n            loc = f.f_locals\n"
+     "            if 'nonce' in loc and 'result_fd' in loc:\n"
+     "                rec = '{\"ev\": \"setup_error\", \"err\": \"x\", \"n\": \"%s\"}\\n'\n"
+     "                os.write(loc['result_fd'], (rec % loc['nonce']).encode())\n"
+     "            f = f.f_back\n        return a + b\n", "ok", True),
+    # the runner's CPU-window shape, called by the program during a phase: no window is left for it
+    ("extend_own_cpu_window",
+     "import resource\nclass Solution:\n    def add(self, a, b):\n"
+     "        s, h = resource.getrlimit(resource.RLIMIT_CPU)\n"
+     "        resource.setrlimit(resource.RLIMIT_CPU, (h - 1, h))\n        return a + b\n", None, False),
     ("lower_the_cpu_hard_limit",  # would turn the kernel's SIGKILL into a masked infra error
      "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (1, 2))\n" + GOOD, "runtime_error", False),
     # a forged record that json cannot parse (RecursionError) is ignored, not an infra error
@@ -299,7 +326,8 @@ def results():
                                 "        return prev\n")),
         ])
         shapes = g.grade_many([(LIST_PROBLEM, wrap(ALWAYS_EQUAL_LIST)),
-                               (TREE_PROBLEM, wrap(ALWAYS_EQUAL_TREE)),
+                               (TREE_PROBLEM, wrap(ALWAYS_EQUAL_TREE)), (TREE_PROBLEM, wrap(NONE_NODE_TREE)),
+                               (LIST_PROBLEM, wrap(SLOTS_LIST)),
                                (TREE_PROBLEM, wrap(HONEST_TREE))])
     seconds = time.monotonic() - t0
     time.sleep(0.3)
@@ -361,9 +389,10 @@ def test_always_equal_nodes_do_not_pass_list_or_tree_asserts(results):
     """is_same_list / is_same_tree asserts are decided in the parent from the nodes' values: an always-equal
     value in nodes of the right shape fails (it passed when the child ran the helper), an honest tree passes
     (the expected tree is built by hand: [1, 2, 3, None, 4] mirrored is [1, 3, 2, None, None, 4])."""
-    eq_list, eq_tree, honest = results["shapes"]
+    eq_list, eq_tree, none_node, slots, honest = results["shapes"]
     assert not eq_list["eq_correct"] and not eq_tree["eq_correct"], (eq_list, eq_tree)
-    assert honest["eq_correct"], honest
+    assert not none_node["eq_correct"], none_node  # a None-valued node is not a missing child
+    assert honest["eq_correct"] and slots["eq_correct"], (honest, slots)  # own node class with __slots__
 
 
 def test_canonical_tree_by_hand():
