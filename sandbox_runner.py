@@ -366,9 +366,8 @@ def main() -> None:
                 try:
                     if is_value:  # the parent holds the expected value and does the comparison
                         actual = _eval(code, test_ns)
-                        if shape:  # nodes -> their values, read from each node's own instance dict
-                            actual = flatten(actual, shape, budget, _type, _dict, _list, _len, _getattr_obj,
-                                             _BaseException)
+                        if shape:  # nodes -> their values (the parent compares those)
+                            actual = flatten(actual, shape, budget, _list, _len, _getattr_obj, _BaseException)
                         if not is_plain(actual, plain_types, budget, _type, seqs, _dict):
                             err = ("NotPlain: answer of type " + _type(actual).__name__[:60]
                                    + " (or too large)")
@@ -427,7 +426,7 @@ def _encode_record(rec: dict, _type, _str, _len) -> bytes:
     return ("{" + ",".join(parts) + "}\n").encode("ascii")
 
 
-def _flatten_nodes(x, shape: str, budget: int, _type, dict_t, list_t, _len, getattr_obj, base_exc):
+def _flatten_nodes(x, shape: str, budget: int, list_t, _len, getattr_obj, base_exc):
     """A linked list's values in order ("list": val, next), or a binary tree's level order with None for a
     missing child and trailing Nones dropped ("tree": val, left, right; LeetCode's serialisation), read from
     each node's attributes (object.__getattribute__: slots, class defaults and properties behave as in the
