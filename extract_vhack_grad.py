@@ -196,14 +196,13 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None, progress: bool = Tru
                             f"(default {pairs_mod.DEFAULT_PAIRS})")
     if cfg.max_pairs is not None and cfg.max_pairs < 1:
         raise cli.UserError(f"--max-pairs={cfg.max_pairs}: need >= 1 (or leave it unset for all pairs)")
-    if cfg.dtype not in models.DTYPES:
-        raise cli.UserError(f"--dtype={cfg.dtype!r}: need one of {list(models.DTYPES)}")
+    cli.check_ranges(cfg, {}, {"dtype": tuple(models.DTYPES)})
     try:
         pf = pairs_mod.load_pair_file(cfg.pairs_path)
     except ValueError as e:  # a hand-edited pair file that does not parse: the parser names the line
         raise cli.UserError(f"--pairs-path={cfg.pairs_path!r}: {e}") from None
     try:
-        plist = pairs_mod.load_pairs(cfg.pairs_path, cfg.select)
+        plist = pairs_mod.select_pairs(pf.pairs, cfg.select)
     except ValueError as e:  # a selection that matches nothing or is malformed
         raise cli.UserError(f"--select={cfg.select!r}: {e}; named sets {sorted(pairs_mod.NAMED_SETS)}, "
                             f"modes in {cfg.pairs_path}: {sorted(pf.modes)}") from None

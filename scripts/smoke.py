@@ -74,10 +74,7 @@ def main(cfg: SmokeConfig) -> None:
     import cli
 
     t0 = time.time()
-    if cfg.preset not in train.PRESETS:  # one-line errors before anything builds
-        raise cli.UserError(f"--preset={cfg.preset!r}: train.py has presets {', '.join(train.PRESETS)}")
-    if cfg.steps < 1:
-        raise cli.UserError(f"--steps={cfg.steps}: need >= 1")
+    cli.check_ranges(cfg, {"steps": ">=1"}, {"preset": tuple(train.PRESETS)})  # before anything builds
     base = train.PRESETS[cfg.preset][1]
     arms = cfg.arms or tuple(arm_table.ARMS)
     for a in arms:  # a one-line error for an unknown arm before anything builds
