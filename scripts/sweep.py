@@ -639,11 +639,11 @@ def preset_fields(preset: str, sets: tuple[str, ...] = (), train_script: Path = 
             for st in node.body:
                 if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name):
                     names.add(st.target.id)
-                if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name) and st.value is not None:
-                    try:
-                        fields[st.target.id] = ast.literal_eval(st.value)
-                    except ValueError:
-                        pass
+                    if st.value is not None:
+                        try:
+                            fields[st.target.id] = ast.literal_eval(st.value)
+                        except ValueError:
+                            pass
         targets = (node.targets if isinstance(node, ast.Assign)
                    else [node.target] if isinstance(node, ast.AnnAssign) else [])
         if (any(isinstance(t, ast.Name) and t.id == "PRESETS" for t in targets)
@@ -806,10 +806,9 @@ def prepare(cfg: SweepConfig) -> tuple[SweepConfig, dict | None, list[str]]:
                      f"not in arms.ARMS yet; the prereg compares {cfg.primary_method} with "
                      f"{', '.join(controls) or 'nothing'}")
     cfg = dataclasses.replace(cfg, primary_controls=controls)
-    preset_fields(cfg.preset, cfg.set)  # unknown or out-of-range --set fields stop the sweep here
+    p = preset_fields(cfg.preset, cfg.set)  # unknown or out-of-range --set fields stop the sweep here
     if cfg.budget_gpu_hours is not None or cfg.dry_run:
         try:
-            p = preset_fields(cfg.preset, cfg.set)
             st = step_time(cfg, p)
             hours, formula = run_gpu_hours(p, st)
         except (ValueError, KeyError, SyntaxError) as e:
