@@ -86,12 +86,17 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
 # tiny-random
 
 
+def _tiny_data_file() -> Path:
+    """The LeetCode train file tiny-random's tokenizer is trained on (PGRPO_DATA_DIR)."""
+    import problems
+
+    return problems.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz"
+
+
 def _tiny_texts(data_file: Path | None) -> list[str]:
     import problems
 
-    if data_file is None:
-        data_file = problems.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz"
-    ps = problems.load_leetcode(data_file)
+    ps = problems.load_leetcode(data_file if data_file is not None else _tiny_data_file())
     texts = [problems.SYSTEM_PROMPT, problems.SETUP_CODE]
     for p in ps:  # file order: deterministic
         texts.append(p.prompt[1]["content"])
@@ -165,10 +170,9 @@ def tiny_dir(models_dir: Path = MODELS_DIR) -> Path:
     d = models_dir / "tiny-random"
     info = d / "BUILD_INFO.json"
     if not (info.is_file() and json.loads(info.read_text()).get("model_id") == TINY_ID):
-        import problems
         from cli import UserError
 
-        data = problems.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz"
+        data = _tiny_data_file()
         if not data.is_file():  # its tokenizer is trained on this file
             raise UserError(f"tiny-random is built from {data}, which does not exist; set PGRPO_DATA_DIR to "
                             "the folder holding the LeetCode .jsonl.gz files (default "

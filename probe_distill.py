@@ -1063,13 +1063,13 @@ def main(cfg: ProbeConfig) -> Path:
                                 "(out/runs/<run>/ckpt/step_NNNNNN/) or '' for the base model")
     generated = {k for k, st in (("teacher", "teacher_only"), ("base", "base_only"), ("solve", "solve_only"))
                  if st in stages}
-    needed = set()  # pools a probe stage reads that this invocation does not generate first
+    reads = set()  # the pools the probe stages read; those this invocation generates first need not exist
     if "probe_distill" in stages:
-        needed |= ({resolve_pool(p, cfg.pools_dir) for p in cfg.probe_pools}
-                   or {cfg.pool_dir(k) for k in ("teacher", "base") if k not in generated})
+        reads |= ({resolve_pool(p, cfg.pools_dir) for p in cfg.probe_pools}
+                  or {cfg.pool_dir("teacher"), cfg.pool_dir("base")})
     if "probe_mixed" in stages:
-        needed |= {cfg.pool_dir(k) for k in ("teacher", "base") if k not in generated}
-    for pool in sorted(needed - {cfg.pool_dir(k) for k in generated}):
+        reads |= {cfg.pool_dir("teacher"), cfg.pool_dir("base")}
+    for pool in sorted(reads - {cfg.pool_dir(k) for k in generated}):
         cli.check_pool_dir(pool, "--teacher-pool / --base-pool / --probe-pools")
     models.check_available(cfg.model)
     cli.check_data(cfg.data_path, P.DEFAULT_DATA_DIR / "LeetCodeDataset-v0.2.0-train.jsonl.gz",

@@ -1078,12 +1078,11 @@ class Grader:
                         os.killpg(proc.pid, signal.SIGKILL)
                     sel.unregister(key.fd)
                     continue
+                buf += data
                 if b"\n" not in data:  # amortised O(len(data)): no re-split of a long partial line
-                    buf += data
                     if len(buf) > _RECORD_BYTES:
                         buf, out["forged"] = bytearray(), out["forged"] + 1
                     continue
-                buf += data
                 *lines, rest = bytes(buf).split(b"\n")
                 buf = bytearray(rest)
                 for line in lines:

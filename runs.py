@@ -96,6 +96,14 @@ def check_run_dir(cfg, control_fields: tuple[str, ...]) -> None:
                         f"{run_dir} to continue it or choose another --run-name")
 
 
+def record_edits(run_dir: Path, patch_name: str) -> list[str]:
+    """The tracked files changed since HEAD; their diff goes to run_dir/patch_name when there is one."""
+    dirty, diff = git_dirty()
+    if diff:
+        (run_dir / patch_name).write_text(diff)
+    return dirty
+
+
 def setup_run_dir(cfg, control_fields: tuple[str, ...]) -> Path:
     """Create (or, with cfg.resume, reopen) the run directory and write config.json before step 0. On resume
     the saved config must equal cfg except for `control_fields` and run_name (or cfg.force_resume)."""
@@ -103,10 +111,8 @@ def setup_run_dir(cfg, control_fields: tuple[str, ...]) -> Path:
         check_resume(cfg, control_fields)
         cfg.run_name = Path(cfg.resume).name
         run_dir = Path(cfg.resume)
-        dirty, diff = git_dirty()  # the code a resume runs with can differ from the start's
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        if diff:
-            (run_dir / f"git_diff-resume-{stamp}.patch").write_text(diff)
+        stamp = time.strftime("%Y%m%d-%H%M%S")  # the code a resume runs with can differ from the start's
+        dirty = record_edits(run_dir, f"git_diff-resume-{stamp}.patch")
         with open(run_dir / "resumes.jsonl", "a") as f:
             f.write(json.dumps({"time": stamp, "git_sha": git_sha(), "git_dirty": dirty, "argv": sys.argv})
                     + "\n")
@@ -120,9 +126,7 @@ def setup_run_dir(cfg, control_fields: tuple[str, ...]) -> Path:
             "another --run-name"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    dirty, diff = git_dirty()
-    if diff:  # the uncommitted edits this run ran with, beside its config
-        (run_dir / "git_diff.patch").write_text(diff)
+    dirty = record_edits(run_dir, "git_diff.patch")  # the uncommitted edits this run ran with
     (run_dir / "config.json").write_text(
         json.dumps(
             {
