@@ -334,7 +334,7 @@ def main() -> None:
         for name in _BLOCKED_IMPORTS:  # a module already loaded would import from the cache, unaudited
             if sys.modules.get(name) is not None:
                 sys.modules[name] = None
-        _install_guard(rlimit_cpu, cpu_hard, sum(1 for pi in range(len(phases)) if pi >= skip))
+        _install_guard(rlimit_cpu, cpu_hard, max(0, len(phases) - skip))  # one CPU window per phase to run
     # the program's fds 1 and 2 become its own output pipe: from here on nothing it writes can reach the pipe
     # on which the wrappers and this runner report (unshare's "child killed", "sandbox_runner crashed")
     os.dup2(prog_out, 1)
