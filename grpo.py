@@ -15,6 +15,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,6 +52,11 @@ class LossConfig:
     temperature: float = 1.0
     """the rollouts' sampling temperature: the policy, behaviour and reference passes score tokens under
     softmax(logits / temperature), the distribution they were sampled from before top-p (0 = greedy: 1)"""
+    tis_cap: float | None = 2.0
+    """sampler correction: the policy term of each live token is weighted by min(pi_train / pi_sampler, cap),
+    pi_sampler the sampler's own processed log-prob (temperature and top-p), pi_train the train pass's
+    behaviour log-prob (token-level truncated importance sampling, as TRL's vLLM correction);
+    None: weight 1"""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -84,16 +90,19 @@ def dr_grpo_loss(
     l_max: int,
     beta: float,
     clip_eps: float,
+    is_weight: Float[Tensor, "B T"] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Dr.GRPO surrogate for one micro-batch of a batch of `n_seqs` sequences.
 
         loss = 1/(n_seqs * l_max) * sum_i sum_t mask_it
-               * ( -min(rho_it A_i, clip(rho_it) A_i) + beta * k3_it )
+               * ( -w_it min(rho_it A_i, clip(rho_it) A_i) + beta * k3_it )
         rho_it = exp(logp_it - old_logp_it),  k3_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1
 
-    The normaliser is a constant (not the completion lengths), so summing micro-batch losses gives the
-    full-batch loss exactly. At the first inner step old_logp == logp.detach(), so rho == 1 in value and
-    the gradient is the plain policy gradient. Returns (loss, sums for logging)."""
+    w_it (`is_weight`, no grad; 1 when None) is the sampler correction: the truncated importance weight of
+    the train pass's behaviour policy over the sampler's (policy_gradient builds it); the KL term is not
+    weighted. The normaliser is a constant (not the completion lengths), so summing micro-batch losses gives
+    the full-batch loss exactly. At the first inner step old_logp == logp.detach(), so rho == 1 in value and
+    the gradient is the (w-weighted) policy gradient. Returns (loss, sums for logging)."""
     assert logp.shape == old_logp.shape == mask.shape, (
         f"shape mismatch {logp.shape} {old_logp.shape} {mask.shape}"
     )
@@ -102,6 +111,11 @@ def dr_grpo_loss(
     ratio = torch.exp(logr)  # (B, T)
     a = adv[:, None]  # (B, 1)
     pg = -torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)  # (B, T)
+    if is_weight is not None:
+        assert is_weight.shape == logp.shape and not is_weight.requires_grad, (
+            f"is_weight {tuple(is_weight.shape)} (grad {is_weight.requires_grad}) for logp "
+            f"{tuple(logp.shape)}")
+        pg = pg * is_weight  # (B, T)
     per_tok = pg
     kl_sum = torch.zeros((), dtype=logp.dtype, device=logp.device)
     if ref_logp is not None and beta != 0.0:
@@ -197,6 +211,18 @@ class Rollout:
     )  # arm-specific per-rollout values (gate a/zone, AM z), saved with the rollout
     valid: bool = True  # False for infrastructure failures: A = 0, outside the group mean, not trained on
     row_id: str = ""  # pool rows: the row's id in its pool (probe_distill)
+    sampler_logp: list[float] | None = None  # per completion token, the sampler's processed log-prob
+    # (temperature and top-p applied); None for pool rows and greedy decoding: such rows get weight 1
+
+
+class Completion(NamedTuple):
+    """One sampled completion: ids end at (and include) the first EOS; logp[t] is the sampler's log-prob of
+    ids[t] under the distribution it drew from (after temperature and top-p), None when greedy or not
+    recorded."""
+
+    ids: list[int]
+    truncated: bool
+    logp: list[float] | None = None
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -248,6 +274,29 @@ class GenProgress:
         return self.no
 
 
+class SamplerLogp:
+    """A transformers logits processor that changes nothing and keeps the log-prob of each sampled token
+    under the scores it sees (placed last, after the temperature and top-p warpers, those are the
+    distribution generate samples from). Step t's token is read at step t + 1 (input_ids then ends with it);
+    the last step's by `finish(last_tokens)`. Holds one (b, V) float32 tensor at a time."""
+
+    def __init__(self):
+        self.prev: Tensor | None = None  # (b, V) log-softmax of the last scores
+        self.taken: list[Tensor] = []  # (b,) per generated token
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:  # input_ids (b, P + t), scores (b, V)
+        if self.prev is not None:
+            self.taken.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))  # (b,)
+        self.prev = torch.log_softmax(scores.float(), dim=-1)  # (b, V)
+        return scores
+
+    def finish(self, last_tokens: Tensor) -> Tensor:  # last_tokens (b,)
+        """(b, n_generated) log-probs of the generated tokens."""
+        assert self.prev is not None, "SamplerLogp saw no decoding step"
+        self.taken.append(self.prev.gather(1, last_tokens[:, None]).squeeze(1))  # (b,)
+        return torch.stack(self.taken, dim=1)  # (b, n)
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -259,43 +308,60 @@ def generate(
     batch: int,
     seed: int,
     on_batch=None,
-) -> list[tuple[list[int], bool]]:
-    """Sample one completion per prompt (HF generate, left padding, KV cache). Returns (ids, truncated);
-    ids end at (and include) the first EOS. Seeded per call so a resumed run samples identically.
-    `on_batch(start, outs)` is called after each generation batch (e.g. to start grading it on the CPU
-    while the next batch decodes). Progress within a batch: GenProgress, every GEN_PROGRESS_EVERY_S."""
-    from transformers import StoppingCriteriaList
+) -> list[Completion]:
+    """Sample one completion per prompt (HF generate, left padding, KV cache). Returns a Completion per
+    prompt (ids end at and include the first EOS; the sampler's log-prob of each token when sampling).
+    Seeded per call so a resumed run samples identically. `on_batch(start, outs)` is called after each
+    generation batch (e.g. to start grading it on the CPU while the next batch decodes). Progress within a
+    batch: GenProgress, every GEN_PROGRESS_EVERY_S.
+    Sampling passes its own temperature and top-p warpers (the same transformers classes, in the same order
+    as generate's own) followed by SamplerLogp, so the log-probs are those of the distribution sampled from;
+    generate is told temperature = top_p = 1, top_k = 0 so it adds none of its own (nor a model's
+    generation_config defaults)."""
+    from transformers import (LogitsProcessorList, StoppingCriteriaList, TemperatureLogitsWarper,
+                              TopPLogitsWarper)
 
     torch.manual_seed(seed)
     eos = eos_ids(tokenizer)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
-    out: list[tuple[list[int], bool]] = []
+    out: list[Completion] = []
     n_batches = math.ceil(len(prompt_ids) / batch)
+    sampled = temperature > 0
     for s in range(0, len(prompt_ids), batch):
         chunk = prompt_ids[s : s + batch]
         width = max(map(len, chunk))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # (b, P)
         att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)  # (b, P)
+        rec = SamplerLogp()
+        warpers = ([TemperatureLogitsWarper(float(temperature))] if temperature != 1.0 else []) + (
+            [TopPLogitsWarper(top_p=float(top_p))] if top_p < 1.0 else []) if sampled else []
         gen = model.generate(
             input_ids=ids,
             attention_mask=att,
             max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=top_p if temperature > 0 else None,
-            top_k=0 if temperature > 0 else None,
+            do_sample=sampled,
+            temperature=1.0 if sampled else None,
+            top_p=1.0 if sampled else None,
+            top_k=0 if sampled else None,
+            logits_processor=LogitsProcessorList(warpers + [rec]) if sampled else None,
             pad_token_id=pad,
             eos_token_id=eos,
             stopping_criteria=StoppingCriteriaList(
                 [GenProgress(f"batch {s // batch + 1}/{n_batches}", width, max_new_tokens, eos,
                              GEN_PROGRESS_EVERY_S)]
             ),
-        )[:, width:].tolist()  # (b, <= max_new_tokens)
+        )[:, width:]  # (b, <= max_new_tokens)
+        lps = None
+        if sampled and gen.shape[1]:
+            lp = rec.finish(gen[:, -1])  # (b, n)
+            assert lp.shape == gen.shape, f"sampler log-probs {tuple(lp.shape)} for tokens {tuple(gen.shape)}"
+            lps = lp.tolist()
         first = len(out)
-        for row in gen:
+        for k, row in enumerate(gen.tolist()):
             cut = next((i for i, t in enumerate(row) if t in eos), None)
-            out.append((row[: cut + 1], False) if cut is not None else (row, True))
+            n = cut + 1 if cut is not None else len(row)
+            out.append(Completion(row[:n], cut is None, lps[k][:n] if lps is not None else None))
         if on_batch is not None:
             on_batch(first, out[first:])
     return out
@@ -367,17 +433,52 @@ def policy_gradient(
     the behaviour policy's log-probs (no grad, under behaviour(model)) as old_logp, so the clipped PPO ratio
     corrects the mismatch.
     Without it old_logp = logp.detach() and the ratio is exactly 1.
-    Returns the loss (sum over micro-batches), the mean per-token k3 KL, and the ratio diagnostics over
-    completion tokens: ratio_mean, frac_clipped (tokens where the clipped branch is active), logratio_abs."""
+    The policy term of each live token is weighted by the sampler correction (sampler_weights, cfg.tis_cap).
+    Returns the loss (sum over micro-batches), the mean per-token k3 KL, the ratio diagnostics over
+    completion tokens: ratio_mean, frac_clipped (tokens where the clipped branch is active), logratio_abs,
+    and over the tokens with sampler log-probs (NaN without any): sampler_gap (mean |log pi_train -
+    log pi_sampler|), is_weight_mean, frac_is_capped."""
     with antipasto.fused_training(model) if cfg.fused_adapter else contextlib.nullcontext():
         return _policy_gradient(model, rollouts, n_seqs, cfg, pad_id, device, old_cache, inner, per_sample,
                                 behaviour)
+
+
+@jaxtyped(typechecker=beartype)
+def sampler_weights(
+    rollouts: list[Rollout], old_logp: Float[Tensor, "B T"], cap: float | None
+) -> tuple[Float[Tensor, "B T"], dict[str, float]]:
+    """The sampler correction of one micro-batch (rows packed as `pack` does): at each completion token of a
+    row with sampler log-probs, w = min(exp(old_logp - sampler_logp), cap) (cap None: w = 1, measured only);
+    w = 1 at every other position (pool rows, greedy decoding). Returns (w (B, T), sums over the tokens with
+    sampler log-probs: tokens, gap_abs = |old - sampler|, w, capped)."""
+    assert old_logp.shape[0] == len(rollouts), (
+        f"{old_logp.shape[0]} rows of log-probs, {len(rollouts)} rollouts")
+    samp = torch.zeros(old_logp.shape, dtype=torch.float32)  # (B, T) on the CPU, moved once
+    has = torch.zeros(old_logp.shape, dtype=torch.bool)  # (B, T)
+    for i, r in enumerate(rollouts):
+        if r.sampler_logp is not None:
+            assert len(r.sampler_logp) == len(r.completion_ids), (
+                f"rollout {i}: {len(r.sampler_logp)} sampler log-probs for {len(r.completion_ids)} tokens")
+            p, n = len(r.prompt_ids), len(r.completion_ids)
+            samp[i, p : p + n] = torch.tensor(r.sampler_logp, dtype=torch.float32)
+            has[i, p : p + n] = True
+    samp, has = samp.to(old_logp.device), has.to(old_logp.device)  # (B, T) x2
+    with torch.no_grad():
+        d = torch.where(has, old_logp.detach() - samp, 0.0)  # (B, T) log pi_train - log pi_sampler
+        raw = torch.exp(d)  # (B, T)
+        capped = has & (raw > cap) if cap is not None else torch.zeros_like(has)  # (B, T)
+        w = raw.clamp(max=cap) if cap is not None else torch.ones_like(raw)  # (B, T)
+        w = torch.where(has, w, 1.0)  # (B, T)
+        sums = {"tokens": float(has.sum()), "gap_abs": float(d.abs().sum()),
+                "w": float((w * has).sum()), "capped": float(capped.sum())}
+    return w, sums
 
 
 def _policy_gradient(
     model, rollouts, n_seqs, cfg: LossConfig, pad_id, device, old_cache, inner, per_sample, behaviour
 ) -> dict[str, float]:
     loss_sum = kl_sum = tok_sum = ratio_sum = clipped = abs_lr = 0.0
+    samp_sums = {"tokens": 0.0, "gap_abs": 0.0, "w": 0.0, "capped": 0.0}
     for s in range(0, len(rollouts), cfg.micro_batch):
         mb = rollouts[s : s + cfg.micro_batch]
         ids, att, cm = pack(mb, pad_id, device)  # (b, T) x3
@@ -405,7 +506,9 @@ def _policy_gradient(
                 )
                 old = old_cache[s]
             adv = torch.tensor([r.advantage for r in mb], dtype=torch.float32, device=device)  # (b,)
-            loss, st = dr_grpo_loss(logp, old, ref, adv, cm, n_seqs, cfg.l_max, cfg.beta_kl, cfg.clip_eps)
+            w, ws = sampler_weights(mb, old, cfg.tis_cap)  # (b, T)
+            loss, st = dr_grpo_loss(logp, old, ref, adv, cm, n_seqs, cfg.l_max, cfg.beta_kl, cfg.clip_eps,
+                                    w if cfg.tis_cap is not None else None)
             assert torch.isfinite(loss), (
                 f"non-finite loss in micro-batch {s // cfg.micro_batch}: {loss.item()}"
             )
@@ -423,10 +526,15 @@ def _policy_gradient(
         ratio_sum += st["ratio_sum"].item()
         clipped += st["clipped"].item()
         abs_lr += st["abs_logratio_sum"].item()
-    n = max(tok_sum, 1.0)
+        samp_sums = {k: v + ws[k] for k, v in samp_sums.items()}
+    n, ns = max(tok_sum, 1.0), samp_sums["tokens"]
+    nan = float("nan")
     return {"loss": loss_sum, "kl": kl_sum / n, "tokens": tok_sum,
             "ratio_mean": ratio_sum / n if tok_sum else 1.0,
-            "frac_clipped": clipped / n, "logratio_abs": abs_lr / n}
+            "frac_clipped": clipped / n, "logratio_abs": abs_lr / n,
+            "sampler_gap": samp_sums["gap_abs"] / ns if ns else nan,
+            "is_weight_mean": samp_sums["w"] / ns if ns else nan,
+            "frac_is_capped": samp_sums["capped"] / ns if ns else nan}
 
 
 def group_matrices(rollouts: list[Rollout], n_prompts: int) -> tuple[Tensor, Tensor]:
@@ -510,7 +618,7 @@ def sample(
     batch: int,
     seed: int,
     on_batch=None,
-) -> list[tuple[list[int], bool]]:
+) -> list[Completion]:
     """One completion per prompt under the model's current mode (deploy, quarantine on, shrinkage...): HF
     generate on merged weights, or the vLLM engine after pushing the current mode's merged weights."""
     if engine is None:
@@ -536,7 +644,7 @@ def sample_and_grade(model, tokenizer, engine, grader, items: list[tuple[object,
                      max_new_tokens: int, temperature: float, top_p: float, batch: int, seed: int,
                      label: str):
     """One completion per (problem, prompt ids) item (sample), each generation batch graded on the grader's
-    CPU pool while the next one decodes. Returns (outs: (completion ids, truncated) per item, decoded texts,
+    CPU pool while the next one decodes. Returns (outs: a Completion per item, decoded texts,
     grades, generation seconds, grading seconds not hidden behind generation)."""
     t0 = time.time()
     texts: list[str] = [""] * len(items)
@@ -545,8 +653,8 @@ def sample_and_grade(model, tokenizer, engine, grader, items: list[tuple[object,
 
     def grade_batch(first: int, outs_b: list) -> None:
         gen.update()
-        for i, (ids, _) in enumerate(outs_b, start=first):
-            texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
+        for i, o in enumerate(outs_b, start=first):
+            texts[i] = tokenizer.decode(o.ids, skip_special_tokens=True)
         futures.append((first, grader.submit_many([(items[i][0], texts[i])
                                                    for i in range(first, first + len(outs_b))])))
 

@@ -479,8 +479,9 @@ def generate_pool(cfg: ProbeConfig, env: dict, kind: str, grader) -> Path:
                      + [end_of_turn_id(tok)], False) for j in flat]
         else:
             with mode_ctx(model):
-                outs = grpo.sample(model, tok, None, [gen_ids[j] + pre_ids for j in flat], cfg.max_new_tokens,
-                                   cfg.temperature, cfg.top_p, cfg.gen_batch, seed=seed)
+                outs = [(o.ids, o.truncated) for o in grpo.sample(  # (pool rows keep no sampler log-probs)
+                    model, tok, None, [gen_ids[j] + pre_ids for j in flat], cfg.max_new_tokens,
+                    cfg.temperature, cfg.top_p, cfg.gen_batch, seed=seed)]
         # the row's completion is prefix + continuation (what the grader sees and the loss trains on)
         if pre_ids:
             outs = [(pre_ids + ids, trunc) for ids, trunc in outs]

@@ -52,9 +52,11 @@ BASE_COLUMNS = (
     # the applied step against v_hack (step_cos = cos(u, v); u.v < 0 is toward the hack; NaN without a
     # v_hack), the quarantine's step relative to the vanilla step, the share of the vanilla step erase with
     # v_hack would remove (every arm on the same footing; NaN without a v_hack), and the PPO ratio between the
-    # sampling and the train-pass policy over completion tokens (1, 0, 0 when they are the same policy)
+    # sampling and the train-pass policy over completion tokens (1, 0, 0 when they are the same policy);
+    # the sampler correction over the live tokens: mean |log pi_train - log pi_sampler|, the mean truncated
+    # importance weight and the share cut to the cap (NaN when no token has sampler log-probs)
     "step_cos", "step_toward", "quar_step_frac", "erase_norm_frac", "ratio_mean", "frac_clipped",
-    "logratio_abs",
+    "logratio_abs", "sampler_gap", "is_weight_mean", "frac_is_capped",
 )  # fmt: skip
 # fixed header: the base columns, then every arm-specific group (NaN for the arms that do not log it)
 LOG_COLUMNS = BASE_COLUMNS + tuple(c for cols in arms.COLUMN_GROUPS.values() for c in cols)
@@ -350,6 +352,26 @@ def step_summary(row: dict) -> str:
             f"{row['hack_strict']:.2f}/{row['hack_loose']:.2f} gt {row['gt_pass']:.2f} "
             f"| kl {row['kl']:.2e} |g| {row['grad_norm']:.2e} cos {row['cos_in']:.3f}->{row['cos_out']:.3f} "
             f"| gen {row['t_gen']:.1f}s grade {row['t_grade']:.1f}s train {row['t_train']:.1f}s")
+
+
+SAMPLER_GAP_WARN = 0.1
+"""mean |log pi_train - log pi_sampler| per token above which a run warns once (top-p alone contributes at
+most -log(top_p) per token, 0.051 at 0.95: the nucleus holds at least top_p of the mass)"""
+
+
+def warn_ratios(row: dict, step: int, warned: set[str]) -> None:
+    """Warn once per run (names kept in `warned`) when more than half the tokens clip (behaviour and
+    train-pass mode far apart) or when the sampler and the train pass disagree by more than
+    SAMPLER_GAP_WARN."""
+    if row["frac_clipped"] > 0.5 and "clip" not in warned:
+        warned.add("clip")
+        logger.warning(f"step {step}: {row['frac_clipped']:.0%} of tokens clipped (behaviour vs "
+                       "train-pass mode differ a lot): the PPO ratio saturates; check the quarantine")
+    if row["sampler_gap"] > SAMPLER_GAP_WARN and "gap" not in warned:  # NaN compares False
+        warned.add("gap")
+        logger.warning(f"step {step}: the sampler and the train pass disagree by {row['sampler_gap']:.3f} "
+                       f"nats per token (is_weight_mean {row['is_weight_mean']:.3f}, "
+                       f"{row['frac_is_capped']:.1%} capped): check the dtype, the backend and top_p")
 
 
 def peak_mem_gb(device: str) -> float:

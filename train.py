@@ -113,6 +113,11 @@ class TrainConfig:
     pushed before each generation; needs the vllm extra)"""
     vllm_gpu_memory_utilization: float = 0.35
     """vllm: fraction of GPU memory for the engine (weight copy + KV cache); the rest is left to training"""
+    sampler_correction: bool = True
+    """weight each live token's policy term by min(pi_train / pi_sampler, tis_cap): the sampler's own
+    log-probs (temperature, top-p, merged weights, vLLM kernels) against the train pass's (docs/arms.md)"""
+    tis_cap: float = 2.0
+    """the sampler correction's truncation: importance weights above it are cut to it (TRL's default 2)"""
     generate_in_deploy_mode: bool = True
     """route arms: generate with the quarantine ablated (the shipped model is the behaviour policy)"""
     teacher_pool_dir: str = ""
@@ -292,7 +297,8 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
 def loss_config(cfg: TrainConfig) -> grpo.LossConfig:
     return grpo.LossConfig(micro_batch=cfg.micro_batch, l_max=cfg.max_new_tokens, beta_kl=cfg.beta_kl,
                            clip_eps=cfg.clip_eps, inner_steps=cfg.inner_steps, logits_chunk=cfg.logits_chunk,
-                           fused_adapter=cfg.fused_adapter, temperature=cfg.temperature)
+                           fused_adapter=cfg.fused_adapter, temperature=cfg.temperature,
+                           tis_cap=cfg.tis_cap if cfg.sampler_correction else None)
 
 
 # field -> allowed range (cli.in_range); validate() names the field, its value and the range
@@ -303,7 +309,7 @@ RANGES = {"steps": ">=1", "lr": ">0", "weight_decay": ">=0", "betas": "[0,1)", "
           "max_problems": ">=0", "rank": ">=0", "mix_ratio": "[0,1)", "teacher_n_hack": ">=0",
           "teacher_n_solve": ">=0", "grader_workers": ">=0", "grader_timeout_s": ">0",
           "vllm_gpu_memory_utilization": "(0,1]", "ckpt_every": ">=1", "keep_ckpts": ">=1",
-          "eval_every": ">=0", "eval_samples": ">=1", "eval_problems": ">=0"}
+          "eval_every": ">=0", "eval_samples": ">=1", "eval_problems": ">=0", "tis_cap": ">0"}
 # free to differ from the saved config in --eval-only (scripts/eval_run.py): what and how to evaluate
 EVAL_FIELDS = ("eval_at_end", "eval_every", "eval_samples", "eval_problems", "eval_hint", "gen_batch",
                "device", "grader_workers")
@@ -384,10 +390,10 @@ def collect_rollouts(model, tok, engine, grader, cfg: TrainConfig, batch_problem
     rollouts: list[grpo.Rollout] = []
     for j, p in enumerate(batch_problems):
         for i in range(j * G_s, (j + 1) * G_s):
-            ids, trunc = outs[i]
+            o = outs[i]
             reward = rewards.compute_reward(grades[i], rcfg)
-            rollouts.append(grpo.Rollout(p.id, prompt_ids[j], ids, texts[i], "student", trunc,
-                                         grade=grades[i], reward=reward))
+            rollouts.append(grpo.Rollout(p.id, prompt_ids[j], o.ids, texts[i], "student", o.truncated,
+                                         grade=grades[i], reward=reward, sampler_logp=o.logp))
         # reward recomputed from the cached grade with this run's RewardConfig (oracle penalty included)
         for source, row in grpo.teacher_rows(pools, cfg.seed, step, p.id) if pools else ():
             rollouts.append(grpo.Rollout(p.id, prompt_ids[j], row["completion_ids"], row["completion"],
@@ -513,7 +519,7 @@ def main(cfg: TrainConfig) -> Path:
     lcfg = loss_config(cfg)
     off_mode = arm.quarantine and cfg.generate_in_deploy_mode  # rollouts sampled with the quarantine ablated
     gen_ctx = antipasto.ablate_quarantine if off_mode else contextlib.nullcontext
-    warned_clip = False
+    warned: set[str] = set()  # runs.warn_ratios: each warning once per run
     timer = cli.StepEta(cfg.steps, cfg.eval_every, cfg.eval_at_end,
                         len(test_problems) * cfg.eval_samples * (3 if arm.quarantine else 1))
     for step in range(start, cfg.steps):
@@ -563,11 +569,9 @@ def main(cfg: TrainConfig) -> Path:
                    t_gen=t_gen, t_grade=t_grade, t_train=t_train, t_step=time.time() - t0,
                    peak_mem_gb=runs.peak_mem_gb(device))
         row.update(**step_row, **hook_row, **reward_row,
-                   **{k: ps[k] for k in ("ratio_mean", "frac_clipped", "logratio_abs")})
-        if row["frac_clipped"] > 0.5 and not warned_clip:
-            warned_clip = True
-            logger.warning(f"step {step}: {row['frac_clipped']:.0%} of tokens clipped (behaviour vs "
-                           "train-pass mode differ a lot): the PPO ratio saturates; check the quarantine")
+                   **{k: ps[k] for k in ("ratio_mean", "frac_clipped", "logratio_abs", "sampler_gap",
+                                         "is_weight_mean", "frac_is_capped")})
+        runs.warn_ratios(row, step, warned)
         log.write(row)
         if cfg.save_rollouts:
             runs.write_rollouts(run_dir, step, rollouts)

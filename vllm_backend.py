@@ -18,7 +18,10 @@ push is a device copy, not a serialisation. Tensor parallelism is not supported 
 
 Sampling: one request per rollout, each with its own seed (request_seed(base seed, index), never reused by
 another step's call), so a resumed run samples
-the same completions. Returned ids end at, and include, the first EOS, exactly like train.generate.
+the same completions. Returned ids end at, and include, the first EOS, exactly like grpo.generate. Each
+sampled token comes with vLLM's log-prob of it under the distribution it was drawn from
+(`logprobs_mode="processed_logprobs"`: after temperature and top-p; vllm >= 0.10.2), which the train pass
+uses for the sampler correction (grpo.sampler_weights), as TRL's vLLM importance-sampling correction does.
 
 Tested without vLLM against a stand-in engine (tests/test_vllm_backend.py) that checks the names, the
 merge and the modes; on a machine with vLLM, the same test also runs against the real engine.
@@ -86,7 +89,7 @@ def request_seed(seed: int, i: int) -> int:
 
 class VllmEngine:
     """One colocated vLLM engine: `sync(model)` then `generate(...)` (same signature and result as
-    train.generate). `llm_factory` exists for tests; by default it is vllm.LLM."""
+    grpo.generate). `llm_factory` exists for tests; by default it is vllm.LLM."""
 
     def __init__(self, model_path: str, dtype: str, seed: int, max_model_len: int,
                  gpu_memory_utilization: float, llm_factory: Callable | None = None):
@@ -111,9 +114,16 @@ class VllmEngine:
 
         rng = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(),
                torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-        self.llm = llm_factory(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                               gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
-                               tensor_parallel_size=1)
+        try:
+            self.llm = llm_factory(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                                   gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
+                                   tensor_parallel_size=1, logprobs_mode="processed_logprobs")
+        except TypeError as e:
+            if "logprobs_mode" not in str(e):
+                raise
+            raise ValueError(f"this vllm has no logprobs_mode ({e}): the sampler correction needs the "
+                             "sampled tokens' processed log-probs, vllm >= 0.10.2; upgrade vllm or pass "
+                             "--backend hf") from None
         random.setstate(rng[0])
         np.random.set_state(rng[1])
         torch.random.set_rng_state(rng[2])
@@ -180,18 +190,23 @@ class VllmEngine:
         self.t_sync += time.time() - t0
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                 batch: int, seed: int, eos_ids: list[int], on_batch=None) -> list[tuple[list[int], bool]]:
-        """One completion per prompt: (ids ending at and including the first EOS, truncated). Requests are
-        sent in chunks of `batch` so `on_batch(start, outs)` can grade one chunk while the next decodes."""
+                 batch: int, seed: int, eos_ids: list[int], on_batch=None) -> list:
+        """One grpo.Completion per prompt: ids ending at and including the first EOS, truncated, and the
+        sampler's processed log-prob of each token when sampling (None when greedy, or for a row whose stop
+        token vLLM left out and this appends). Requests are sent in chunks of `batch` so
+        `on_batch(start, outs)` can grade one chunk while the next decodes."""
         import vllm
 
-        out: list[tuple[list[int], bool]] = []
+        from grpo import Completion
+
+        out: list[Completion] = []
         eos = set(eos_ids)
+        sampled = temperature > 0
         for s in range(0, len(prompt_ids), batch):
             chunk = prompt_ids[s : s + batch]
             params = [vllm.SamplingParams(n=1, max_tokens=max_new_tokens, temperature=temperature,
-                                          top_p=top_p if temperature > 0 else 1.0,
-                                          seed=request_seed(seed, s + i),
+                                          top_p=top_p if sampled else 1.0,
+                                          seed=request_seed(seed, s + i), logprobs=0 if sampled else None,
                                           stop_token_ids=list(eos_ids)) for i in range(len(chunk))]
             res = self.llm.generate([{"prompt_token_ids": p} for p in chunk], params, use_tqdm=False)
             assert len(res) == len(chunk), f"vLLM returned {len(res)} outputs for {len(chunk)} prompts"
@@ -199,17 +214,24 @@ class VllmEngine:
             for r in res:
                 o = r.outputs[0]
                 ids = list(o.token_ids)
+                lps = None
+                if sampled:  # one {token id: Logprob} per generated token, the sampled one among them
+                    assert o.logprobs is not None and len(o.logprobs) == len(ids), (
+                        f"vLLM returned {None if o.logprobs is None else len(o.logprobs)} log-probs for "
+                        f"{len(ids)} tokens")
+                    lps = [float(d[t].logprob) for d, t in zip(o.logprobs, ids)]
                 cut = next((i for i, t in enumerate(ids) if t in eos), None)
                 if cut is not None:
-                    out.append((ids[: cut + 1], False))
+                    out.append(Completion(ids[: cut + 1], False, lps[: cut + 1] if lps is not None else None))
                 elif o.finish_reason == "stop":
                     # a stop token outside eos_ids (e.g. from generation_config), or left out
                     # vLLM (V1 check_stop) keeps the stop token in token_ids,
                     # so only append it when it is missing
                     stop = o.stop_reason if isinstance(o.stop_reason, int) else eos_ids[0]
-                    out.append((ids if ids and ids[-1] == stop else ids + [stop], False))
+                    kept = bool(ids) and ids[-1] == stop
+                    out.append(Completion(ids if kept else ids + [stop], False, lps if kept else None))
                 else:
-                    out.append((ids, o.finish_reason == "length"))
+                    out.append(Completion(ids, o.finish_reason == "length", lps))
             if on_batch is not None:
                 on_batch(first, out[first:])
         return out

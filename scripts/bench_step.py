@@ -367,7 +367,7 @@ def one_step(cfg, model, adapters, directions, optimizer, params, tcfg, prompt_i
             chunk, L = prompt_ids[s : s + gen_batch], lens[s : s + gen_batch]
             outs = grpo.generate(model, tok, chunk, max(L), cfg.temperature, cfg.top_p, gen_batch,
                                  seed=seed * 1_000_003 + s)
-            for (ids, trunc), n in zip(outs, L):
+            for (ids, trunc, _), n in zip(outs, L):
                 assert trunc and len(ids) == max(L), (
                     f"forced generation returned {len(ids)} tokens (truncated={trunc}), expected {max(L)}")
                 generated += len(ids)

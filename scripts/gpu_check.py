@@ -139,7 +139,7 @@ def generate(b: B.BenchConfig, model, prompt_ids, lens, gen_batch: int, device: 
                                  seed=b.seed + s)
             B.sync(device)
             timed.append(time.perf_counter() - t)
-            for (ids, trunc), n in zip(outs, L):
+            for (ids, trunc, _), n in zip(outs, L):
                 assert trunc and len(ids) == max(L), (
                     f"forced-length generation returned {len(ids)} tokens (truncated={trunc}), "
                     f"expected {max(L)}")

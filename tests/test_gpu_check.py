@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_check  # noqa: E402
+import grpo  # noqa: E402
 import sweep  # noqa: E402
 
 
@@ -121,7 +122,7 @@ def test_generation_past_the_time_limit_is_extrapolated_from_the_batches_timed(m
 
     def fake_generate(model, tok, chunk, max_new, *a, **k):
         clock.now += 0.5 * max_new
-        return [([5] * max_new, True) for _ in chunk]
+        return [grpo.Completion([5] * max_new, True) for _ in chunk]
 
     monkeypatch.setattr(gpu_check.grpo, "generate", fake_generate)
     b = gpu_check.B.BenchConfig(rollouts=12, group_size=4, max_new_tokens=30)

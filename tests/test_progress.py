@@ -44,14 +44,14 @@ def test_generate_logs_tokens_during_a_batch_and_samples_the_same(tiny, lines, m
         mp.setattr(transformers, "StoppingCriteriaList", lambda xs: None)
         want = grpo.generate(m, tok, prompts, 12, 1.0, 1.0, 2, seed=7)
     assert got == want
-    assert any(t for ids, t in got), ("no completion ran to max_new_tokens: "
+    assert any(o.truncated for o in got), ("no completion ran to max_new_tokens: "
                                       "the line count below would be vacuous")
     gen = [ln for ln in lines if ln.startswith("generating ")]
     print("\n".join(gen[:3]))
     for b in (1, 2):
         toks = [int(re.search(r"token (\d+)/12 ", ln).group(1))
                 for ln in gen if ln.startswith(f"generating batch {b}/2:")]
-        longest = max(len(ids) for ids, _ in got[2 * (b - 1) : 2 * b])
+        longest = max(len(o.ids) for o in got[2 * (b - 1) : 2 * b])
         assert toks == list(range(1, longest + 1)), f"batch {b}: one line per token at interval 0, got {toks}"
     assert re.fullmatch(r"generating batch 1/2: token 1/12 \(\d+s elapsed, eta <= \d+s; [0-2]/2 ended\)",
                         gen[0])
@@ -109,3 +109,16 @@ def test_length_filter_progress_knows_its_total(tmp_path):
         logger.remove(sink)
     assert len(probs) == 5 and prog.total == 5 and prog.n == 5
     assert any("measured 5/5" in ln for ln in lines), lines
+
+
+def test_ratio_warnings_fire_once_and_not_on_nan(lines):
+    """runs.warn_ratios: a sampler gap above 0.1 nats warns once per run; NaN (no sampler log-probs) never."""
+    import runs
+
+    warned: set[str] = set()
+    nan = float("nan")
+    for step, gap in enumerate([nan, 0.05, 0.3, 0.4]):
+        runs.warn_ratios({"frac_clipped": 0.0, "sampler_gap": gap, "is_weight_mean": 0.8,
+                          "frac_is_capped": 0.0}, step, warned)
+    got = [ln for ln in lines if "disagree" in ln]
+    assert len(got) == 1 and got[0].startswith("step 2: the sampler and the train pass disagree by 0.300"), got

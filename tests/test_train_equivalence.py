@@ -6,6 +6,7 @@ with W + U diag(delta) Vh substituted functionally, a separate base model as the
 merged-inference generation samples the same tokens as the unmerged adapter."""
 
 import copy
+import math
 import random
 
 import pytest
@@ -208,7 +209,9 @@ def test_merged_inference_generation_matches_unmerged(base):
     plain = grpo.generate(m, tok, prompts, 12, 1.0, 1.0, 4, seed=7)
     with antipasto.merged_inference(m):
         merged = grpo.generate(m, tok, prompts, 12, 1.0, 1.0, 4, seed=7)
-    assert merged == plain
+    assert [(o.ids, o.truncated) for o in merged] == [(o.ids, o.truncated) for o in plain]
+    for a, b in zip(merged, plain):  # the sampler log-probs agree to float noise (fp32 merge)
+        torch.testing.assert_close(torch.tensor(a.logp), torch.tensor(b.logp), rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -295,3 +298,161 @@ def test_runs_score_at_their_sampling_temperature():
     assert train.loss_config(train.PRESETS["full"][1]).temperature == 0.7
     cfg = probe_distill.ProbeConfig(temperature=0.6)
     assert probe_distill.loss_config(cfg).temperature == 0.6
+
+
+# ------------------------------------------------------------------------------------------------
+# the sampler correction: the sampler's own log-probs, and the truncated importance weight in the loss
+
+
+def _top_p_logp(logits, T: float, top_p: float):
+    """Hand reference of the distribution sampled from: softmax(logits / T) cut to the smallest set of the
+    most probable tokens whose mass reaches top_p, renormalised. Returns (log-probs (V,), kept mask (V,))."""
+    p = torch.softmax(logits.double() / T, -1)  # (V,)
+    order = torch.argsort(p, descending=True)
+    before = torch.cumsum(p[order], 0) - p[order]  # mass of the more probable tokens
+    kept = torch.zeros_like(p, dtype=torch.bool)
+    kept[order[before < top_p]] = True
+    z = p[kept].sum()
+    return torch.where(kept, torch.log(p / z), -torch.inf), kept
+
+
+def test_sampler_logp_is_the_distribution_sampled_from(base):
+    """grpo.generate at T = 0.7, top_p = 0.8 records, per token, the log-prob under the tempered, top-p
+    cut and renormalised distribution (checked against a hand reference from unpadded full forwards);
+    every sampled token lies in the nucleus, and the nucleus cuts often enough that the recorded values
+    differ from the train pass's full-softmax ones."""
+    model, tok = base
+    m, _ = wrapped(model, seed=5)
+    m.eval()
+    prompts = [r.prompt_ids for r in rollouts(len(tok), seed=5)][::2]  # 4 prompts of different lengths
+    T, top_p = 0.7, 0.8
+    outs = grpo.generate(m, tok, prompts, 10, T, top_p, 4, seed=11)
+    gaps = []
+    with torch.no_grad():
+        for prompt, o in zip(prompts, outs):
+            assert o.logp is not None and len(o.logp) == len(o.ids)
+            seq = torch.tensor([prompt + o.ids])  # (1, P + n)
+            logits = m(input_ids=seq).logits[0].float()  # (P + n, V)
+            for t, (tid, lp) in enumerate(zip(o.ids, o.logp)):
+                ref, kept = _top_p_logp(logits[len(prompt) - 1 + t], T, top_p)
+                assert kept[tid], f"token {t} ({tid}) outside the nucleus"
+                assert lp == pytest.approx(float(ref[tid]), abs=1e-4), (t, lp, float(ref[tid]))
+                gaps.append(lp - float(torch.log_softmax(logits[len(prompt) - 1 + t] / T, -1)[tid]))
+    assert max(gaps) > 0.05 and min(gaps) >= -1e-4, "the nucleus never cut: the test would prove nothing"
+    assert all(o.logp is None for o in grpo.generate(m, tok, prompts, 4, 0.0, 1.0, 4, seed=0)), "greedy"
+
+
+def test_recording_leaves_the_samples_unchanged(base):
+    """The warpers generate is handed (and the recorder after them) sample exactly what transformers' own
+    temperature / top-p settings sample with the same seed."""
+    model, tok = base
+    m, _ = wrapped(model, seed=6)
+    m.eval()
+    prompts = [r.prompt_ids for r in rollouts(len(tok), seed=6)][::2]
+    got = grpo.generate(m, tok, prompts, 12, 0.7, 0.8, 4, seed=13)
+    torch.manual_seed(13)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # (b, P) left padded
+    att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (b, P)
+    eos = grpo.eos_ids(tok)
+    with torch.no_grad():
+        want = m.generate(input_ids=ids, attention_mask=att, max_new_tokens=12, do_sample=True,
+                          temperature=0.7, top_p=0.8, top_k=0, pad_token_id=tok.pad_token_id,
+                          eos_token_id=eos)[:, width:].tolist()  # (b, <= 12)
+    for g, w in zip(got, want):
+        cut = next((i for i, t in enumerate(w) if t in eos), None)
+        assert g.ids == (w[: cut + 1] if cut is not None else w)
+
+
+def _with_sampler_logp(m, rs, temperature, shift_seed: int | None):
+    """Each rollout's sampler_logp = the train pass's log-probs minus a per-token shift in [-1, 1] (None:
+    no shift); returns the (B, T) shifts at the completion positions."""
+    B = len(rs)
+    ids, att, cm = grpo.pack(rs, 0, "cpu")  # (B, T) x3
+    with torch.no_grad():
+        lp = grpo.token_logprobs(m, ids, att, where=cm, temperature=temperature)  # (B, T)
+    g = torch.Generator().manual_seed(shift_seed or 0)
+    shift = torch.zeros_like(lp)  # (B, T)
+    if shift_seed is not None:
+        shift = (2 * torch.rand(lp.shape, generator=g) - 1) * cm
+    for i, r in enumerate(rs):
+        p, n = len(r.prompt_ids), len(r.completion_ids)
+        r.sampler_logp = (lp[i, p : p + n] - shift[i, p : p + n]).tolist()
+    assert B == len(rs)
+    return shift, cm
+
+
+@pytest.mark.parametrize("cap", [2.0, None])
+def test_sampler_correction_weights_the_policy_term(base, cap):
+    """With sampler log-probs pi_train / pi_sampler = exp(shift), shift in [-1, 1]: the gradient equals a
+    full-batch reference written here whose policy term is weighted by min(exp(shift), cap) (the KL term
+    unweighted); cap None leaves the gradient unweighted and still measures the gap. The logged gap,
+    mean weight and capped share equal their hand values."""
+    model, tok = base
+    m, ads = wrapped(model, seed=7)
+    rs = rollouts(len(tok), seed=7)
+    T, beta = 0.7, 0.05
+    shift, cm = _with_sampler_logp(m, rs, T, shift_seed=7)
+    B, Tn = shift.shape
+    ids, att, _ = grpo.pack(rs, 0, "cpu")
+    adv = torch.tensor([r.advantage for r in rs])[:, None]  # (B, 1)
+    w = shift.exp().clamp(max=cap) if cap is not None else torch.ones_like(shift)  # (B, T)
+    with torch.no_grad():
+        ref = grpo.token_logprobs(model, ids, att, where=cm, temperature=T)  # (B, T) the base model
+    d = {k: a.delta_S.detach().clone().requires_grad_(True) for k, a in ads.items()}
+    weights = {f"{k}.weight": model.get_submodule(k).weight + (a.U * d[k]) @ a.Vh for k, a in ads.items()}
+    logits = functional_call(model, weights, args=(), kwargs={"input_ids": ids, "attention_mask": att}).logits
+    lp = F.pad(torch.log_softmax(logits.float() / T, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1),
+               (1, 0))  # (B, T)
+    k3 = torch.exp(ref - lp) - (ref - lp) - 1  # (B, T)
+    ((-adv * w * torch.exp(lp - lp.detach()) + beta * k3) * cm).sum().div(N_SEQS * L_MAX).backward()
+    want = {k: v.grad for k, v in d.items()}
+
+    cfg = grpo.LossConfig(micro_batch=3, logits_chunk=7, beta_kl=beta, l_max=L_MAX, temperature=T,
+                          tis_cap=cap)
+    m.train()
+    for p in m.parameters():
+        p.grad = None
+    st = grpo.policy_gradient(m, rs, N_SEQS, cfg, 0, "cpu")
+    assert_grads_close({k: a.delta_S.grad for k, a in ads.items()}, want)
+    n = float(cm.sum())
+    assert st["sampler_gap"] == pytest.approx(float((shift.abs() * cm).sum()) / n, rel=1e-3)
+    assert st["is_weight_mean"] == pytest.approx(float((w * cm).sum()) / n, rel=1e-3)
+    capped = float(((shift.exp() > 2.0) * cm).sum()) / n
+    assert st["frac_is_capped"] == pytest.approx(capped if cap is not None else 0.0, abs=1e-6)
+    if cap is not None:
+        assert 0 < capped < 0.5, "no weight reached the cap: the test would not see the truncation"
+        _, unweighted = naive(model, ads, rs, beta=beta, quarantine=False, temperature=T)
+        with pytest.raises(AssertionError, match="max .grad diff"):
+            assert_grads_close({k: a.delta_S.grad for k, a in ads.items()}, unweighted)
+
+
+def test_sampler_correction_compares_with_the_behaviour_pass(base):
+    """Route arms sample in deploy mode and train with the quarantine on: the sampler weight compares the
+    sampler's log-probs with the behaviour pass's (deploy mode), not with the train mode's. Sampler
+    log-probs equal to deploy mode's give weight 1 and gap ~0; the train mode differs by more than 1e-3."""
+    model, tok = base
+    m, ads = wrapped(model, quarantine=True, seed=8)
+    rs = rollouts(len(tok), seed=8)
+    with antipasto.ablate_quarantine(m):
+        _with_sampler_logp(m, rs, 1.0, shift_seed=None)
+    cfg = grpo.LossConfig(micro_batch=4, logits_chunk=7, beta_kl=0.0, l_max=L_MAX)
+    m.train()
+    st = grpo.policy_gradient(m, rs, N_SEQS, cfg, 0, "cpu", behaviour=antipasto.ablate_quarantine)
+    assert st["sampler_gap"] < 1e-5 and st["is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert st["logratio_abs"] > 1e-3, "train and deploy mode agree: the test would prove nothing"
+    for p in m.parameters():
+        p.grad = None
+    st = grpo.policy_gradient(m, rs, N_SEQS, cfg, 0, "cpu")  # no behaviour pass: compares with train mode
+    assert st["sampler_gap"] > 1e-3
+
+
+def test_rows_without_sampler_logp_get_weight_one(base):
+    """Pool rows (and greedy decoding) carry no sampler log-probs: weight 1, and no gap is reported."""
+    model, tok = base
+    rs = rollouts(len(tok), seed=9)
+    old = -torch.rand(len(rs), max(len(r.prompt_ids) + len(r.completion_ids) for r in rs))  # (B, T)
+    w, sums = grpo.sampler_weights(rs, old, 2.0)
+    assert torch.equal(w, torch.ones_like(w)) and sums["tokens"] == 0.0
+    st = grpo.policy_gradient(wrapped(model, seed=9)[0], rs, N_SEQS, grpo.LossConfig(l_max=L_MAX), 0, "cpu")
+    assert math.isnan(st["sampler_gap"]) and math.isnan(st["is_weight_mean"])

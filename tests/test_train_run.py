@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import gzip
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,18 @@ def test_one_step_changes_only_what_it_should(arm, tmp_path, pool_dir, vhack_fil
     row = read_tsv(run / "log.tsv")[0]
     assert set(row) == set(runs.LOG_COLUMNS)
     assert float(row["reward_std"]) > 0 and float(row["frac_zero_std"]) < 1
+    # fp32, T = 1, top_p = 1: the sampler (merged weights, deploy mode for route) is the behaviour policy
+    assert float(row["sampler_gap"]) < 1e-4 and float(row["is_weight_mean"]) == pytest.approx(1, abs=1e-4)
+
+
+def test_top_p_shows_as_a_bounded_sampler_gap(tmp_path, pool_dir):
+    """Sampling with top_p = 0.8: each live token's sampler log-prob is the train pass's minus log Z, Z the
+    nucleus mass in [0.8, 1]; so 0 < sampler_gap <= -log 0.8 and the mean weight Z lies in [0.8, 1)."""
+    run = train.main(small_cfg(tmp_path, pool_dir, run_name="top-p", temperature=0.7, top_p=0.8))
+    row = read_tsv(run / "log.tsv")[0]
+    gap, w = float(row["sampler_gap"]), float(row["is_weight_mean"])
+    assert 1e-3 < gap <= -math.log(0.8) + 1e-4, gap
+    assert 0.8 - 1e-4 <= w < 1.0 and float(row["frac_is_capped"]) == 0.0, (w, row["frac_is_capped"])
 
 
 def test_erase_on_the_step_never_applies_a_step_toward_the_hack(tmp_path, pool_dir, vhack_file):

@@ -36,12 +36,19 @@ class FakeSamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    logprobs: int | None = None
     stop_token_ids: list = field(default_factory=list)
 
 
+@dataclass
+class _Logprob:
+    logprob: float
+
+
 class _Out:
-    def __init__(self, token_ids, finish_reason, stop_reason):
+    def __init__(self, token_ids, finish_reason, stop_reason, logprobs=None):
         self.token_ids, self.finish_reason, self.stop_reason = token_ids, finish_reason, stop_reason
+        self.logprobs = logprobs  # vLLM: one {token id: Logprob} per generated token when requested
 
 
 class _Req:
@@ -98,19 +105,22 @@ class FakeLLM:
             assert sp.top_p == 1.0, "stand-in engine implements temperature sampling only"
             g = torch.Generator().manual_seed(sp.seed)
             ids = list(p["prompt_token_ids"])
-            gen, finish, stop = [], "length", None
+            gen, lps, finish, stop = [], [], "length", None
             for _ in range(sp.max_tokens):
                 logits = self.model.hf(torch.tensor([ids])).logits[0, -1].float()  # (V,)
                 if sp.temperature == 0:
                     t = int(logits.argmax())
                 else:
                     t = int(torch.multinomial(torch.softmax(logits / sp.temperature, -1), 1, generator=g))
+                # processed_logprobs: the log-prob under the distribution sampled from (temperature applied)
+                lps.append({t: _Logprob(float(torch.log_softmax(logits / (sp.temperature or 1.0), -1)[t]))})
                 ids.append(t)
                 gen.append(t)
                 if t in sp.stop_token_ids:  # vLLM keeps the stop token id in token_ids
                     finish, stop = "stop", t
                     break
-            out.append(_Req(_Out(gen, finish, stop)))
+            assert sp.logprobs is None or self.kw.get("logprobs_mode") == "processed_logprobs"
+            out.append(_Req(_Out(gen, finish, stop, lps if sp.logprobs is not None else None)))
         return out
 
 
@@ -226,13 +236,20 @@ def test_eos_handling(adapted, fake_vllm):
     eng = vllm_backend.VllmEngine(models.resolve_path("tiny-random"), "float32", 0, 256, 0.3)
     eos = grpo.eos_ids(tok)
 
+    def lp(*ids):
+        return [{t: _Logprob(-0.25 * (k + 1))} for k, t in enumerate(ids)]
+
     def fake_generate(prompts, params, use_tqdm=True):
-        return [_Req(_Out([5, 6, eos[0], 7], "stop", eos[0])), _Req(_Out([5, 6], "stop", None)),
-                _Req(_Out([5, 6, 7], "length", None))]
+        assert all(p.logprobs == 0 for p in params), "sampling asks for the sampled tokens' log-probs"
+        return [_Req(_Out([5, 6, eos[0], 7], "stop", eos[0], lp(5, 6, eos[0], 7))),
+                _Req(_Out([5, 6], "stop", None, lp(5, 6))),
+                _Req(_Out([5, 6, 7], "length", None, lp(5, 6, 7)))]
 
     eng.llm.generate = fake_generate
     out = eng.generate([[1], [1], [1]], 4, 1.0, 1.0, 8, 0, eos)
-    assert out == [([5, 6, eos[0]], False), ([5, 6, eos[0]], False), ([5, 6, 7], True)]
+    # the appended stop token has no log-prob from vLLM: that row gets none (weight 1 in the loss)
+    assert out == [([5, 6, eos[0]], False, [-0.25, -0.5, -0.75]), ([5, 6, eos[0]], False, None),
+                   ([5, 6, 7], True, [-0.25, -0.5, -0.75])]
 
 
 def test_train_main_runs_with_vllm_backend(tmp_path, fake_vllm, monkeypatch, pool_dir, vhack_file):
@@ -310,7 +327,7 @@ def test_request_seeds_are_not_shared_between_consecutive_steps(adapted, fake_vl
 
     def fake_generate(prompts, params, use_tqdm=True):
         seen.append([p.seed for p in params])
-        return [_Req(_Out([5], "length", None)) for _ in prompts]
+        return [_Req(_Out([5], "length", None, [{5: _Logprob(-1.0)}])) for _ in prompts]
 
     eng.llm.generate = fake_generate
     for step in (7, 8):
@@ -318,3 +335,34 @@ def test_request_seeds_are_not_shared_between_consecutive_steps(adapted, fake_vl
     a, b = sum(seen[:2], []), sum(seen[2:], [])
     assert len(set(a)) == len(a) == 6 and len(set(b)) == 6  # distinct within a call, across its chunks
     assert not set(a) & set(b)
+
+
+def test_sampled_log_probs_belong_to_their_tokens(adapted, fake_vllm):
+    """Sampling at T = 0.8 through the engine: each returned log-prob is the (processed) log-prob of the token
+    beside it, i.e. the train pass's token_logprobs at 0.8 on the adapted model for the same sequence (an
+    off-by-one between ids and log-probs would break this)."""
+    m, tok = adapted
+    eng = vllm_backend.VllmEngine(models.resolve_path("tiny-random"), "float32", 0, 256, 0.3)
+    assert FakeLLM.instances[-1].kw["logprobs_mode"] == "processed_logprobs"
+    prompts = _prompts(tok)
+    with antipasto.ablate_quarantine(m):
+        eng.sync(m)
+        outs = eng.generate(prompts, 8, 0.8, 1.0, 4, 5, grpo.eos_ids(tok))
+        rs = [grpo.Rollout(0, p, o.ids, "", "student", o.truncated) for p, o in zip(prompts, outs)]
+        ids, att, cm = grpo.pack(rs, 0, "cpu")
+        with torch.no_grad():
+            lp = grpo.token_logprobs(m, ids, att, where=cm, temperature=0.8)  # (B, T)
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        assert o.logp is not None and len(o.logp) == len(o.ids) > 1
+        torch.testing.assert_close(torch.tensor(o.logp), lp[i, len(p) : len(p) + len(o.ids)],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_a_vllm_without_processed_log_probs_is_a_clear_error(fake_vllm):
+    def old_llm(model, dtype, seed, max_model_len, gpu_memory_utilization, enable_prefix_caching,
+                tensor_parallel_size):
+        raise AssertionError("not reached")
+
+    with pytest.raises(ValueError, match="logprobs_mode.*vllm >= 0.10.2"):
+        vllm_backend.VllmEngine(models.resolve_path("tiny-random"), "float32", 0, 256, 0.3,
+                                llm_factory=old_llm)
