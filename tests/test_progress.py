@@ -121,4 +121,5 @@ def test_ratio_warnings_fire_once_and_not_on_nan(lines):
         runs.warn_ratios({"frac_clipped": 0.0, "sampler_gap": gap, "is_weight_mean": 0.8,
                           "frac_is_capped": 0.0}, step, warned)
     got = [ln for ln in lines if "disagree" in ln]
-    assert len(got) == 1 and got[0].startswith("step 2: the sampler and the train pass disagree by 0.300"), got
+    want = "step 2: the sampler and the train pass disagree by 0.300"
+    assert len(got) == 1 and got[0].startswith(want), got
