@@ -316,10 +316,12 @@ def generate(
     batch: GenProgress, every GEN_PROGRESS_EVERY_S.
     Sampling passes its own temperature and top-p warpers (the same transformers classes, in the same order
     as generate's own) followed by SamplerLogp, so the log-probs are those of the distribution sampled from;
-    generate is told temperature = top_p = 1, top_k = 0 so it adds none of its own (nor a model's
-    generation_config defaults)."""
-    from transformers import (LogitsProcessorList, StoppingCriteriaList, TemperatureLogitsWarper,
-                              TopPLogitsWarper)
+    generate runs on a blank GenerationConfig (the model's own is set aside for the call), so none of a
+    model's defaults (its temperature / top-k / top-p, repetition penalty, min_p, typical_p, minimum length,
+    suppressed tokens, ...) adds a processor: the distribution sampled from is exactly softmax(logits / T) cut
+    to the top-p nucleus, as the train pass and vLLM assume."""
+    from transformers import (GenerationConfig, LogitsProcessorList, StoppingCriteriaList,
+                              TemperatureLogitsWarper, TopPLogitsWarper)
 
     torch.manual_seed(seed)
     eos = eos_ids(tokenizer)
@@ -336,22 +338,26 @@ def generate(
         rec = SamplerLogp()
         warpers = ([TemperatureLogitsWarper(float(temperature))] if temperature != 1.0 else []) + (
             [TopPLogitsWarper(top_p=float(top_p))] if top_p < 1.0 else []) if sampled else []
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=att,
-            max_new_tokens=max_new_tokens,
-            do_sample=sampled,
-            temperature=1.0 if sampled else None,
-            top_p=1.0 if sampled else None,
-            top_k=0 if sampled else None,
-            logits_processor=LogitsProcessorList(warpers + [rec]) if sampled else None,
-            pad_token_id=pad,
-            eos_token_id=eos,
-            stopping_criteria=StoppingCriteriaList(
-                [GenProgress(f"batch {s // batch + 1}/{n_batches}", width, max_new_tokens, eos,
-                             GEN_PROGRESS_EVERY_S)]
-            ),
-        )[:, width:]  # (b, <= max_new_tokens)
+        own, model.generation_config = model.generation_config, GenerationConfig()
+        try:
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=att,
+                max_new_tokens=max_new_tokens,
+                do_sample=sampled,
+                temperature=1.0 if sampled else None,
+                top_p=1.0 if sampled else None,
+                top_k=0 if sampled else None,
+                logits_processor=LogitsProcessorList(warpers + [rec]) if sampled else None,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                stopping_criteria=StoppingCriteriaList(
+                    [GenProgress(f"batch {s // batch + 1}/{n_batches}", width, max_new_tokens, eos,
+                                 GEN_PROGRESS_EVERY_S)]
+                ),
+            )[:, width:]  # (b, <= max_new_tokens)
+        finally:
+            model.generation_config = own
         lps = None
         if sampled and gen.shape[1]:
             lp = rec.finish(gen[:, -1])  # (b, n)

@@ -239,16 +239,23 @@ def load_checkpoint(run_dir: Path, model, optimizer, scheduler, model_id: str) -
 
 
 class TsvLog:
-    """Fixed-header TSV, one row per step, flushed; on resume, rows past the checkpoint are dropped."""
+    """Fixed-header TSV, one row per step, flushed; on resume, rows past the checkpoint are dropped. A log
+    written by an older version whose columns are a subset of `columns` (this version only added some) is
+    rewritten under the new header, the new columns "nan" in the old rows; one with a column this version
+    does not log stops with a one-line error (nothing is rewritten)."""
 
     def __init__(self, path: Path, columns: tuple[str, ...], resume_step: int | None):
         self.path, self.columns = path, columns
         if resume_step is not None and path.exists():
             lines = path.read_text().splitlines()
-            assert lines and lines[0].split("\t") == list(columns), (
-                f"{path}: header differs from runs.LOG_COLUMNS"
-            )
-            kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[0]) < resume_step]
+            old = lines[0].split("\t") if lines else []
+            gone = [c for c in old if c not in columns]
+            if not old or old[0] != columns[0] or gone:
+                raise UserError(f"{path}: its header is not this version's log (columns {gone or old[:1]} "
+                                "unknown here): resume with the version that wrote it, or start a new run")
+            rows = [dict(zip(old, ln.split("\t"))) for ln in lines[1:] if ln]
+            kept = ["\t".join(columns)] + ["\t".join(r.get(c, "nan") for c in columns) for r in rows
+                                           if int(r[columns[0]]) < resume_step]
             path.write_text("\n".join(kept) + "\n")
         elif not path.exists():
             path.write_text("\t".join(columns) + "\n")

@@ -6,7 +6,8 @@ and summary scripts call them:
 
     import stats
     c = stats.compare([0.02, 0.03, 0.01], [0.5, 0.48, 0.55], method="erase", control="vanilla")
-    c.flag            # 'method lower than control (evidence, exact p=0.050)'
+    c.flag            # 'method lower than control (evidence, exact p=0.050, test bound < -0.450, but the
+                      #  conservative 95% interval includes 0: size uncertain)'
     stats.fisher_one_sided(0, 3, 3, 3)                        # 0.05
     stats.min_detectable_breakouts(3, 3)                      # [(0, 3, 0.05)]
 
@@ -24,9 +25,13 @@ Which test and why (docs/sweeps_stats.md has the reading guide):
 - The exact interval (`perm_lo`, `perm_hi`) inverts the same test over shifts (Tritchler 1984): the set of
   shifts d for which "method = control + d" is not rejected at (1 - level) / 2 on either side. It is exact
   under the shift model (coverage 1 - 2 floor(a N) / N for N relabellings, a = (1 - level) / 2) and covers 0
-  exactly whenever the arm has no effect. Its one-sided bound at alpha agrees with the one-sided p-value
-  (bound < 0 iff p <= alpha), so flag and bound never disagree. At 3 + 3 runs the two-sided 95% interval is
-  the whole feasible range [-(hi - lo), hi - lo]: 20 relabellings cannot give 2.5% in a tail.
+  exactly whenever the arm has no effect. At 3 + 3 runs the two-sided 95% interval is the whole feasible range
+  [-(hi - lo), hi - lo] (20 relabellings cannot give 2.5% in a tail), and it undercovers real breakout
+  effects (below), so results.md does not print it (results.tsv keeps it). results.md prints the test's
+  own one-sided (1 - alpha) bound (`bound`) instead: it excludes 0 iff p <= alpha, so a flag saying
+  "evidence" always stands next to a test bound that excludes 0, and the bound covers 0 with probability
+  >= 1 - alpha whenever the arm has no effect. It answers "is there an effect", not "how large": under a
+  real breakout effect it undercovers the mean difference like the two-sided one.
 - A real effect on nearly binary outcomes is not a shift (the method changes the breakout probability, not
   the level), and there no interval built from the seeds' spread covers: an arm with breakout probability
   0.3 shows 0/3 breakouts 34% of the time, and then the seeds cannot reveal its mean. Measured at n = 5 over
@@ -209,28 +214,33 @@ def bounded_diff_interval(method, control, level: float = LEVEL,
 # ----------------------------------------------------------------------------------------------- flags
 def direction_flag(n_method: int, n_control: int, p_lower: float, p_higher: float, diff: float,
                    alpha: float = ALPHA, lower_is_better: bool = True,
-                   ci: tuple[float, float] = (float("nan"), float("nan"))) -> str:
+                   ci: tuple[float, float] = (float("nan"), float("nan")),
+                   bound: float = float("nan")) -> str:
     """The verdict of one comparison, in words; never empty, so an absent flag cannot read as a pass.
     'n too small'                    fewer than 2 runs in either arm
     'method lower/higher than control (evidence, exact p=..)'  the preregistered one-sided test at alpha
     'method WORSE than control (evidence, exact p=..)'         the same test in the other direction at alpha
     'no evidence: control does as well (...)'                  point difference not in the hoped direction
     'no evidence: interval includes 0 (...)'                   hoped direction, test not at alpha
-    An 'evidence' flag whose conservative interval `ci` still includes 0 says so: the test finds a difference,
-    its size is not pinned down (at n = 3-5 with nearly binary runs the two often disagree)."""
+    `bound` is the test's exact one-sided (1 - alpha) bound in the hoped direction (Comparison.bound); it
+    excludes 0 exactly when the test is at alpha, and the flag quotes it, so 'evidence' never stands next to
+    a test interval that includes 0. An 'evidence' flag whose conservative interval `ci` still includes 0 says
+    so: the test finds a difference, its size is not pinned down (at n = 3-5 with nearly binary runs the two
+    often disagree)."""
     if n_method < 2 or n_control < 2:
         return f"n too small ({n_method} method, {n_control} control runs; need >= 2 each)"
     p_good, p_bad = (p_lower, p_higher) if lower_is_better else (p_higher, p_lower)
     good_word = "lower" if lower_is_better else "higher"
     wide = ", but the conservative 95% interval includes 0: size uncertain" if ci[0] <= 0 <= ci[1] else ""
+    tb = "" if math.isnan(bound) else f", test bound {'<' if lower_is_better else '>'} {bound:+.3f}"
     if _sig(p_good, alpha):
-        return f"method {good_word} than control (evidence, exact p={p_good:.3f}{wide})"
+        return f"method {good_word} than control (evidence, exact p={p_good:.3f}{tb}{wide})"
     if _sig(p_bad, alpha):
         return f"method WORSE than control (evidence, exact p={p_bad:.3f}{wide})"
     hoped = diff < 0 if lower_is_better else diff > 0
     if not hoped:
         return f"no evidence: control does as well (diff {diff:+.3f}, p={p_good:.3f})"
-    return f"no evidence: interval includes 0 (diff {diff:+.3f}, p={p_good:.3f})"
+    return f"no evidence: interval includes 0 (diff {diff:+.3f}, p={p_good:.3f}{tb})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,8 +257,9 @@ class Comparison:
     diff: float  # mean(method) - mean(control)
     ci_lo: float  # conservative bounded-outcome interval at `level` (coverage checked by simulation)
     ci_hi: float
-    perm_lo: float  # exact permutation interval at `level` (shift model)
+    perm_lo: float  # exact two-sided permutation interval at `level` (shift model; results.tsv only)
     perm_hi: float
+    bound: float  # the test's exact one-sided (1 - alpha) bound, hoped direction; excludes 0 iff p <= alpha
     p_lower: float  # exact one-sided p that the method is lower
     p_higher: float  # exact one-sided p that the method is higher
     level: float
@@ -271,16 +282,17 @@ def compare(method_values, control_values, *, method: str = "method", control: s
     nan = float("nan")
     if len(x) == 0 or len(y) == 0:
         return Comparison(method, control, metric, len(x), len(y), float(x.mean()) if len(x) else nan,
-                          float(y.mean()) if len(y) else nan, nan, nan, nan, nan, nan, nan, nan, level, alpha,
-                          direction_flag(len(x), len(y), 1.0, 1.0, nan, alpha, lower_is_better),
+                          float(y.mean()) if len(y) else nan, nan, nan, nan, nan, nan, nan, nan, nan, level,
+                          alpha, direction_flag(len(x), len(y), 1.0, 1.0, nan, alpha, lower_is_better),
                           lower_is_better)
     p_lo, p_hi = perm_pvalues(x, y)
     diff = float(x.mean() - y.mean())
     ci = bounded_diff_interval(x, y, level, bounds)
     pi = perm_interval(x, y, level, bounds)
+    bound = perm_bound(x, y, alpha, "upper" if lower_is_better else "lower", bounds)
     return Comparison(method, control, metric, len(x), len(y), float(x.mean()), float(y.mean()), diff,
-                      ci[0], ci[1], pi[0], pi[1], p_lo, p_hi, level, alpha,
-                      direction_flag(len(x), len(y), p_lo, p_hi, diff, alpha, lower_is_better, ci),
+                      ci[0], ci[1], pi[0], pi[1], bound, p_lo, p_hi, level, alpha,
+                      direction_flag(len(x), len(y), p_lo, p_hi, diff, alpha, lower_is_better, ci, bound),
                       lower_is_better)
 
 
@@ -419,15 +431,19 @@ def analyze(hack: Mapping[str, Mapping[int, float]], gt: Mapping[str, Mapping[in
                 dropped=dropped)
 
 
+def nominal_only(text: str) -> str:
+    """`text` with every 'evidence' flag in it printed as nominal only (results.md without a valid prereg)."""
+    return text.replace("(evidence, ", "(nominal only: no valid prereg, not significant; ")
+
+
 def _fmt_cmp(c: Comparison, valid: bool = True) -> str:
     """One results.md row; without a valid prereg an 'evidence' flag is printed as nominal only."""
-    flag = c.flag if valid else c.flag.replace("(evidence, ",
-                                               "(nominal only: no valid prereg, not significant; ")
+    flag = c.flag if valid else nominal_only(c.flag)
     if c.n_method == 0 or c.n_control == 0:
         return f"| {c.method} vs {c.control} | {c.n_method} vs {c.n_control} | - | - | - | - | {flag} |"
     return (f"| {c.method} vs {c.control} | {c.n_method} vs {c.n_control} | {c.mean_method:.3f} vs "
             f"{c.mean_control:.3f} | {c.diff:+.3f} [{c.ci_lo:+.3f}, {c.ci_hi:+.3f}] | "
-            f"[{c.perm_lo:+.3f}, {c.perm_hi:+.3f}] | {c.p_one_sided:.3f} | {flag} |")
+            f"{'<' if c.lower_is_better else '>'} {c.bound:+.3f} | {c.p_one_sided:.3f} | {flag} |")
 
 
 def primary_markdown(res: Mapping, prereg: Mapping, valid: tuple[bool, str]) -> list[str]:
@@ -438,7 +454,7 @@ def primary_markdown(res: Mapping, prereg: Mapping, valid: tuple[bool, str]) -> 
     head = (f"Preregistered ({why})." if ok else
             f"**NOT preregistered: {why}.** The comparisons below are exploratory; "
             "none is called significant.")
-    cols = ["| comparison | n | means | diff [conservative 95%] | exact 95% if a pure shift "
+    cols = ["| comparison | n | means | diff [conservative 95%] | test bound (exact one-sided 95%) "
             "| one-sided p (hoped direction) | flag |",
             "|---|---|---|---|---|---|---|"]
     claim = res["claim"] if ok else "primary: not tested (no valid preregistration)"

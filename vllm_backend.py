@@ -134,14 +134,9 @@ class VllmEngine:
         self.t_sync = 0.0
 
     def _apply(self, fn: Callable[[nn.Module], object]) -> list:
-        if hasattr(self.llm, "apply_model"):
-            return self.llm.apply_model(fn)
-        try:  # older vLLM (V0 engine): reach the model directly
-            m = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        except AttributeError as e:
-            raise RuntimeError(f"this vLLM has neither LLM.apply_model nor the V0 driver_worker path ({e}); "
-                               "use vllm>=0.8") from None
-        return [fn(m)]
+        assert hasattr(self.llm, "apply_model"), (
+            "this vLLM has no LLM.apply_model: the weight push needs vllm >= 0.10.2 (pyproject.toml's extra)")
+        return self.llm.apply_model(fn)
 
     def sync(self, model: nn.Module) -> None:
         """Push the adapted weights of the current mode into the engine, skipped only when the mode flags and

@@ -540,9 +540,10 @@ def final_values(ev: pd.DataFrame, metric: str) -> dict[str, dict[int, float]]:
     return {a: by_seed(g) for a, g in fin.groupby("arm", sort=False)}
 
 
-def primary_section(name: str, ev: pd.DataFrame, out: Path, run_dirs: list[str]) -> list[str]:
-    """The preregistered analysis from prereg.json and the runs' final evals (stats.analyze); without a
-    valid prereg the same tables, headed as exploratory, with nothing called significant."""
+def primary_section(name: str, ev: pd.DataFrame, out: Path, run_dirs: list[str]) -> tuple[list[str], bool]:
+    """The preregistered analysis from prereg.json and the runs' final evals (stats.analyze), and whether
+    the prereg is valid; without one the same tables, headed as exploratory, with nothing called
+    significant."""
     path = out / "prereg.json"
     hack, gt = final_values(ev, "hack_strict"), final_values(ev, "gt_pass")
     if path.exists():
@@ -563,12 +564,12 @@ def primary_section(name: str, ev: pd.DataFrame, out: Path, run_dirs: list[str])
         if stats.PRIMARY_METHOD not in hack or not controls or not seeds:
             return ["## Primary comparison: not available", "", f"**{why}**, and this sweep has no final "
                     f"{stats.PRIMARY_METHOD} runs together with any of {', '.join(stats.PRIMARY_CONTROLS)}: "
-                    "every table below is exploratory.", ""]
+                    "every table below is exploratory.", ""], False
         prereg = stats.build_prereg(sweep=name, arms=sorted(hack), seeds=seeds, pilot_seed=max(seeds) + 100,
                                     git_sha="none", controls=controls)
         valid = (False, why)
     res = stats.analyze(hack, gt, prereg)
-    return stats.primary_markdown(res, prereg, valid)
+    return stats.primary_markdown(res, prereg, valid), valid[0]
 
 
 def train_sources(runs_tab: pd.DataFrame) -> str:
@@ -584,7 +585,10 @@ def train_sources(runs_tab: pd.DataFrame) -> str:
 
 
 def write_markdown(name: str, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: list[str], path: Path,
-                   primary: list[str], breakout: float, logs: pd.DataFrame | None = None) -> None:
+                   primary: list[str], breakout: float, logs: pd.DataFrame | None = None,
+                   preregistered: bool = True) -> None:
+    """results.md. Without a valid prereg (`preregistered` False) no table calls anything significant: the
+    exploratory rows repeat the primary comparisons, so their 'evidence' flags are printed as nominal only."""
     n_pilot = int((runs_tab["status"] == "pilot").sum()) if len(runs_tab) else 0
     L = [f"# Sweep `{name}`: results", "",
          f"Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by `scripts/summarize.py`: "
@@ -684,7 +688,7 @@ def write_markdown(name: str, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: 
           for _, r in runs_tab.iterrows()]
     L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     L += ["Full table: `results.tsv` (every arm x mode x step x metric); run statuses: `runs.tsv`.", ""]
-    path.write_text("\n".join(L))
+    path.write_text("\n".join(L if preregistered else map(stats.nominal_only, L)))
 
 
 def main(c: Config) -> Path:
@@ -715,6 +719,10 @@ def main(c: Config) -> Path:
     ev = load_evals(compared)
     logs = load_logs(compared)
     tab = summarize(ev, c)
+    primary, preregistered = primary_section(name, ev, out, [r["run_dir"] for r in runs_list])
+    if not preregistered and len(tab):  # results.tsv calls nothing significant either
+        for col in ("flag_vs_vanilla", "flags"):
+            tab[col] = tab[col].map(stats.nominal_only)
     tab.to_csv(out / "results.tsv", sep="\t", index=False, float_format="%.6g")
     runs_tab.to_csv(out / "runs.tsv", sep="\t", index=False)
     n_steps = int(logs["step"].max()) + 1 if len(logs) else 1
@@ -723,8 +731,8 @@ def main(c: Config) -> Path:
     plot_metric_vs_step(ev, logs, "gt_pass", "gt pass@1", out / PLOTS[1], smooth)
     plot_hack_vs_pass(ev, out / PLOTS[2], c.breakout)
     plot_projection(logs, out / PLOTS[3], smooth)
-    primary = primary_section(name, ev, out, [r["run_dir"] for r in runs_list])
-    write_markdown(name, tab, runs_tab, list(PLOTS), out / "results.md", primary, c.breakout, logs)
+    write_markdown(name, tab, runs_tab, list(PLOTS), out / "results.md", primary, c.breakout, logs,
+                   preregistered)
     gate_table(logs).to_csv(out / "gate.tsv", sep="\t", index=False, float_format="%.6g")
     print(f"[summarize] {out}/results.md, results.tsv, runs.tsv, {', '.join(PLOTS)}")
     bad = runs_tab[~runs_tab["status"].isin(["done", "pilot"])]

@@ -714,8 +714,9 @@ def bench_want(p: dict) -> dict:
 
 
 def measured_step(bench_dir: Path, p: dict) -> StepTime | None:
-    """The newest bench record (by its `date`, then file mtime) at the preset's shape, or None."""
-    want = bench_want(p)
+    """The newest bench record (by its `date`, then file mtime) at the preset's shape and typical lengths
+    (`--gen-len typical`, what gpu-check runs; fixed or max lengths are not a sweep's step), or None."""
+    want = bench_want(p) | {"gen_len": "typical"}
     hits = [(f, r) for f, r in bench_records(bench_dir)
             if all(r["config"].get(k) == v for k, v in want.items()) and float(r["t_step"]) > 0]
     if not hits:
@@ -724,7 +725,7 @@ def measured_step(bench_dir: Path, p: dict) -> StepTime | None:
     gen = float(r.get("t_generate", 0.5 * r["t_step"])) / max(1, int(r["config"]["rollouts"]))
     extra = ", generation partly extrapolated" if r.get("t_generate_extrapolated") else ""
     src = (f"measured: {f} ({r.get('device_name', r.get('device', '?'))}, {r.get('date', '?')}, gen-len "
-           f"{r['config'].get('gen_len', '?')}, {'fused' if want['fused_adapter'] else 'unfused'} "
+           f"typical, {'fused' if want['fused_adapter'] else 'unfused'} "
            f"adapter{extra})")
     return StepTime(float(r["t_step"]), gen, src, True)
 
@@ -883,7 +884,10 @@ def write_prereg(cfg: SweepConfig, prereg: dict | None) -> None:
     if prereg is None or cfg.dry_run:
         return
     path = prereg_path(cfg)
-    wrote = stats.write_prereg(path, prereg)
+    try:
+        wrote = stats.write_prereg(path, prereg)
+    except ValueError as e:  # a different design under this sweep's name: the user picks a new name
+        raise UserError(str(e)) from None
     print(f"[sweep] preregistration {'written' if wrote else 'unchanged'}: {path}")
     run_dirs = [cfg.out_root.resolve() / "runs" / run_name(cfg, a, s) for a in prereg["arms"]
                 for s in (*prereg["seeds"], prereg["pilot"]["seed"])]

@@ -187,6 +187,25 @@ def test_flags_direction_and_small_n():
     assert g.flag.startswith("method higher than control (evidence")
 
 
+def test_evidence_flag_quotes_a_test_bound_that_excludes_0():
+    """'evidence' only next to a test bound that excludes 0 (hand value at 3 + 3: max(x) - min(y)), and the
+    flag 'no evidence: interval includes 0' quotes a bound that includes 0."""
+    c = stats.compare([0.02, 0.03, 0.01], [0.5, 0.48, 0.55])
+    assert c.bound == pytest.approx(0.03 - 0.48)
+    assert c.flag == ("method lower than control (evidence, exact p=0.050, test bound < -0.450, but the "
+                      "conservative 95% interval includes 0: size uncertain)")
+    g = stats.compare([0.6, 0.61, 0.62], [0.3, 0.31, 0.32], lower_is_better=False)
+    assert g.bound == pytest.approx(0.6 - 0.32) and "test bound > +0.280" in g.flag
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        x, y = rng.random(3).round(1), rng.random(rng.integers(2, 5)).round(1)
+        c = stats.compare(x, y)
+        assert ("(evidence" in c.flag and not c.flag.startswith("method WORSE")) == (c.bound < 0), (x, y, c)
+        assert (c.bound < 0) == (stats.perm_pvalues(x, y)[0] <= 0.05 + 1e-12), (x, y)
+        if c.flag.startswith("no evidence: interval includes 0"):
+            assert c.bound >= 0 and f"test bound < {c.bound:+.3f}" in c.flag
+
+
 def prereg_for(arms=("vanilla", "erase", "erase-matched"), seeds=(0, 1, 2), pilot=100, **kw):
     return stats.build_prereg(sweep="t", arms=arms, seeds=seeds, pilot_seed=pilot, git_sha="abc", **kw)
 
@@ -222,6 +241,12 @@ def test_analyze_drops_pilot_and_supports_clear_effect():
     assert res["fisher"]["vanilla"] == pytest.approx(0.05)
     ctrl, g, lo, ni = res["secondary"][1]
     assert ctrl == "vanilla" and lo == pytest.approx(0.29 - 0.32) and ni.startswith("non-inferior")
+    md = stats.primary_markdown(res, prereg_for(), (True, "written before the first run"))
+    assert "test bound (exact one-sided 95%)" in md[6] and "pure shift" not in "\n".join(md)
+    row = next(line for line in md if line.startswith("| erase vs vanilla |"))
+    # the test bound at 3 + 3: max(erase) - min(vanilla) = 0.03 - 0.5
+    assert row.startswith("| erase vs vanilla | 3 vs 3 | 0.020 vs 0.550 | -0.530 [")
+    assert "| < -0.470 | 0.050 |" in row
 
 
 def test_noninferiority_hand_values():
@@ -472,8 +497,9 @@ def test_evidence_flag_says_when_the_conservative_interval_includes_zero():
     c = stats.compare([0.02] * 3, [0.5] * 3)
     assert c.p_lower == pytest.approx(1 / 20)
     assert c.ci_lo <= 0 <= c.ci_hi
-    assert c.flag == ("method lower than control (evidence, exact p=0.050, but the conservative 95% interval "
-                      "includes 0: size uncertain)")
+    assert c.flag == ("method lower than control (evidence, exact p=0.050, test bound < -0.480, but the "
+                      "conservative 95% interval includes 0: size uncertain)")
     # 5 + 5 runs at the extremes: the conservative interval excludes 0
     far = stats.compare([0.0] * 5, [1.0] * 5)
-    assert far.ci_hi < 0 and far.flag == "method lower than control (evidence, exact p=0.004)"
+    assert far.ci_hi < 0
+    assert far.flag == "method lower than control (evidence, exact p=0.004, test bound < -1.000)"

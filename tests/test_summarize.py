@@ -173,6 +173,9 @@ def test_results_md_without_prereg_is_exploratory(sweep_dir):
     assert "**NOT preregistered: no preregistration:" in primary and "none is called significant" in primary
     assert "primary: not tested (no valid preregistration)" in primary
     assert "(evidence," not in primary, "nothing may read as significant without a prereg"
+    # nor anywhere else: the exploratory tables repeat erase vs vanilla and vs its placebo
+    assert "(evidence" not in md and "nominal only: no valid prereg" in md.split("## Final eval")[1]
+    assert "(evidence" not in (sweep_dir / "sweeps" / "sw" / "results.tsv").read_text()
     assert md.index("## Primary comparison") < md.index("## Final eval (step 6), deploy mode: exploratory")
     assert "Smallest detectable effect" in md and "0/3 vs 3/3 (p = 0.050)" in md
 

@@ -321,7 +321,7 @@ def test_prereg_is_written_before_the_first_run(tmp_path):
     # the same sweep again keeps the file; a changed design is refused, naming the fix
     before = pre_path.read_text()
     assert sweep.main(cfg(tmp_path, seeds=(0, 1, 2))) == 0 and pre_path.read_text() == before
-    with pytest.raises(ValueError, match="different preregistration.*another sweep --name"):
+    with pytest.raises(cli.UserError, match="different preregistration.*another sweep --name"):
         sweep.main(cfg(tmp_path, seeds=(0, 1, 2), primary_method="erase-random"))
 
 
@@ -353,6 +353,8 @@ def test_dry_run_prints_prereg_round_robin_and_a_measured_budget(tmp_path, capsy
     write_bench(bench / "c_other.json", 1.0, 1.0, "2027-01-01 00:00:00", shape="qwen3-4b")  # another shape
     # preset is unfused
     write_bench(bench / "d_fused.json", 2.0, 1.0, "2027-01-01 00:00:00", fused_adapter=True)
+    # the preset's shape at the longest lengths: not a sweep's typical step
+    write_bench(bench / "f_max.json", 3.0, 1.0, "2027-01-01 00:00:00", gen_len="max")
     (bench / "e_broken.json").write_text("{")
     c = cfg(tmp_path, seeds=(0, 1, 2), sec_per_step=0.0, dry_run=True, budget_gpu_hours=0.2)
     assert sweep.main(c) == 0

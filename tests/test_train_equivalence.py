@@ -316,14 +316,27 @@ def _top_p_logp(logits, T: float, top_p: float):
     return torch.where(kept, torch.log(p / z), -torch.inf), kept
 
 
-def test_sampler_logp_is_the_distribution_sampled_from(base):
+# generation_config settings a model may ship that add HF logits processors before or after our recorder
+POLLUTED_GEN = dict(min_p=0.3, typical_p=0.5, epsilon_cutoff=1e-3, eta_cutoff=1e-3, top_h=0.5, top_k=3,
+                    temperature=0.3, top_p=0.5, repetition_penalty=1.5, no_repeat_ngram_size=2,
+                    min_new_tokens=8, suppress_tokens=[5], sequence_bias={(8,): -5.0},
+                    renormalize_logits=True)
+
+
+@pytest.mark.parametrize("polluted", [False, True], ids=["plain", "model-gen-config"])
+def test_sampler_logp_is_the_distribution_sampled_from(base, polluted):
     """grpo.generate at T = 0.7, top_p = 0.8 records, per token, the log-prob under the tempered, top-p
     cut and renormalised distribution (checked against a hand reference from unpadded full forwards);
     every sampled token lies in the nucleus, and the nucleus cuts often enough that the recorded values
-    differ from the train pass's full-softmax ones."""
+    differ from the train pass's full-softmax ones. With a model generation_config that would add
+    processors (min_p, repetition penalty, minimum length, ...) the reference still holds: generate ignores
+    it, and leaves it in place."""
     model, tok = base
     m, _ = wrapped(model, seed=5)
     m.eval()
+    if polluted:
+        for k, v in POLLUTED_GEN.items():
+            setattr(m.generation_config, k, v)
     prompts = [r.prompt_ids for r in rollouts(len(tok), seed=5)][::2]  # 4 prompts of different lengths
     T, top_p = 0.7, 0.8
     outs = grpo.generate(m, tok, prompts, 10, T, top_p, 4, seed=11)
@@ -340,6 +353,8 @@ def test_sampler_logp_is_the_distribution_sampled_from(base):
                 gaps.append(lp - float(torch.log_softmax(logits[len(prompt) - 1 + t] / T, -1)[tid]))
     assert max(gaps) > 0.05 and min(gaps) >= -1e-4, "the nucleus never cut: the test would prove nothing"
     assert all(o.logp is None for o in grpo.generate(m, tok, prompts, 4, 0.0, 1.0, 4, seed=0)), "greedy"
+    if polluted:
+        assert m.generation_config.min_p == 0.3 and m.generation_config.repetition_penalty == 1.5
 
 
 def test_recording_leaves_the_samples_unchanged(base):
@@ -425,6 +440,47 @@ def test_sampler_correction_weights_the_policy_term(base, cap):
         _, unweighted = naive(model, ads, rs, beta=beta, quarantine=False, temperature=T)
         with pytest.raises(AssertionError, match="max .grad diff"):
             assert_grads_close({k: a.delta_S.grad for k, a in ads.items()}, unweighted)
+
+
+def test_sampler_correction_holds_across_inner_steps(base):
+    """inner_steps = 2: at the second inner step (delta_S moved by a small step) the policy term keeps the
+    first step's sampler weight min(pi_old / pi_sampler, 2), pi_old the cached first-step log-probs, and its
+    ratio is exp(logp - old); the gradient equals a full-batch reference written here (no token clipped)."""
+    model, tok = base
+    m, ads = wrapped(model, seed=9)
+    rs = rollouts(len(tok), seed=9)
+    T, beta, cap = 0.7, 0.05, 2.0
+    shift, cm = _with_sampler_logp(m, rs, T, shift_seed=9)
+    ids, att, _ = grpo.pack(rs, 0, "cpu")
+    with torch.no_grad():
+        old = grpo.token_logprobs(m, ids, att, where=cm, temperature=T)  # (B, T) first inner step
+        ref = grpo.token_logprobs(model, ids, att, where=cm, temperature=T)  # (B, T) the base model
+    cfg = grpo.LossConfig(micro_batch=3, logits_chunk=7, beta_kl=beta, l_max=L_MAX, temperature=T,
+                          tis_cap=cap, inner_steps=2)
+    m.train()
+    cache: dict = {}
+    grpo.policy_gradient(m, rs, N_SEQS, cfg, 0, "cpu", cache, inner=0)
+    g = torch.Generator().manual_seed(19)
+    with torch.no_grad():
+        for a in ads.values():
+            a.delta_S.add_(0.002 * torch.randn(a.r, generator=g))
+    for p in m.parameters():
+        p.grad = None
+    st = grpo.policy_gradient(m, rs, N_SEQS, cfg, 0, "cpu", cache, inner=1)
+    assert st["frac_clipped"] == 0.0 and st["logratio_abs"] > 1e-5, "the step must move pi, within the clip"
+
+    adv = torch.tensor([r.advantage for r in rs])[:, None]  # (B, 1)
+    w = shift.exp().clamp(max=cap)  # (B, T)
+    d = {k: a.delta_S.detach().clone().requires_grad_(True) for k, a in ads.items()}
+    weights = {f"{k}.weight": model.get_submodule(k).weight + (a.U * d[k]) @ a.Vh for k, a in ads.items()}
+    logits = functional_call(model, weights, args=(), kwargs={"input_ids": ids, "attention_mask": att}).logits
+    lp = F.pad(torch.log_softmax(logits.float() / T, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1),
+               (1, 0))  # (B, T)
+    k3 = torch.exp(ref - lp) - (ref - lp) - 1  # (B, T)
+    ((-adv * w * torch.exp(lp - old) + beta * k3) * cm).sum().div(N_SEQS * L_MAX).backward()
+    assert_grads_close({k: a.delta_S.grad for k, a in ads.items()}, {k: v.grad for k, v in d.items()})
+    n = float(cm.sum())
+    assert st["is_weight_mean"] == pytest.approx(float((w * cm).sum()) / n, rel=1e-3)
 
 
 def test_sampler_correction_compares_with_the_behaviour_pass(base):

@@ -184,6 +184,24 @@ def test_resume_refuses_changed_config(tmp_path, pool_dir):
 # ---- bad input: a clear error before the first generation (no run directory is created)
 
 
+def test_log_of_an_older_version_resumes_under_the_new_header(tmp_path):
+    """A log.tsv whose header lacks columns this version added (a run started before them) keeps its rows up
+    to the checkpoint, the new columns "nan"; a header with a column this version does not log is refused in
+    one line and left untouched."""
+    cols = ("step", "a", "b", "c")
+    p = tmp_path / "log.tsv"
+    p.write_text("step\ta\tc\n0\t1\t3\n1\t4\t6\n2\t7\t9\n")
+    log = runs.TsvLog(p, cols, resume_step=2)
+    log.write({"step": 2, "a": 1.5, "b": 2.5, "c": 3.5})
+    assert p.read_text() == "step\ta\tb\tc\n0\t1\tnan\t3\n1\t4\tnan\t6\n2\t1.5\t2.5\t3.5\n"
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("step\ta\tzz\n0\t1\t2\n")
+    with pytest.raises(runs.UserError,
+                       match=r"bad.tsv: its header is not this version's log \(columns \['zz'\]"):
+        runs.TsvLog(bad, cols, resume_step=1)
+    assert bad.read_text() == "step\ta\tzz\n0\t1\t2\n"
+
+
 def test_bad_group_size(tmp_path, pool_dir):
     with pytest.raises(ValueError, match="not divisible by group_size"):
         train.main(small_cfg(tmp_path, pool_dir, rollouts_per_step=10, group_size=4, run_name="bad"))
