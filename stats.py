@@ -6,7 +6,7 @@ and summary scripts call them:
 
     import stats
     c = stats.compare([0.02, 0.03, 0.01], [0.5, 0.48, 0.55], method="erase", control="vanilla")
-    c.flag            # 'method lower than control (evidence, exact p=0.050, test bound < -0.450, but the
+    c.flag            # 'method lower than control (evidence, exact p=0.050, test bound <= -0.450, but the
                       #  conservative 95% interval includes 0: size uncertain)'
     stats.fisher_one_sided(0, 3, 3, 3)                        # 0.05
     stats.min_detectable_breakouts(3, 3)                      # [(0, 3, 0.05)]
@@ -31,7 +31,9 @@ Which test and why (docs/sweeps_stats.md has the reading guide):
   own one-sided (1 - alpha) bound (`bound`) instead: it excludes 0 iff p <= alpha, so a flag saying
   "evidence" always stands next to a test bound that excludes 0, and the bound covers 0 with probability
   >= 1 - alpha whenever the arm has no effect. It answers "is there an effect", not "how large": under a
-  real breakout effect it undercovers the mean difference like the two-sided one.
+  real breakout effect it undercovers the mean difference like the two-sided one (54-100% at n = 3 over the
+  breakout grid below where the method is better; docs/sweeps_stats.md). A Monte Carlo draw may repeat the
+  observed labelling; the bound counts every repeat as the p-value does, so the two still agree.
 - A real effect on nearly binary outcomes is not a shift (the method changes the breakout probability, not
   the level), and there no interval built from the seeds' spread covers: an arm with breakout probability
   0.3 shows 0/3 breakouts 34% of the time, and then the seeds cannot reveal its mean. Measured at n = 5 over
@@ -161,11 +163,13 @@ def perm_interval(method, control, level: float = LEVEL,
     b, c = _perm_parts(x, y)
     a = (1 - level) / 2
     keep = c > 1e-12
-    # relabelling pi's difference crosses the observed one at d = r_pi; p_higher(d) = (1 + #{r_pi <= d}) / P
+    n_obs = int((~keep).sum())  # rows of the observed labelling: 1 if enumerated, >= 1 in a Monte Carlo draw
+    # relabelling pi's difference crosses the observed one at d = r_pi;
+    # p_higher(d) = (n_obs + #{r_pi <= d}) / P
     r = np.sort(np.round(-b[keep] / c[keep], 12) + 0.0)  # rounded: a crossing at exactly 0 stays 0
-    j = int(math.floor(a * len(b) + 1e-9))
+    j = int(math.floor(a * len(b) + 1e-9)) - n_obs + 1
     width = bounds[1] - bounds[0]
-    if j == 0:
+    if j <= 0:
         return -width, width
     lo, hi = float(r[j - 1]), float(r[-j])
     return max(lo, -width), min(hi, width)
@@ -215,32 +219,39 @@ def bounded_diff_interval(method, control, level: float = LEVEL,
 def direction_flag(n_method: int, n_control: int, p_lower: float, p_higher: float, diff: float,
                    alpha: float = ALPHA, lower_is_better: bool = True,
                    ci: tuple[float, float] = (float("nan"), float("nan")),
-                   bound: float = float("nan")) -> str:
+                   bound: float = float("nan"), bad_bound: float = float("nan")) -> str:
     """The verdict of one comparison, in words; never empty, so an absent flag cannot read as a pass.
     'n too small'                    fewer than 2 runs in either arm
     'method lower/higher than control (evidence, exact p=..)'  the preregistered one-sided test at alpha
     'method WORSE than control (evidence, exact p=..)'         the same test in the other direction at alpha
     'no evidence: control does as well (...)'                  point difference not in the hoped direction
     'no evidence: interval includes 0 (...)'                   hoped direction, test not at alpha
-    `bound` is the test's exact one-sided (1 - alpha) bound in the hoped direction (Comparison.bound); it
-    excludes 0 exactly when the test is at alpha, and the flag quotes it, so 'evidence' never stands next to
-    a test interval that includes 0. An 'evidence' flag whose conservative interval `ci` still includes 0 says
-    so: the test finds a difference, its size is not pinned down (at n = 3-5 with nearly binary runs the two
-    often disagree)."""
+    `bound` is the test's exact one-sided (1 - alpha) bound in the hoped direction (Comparison.bound), closed
+    (the shift d <= bound for a lower-is-better metric); it excludes 0 exactly when the test is at alpha, and
+    the flag quotes it; a WORSE flag quotes `bad_bound`, the same bound of the other side's test. So
+    'evidence' never stands next to a test interval that includes 0. An 'evidence' flag whose conservative
+    interval `ci` still includes 0 says so: the test finds a difference, its size is not pinned down (at
+    n = 3-5 with nearly binary runs the two often disagree)."""
     if n_method < 2 or n_control < 2:
         return f"n too small ({n_method} method, {n_control} control runs; need >= 2 each)"
     p_good, p_bad = (p_lower, p_higher) if lower_is_better else (p_higher, p_lower)
     good_word = "lower" if lower_is_better else "higher"
     wide = ", but the conservative 95% interval includes 0: size uncertain" if ci[0] <= 0 <= ci[1] else ""
-    tb = "" if math.isnan(bound) else f", test bound {'<' if lower_is_better else '>'} {bound:+.3f}"
+    tb = "" if math.isnan(bound) else f", test bound {bound_text(bound, lower_is_better)}"
     if _sig(p_good, alpha):
         return f"method {good_word} than control (evidence, exact p={p_good:.3f}{tb}{wide})"
     if _sig(p_bad, alpha):
-        return f"method WORSE than control (evidence, exact p={p_bad:.3f}{wide})"
+        bb = "" if math.isnan(bad_bound) else f", test bound {bound_text(bad_bound, not lower_is_better)}"
+        return f"method WORSE than control (evidence, exact p={p_bad:.3f}{bb}{wide})"
     hoped = diff < 0 if lower_is_better else diff > 0
     if not hoped:
         return f"no evidence: control does as well (diff {diff:+.3f}, p={p_good:.3f})"
     return f"no evidence: interval includes 0 (diff {diff:+.3f}, p={p_good:.3f}{tb})"
+
+
+def bound_text(bound: float, upper: bool) -> str:
+    """A closed one-sided bound on the shift as printed: '<= -0.450' (upper) or '>= +0.280' (lower)."""
+    return f"{'<=' if upper else '>='} {bound:+.3f}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,9 +301,11 @@ def compare(method_values, control_values, *, method: str = "method", control: s
     ci = bounded_diff_interval(x, y, level, bounds)
     pi = perm_interval(x, y, level, bounds)
     bound = perm_bound(x, y, alpha, "upper" if lower_is_better else "lower", bounds)
+    bad = perm_bound(x, y, alpha, "lower" if lower_is_better else "upper", bounds)
     return Comparison(method, control, metric, len(x), len(y), float(x.mean()), float(y.mean()), diff,
                       ci[0], ci[1], pi[0], pi[1], bound, p_lo, p_hi, level, alpha,
-                      direction_flag(len(x), len(y), p_lo, p_hi, diff, alpha, lower_is_better, ci, bound),
+                      direction_flag(len(x), len(y), p_lo, p_hi, diff, alpha, lower_is_better, ci, bound,
+                                     bad),
                       lower_is_better)
 
 
@@ -443,7 +456,7 @@ def _fmt_cmp(c: Comparison, valid: bool = True) -> str:
         return f"| {c.method} vs {c.control} | {c.n_method} vs {c.n_control} | - | - | - | - | {flag} |"
     return (f"| {c.method} vs {c.control} | {c.n_method} vs {c.n_control} | {c.mean_method:.3f} vs "
             f"{c.mean_control:.3f} | {c.diff:+.3f} [{c.ci_lo:+.3f}, {c.ci_hi:+.3f}] | "
-            f"{'<' if c.lower_is_better else '>'} {c.bound:+.3f} | {c.p_one_sided:.3f} | {flag} |")
+            f"{bound_text(c.bound, c.lower_is_better)} | {c.p_one_sided:.3f} | {flag} |")
 
 
 def primary_markdown(res: Mapping, prereg: Mapping, valid: tuple[bool, str]) -> list[str]:

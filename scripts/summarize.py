@@ -585,10 +585,7 @@ def train_sources(runs_tab: pd.DataFrame) -> str:
 
 
 def write_markdown(name: str, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: list[str], path: Path,
-                   primary: list[str], breakout: float, logs: pd.DataFrame | None = None,
-                   preregistered: bool = True) -> None:
-    """results.md. Without a valid prereg (`preregistered` False) no table calls anything significant: the
-    exploratory rows repeat the primary comparisons, so their 'evidence' flags are printed as nominal only."""
+                   primary: list[str], breakout: float, logs: pd.DataFrame | None = None) -> None:
     n_pilot = int((runs_tab["status"] == "pilot").sum()) if len(runs_tab) else 0
     L = [f"# Sweep `{name}`: results", "",
          f"Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by `scripts/summarize.py`: "
@@ -688,7 +685,7 @@ def write_markdown(name: str, tab: pd.DataFrame, runs_tab: pd.DataFrame, plots: 
           for _, r in runs_tab.iterrows()]
     L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     L += ["Full table: `results.tsv` (every arm x mode x step x metric); run statuses: `runs.tsv`.", ""]
-    path.write_text("\n".join(L if preregistered else map(stats.nominal_only, L)))
+    path.write_text("\n".join(L))
 
 
 def main(c: Config) -> Path:
@@ -720,7 +717,9 @@ def main(c: Config) -> Path:
     logs = load_logs(compared)
     tab = summarize(ev, c)
     primary, preregistered = primary_section(name, ev, out, [r["run_dir"] for r in runs_list])
-    if not preregistered and len(tab):  # results.tsv calls nothing significant either
+    # without a valid prereg no flag in results.tsv or results.md says "evidence" (the exploratory tables
+    # repeat the primary comparisons)
+    if not preregistered and len(tab):
         for col in ("flag_vs_vanilla", "flags"):
             tab[col] = tab[col].map(stats.nominal_only)
     tab.to_csv(out / "results.tsv", sep="\t", index=False, float_format="%.6g")
@@ -731,8 +730,7 @@ def main(c: Config) -> Path:
     plot_metric_vs_step(ev, logs, "gt_pass", "gt pass@1", out / PLOTS[1], smooth)
     plot_hack_vs_pass(ev, out / PLOTS[2], c.breakout)
     plot_projection(logs, out / PLOTS[3], smooth)
-    write_markdown(name, tab, runs_tab, list(PLOTS), out / "results.md", primary, c.breakout, logs,
-                   preregistered)
+    write_markdown(name, tab, runs_tab, list(PLOTS), out / "results.md", primary, c.breakout, logs)
     gate_table(logs).to_csv(out / "gate.tsv", sep="\t", index=False, float_format="%.6g")
     print(f"[summarize] {out}/results.md, results.tsv, runs.tsv, {', '.join(PLOTS)}")
     bad = runs_tab[~runs_tab["status"].isin(["done", "pilot"])]

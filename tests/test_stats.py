@@ -192,10 +192,10 @@ def test_evidence_flag_quotes_a_test_bound_that_excludes_0():
     flag 'no evidence: interval includes 0' quotes a bound that includes 0."""
     c = stats.compare([0.02, 0.03, 0.01], [0.5, 0.48, 0.55])
     assert c.bound == pytest.approx(0.03 - 0.48)
-    assert c.flag == ("method lower than control (evidence, exact p=0.050, test bound < -0.450, but the "
+    assert c.flag == ("method lower than control (evidence, exact p=0.050, test bound <= -0.450, but the "
                       "conservative 95% interval includes 0: size uncertain)")
     g = stats.compare([0.6, 0.61, 0.62], [0.3, 0.31, 0.32], lower_is_better=False)
-    assert g.bound == pytest.approx(0.6 - 0.32) and "test bound > +0.280" in g.flag
+    assert g.bound == pytest.approx(0.6 - 0.32) and "test bound >= +0.280" in g.flag
     rng = np.random.default_rng(11)
     for _ in range(300):
         x, y = rng.random(3).round(1), rng.random(rng.integers(2, 5)).round(1)
@@ -203,7 +203,7 @@ def test_evidence_flag_quotes_a_test_bound_that_excludes_0():
         assert ("(evidence" in c.flag and not c.flag.startswith("method WORSE")) == (c.bound < 0), (x, y, c)
         assert (c.bound < 0) == (stats.perm_pvalues(x, y)[0] <= 0.05 + 1e-12), (x, y)
         if c.flag.startswith("no evidence: interval includes 0"):
-            assert c.bound >= 0 and f"test bound < {c.bound:+.3f}" in c.flag
+            assert c.bound >= 0 and f"test bound <= {c.bound:+.3f}" in c.flag
 
 
 def prereg_for(arms=("vanilla", "erase", "erase-matched"), seeds=(0, 1, 2), pilot=100, **kw):
@@ -223,7 +223,9 @@ def test_erase_worse_than_placebo_is_flagged():
     res = stats.analyze({"vanilla": vanilla, "erase": erase, "erase-matched": placebo}, gt, prereg_for())
     vs_placebo, vs_vanilla = res["primary"]
     assert vs_placebo.control == "erase-matched" and vs_placebo.diff == pytest.approx(0.19)
-    assert vs_placebo.flag.startswith("method WORSE than control (evidence, exact p=0.050")
+    # the WORSE flag quotes the other side's test bound: min(erase) - max(placebo) = 0.55 - 0.40 > 0
+    assert vs_placebo.flag.startswith(
+        "method WORSE than control (evidence, exact p=0.050, test bound >= +0.150")
     assert vs_vanilla.flag.startswith("no evidence: control does as well")
     assert res["claim"] == "primary: NOT supported; erase WORSE than erase-matched"
 
@@ -246,7 +248,7 @@ def test_analyze_drops_pilot_and_supports_clear_effect():
     row = next(line for line in md if line.startswith("| erase vs vanilla |"))
     # the test bound at 3 + 3: max(erase) - min(vanilla) = 0.03 - 0.5
     assert row.startswith("| erase vs vanilla | 3 vs 3 | 0.020 vs 0.550 | -0.530 [")
-    assert "| < -0.470 | 0.050 |" in row
+    assert "| <= -0.470 | 0.050 |" in row
 
 
 def test_noninferiority_hand_values():
@@ -430,6 +432,25 @@ def test_round_robin_and_budget_trim():
         stats.budget_trim(arms, seeds, {"vanilla": 7.0, "erase": 0.0, "erase-matched": 8.0}, 50)
 
 
+def test_monte_carlo_bound_agrees_with_p_when_the_observed_labelling_repeats(monkeypatch):
+    """A Monte Carlo draw can repeat the observed labelling (here 3 + 3 runs, 20 labellings, 400 draws: about
+    20 repeats); the p-value counts every repeat as a tie, so the bound must too: bound < 0 iff p <= alpha."""
+    stats._relabellings.cache_clear()
+    monkeypatch.setattr(stats, "MAX_EXACT", 10)
+    monkeypatch.setattr(stats, "N_MONTE_CARLO", 400)
+    rng = np.random.default_rng(12)
+    try:
+        mask = stats._relabellings(6, 3)
+        assert (mask == mask[0]).all(axis=1).sum() > 5, "no repeats: the test would prove nothing"
+        for _ in range(200):
+            x, y = rng.random(3).round(2), rng.random(3).round(2)
+            p_lo = stats.perm_pvalues(x, y)[0]
+            assert (stats.perm_bound(x, y, 0.05) < 0) == (p_lo <= 0.05 + 1e-12), (x, y, p_lo)
+            assert (stats.perm_bound(x, y, 0.10) < 0) == (p_lo <= 0.10 + 1e-12), (x, y, p_lo)
+    finally:
+        stats._relabellings.cache_clear()
+
+
 def test_monte_carlo_path_matches_exact(monkeypatch):
     """Above MAX_EXACT relabellings a seeded Monte Carlo sample replaces enumeration; force it on 3 + 4
     runs."""
@@ -497,9 +518,9 @@ def test_evidence_flag_says_when_the_conservative_interval_includes_zero():
     c = stats.compare([0.02] * 3, [0.5] * 3)
     assert c.p_lower == pytest.approx(1 / 20)
     assert c.ci_lo <= 0 <= c.ci_hi
-    assert c.flag == ("method lower than control (evidence, exact p=0.050, test bound < -0.480, but the "
+    assert c.flag == ("method lower than control (evidence, exact p=0.050, test bound <= -0.480, but the "
                       "conservative 95% interval includes 0: size uncertain)")
     # 5 + 5 runs at the extremes: the conservative interval excludes 0
     far = stats.compare([0.0] * 5, [1.0] * 5)
     assert far.ci_hi < 0
-    assert far.flag == "method lower than control (evidence, exact p=0.004, test bound < -1.000)"
+    assert far.flag == "method lower than control (evidence, exact p=0.004, test bound <= -1.000)"
