@@ -397,6 +397,17 @@ def _with_sampler_logp(m, rs, temperature, shift_seed: int | None):
     return shift, cm
 
 
+def _reference_logp(model, ads, ids, att, T):
+    """The adapted model's token log-probs at T written out: W + U diag(delta_S) Vh through functional_call,
+    with fresh leaf copies of every delta_S (returned) to take the reference gradient."""
+    d = {k: a.delta_S.detach().clone().requires_grad_(True) for k, a in ads.items()}
+    weights = {f"{k}.weight": model.get_submodule(k).weight + (a.U * d[k]) @ a.Vh for k, a in ads.items()}
+    logits = functional_call(model, weights, args=(), kwargs={"input_ids": ids, "attention_mask": att}).logits
+    lp = F.pad(torch.log_softmax(logits.float() / T, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1),
+               (1, 0))  # (B, T)
+    return d, lp
+
+
 @pytest.mark.parametrize("cap", [2.0, None])
 def test_sampler_correction_weights_the_policy_term(base, cap):
     """With sampler log-probs pi_train / pi_sampler = exp(shift), shift in [-1, 1]: the gradient equals a
@@ -414,11 +425,7 @@ def test_sampler_correction_weights_the_policy_term(base, cap):
     w = shift.exp().clamp(max=cap) if cap is not None else torch.ones_like(shift)  # (B, T)
     with torch.no_grad():
         ref = grpo.token_logprobs(model, ids, att, where=cm, temperature=T)  # (B, T) the base model
-    d = {k: a.delta_S.detach().clone().requires_grad_(True) for k, a in ads.items()}
-    weights = {f"{k}.weight": model.get_submodule(k).weight + (a.U * d[k]) @ a.Vh for k, a in ads.items()}
-    logits = functional_call(model, weights, args=(), kwargs={"input_ids": ids, "attention_mask": att}).logits
-    lp = F.pad(torch.log_softmax(logits.float() / T, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1),
-               (1, 0))  # (B, T)
+    d, lp = _reference_logp(model, ads, ids, att, T)  # leaves (per module), (B, T)
     k3 = torch.exp(ref - lp) - (ref - lp) - 1  # (B, T)
     ((-adv * w * torch.exp(lp - lp.detach()) + beta * k3) * cm).sum().div(N_SEQS * L_MAX).backward()
     want = {k: v.grad for k, v in d.items()}
@@ -471,11 +478,7 @@ def test_sampler_correction_holds_across_inner_steps(base):
 
     adv = torch.tensor([r.advantage for r in rs])[:, None]  # (B, 1)
     w = shift.exp().clamp(max=cap)  # (B, T)
-    d = {k: a.delta_S.detach().clone().requires_grad_(True) for k, a in ads.items()}
-    weights = {f"{k}.weight": model.get_submodule(k).weight + (a.U * d[k]) @ a.Vh for k, a in ads.items()}
-    logits = functional_call(model, weights, args=(), kwargs={"input_ids": ids, "attention_mask": att}).logits
-    lp = F.pad(torch.log_softmax(logits.float() / T, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1),
-               (1, 0))  # (B, T)
+    d, lp = _reference_logp(model, ads, ids, att, T)  # leaves (per module), (B, T)
     k3 = torch.exp(ref - lp) - (ref - lp) - 1  # (B, T)
     ((-adv * w * torch.exp(lp - old) + beta * k3) * cm).sum().div(N_SEQS * L_MAX).backward()
     assert_grads_close({k: a.delta_S.grad for k, a in ads.items()}, {k: v.grad for k, v in d.items()})
