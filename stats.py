@@ -27,7 +27,7 @@ Which test and why (docs/sweeps_stats.md has the reading guide):
   under the shift model (coverage 1 - 2 floor(a N) / N for N relabellings, a = (1 - level) / 2) and covers 0
   exactly whenever the arm has no effect. At 3 + 3 runs the two-sided 95% interval is the whole feasible range
   [-(hi - lo), hi - lo] (20 relabellings cannot give 2.5% in a tail), and it undercovers real breakout
-  effects (below), so results.md does not print it (results.tsv keeps it). results.md prints the test's
+  effects (below), so summarize does not print it (Comparison keeps it). results.md prints the test's
   own one-sided (1 - alpha) bound (`bound`) instead: it excludes 0 iff p <= alpha, so a flag saying
   "evidence" always stands next to a test bound that excludes 0, and the bound covers 0 with probability
   >= 1 - alpha whenever the arm has no effect. It answers "is there an effect", not "how large": under a
@@ -268,7 +268,7 @@ class Comparison:
     diff: float  # mean(method) - mean(control)
     ci_lo: float  # conservative bounded-outcome interval at `level` (coverage checked by simulation)
     ci_hi: float
-    perm_lo: float  # exact two-sided permutation interval at `level` (shift model; results.tsv only)
+    perm_lo: float  # exact two-sided permutation interval at `level` (shift model; not printed)
     perm_hi: float
     bound: float  # the test's exact one-sided (1 - alpha) bound, hoped direction; excludes 0 iff p <= alpha
     p_lower: float  # exact one-sided p that the method is lower

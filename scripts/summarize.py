@@ -220,9 +220,9 @@ def summarize(ev: pd.DataFrame, c: Config) -> pd.DataFrame:
                 row = dict(arm=arm, mode=mode, step=int(g["step"].max()), final=bool(final), metric=metric,
                            n=len(x), mean=float(x.mean()), min=float(x.min()), max=float(x.max()),
                            values=",".join(f"s{s}:{v:.4f}" for s, v in zip(g["seed"], x)),
-                           diff_vs_vanilla=math.nan, diff_lo=math.nan, diff_hi=math.nan, p_lower=math.nan,
-                           p_higher=math.nan, flag_vs_vanilla="", breakouts="", fisher_vs_vanilla=math.nan,
-                           flags="")
+                           diff_vs_vanilla=math.nan, diff_lo=math.nan, diff_hi=math.nan, test_bound=math.nan,
+                           p_lower=math.nan, p_higher=math.nan, flag_vs_vanilla="", breakouts="",
+                           fisher_vs_vanilla=math.nan, flags="")
                 van = g_s[(g_s["arm"] == "vanilla") & (g_s["mode"] == "deploy") & (g_s["metric"] == metric)]
                 if arm != "vanilla" and len(van):
                     cmp = stats.compare(by_seed(g), by_seed(van), method=arm, control="vanilla",
@@ -230,8 +230,8 @@ def summarize(ev: pd.DataFrame, c: Config) -> pd.DataFrame:
                     row.update(diff_vs_vanilla=cmp.diff, flag_vs_vanilla=cmp.flag)
                     # below 2 runs per arm: the point difference only
                     if min(cmp.n_method, cmp.n_control) >= 2:
-                        row.update(diff_lo=cmp.ci_lo, diff_hi=cmp.ci_hi, p_lower=cmp.p_lower,
-                                   p_higher=cmp.p_higher)
+                        row.update(diff_lo=cmp.ci_lo, diff_hi=cmp.ci_hi, test_bound=cmp.bound,
+                                   p_lower=cmp.p_lower, p_higher=cmp.p_higher)
                 if final and mode == "deploy" and metric == "hack_strict":
                     k, n = stats.breakout_count(x, c.breakout)
                     row["breakouts"] = f"{k}/{n}"

@@ -140,6 +140,12 @@ def test_table_matches_independent_computation(sweep_dir):
             assert float(r["p_lower"]) == pytest.approx(perm_p_lower(x, y), abs=1e-6)
             assert float(r["p_higher"]) == pytest.approx(perm_p_lower([-v for v in x], [-v for v in y]),
                                                          abs=1e-6)
+            # the test bound excludes 0 exactly when the hoped-direction p (reference above) is <= 0.05
+            p_hoped = perm_p_lower(x, y) if metric.startswith("hack") else perm_p_lower([-v for v in x],
+                                                                                       [-v for v in y])
+            tb = float(r["test_bound"])
+            excludes_0 = tb < 0 if metric.startswith("hack") else tb > 0
+            assert excludes_0 == (p_hoped <= 0.05 + 1e-9), (key, tb, p_hoped)
         else:
             assert r["diff_vs_vanilla"] == ""
         if final and mode == "deploy" and metric == "hack_strict":
