@@ -300,8 +300,9 @@ def compare(method_values, control_values, *, method: str = "method", control: s
     diff = float(x.mean() - y.mean())
     ci = bounded_diff_interval(x, y, level, bounds)
     pi = perm_interval(x, y, level, bounds)
-    bound = perm_bound(x, y, alpha, "upper" if lower_is_better else "lower", bounds)
-    bad = perm_bound(x, y, alpha, "lower" if lower_is_better else "upper", bounds)
+    # both one-sided (1 - alpha) test bounds (as perm_bound) from one inversion: hoped side and other side
+    one_lo, one_hi = perm_interval(x, y, 1 - 2 * alpha, bounds)
+    bound, bad = (one_hi, one_lo) if lower_is_better else (one_lo, one_hi)
     return Comparison(method, control, metric, len(x), len(y), float(x.mean()), float(y.mean()), diff,
                       ci[0], ci[1], pi[0], pi[1], bound, p_lo, p_hi, level, alpha,
                       direction_flag(len(x), len(y), p_lo, p_hi, diff, alpha, lower_is_better, ci, bound,

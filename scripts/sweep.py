@@ -623,6 +623,7 @@ MODEL_SHAPES = {"Qwen/Qwen3-4B": "qwen3-4b", "Qwen/Qwen3-1.7B": "qwen3-1.7b", "Q
 BENCH_MATCH = (("shape", "model"), ("rollouts", "rollouts_per_step"), ("group_size", "group_size"),
                ("max_new_tokens", "max_new_tokens"), ("grad_checkpointing", "grad_checkpointing"),
                ("fused_adapter", "fused_adapter"))
+BENCH_GEN_LEN = "typical"  # and its lengths: a sweep's step at typical lengths (what gpu-check runs)
 N_TEST_PROBLEMS = 119  # the benchmark's test split (docs/data.md); eval_problems = 0 evaluates all of them
 
 
@@ -709,14 +710,15 @@ def bench_records(bench_dir: Path) -> list[tuple[Path, dict]]:
 
 
 def bench_want(p: dict) -> dict:
-    """The bench config fields a measurement must have to stand for preset fields p."""
-    return {bk: (MODEL_SHAPES.get(p.get("model")) if pk == "model" else p.get(pk)) for bk, pk in BENCH_MATCH}
+    """The bench config fields a measurement must have to stand for preset fields p (BENCH_MATCH, and
+    gen_len BENCH_GEN_LEN: fixed or max lengths are not a sweep's step)."""
+    return {bk: (MODEL_SHAPES.get(p.get("model")) if pk == "model" else p.get(pk))
+            for bk, pk in BENCH_MATCH} | {"gen_len": BENCH_GEN_LEN}
 
 
 def measured_step(bench_dir: Path, p: dict) -> StepTime | None:
-    """The newest bench record (by its `date`, then file mtime) at the preset's shape and typical lengths
-    (`--gen-len typical`, what gpu-check runs; fixed or max lengths are not a sweep's step), or None."""
-    want = bench_want(p) | {"gen_len": "typical"}
+    """The newest bench record (by its `date`, then file mtime) matching bench_want(p), or None."""
+    want = bench_want(p)
     hits = [(f, r) for f, r in bench_records(bench_dir)
             if all(r["config"].get(k) == v for k, v in want.items()) and float(r["t_step"]) > 0]
     if not hits:
@@ -725,7 +727,7 @@ def measured_step(bench_dir: Path, p: dict) -> StepTime | None:
     gen = float(r.get("t_generate", 0.5 * r["t_step"])) / max(1, int(r["config"]["rollouts"]))
     extra = ", generation partly extrapolated" if r.get("t_generate_extrapolated") else ""
     src = (f"measured: {f} ({r.get('device_name', r.get('device', '?'))}, {r.get('date', '?')}, gen-len "
-           f"typical, {'fused' if want['fused_adapter'] else 'unfused'} "
+           f"{BENCH_GEN_LEN}, {'fused' if want['fused_adapter'] else 'unfused'} "
            f"adapter{extra})")
     return StepTime(float(r["t_step"]), gen, src, True)
 
